@@ -1,0 +1,89 @@
+"""Model configs (ml_collections). `configs/msit_*.py` wrap these for the CLIs.
+
+Fields:
+  encoder        'edsr-baseline' | 'rdn'
+  edsr / rdn     encoder sizes (EDSR: n_resblocks, n_feats, res_scale;
+                 RDN: g0, kernel_size, n_blocks, n_layers, growth; the official
+                 RDNconfig 'B' is 16, 8, 64)
+  dim, heads     feature width and attention heads (256, 8)
+  radius         neighbourhood radius r (3 -> 7x7 keys)
+  msno_heads     MSNO scale heads (16 -> kernels 3..33)
+  qk_heads       Q/K scale heads (4 -> kernels 3..9)
+  use_lem        LEM pixel shift in MSNO
+  mlp_hidden     decoder MLP hidden widths
+  posenc_scale, posenc_dims   sinusoid bias: 2**linspace(0, scale, dims/4) - 1
+  use_cell       append rel_cell to the MLP input
+  conv           'rim' (stage 2, re-parameterisable) | 'plain' (stage 1 / folded)
+  batch_norm     False only for folded models (BN merged into the preceding conv)
+  bn_eps, bn_momentum   torch semantics (momentum = new-value weight)
+  precision      matmul/conv precision: 'highest' (fp32, reference numerics),
+                 'high' or 'default' (TF32/bf16 passes on GPU/TPU)
+  dtype          compute dtype: 'float32' or 'bfloat16' (params stay float32)
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+ENCODERS = ("edsr-baseline", "rdn")
+
+
+def model_config(encoder: str = "edsr-baseline", conv: str = "rim") -> ml_collections.ConfigDict:
+    """Paper-size MSIT (dim 256, 8 heads, r 3, 16 MSNO heads, 4 Q/K heads, MLP 4x256)."""
+    c = ml_collections.ConfigDict()
+    c.encoder = encoder
+    c.edsr = ml_collections.ConfigDict(dict(n_resblocks=16, n_feats=64, res_scale=1.0))
+    c.rdn = ml_collections.ConfigDict(
+        dict(g0=64, kernel_size=3, n_blocks=16, n_layers=8, growth=64))
+    c.dim = 256
+    c.heads = 8
+    c.radius = 3
+    c.msno_heads = 16
+    c.qk_heads = 4
+    c.use_lem = True
+    c.mlp_hidden = (256, 256, 256, 256)
+    c.posenc_scale = 10.0
+    c.posenc_dims = 64
+    c.use_cell = True
+    c.conv = conv
+    c.batch_norm = True
+    c.bn_eps = 1e-5
+    c.bn_momentum = 0.1
+    c.precision = "highest"
+    c.dtype = "float32"
+    return c
+
+
+def tiny_model_config(encoder: str = "edsr-baseline", conv: str = "rim") -> ml_collections.ConfigDict:
+    """A few-thousand-parameter MSIT with every component, for tests."""
+    c = model_config(encoder, conv)
+    c.edsr.n_resblocks, c.edsr.n_feats = 1, 8
+    c.rdn.update(g0=8, n_blocks=2, n_layers=2, growth=8)
+    c.dim, c.heads = 32, 2
+    c.radius = 1
+    c.msno_heads, c.qk_heads = 4, 2
+    c.mlp_hidden = (16, 16)
+    c.posenc_dims = 16
+    return c
+
+
+def validate_model_config(c: ml_collections.ConfigDict) -> None:
+    """Raise ValueError naming the field when a model config is inconsistent."""
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            raise ValueError(f"invalid model config: {msg}")
+
+    need(c.encoder in ENCODERS, f"encoder={c.encoder!r}, expected one of {ENCODERS}")
+    need(c.conv in ("rim", "plain"), f"conv={c.conv!r}, expected 'rim' or 'plain'")
+    need(c.dim % 8 == 0, f"dim={c.dim} must be divisible by 8 (LEM)")
+    need(c.dim % c.heads == 0, f"dim={c.dim} not divisible by heads={c.heads}")
+    need(c.dim % c.msno_heads == 0, f"dim={c.dim} not divisible by msno_heads={c.msno_heads}")
+    need(c.dim % c.qk_heads == 0, f"dim={c.dim} not divisible by qk_heads={c.qk_heads}")
+    need(c.radius >= 0, f"radius={c.radius} must be >= 0")
+    need(c.posenc_dims % 4 == 0 and c.posenc_dims >= 8,
+         f"posenc_dims={c.posenc_dims} must be a multiple of 4, >= 8")
+    need(c.precision in ("default", "high", "highest"), f"precision={c.precision!r}")
+    need(c.dtype in ("float32", "bfloat16"), f"dtype={c.dtype!r}")
+    if c.encoder == "rdn":
+        need(min(c.rdn.n_blocks, c.rdn.n_layers, c.rdn.growth, c.rdn.g0) > 0,
+             "rdn sizes must be positive")

@@ -1,0 +1,144 @@
+"""Local implicit decoder (MSSA + MLP), written for one query and lifted with vmap.
+
+For a query x_q with host-computed geometry (`msit_jax.geometry`):
+  Q   = bilinear(feat_q, x_q)                          (dim,)   zero padding
+  K,V = nearest(feat_q / feat_v, 7x7 keys around c_q)  (49, dim) zeros outside
+  attn = softmax_49(Q.K / sqrt(dim / heads) + posbias(rel))   per head
+  out = MLP([attn-weighted V (49 * dim), rel_cell (2)]) + bilinear_border(inp, x_q)
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from msit_jax import sampling
+from msit_jax.layers import Precision, gelu, torch_default_bias_init, torch_default_kernel_init
+
+Array = jax.Array
+
+
+def torch_linspace(start: float, end: float, steps: int) -> np.ndarray:
+    """torch.linspace in float32: symmetric, filled from both ends (differs from numpy's by 1 ulp)."""
+    step = np.float32((end - start) / (steps - 1))
+    i = np.arange(steps, dtype=np.float32)
+    half = steps // 2
+    return np.where(np.arange(steps) < half,
+                    np.float32(start) + step * i,
+                    np.float32(end) - step * (np.float32(steps - 1) - i)).astype(np.float32)
+
+
+def posenc_frequencies(scale: float, dims: int) -> np.ndarray:
+    """The sinusoid frequencies b_k = 2**linspace(0, scale, dims // 4) - 1: (dims // 4,)."""
+    return (np.exp2(torch_linspace(0.0, scale, dims // 4)) - np.float32(1)).astype(np.float32)
+
+
+class Dense(nn.Module):
+    """torch.nn.Linear (torch default init); kernel is (in, out)."""
+
+    features: int
+    precision: Precision = None
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        fan_in = x.shape[-1]
+        kernel = self.param("kernel", torch_default_kernel_init(), (fan_in, self.features),
+                            jnp.float32)
+        bias = self.param("bias", torch_default_bias_init(fan_in), (self.features,), jnp.float32)
+        y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype), precision=self.precision,
+                    preferred_element_type=jnp.float32)
+        return y + bias
+
+
+class MLP(nn.Module):
+    """Linear layers with exact GELU between; names mirror torch's Sequential indices."""
+
+    hidden: Sequence[int]
+    out_dim: int = 3
+    precision: Precision = None
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        for i, h in enumerate(self.hidden):
+            x = gelu(Dense(h, self.precision, self.dtype, name=f"layers_{2 * i}")(x))
+        return Dense(self.out_dim, self.precision, self.dtype,
+                     name=f"layers_{2 * len(self.hidden)}")(x)
+
+
+class QueryDecoder(nn.Module):
+    """Decodes ONE query. Lifted to (B, Q) queries by `BatchedDecoder`.
+
+    Inputs (one image's maps, one query's geometry):
+      feat_q (H, W, dim), feat_v (H, W, dim), inp (H, W, 3) normalised LR,
+      coord (2,), key_idx (2, 2r+1) int32, rel (2, 2r+1), rel_cell (2,).
+    Returns (3,) in normalised space.
+    """
+
+    heads: int
+    posenc_scale: float
+    posenc_dims: int
+    mlp_hidden: Sequence[int]
+    use_cell: bool = True
+    precision: Precision = None
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, feat_q, feat_v, inp, coord, key_idx, rel, rel_cell) -> Array:
+        dim = feat_q.shape[-1]
+        hd = dim // self.heads
+        n_keys = key_idx.shape[-1] ** 2
+
+        q = sampling.bilinear(feat_q, coord).reshape(self.heads, hd)
+        k = sampling.nearest(feat_q, key_idx[0], key_idx[1]).reshape(n_keys, self.heads, hd)
+        v = sampling.nearest(feat_v, key_idx[0], key_idx[1]).reshape(n_keys, self.heads, hd)
+
+        # Positional bias from (rel_y, rel_x) of each key: [sin y, sin x, cos y, cos x].
+        b = jnp.asarray(posenc_frequencies(self.posenc_scale, self.posenc_dims))
+        ang_y = (rel[0][:, None] * b)[:, None, :]  # (7, 1, F): key row
+        ang_x = (rel[1][:, None] * b)[None, :, :]  # (1, 7, F): key col
+        shape = (rel.shape[-1], rel.shape[-1], b.shape[0])
+        enc = jnp.concatenate([jnp.broadcast_to(jnp.sin(ang_y), shape),
+                               jnp.broadcast_to(jnp.sin(ang_x), shape),
+                               jnp.broadcast_to(jnp.cos(ang_y), shape),
+                               jnp.broadcast_to(jnp.cos(ang_x), shape)], axis=-1)
+        pos_bias = Dense(self.heads, self.precision, name="pb_proj")(enc.reshape(n_keys, -1))
+
+        logits = jnp.sum(q[None] * k, axis=-1, dtype=jnp.float32) / np.float32(np.sqrt(hd))
+        attn = jax.nn.softmax(logits + pos_bias, axis=0)  # over the keys
+        feat_in = (v * attn[..., None].astype(v.dtype)).reshape(-1)
+        if self.use_cell:
+            feat_in = jnp.concatenate([feat_in, rel_cell.astype(feat_in.dtype)])
+        pred = MLP(tuple(self.mlp_hidden), 3, self.precision, self.dtype, name="mlp")(feat_in)
+        return pred + sampling.bilinear(inp, coord, border=True)
+
+
+class BatchedDecoder(nn.Module):
+    """QueryDecoder over (B, Q) queries: vmap over queries, then over images.
+
+    feat_q, feat_v: (B, H, W, dim); inp (B, H, W, 3); coord (B, Q, 2);
+    key_idx (B, Q, 2, 2r+1); rel (B, Q, 2, 2r+1); rel_cell (B, 2) -> (B, Q, 3).
+    """
+
+    heads: int
+    posenc_scale: float
+    posenc_dims: int
+    mlp_hidden: Sequence[int]
+    use_cell: bool = True
+    precision: Precision = None
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, feat_q, feat_v, inp, coord, key_idx, rel, rel_cell) -> Array:
+        per_query = nn.vmap(QueryDecoder, in_axes=(None, None, None, 0, 0, 0, None),
+                            variable_axes={"params": None}, split_rngs={"params": False})
+        per_image = nn.vmap(per_query, in_axes=(0, 0, 0, 0, 0, 0, 0),
+                            variable_axes={"params": None}, split_rngs={"params": False})
+        return per_image(self.heads, self.posenc_scale, self.posenc_dims, tuple(self.mlp_hidden),
+                         self.use_cell, self.precision, self.dtype, name="query")(
+            feat_q, feat_v, inp, coord, key_idx, rel, rel_cell)

@@ -1,0 +1,143 @@
+"""Memory-bounded arbitrary-scale inference.
+
+    sr = upscale(model_cfg, variables, lr, (out_h, out_w))
+
+The encoder runs once per image. Queries (HR pixels, raster order) are decoded
+in fixed-size chunks, the last one padded, so one compiled decoder serves every
+chunk and peak memory is set by the chunk size, not the output size. Query
+geometry is computed on the host (see `msit_jax.geometry`) while the device
+decodes the previous chunk.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Iterator, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from msit_jax import geometry
+from msit_jax.model import MSIT, build_model
+
+# Queries per decoder call. Each query gathers 2 x 49 x dim features, so at
+# dim 256 a 4096-query chunk holds ~0.6 GB of intermediates.
+DEFAULT_CHUNK = 4096
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _encode(model: MSIT, variables, inp):
+    return model.apply(variables, inp, method=MSIT.encode)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _decode(model: MSIT, variables, feats, inp, coord, key_idx, rel, rel_cell):
+    return model.apply(variables, feats, inp, coord, key_idx, rel, rel_cell, method=MSIT.decode)
+
+
+def normalize(img: np.ndarray) -> np.ndarray:
+    """[0, 1] image -> the network's input space."""
+    return (np.asarray(img, np.float32) - np.float32(0.5)) / np.float32(0.5)
+
+
+def denormalize(x: np.ndarray) -> np.ndarray:
+    return np.asarray(x, np.float32) * np.float32(0.5) + np.float32(0.5)
+
+
+def check_image(lr: Any, name: str = "lr") -> np.ndarray:
+    lr = np.asarray(lr)
+    if lr.ndim != 3 or lr.shape[-1] != 3:
+        raise ValueError(f"{name} must be an (H, W, 3) RGB image, got shape {lr.shape}")
+    if not np.issubdtype(lr.dtype, np.floating):
+        raise TypeError(f"{name} must be float in [0, 1], got dtype {lr.dtype} "
+                        "(divide uint8 images by 255)")
+    if min(lr.shape[:2]) < 1:
+        raise ValueError(f"{name} is empty: shape {lr.shape}")
+    return lr.astype(np.float32)
+
+
+def check_out_hw(out_hw: Any) -> tuple[int, int]:
+    try:
+        h, w = (int(v) for v in out_hw)
+    except (TypeError, ValueError):
+        raise ValueError(f"out_hw must be (height, width), got {out_hw!r}") from None
+    if h < 1 or w < 1 or (h, w) != tuple(out_hw):
+        raise ValueError(f"out_hw must be two positive integers, got {out_hw!r}")
+    return h, w
+
+
+def query_chunks(out_hw: tuple[int, int], lr_hw: tuple[int, int], radius: int, chunk: int
+                 ) -> Iterator[tuple[int, int, geometry.QueryGeometry]]:
+    """(start, count, geometry padded to `chunk`) for the HR grid in raster order."""
+    h, w = out_hw
+    ys, xs = geometry.coord_axis(h), geometry.coord_axis(w)
+    total = h * w
+    for start in range(0, total, chunk):
+        idx = np.arange(start, start + chunk)
+        count = min(chunk, total - start)
+        idx[count:] = idx[count - 1]  # pad with a real query; its output is dropped
+        coord = np.stack([ys[idx // w], xs[idx % w]], axis=-1)
+        yield start, count, geometry.query_geometry(coord, lr_hw, radius)
+
+
+class Upscaler:
+    """Holds a model and its device-resident variables; call it per image."""
+
+    def __init__(self, model_cfg: ml_collections.ConfigDict, variables: Any,
+                 chunk: int = DEFAULT_CHUNK):
+        if chunk < 1:
+            raise ValueError(f"chunk must be >= 1, got {chunk}")
+        self.model_cfg = model_cfg
+        self.model = build_model(model_cfg)
+        self.variables = jax.device_put(variables)
+        self.chunk = int(chunk)
+
+    def features(self, lr: np.ndarray):
+        """Encoder output for one [0, 1] image: (inp, (feat_q, feat_v)), batch of 1."""
+        inp = jnp.asarray(normalize(check_image(lr))[None])
+        return inp, _encode(self.model, self.variables, inp)
+
+    def __call__(self, lr: Any, out_hw: Any, *, clamp: bool = True,
+                 progress: bool = False) -> np.ndarray:
+        lr = check_image(lr)
+        out_hw = check_out_hw(out_hw)
+        lr_hw = lr.shape[:2]
+        inp, feats = self.features(lr)
+        rc = jnp.asarray(geometry.rel_cell(out_hw, lr_hw)[None])
+        out = np.empty((out_hw[0] * out_hw[1], 3), np.float32)
+
+        chunks = query_chunks(out_hw, lr_hw, self.model_cfg.radius, self.chunk)
+        n_chunks = -(-out.shape[0] // self.chunk)
+        if progress:
+            from tqdm.auto import tqdm
+
+            chunks = tqdm(chunks, total=n_chunks, desc="decode", unit="chunk", leave=False)
+        pending = None  # keep one chunk in flight while the host prepares the next
+        for start, count, g in chunks:
+            pred = _decode(self.model, self.variables, feats, inp, g.coord[None],
+                           g.key_idx[None], g.rel[None], rc)
+            if pending is not None:
+                self._store(out, *pending)
+            pending = (start, count, pred)
+        self._store(out, *pending)
+
+        out = denormalize(out).reshape(out_hw[0], out_hw[1], 3)
+        return np.clip(out, 0.0, 1.0) if clamp else out
+
+    @staticmethod
+    def _store(out: np.ndarray, start: int, count: int, pred) -> None:
+        out[start:start + count] = np.asarray(pred[0, :count])
+
+
+def upscale(model_cfg: ml_collections.ConfigDict, variables: Any, lr: Any, out_hw: Any, *,
+            clamp: bool = True, chunk: int = DEFAULT_CHUNK, progress: bool = False
+            ) -> np.ndarray:
+    """Super-resolve one image to any size.
+
+    lr: (H, W, 3) float in [0, 1]; out_hw: (out_h, out_w), any positive sizes
+    (non-integer and per-axis scales). Returns (out_h, out_w, 3) float32, clamped
+    to [0, 1] unless clamp=False (then the raw denormalised prediction).
+    """
+    return Upscaler(model_cfg, variables, chunk)(lr, out_hw, clamp=clamp, progress=progress)

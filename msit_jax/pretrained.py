@@ -1,0 +1,144 @@
+"""Load MSIT weights: official `.pth` files or this project's checkpoints.
+
+    model_cfg, variables = msit_jax.pretrained.load("epoch-best.pth")
+
+Accepted sources:
+  * an official training checkpoint `{'model': {'name': 'amsit', 'args': ..., 'sd': ...}}`
+    (architecture read from `args`; RIM or plain-conv layout detected from the keys);
+  * a bare official state_dict `.pth` together with `model_cfg=`;
+  * this project's model checkpoint directory (`msit_jax.checkpoint.save_model`)
+    or a training workdir (its latest checkpoint).
+
+PyTorch is needed only for `.pth` files (`pip install -r requirements-torch.txt`).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping, Optional
+
+import ml_collections
+import numpy as np
+
+from msit_jax import checkpoint
+from msit_jax.config import model_config, validate_model_config
+from msit_jax.encoders import RDN_PRESETS
+from msit_jax.torch_io import detect_conv_kind, state_dict_to_variables, strip_prefix
+
+
+def _import_torch():
+    try:
+        import torch
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "reading PyTorch .pth checkpoints needs PyTorch, an optional dependency: "
+            "pip install -r requirements-torch.txt") from e
+    return torch
+
+
+def read_pth(path: str) -> Any:
+    """torch.load a .pth on CPU, tensors only (no arbitrary pickled code)."""
+    torch = _import_torch()
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"could not read {path} as a PyTorch checkpoint: {e}") from e
+
+
+def _tensors_to_numpy(sd: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    out = {}
+    for k, v in sd.items():
+        if not hasattr(v, "detach"):
+            raise ValueError(f"state_dict entry {k!r} is not a tensor ({type(v).__name__})")
+        out[k] = v.detach().cpu().float().numpy() if v.is_floating_point() else v.cpu().numpy()
+    return out
+
+
+def _require(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(f"unsupported official model args: {msg}")
+
+
+def config_from_official_args(args: Mapping[str, Any], conv: str) -> ml_collections.ConfigDict:
+    """Model config from an official checkpoint's `model.args` (the training YAML's model.args)."""
+    enc = args.get("encoder_spec") or {}
+    enc_name, enc_args = enc.get("name"), dict(enc.get("args") or {})
+    _require(enc_name in ("edsr-baseline", "rdn"),
+             f"encoder {enc_name!r} (supported: 'edsr-baseline', 'rdn')")
+    _require(enc_args.get("no_upsampling", False), "encoder must have no_upsampling=True")
+    cfg = model_config(enc_name, conv)
+    if enc_name == "edsr-baseline":
+        cfg.edsr.n_resblocks = int(enc_args.get("n_resblocks", 16))
+        cfg.edsr.n_feats = int(enc_args.get("n_feats", 64))
+        cfg.edsr.res_scale = float(enc_args.get("res_scale", 1))
+    else:
+        preset = enc_args.get("RDNconfig", "B")
+        _require(preset in RDN_PRESETS, f"RDNconfig {preset!r}")
+        d, c, g = RDN_PRESETS[preset]
+        cfg.rdn.update(g0=int(enc_args.get("G0", 64)), kernel_size=int(enc_args.get("RDNkSize", 3)),
+                       n_blocks=d, n_layers=c, growth=g)
+
+    _require(args.get("imnet_num", 1) == 1 and args.get("conv_num", 1) == 1,
+             "cascaded stages (imnet_num / conv_num != 1) are not used by any released config")
+    _require(args.get("local_attn", True), "local_attn=False")
+    cfg.dim = int(args.get("base_dim", 192))
+    cfg.heads = int(args.get("head", 8))
+    cfg.radius = int(args.get("r", 3))
+    cfg.use_cell = bool(args.get("is_cell", True))
+    cfg.use_lem = bool(args.get("use_lem", True))
+    cfg.msno_heads = int(args.get("MsC_heads", 16))
+    cfg.qk_heads = int(args.get("MsSA_q", 4))
+
+    pb = args.get("pb_spec") or {}
+    pb_args = pb.get("args") or {}
+    _require(pb.get("name") == "posenc" and pb_args.get("posenc_type") == "sinusoid",
+             f"positional bias {pb!r} (only the sinusoid 'posenc' is supported)")
+    cfg.posenc_scale = float(pb_args.get("posenc_scale", 6))
+    cfg.posenc_dims = int(pb_args.get("enc_dims", 256))
+
+    im = args.get("imnet_spec") or {}
+    im_args = im.get("args") or {}
+    _require(im.get("name") == "mlp", f"imnet {im.get('name')!r}")
+    _require(str(im_args.get("act", "relu")).lower() == "gelu", f"MLP act {im_args.get('act')!r}")
+    _require(int(im_args.get("out_dim", 3)) == 3, "MLP out_dim must be 3")
+    cfg.mlp_hidden = tuple(int(h) for h in im_args.get("hidden_list", ()))
+    validate_model_config(cfg)
+    return cfg
+
+
+def load_pth(path: str, model_cfg: Optional[ml_collections.ConfigDict] = None
+             ) -> tuple[ml_collections.ConfigDict, dict]:
+    """An official `.pth` (training checkpoint or bare state_dict) -> (model_cfg, variables)."""
+    obj = read_pth(path)
+    if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping) and "sd" in obj["model"]:
+        spec = obj["model"]
+        if spec.get("name") != "amsit":
+            raise ValueError(f"{path}: model name {spec.get('name')!r} is not MSIT ('amsit')")
+        sd = _tensors_to_numpy(strip_prefix(spec["sd"]))
+        if model_cfg is None:
+            model_cfg = config_from_official_args(spec.get("args") or {}, detect_conv_kind(sd))
+    elif isinstance(obj, Mapping) and obj and all(hasattr(v, "detach") for v in obj.values()):
+        sd = _tensors_to_numpy(obj)
+        if model_cfg is None:
+            raise ValueError(
+                f"{path} is a bare state_dict: pass the model config, e.g. "
+                f"load(path, model_config('edsr-baseline', conv='{detect_conv_kind(sd)}'))")
+    else:
+        raise ValueError(f"{path}: neither an official training checkpoint ({{'model': "
+                         "{'name', 'args', 'sd'}}) nor a state_dict of tensors")
+    return model_cfg, state_dict_to_variables(sd, model_cfg)
+
+
+def load(path: str, model_cfg: Optional[ml_collections.ConfigDict] = None
+         ) -> tuple[ml_collections.ConfigDict, dict]:
+    """Load weights from any supported source -> (model_cfg, variables as numpy)."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    if os.path.isdir(path):
+        if checkpoint.is_model_dir(path):
+            return checkpoint.load_model(path)
+        from msit_jax import train_state_io  # training workdirs (issue: training)
+
+        return train_state_io.load_model_from_workdir(path)
+    return load_pth(path, model_cfg)

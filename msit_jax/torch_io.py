@@ -1,0 +1,227 @@
+"""Mapping between official PyTorch state_dicts and this project's variables.
+
+Pure numpy: no torch import here. `msit_jax.pretrained` reads `.pth` files.
+
+The mapping is derived from the Flax variable tree of the configured model,
+so every variable is accounted for: a state_dict loads only when it holds
+exactly the expected tensors with the expected shapes (plus the official
+model's known constant extras, which are checked, not ignored).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Iterator, Mapping
+
+import jax
+import ml_collections
+import numpy as np
+
+from msit_jax.geometry import make_coord, query_geometry, rel_cell
+from msit_jax.msno import lem_mask
+
+# Flax-only grouping modules with no counterpart in the official module tree.
+_GROUPING = {"msc", "sim", "mix", "query"}
+# Flax names "x_N" that are the torch ModuleList/Sequential path "x.N".
+_INDEXED = re.compile(r"^(head|body|RDBs|convs|conv|GFF|conv_vs|multi_conv_qs|layers)_(\d+)$")
+
+
+class StateDictError(ValueError):
+    """A state_dict does not match the model config; the message names the keys."""
+
+
+def _flax_to_torch_key(collection: str, path: tuple[str, ...]) -> str:
+    *mods, leaf = path
+    if mods[:2] == ["decoder", "query"]:
+        rest = mods[2:]
+        if rest[0] == "pb_proj":
+            mods = ["pb_encoder", "proj"] + rest[1:]
+        else:  # mlp
+            mods = ["imnets", "0"] + rest[1:]
+    segs = []
+    for m in mods:
+        if m in _GROUPING:
+            continue
+        match = _INDEXED.match(m)
+        segs.extend([match.group(1), match.group(2)] if match else [m])
+    parent = mods[-1] if mods else ""
+    if collection == "batch_stats":
+        name = {"mean": "running_mean", "var": "running_var"}[leaf]
+    elif collection == "frozen":
+        name = "weight"  # RIM base kernel: a buffer called `weight`
+    elif leaf == "kernel":
+        name = "weight"
+    elif leaf == "convmap":
+        name = "convmap.weight"
+    elif leaf == "scale":
+        name = "weight" if parent == "bn" else "linear.weight"
+    else:
+        name = leaf
+    return ".".join(segs + [name])
+
+
+def _kind(collection: str, leaf: str, ndim: int) -> str:
+    if leaf == "kernel":
+        return "conv" if ndim == 4 else "linear"
+    if leaf == "convmap":
+        return "convmap"
+    if leaf == "scale" and collection == "params" and ndim == 2:
+        return "rim_scale"
+    return "same"
+
+
+def to_torch_array(kind: str, x: np.ndarray) -> np.ndarray:
+    """A Flax variable in the official tensor layout."""
+    if kind == "conv":  # HWIO -> OIHW
+        return np.transpose(x, (3, 2, 0, 1))
+    if kind == "linear":  # (in, out) -> (out, in)
+        return x.T
+    if kind == "convmap":  # (3, 3, I, O) -> (O * I, 1, 3, 3)
+        kh, kw, i, o = x.shape
+        return np.transpose(x, (3, 2, 0, 1)).reshape(o * i, 1, kh, kw)
+    if kind == "rim_scale":  # (I, O) -> (O * I, 1, 1, 1)
+        return x.T.reshape(-1, 1, 1, 1)
+    return x
+
+
+def from_torch_array(kind: str, t: np.ndarray, flax_shape: tuple[int, ...]) -> np.ndarray:
+    """An official tensor in this project's layout (inverse of `to_torch_array`)."""
+    if kind == "conv":
+        return np.transpose(t, (2, 3, 1, 0))
+    if kind == "linear":
+        return t.T
+    if kind == "convmap":
+        kh, kw, i, o = flax_shape
+        return np.transpose(t.reshape(o, i, kh, kw), (2, 3, 1, 0))
+    if kind == "rim_scale":
+        i, o = flax_shape
+        return t.reshape(o, i).T
+    return t
+
+
+def variable_shapes(model_cfg: ml_collections.ConfigDict) -> dict:
+    """Shapes of every variable of the configured model (no compute, no memory)."""
+    from msit_jax.model import build_model
+
+    model = build_model(model_cfg)
+    h = w = 4
+    q = make_coord((8, 8)).reshape(1, -1, 2)
+    g = query_geometry(q, (h, w), model_cfg.radius)
+    rc = rel_cell((8, 8), (h, w))[None]
+    shapes = jax.eval_shape(
+        lambda: model.init(jax.random.PRNGKey(0), np.zeros((1, h, w, 3), np.float32),
+                           g.coord, g.key_idx, g.rel, rc))
+    return jax.tree_util.tree_map(lambda s: s.shape, shapes)
+
+
+def _leaves(tree: Mapping, prefix=()) -> Iterator[tuple[tuple[str, ...], Any]]:
+    for k, v in tree.items():
+        if isinstance(v, Mapping):
+            yield from _leaves(v, prefix + (k,))
+        else:
+            yield prefix + (k,), v
+
+
+def layout(model_cfg: ml_collections.ConfigDict) -> list[dict]:
+    """One entry per variable: torch key, collection, flax path, kind, both shapes."""
+    entries = []
+    for (collection, *path), shape in _leaves(variable_shapes(model_cfg)):
+        path = tuple(path)
+        kind = _kind(collection, path[-1], len(shape))
+        torch_shape = to_torch_array(kind, np.empty(shape, np.float32)).shape
+        entries.append(dict(torch_key=_flax_to_torch_key(collection, path), collection=collection,
+                            path=path, kind=kind, shape=tuple(shape),
+                            torch_shape=tuple(torch_shape)))
+    return entries
+
+
+def _set(tree: dict, path: tuple[str, ...], value) -> None:
+    for k in path[:-1]:
+        tree = tree.setdefault(k, {})
+    tree[path[-1]] = value
+
+
+def _get(tree: Mapping, path: tuple[str, ...]):
+    for k in path:
+        tree = tree[k]
+    return tree
+
+
+# EDSR's MeanShift layers: in the official state_dict, never used by its forward.
+_RGB_MEAN = np.array([0.4488, 0.4371, 0.4040], np.float32)
+
+
+def _known_extras(model_cfg) -> dict[str, np.ndarray]:
+    """Official constant tensors with no variable here; a checkpoint must hold these values."""
+    extras = {"amsno.lem.mask": lem_mask(model_cfg.dim)[:, None],
+              "amsno.lem.mix_margin": np.array(1.0, np.float32)}
+    if model_cfg.encoder == "edsr-baseline":
+        eye = np.eye(3, dtype=np.float32).reshape(3, 3, 1, 1)
+        extras.update({"encoder.sub_mean.weight": eye, "encoder.sub_mean.bias": -_RGB_MEAN,
+                       "encoder.add_mean.weight": eye, "encoder.add_mean.bias": _RGB_MEAN})
+    return extras
+
+
+def detect_conv_kind(state_dict: Mapping[str, Any]) -> str:
+    """'rim' if the state_dict has RIM tensors (stage 2), else 'plain' (stage 1)."""
+    return "rim" if any(k.endswith(".convmap.weight") for k in state_dict) else "plain"
+
+
+def strip_prefix(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """Drop a DataParallel 'module.' prefix carried by every key."""
+    if state_dict and all(k.startswith("module.") for k in state_dict):
+        return {k[len("module."):]: v for k, v in state_dict.items()}
+    return dict(state_dict)
+
+
+def state_dict_to_variables(state_dict: Mapping[str, np.ndarray],
+                            model_cfg: ml_collections.ConfigDict) -> dict:
+    """Official state_dict (numpy arrays) -> Flax variables for `model_cfg`.
+
+    Raises StateDictError naming every missing, unexpected or mis-shaped key.
+    """
+    sd = strip_prefix(state_dict)
+    entries = layout(model_cfg)
+    extras = _known_extras(model_cfg)
+    expected = {e["torch_key"] for e in entries}
+    missing = sorted(expected - sd.keys())
+    unexpected = sorted(k for k in sd.keys() - expected
+                        if k not in extras and not k.endswith(".num_batches_tracked"))
+    bad_shape = [f"{e['torch_key']}: checkpoint {tuple(np.shape(sd[e['torch_key']]))}, "
+                 f"model {e['torch_shape']}"
+                 for e in entries if e["torch_key"] in sd
+                 and tuple(np.shape(sd[e["torch_key"]])) != e["torch_shape"]]
+    bad_value = [k for k, want in extras.items()
+                 if k in sd and (np.shape(sd[k]) != want.shape
+                                 or not np.allclose(sd[k], want, rtol=0, atol=1e-6))]
+    problems = []
+    if missing:
+        problems.append(f"missing keys ({len(missing)}): {', '.join(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected)}")
+    if bad_shape:
+        problems.append(f"shape mismatches ({len(bad_shape)}): {'; '.join(bad_shape)}")
+    if bad_value:
+        problems.append("constant tensors differ from the MSIT definition "
+                        f"(this is not an MSIT checkpoint?): {', '.join(bad_value)}")
+    if problems:
+        raise StateDictError(
+            f"state_dict does not match the model config (encoder={model_cfg.encoder}, "
+            f"conv={model_cfg.conv}, dim={model_cfg.dim}):\n  " + "\n  ".join(problems))
+    variables: dict = {}
+    for e in entries:
+        t = np.asarray(sd[e["torch_key"]], np.float32)
+        _set(variables, (e["collection"],) + e["path"],
+             np.ascontiguousarray(from_torch_array(e["kind"], t, e["shape"])))
+    return variables
+
+
+def variables_to_state_dict(variables: Mapping, model_cfg: ml_collections.ConfigDict
+                            ) -> dict[str, np.ndarray]:
+    """Flax variables -> an official-layout state_dict (numpy), extras included."""
+    sd = {}
+    for e in layout(model_cfg):
+        x = np.asarray(_get(variables, (e["collection"],) + e["path"]), np.float32)
+        sd[e["torch_key"]] = np.ascontiguousarray(to_torch_array(e["kind"], x))
+    sd.update(_known_extras(model_cfg))
+    return sd
