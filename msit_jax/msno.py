@@ -91,6 +91,11 @@ def scale_conv(kind: str, features: int, k: int, init: str, name: str,
     raise ValueError(f"unknown conv kind {kind!r}; choose 'rim' or 'plain'")
 
 
+# The MixHead instances (by module name) and the conv each one's BatchNorm follows;
+# `msit_jax.reparam.fold` merges the BatchNorm into that conv.
+BN_INPUT_CONV = {"sim": "sim0", "mix": "proj1"}
+
+
 class MixHead(nn.Module):
     """conv1x1 (grouped, dim -> 2 dim) -> BatchNorm -> GELU -> conv1x1 (2 dim -> dim)."""
 
@@ -134,7 +139,7 @@ class MSNO(nn.Module):
             s = lem_shift(s)
         s = MultiScaleConv(self.heads, self.conv, "fan_out", "Ms_conv_{}", self.precision,
                            self.dtype, name="msc")(s)
-        s = MixHead(self.dim, self.heads, ("sim0", "sim1"), self.batch_norm, self.bn_eps,
+        s = MixHead(self.dim, self.heads, (BN_INPUT_CONV["sim"], "sim1"), self.batch_norm, self.bn_eps,
                     self.bn_momentum, self.precision, self.dtype, name="sim")(s, train)
         return Conv(self.dim, 1, name="proj", **kw)(s * v)
 
@@ -157,6 +162,6 @@ class QKBranch(nn.Module):
         y = Conv(self.dim, 1, name="proj0", **kw)(x)
         y = MultiScaleConv(self.heads, self.conv, "fan_out", "local_conv_{}", self.precision,
                            self.dtype, name="msc")(y)
-        return MixHead(self.dim, self.dim // self.heads, ("proj1", "proj2"), self.batch_norm,
+        return MixHead(self.dim, self.dim // self.heads, (BN_INPUT_CONV["mix"], "proj2"), self.batch_norm,
                        self.bn_eps, self.bn_momentum, self.precision, self.dtype,
                        name="mix")(y, train)

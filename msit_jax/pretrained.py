@@ -138,7 +138,5 @@ def load(path: str, model_cfg: Optional[ml_collections.ConfigDict] = None
     if os.path.isdir(path):
         if checkpoint.is_model_dir(path):
             return checkpoint.load_model(path)
-        from msit_jax import train_state_io  # training workdirs (issue: training)
-
-        return train_state_io.load_model_from_workdir(path)
+        raise FileNotFoundError(f"{path} is a directory but not a msit-jax model checkpoint")
     return load_pth(path, model_cfg)

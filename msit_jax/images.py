@@ -1,0 +1,84 @@
+"""Image I/O and the reference degradation (Pillow bicubic on uint8).
+
+Images here are numpy (H, W, 3) uint8 RGB unless a function says float.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+
+class ImageError(ValueError):
+    """An image file could not be read as an RGB image; the message names the file."""
+
+
+def pil_to_rgb_uint8(img: Image.Image, name: str = "image") -> np.ndarray:
+    """Any Pillow image -> (H, W, 3) uint8 RGB.
+
+    Grayscale is replicated to 3 channels; alpha is dropped (as the reference's
+    `convert('RGB')`); 16-bit and 32-bit integer images are scaled to 8 bits
+    (Pillow's own convert would clip them).
+    """
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        a = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0
+        a = np.clip(np.round(a * (255.0 / top)), 0, 255).astype(np.uint8)
+        return np.repeat(a[..., None], 3, axis=-1)
+    if img.mode == "F":
+        raise ImageError(f"{name}: floating-point images (mode F) are not supported")
+    return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
+
+
+def read_image(path: str) -> np.ndarray:
+    """Decode an image file to (H, W, 3) uint8 RGB; ImageError names a bad file."""
+    if not os.path.isfile(path):
+        raise ImageError(f"{path}: no such file")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return pil_to_rgb_uint8(img, path)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        if isinstance(e, ImageError):
+            raise
+        raise ImageError(f"{path}: not a readable image ({e})") from e
+
+
+def list_images(folder: str) -> list[str]:
+    """Sorted image files in a folder (non-recursive)."""
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{folder}: no such directory")
+    return sorted(os.path.join(folder, f) for f in os.listdir(folder)
+                  if f.lower().endswith(IMAGE_EXTENSIONS))
+
+
+def resize_bicubic(img: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
+    """Pillow bicubic resize of a uint8 RGB image to (h, w): the reference's LR maker."""
+    if img.dtype != np.uint8:
+        raise TypeError(f"resize_bicubic expects uint8, got {img.dtype}")
+    h, w = int(out_hw[0]), int(out_hw[1])
+    if h < 1 or w < 1:
+        raise ValueError(f"resize target must be positive, got {(h, w)}")
+    return np.asarray(Image.fromarray(img).resize((w, h), Image.BICUBIC), dtype=np.uint8)
+
+
+def to_float(img: np.ndarray) -> np.ndarray:
+    """uint8 -> float32 in [0, 1]."""
+    return img.astype(np.float32) / np.float32(255)
+
+
+def to_uint8(img: np.ndarray) -> np.ndarray:
+    """float in [0, 1] -> uint8, rounded to nearest."""
+    return np.clip(np.round(np.asarray(img, np.float64) * 255.0), 0, 255).astype(np.uint8)
+
+
+def save_png(path: str, img: np.ndarray) -> None:
+    """Save an RGB image (uint8, or float in [0, 1]) as PNG."""
+    if img.dtype != np.uint8:
+        img = to_uint8(img)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    Image.fromarray(img).save(path)
