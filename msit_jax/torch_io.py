@@ -211,8 +211,9 @@ def state_dict_to_variables(state_dict: Mapping[str, np.ndarray],
     variables: dict = {}
     for e in entries:
         t = np.asarray(sd[e["torch_key"]], np.float32)
+        # Copy: the input may alias live torch tensors (Tensor.numpy() shares memory).
         _set(variables, (e["collection"],) + e["path"],
-             np.ascontiguousarray(from_torch_array(e["kind"], t, e["shape"])))
+             np.array(from_torch_array(e["kind"], t, e["shape"]), np.float32, order="C"))
     return variables
 
 

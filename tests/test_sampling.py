@@ -1,0 +1,105 @@
+"""grid_sample semantics (nearest / bilinear / border, out of range, ties) and host geometry."""
+
+import numpy as np
+import pytest
+import torch
+import jax
+import jax.numpy as jnp
+
+from msit_jax import geometry, sampling
+from tests.torch_reference import grid, torch_coord_axis, torch_make_coord
+
+rng = np.random.RandomState(0)
+
+
+def test_coord_grid_bit_exact():
+    for n in [1, 2, 7, 20, 24, 48, 70, 84, 97, 1000, 4097]:
+        np.testing.assert_array_equal(geometry.coord_axis(n), torch_coord_axis(n).numpy())
+    np.testing.assert_array_equal(geometry.make_coord((13, 17)), torch_make_coord(13, 17).numpy())
+
+
+def _sample_coords():
+    """Random in-range and out-of-range coords, plus exact tie points at x3.5 and x1.5."""
+    rand = rng.uniform(-1.3, 1.3, (400, 2)).astype(np.float32)
+    ties = geometry.make_coord((84, 70)).reshape(-1, 2)  # x3.5 on 24 x 20: 1560 ties
+    ties15 = geometry.make_coord((36, 30)).reshape(-1, 2)
+    edges = np.array([[-1, -1], [1, 1], [-1, 1], [0.999, -0.999], [1.05, 0]], np.float32)
+    return np.concatenate([rand, ties, ties15, edges])
+
+
+@pytest.mark.parametrize("border", [False, True])
+def test_bilinear_matches_grid_sample(border):
+    img = rng.randn(24, 20, 5).astype(np.float32)
+    coords = _sample_coords()
+    ours = jax.vmap(lambda c: sampling.bilinear(jnp.asarray(img), c, border=border))(
+        jnp.asarray(coords))
+    ref = grid(torch.from_numpy(img.transpose(2, 0, 1))[None], torch.from_numpy(coords)[None],
+               "bilinear", "border" if border else "zeros")[0].numpy()
+    # continuous in the coordinate: float32 rounding of the weights only
+    np.testing.assert_allclose(np.asarray(ours), ref, atol=1e-5, rtol=0)
+
+
+def test_nearest_index_matches_grid_sample_including_ties():
+    h, w = 24, 20
+    coords = _sample_coords()
+    # An image whose value encodes its own index, 1-based so zeros mean "outside".
+    idx_img = np.stack(np.meshgrid(np.arange(h) + 1, np.arange(w) + 1, indexing="ij"), -1)
+    ref = grid(torch.from_numpy(idx_img.astype(np.float32).transpose(2, 0, 1))[None],
+               torch.from_numpy(coords)[None], "nearest")[0].numpy()
+    iy = geometry.nearest_index(coords[:, 0], h)
+    ix = geometry.nearest_index(coords[:, 1], w)
+    inside = (iy >= 0) & (iy < h) & (ix >= 0) & (ix < w)
+    ours = np.where(inside[:, None], np.stack([iy + 1, ix + 1], -1), 0)
+    np.testing.assert_array_equal(ours, ref)
+    # the tie points really are ties: half of the x3.5 rows sit exactly between two centres
+    assert (~inside).sum() > 0
+
+
+def test_nearest_gather_zero_outside():
+    img = rng.randn(6, 5, 3).astype(np.float32)
+    iy = jnp.array([-1, 0, 5, 6])
+    ix = jnp.array([4, 5, -2])
+    out = np.asarray(sampling.nearest(jnp.asarray(img), iy, ix))
+    assert out.shape == (4, 3, 3)
+    np.testing.assert_array_equal(out[1, 0], img[0, 4])
+    np.testing.assert_array_equal(out[2, 0], img[5, 4])
+    assert not out[0].any() and not out[3].any() and not out[:, 1].any() and not out[:, 2].any()
+
+
+def test_query_geometry_matches_torch_reference_keys():
+    """Keys / rel exactly as the reference builds them with grid_sample in float32."""
+    h, w, r = 24, 20, 3
+    coords = _sample_coords()
+    coords = coords[(np.abs(coords) <= 1).all(-1)]
+    g = geometry.query_geometry(coords, (h, w), r)
+
+    lr = torch_make_coord(h, w).permute(2, 0, 1)[None]
+    c_q = grid(lr, torch.from_numpy(coords)[None], "nearest")[0]  # (N, 2)
+    dh = torch.linspace(-r, r, 2 * r + 1) * (2 / h)
+    dw = torch.linspace(-r, r, 2 * r + 1) * (2 / w)
+    ky, kx = c_q[:, :1] + dh, c_q[:, 1:] + dw  # (N, 7) each
+    rel_y = (torch.from_numpy(coords[:, :1]) - ky) * h
+    rel_x = (torch.from_numpy(coords[:, 1:]) - kx) * w
+    np.testing.assert_array_equal(g.rel[:, 0], rel_y.numpy())
+    np.testing.assert_array_equal(g.rel[:, 1], rel_x.numpy())
+
+    # key indices: what grid_sample(nearest) picks at each key position
+    idx_img = torch.from_numpy(np.stack(np.meshgrid(np.arange(h) + 1, np.arange(w) + 1,
+                                                    indexing="ij")).astype(np.float32))[None]
+    keys = torch.stack(torch.broadcast_tensors(ky[:, :, None], kx[:, None, :]), -1)
+    picked = grid(idx_img, keys.reshape(1, -1, 2), "nearest")[0].reshape(-1, 7, 7, 2).numpy()
+    vy = (g.key_idx[:, 0] >= 0) & (g.key_idx[:, 0] < h)
+    vx = (g.key_idx[:, 1] >= 0) & (g.key_idx[:, 1] < w)
+    valid = vy[:, :, None] & vx[:, None, :]
+    ours = np.stack(np.broadcast_arrays(g.key_idx[:, 0, :, None] + 1, g.key_idx[:, 1, None, :] + 1), -1)
+    np.testing.assert_array_equal(np.where(valid[..., None], ours, 0), picked)
+
+
+def test_rel_cell():
+    np.testing.assert_array_equal(geometry.rel_cell((84, 70), (24, 20)),
+                                  (torch.tensor([2 / 84, 2 / 70]) * torch.tensor([24., 20.])).numpy())
+
+
+def test_query_geometry_rejects_bad_shape():
+    with pytest.raises(ValueError, match="coord"):
+        geometry.query_geometry(np.zeros((5, 3), np.float32), (4, 4), 1)
