@@ -158,3 +158,8 @@ def modcrop(img: np.ndarray, scale: int) -> np.ndarray:
     """Crop H and W down to multiples of an integer scale (top-left anchored)."""
     h, w = img.shape[:2]
     return img[:h - h % scale, :w - w % scale]
+
+
+def to_uint8(img: np.ndarray) -> np.ndarray:
+    """MATLAB's `uint8(x * 255)` / im2uint8 for a float image in [0, 1]: round half away, saturate."""
+    return _round_uint8(np.asarray(img, np.float64) * 255.0)

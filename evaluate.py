@@ -1,0 +1,112 @@
+r"""Evaluate MSIT (or the bicubic baseline) with the reference's protocol.
+
+    python evaluate.py --checkpoint epoch-best.pth --data ../data/Set5 --data ../data/Set14 \
+        --scales 2,3,4,6,8 --json results.json
+    python evaluate.py --model bicubic --data ../data/Set5 --scales 2,3,4,6,8
+    python evaluate.py --model bicubic_y --degradation matlab --protocol matlab \
+        --data ../data/Set5 --scales 2,3,4          # the published tables' bicubic rows
+    python evaluate.py --checkpoint ckpt/ --data ../data/Set5 \
+        --scales 1.5,2,3,4,6,8,12,18,24,30 --plot psnr_vs_scale.png
+
+Prints a Markdown table (methods x datasets, scales as columns, "PSNR / SSIM")
+on stdout; per-image figures and wall times go to the log (stderr) and to
+--json. Exits with status 1 if any image failed. The protocol is documented in
+`msit_jax/evaluation.py` and docs/evaluation.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from absl import app, flags
+
+from msit_jax import evaluation
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("checkpoint", None, "msit-jax checkpoint dir or official MSIT .pth.")
+flags.DEFINE_enum("model", None, list(evaluation.MODELS),
+                  "What to evaluate: 'msit' (default with --checkpoint), 'bicubic' (bicubic "
+                  "upsampling of the uint8 LR with the --degradation kernel), 'bicubic_y' (the "
+                  "published tables' Y-only MATLAB bicubic; needs --protocol matlab "
+                  "--degradation matlab).")
+flags.DEFINE_multi_string("data", None, "HR image folder (a folder with HR/ and LR_bicubic/ "
+                          "works too), NAME=PATH, or tfds:NAME[:SPLIT]; repeat or "
+                          "comma-separate for several.")
+flags.DEFINE_list("scales", "2,3,4,6,8,12,18,24,30", "Scale factors (any floats >= 1).")
+flags.DEFINE_list("protocol", "auto", "Scoring preset per dataset (one for all, or one per "
+                  "--data): auto (reference default: div2k for DIV2K, else benchmark), "
+                  "benchmark (Y, shave s), div2k (RGB, shave s+6), matlab (uint8, rounded "
+                  "MATLAB Y, shave s).")
+flags.DEFINE_enum("lr_source", "auto", list(evaluation.LR_SOURCES),
+                  "LR images: auto (the reference's choice: LR_bicubic/X{s} files for Set14 "
+                  "and B100 at x2-x4, else made on the fly), paired, downsample.")
+flags.DEFINE_enum("degradation", "pillow", list(evaluation.DEGRADATIONS),
+                  "LR maker on the fly: pillow (reference) or matlab (MATLAB bicubic imresize, "
+                  "as the benchmark LR files were made).")
+flags.DEFINE_bool("fold", False, "Fold RIMs and BatchNorms first (faster; float round-off "
+                  "differences from the reference).")
+flags.DEFINE_integer("chunk", 4096, "Queries per decoder call (memory vs. speed).")
+flags.DEFINE_bool("with_bicubic", False, "Also score the bicubic baseline (implied by --plot).")
+flags.DEFINE_string("json", None, "Write {dataset: {scale: {psnr, ssim, per_image}}} here.")
+flags.DEFINE_string("save_images", None, "Save predictions as DIR/dataset/x{s}/name.png.")
+flags.DEFINE_string("plot", None, "Save a PSNR-vs-scale plot (first dataset, with bicubic); "
+                    "needs matplotlib (requirements-plot.txt).")
+flags.DEFINE_string("tfds_data_dir", None, "data_dir for tfds: datasets.")
+flags.DEFINE_bool("progress", True, "Show progress bars.")
+
+
+def config_from_flags() -> evaluation.ml_collections.ConfigDict:
+    cfg = evaluation.default_config()
+    model = FLAGS.model or ("msit" if FLAGS.checkpoint else None)
+    if model is None:
+        raise app.UsageError("give --checkpoint (MSIT) or --model bicubic")
+    if model != "msit" and FLAGS.checkpoint:
+        raise app.UsageError(f"--checkpoint is only used with --model msit, not {model}")
+    if not FLAGS.data:
+        raise app.UsageError("give at least one --data folder")
+    try:
+        scales = [float(s) for s in FLAGS.scales]
+    except ValueError:
+        raise app.UsageError(f"--scales must be numbers, got {','.join(FLAGS.scales)}") from None
+    cfg.model = model
+    cfg.checkpoint = FLAGS.checkpoint or ""
+    cfg.data = [d for spec in FLAGS.data for d in spec.split(",") if d]
+    cfg.scales = scales
+    cfg.protocol = list(FLAGS.protocol)
+    cfg.lr_source = FLAGS.lr_source
+    cfg.degradation = FLAGS.degradation
+    cfg.fold = FLAGS.fold
+    cfg.chunk = FLAGS.chunk
+    cfg.with_bicubic = FLAGS.with_bicubic
+    cfg.json = FLAGS.json or ""
+    cfg.save_images = FLAGS.save_images or ""
+    cfg.plot = FLAGS.plot or ""
+    cfg.tfds_data_dir = FLAGS.tfds_data_dir or ""
+    cfg.progress = FLAGS.progress
+    return cfg
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    logging.getLogger("msit_jax").setLevel(logging.INFO)
+    cfg = config_from_flags()
+    try:
+        results, baseline, failures = evaluation.run(cfg)
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    name = {"msit": "MSIT", "bicubic": "Bicubic", "bicubic_y": "Bicubic (Y, MATLAB)"}[cfg.model]
+    rows = [(name, results)] + ([("Bicubic", baseline)] if baseline else [])
+    print(evaluation.markdown_table(rows, [float(s) for s in cfg.scales]))
+    if failures:
+        print(f"error: {len(failures)} image evaluation(s) failed:", file=sys.stderr)
+        for f in failures:
+            print(f"  {f}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    app.run(main)
