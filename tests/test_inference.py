@@ -1,0 +1,66 @@
+"""upscale(): chunk-size invariance, output sizes, clamping, input validation."""
+
+import numpy as np
+import pytest
+
+from msit_jax import inference, tiny_model_config
+from tests.conftest import init_variables
+
+
+@pytest.fixture(scope="module")
+def model():
+    cfg = tiny_model_config()
+    return cfg, init_variables(cfg, seed=5)
+
+
+def test_chunk_size_invariance(model):
+    cfg, v = model
+    lr = np.random.RandomState(0).rand(11, 8, 3).astype(np.float32)
+    outs = [inference.upscale(cfg, v, lr, (37, 29), clamp=False, chunk=c) for c in (1, 97, 1073, 5000)]
+    for o in outs[1:]:
+        np.testing.assert_allclose(o, outs[0], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("out_hw", [(11, 8), (22, 16), (38, 29), (17, 50), (5, 4), (1, 1)])
+def test_any_output_size(model, out_hw):
+    """Integer, non-integer, anisotropic and down-scaled sizes all give the requested shape."""
+    cfg, v = model
+    lr = np.random.RandomState(1).rand(11, 8, 3).astype(np.float32)
+    out = inference.upscale(cfg, v, lr, out_hw)
+    assert out.shape == (*out_hw, 3) and out.dtype == np.float32
+    assert out.min() >= 0 and out.max() <= 1
+
+
+def test_clamp(model):
+    cfg, v = model
+    lr = np.random.RandomState(2).rand(6, 6, 3).astype(np.float32)
+    raw = inference.upscale(cfg, v, lr, (20, 20), clamp=False)
+    clamped = inference.upscale(cfg, v, lr, (20, 20))
+    np.testing.assert_array_equal(clamped, np.clip(raw, 0, 1))
+    assert (raw < 0).any() or (raw > 1).any()  # random weights overshoot; clamping mattered
+
+
+def test_upscaler_reuse_matches_one_shot(model):
+    cfg, v = model
+    up = inference.Upscaler(cfg, v, chunk=64)
+    rs = np.random.RandomState(3)
+    for hw in [(7, 9), (10, 6)]:
+        lr = rs.rand(*hw, 3).astype(np.float32)
+        np.testing.assert_array_equal(up(lr, (15, 19)),
+                                      inference.upscale(cfg, v, lr, (15, 19), chunk=64))
+
+
+def test_bad_inputs(model):
+    cfg, v = model
+    ok = np.zeros((6, 6, 3), np.float32)
+    with pytest.raises(ValueError, match=r"\(H, W, 3\)"):
+        inference.upscale(cfg, v, np.zeros((6, 6), np.float32), (9, 9))
+    with pytest.raises(ValueError, match=r"\(H, W, 3\)"):
+        inference.upscale(cfg, v, np.zeros((6, 6, 4), np.float32), (9, 9))
+    with pytest.raises(TypeError, match="uint8"):
+        inference.upscale(cfg, v, np.zeros((6, 6, 3), np.uint8), (9, 9))
+    for bad in [(0, 5), (5, -1), (2.5, 3), "12x12", (5,)]:
+        with pytest.raises(ValueError, match="out_hw"):
+            inference.upscale(cfg, v, ok, bad)
+    with pytest.raises(ValueError, match="chunk"):
+        inference.Upscaler(cfg, v, chunk=0)
