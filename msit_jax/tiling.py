@@ -1,0 +1,213 @@
+"""Tiled inference for LR inputs whose encoder activations don't fit in memory.
+
+    up = TiledUpscaler(model_cfg, variables, tile=256)
+    sr = up(lr, (out_h, out_w))          # float32 (out_h, out_w, 3) in [0, 1]
+
+The LR image is cut into `tile` x `tile` cores. For each core the encoder runs
+on the core plus a halo of `halo(cfg)` LR pixels (clamped to the image), and
+the decoder handles exactly the HR pixels whose nearest LR centre lies in the
+core, reading features from the core plus `radius + 1` pixels. Memory is set
+by the tile (and the chunk), not by the image; the output array is the only
+full-size buffer.
+
+Exactness. Convolutions are zero-padded, so a feature is unchanged by cropping
+as long as its receptive field (`receptive_radius`) stays inside the window or
+meets the window only where the window meets the image border; the halo
+guarantees that for every feature the decoder reads. The exception is MSNO's
+LEM shift, which pads *circularly*: on the full image, pixels within
+`wrap_radius(cfg)` LR pixels of an image border read the opposite border,
+while in a window that does not span the whole axis they read the window's
+opposite edge. Tiled outputs therefore equal untiled ones (to float32
+round-off) except in HR pixels that lie within that many LR pixels of an
+image border along an axis split into several tiles; there they are close
+approximations (the reference has no tiling; use tile >= the image size, or
+the untiled `msit_jax.inference.Upscaler`, where that matters).
+
+Decoding uses the public model API (`MSIT.encode` / `MSIT.decode`) with query
+geometry from `msit_jax.geometry` computed for the full image (tie-exact) and
+shifted by integers into each window.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Iterator, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from msit_jax import geometry
+from msit_jax.inference import DEFAULT_CHUNK, Upscaler, check_image, check_out_hw, denormalize
+
+f32 = np.float32
+
+
+def encoder_radius(cfg: ml_collections.ConfigDict) -> int:
+    """LR pixels of context per side seen by the encoder backbone (3x3 convs: 1 each)."""
+    if cfg.encoder == "edsr-baseline":
+        return 2 * cfg.edsr.n_resblocks + 2  # head, 2 per block, body tail
+    k = cfg.rdn.kernel_size // 2
+    return k * (2 + cfg.rdn.n_blocks * cfg.rdn.n_layers + 1)  # SFE1/2, RDB convs, GFF_1
+
+
+def wrap_radius(cfg: ml_collections.ConfigDict) -> int:
+    """Context from the LEM shift on: LEM 1 + MSC (kernel 1 + 2 * heads) + max(Q/K, V)."""
+    return int(cfg.use_lem) + cfg.msno_heads + max(cfg.qk_heads, 1)
+
+
+def receptive_radius(cfg: ml_collections.ConfigDict) -> int:
+    """LR pixels of context per side behind one feature of (feat_q, feat_v)."""
+    return encoder_radius(cfg) + wrap_radius(cfg)
+
+
+def halo(cfg: ml_collections.ConfigDict) -> int:
+    """Encoder halo around a tile core: the receptive field plus the decoder's reach (r + 1)."""
+    return receptive_radius(cfg) + cfg.radius + 1
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _encode(model, variables, inp):
+    from msit_jax.model import MSIT
+
+    return model.apply(variables, inp, method=MSIT.encode)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _decode(model, variables, feats, inp, coord, key_idx, rel, rel_cell):
+    from msit_jax.model import MSIT
+
+    return model.apply(variables, feats, inp, coord, key_idx, rel, rel_cell, method=MSIT.decode)
+
+
+def axis_tiles(n: int, tile: int) -> list[tuple[int, int]]:
+    """[start, stop) cores covering 0..n in steps of `tile`."""
+    return [(s, min(s + tile, n)) for s in range(0, n, tile)]
+
+
+def hr_span(hr_n: int, lr_n: int, core: tuple[int, int]) -> tuple[int, int]:
+    """HR indices [a, b) whose nearest LR centre (as the decoder rounds it) is in `core`."""
+    idx = geometry.nearest_index(geometry.coord_axis(hr_n), lr_n)
+    # Centres of in-image queries never round outside [0, lr_n); clip for safety.
+    idx = np.clip(idx, 0, lr_n - 1)
+    sel = np.nonzero((idx >= core[0]) & (idx < core[1]))[0]
+    return (int(sel[0]), int(sel[-1]) + 1) if sel.size else (0, 0)
+
+
+def window_coord(c: np.ndarray, n: int, origin: int, n_win: int) -> np.ndarray:
+    """A full-image coordinate on an axis of n pixels -> the same point in a window
+    [origin, origin + n_win): keeps u = ((c + 1) n - 1) / 2 - origin (float64, then float32)."""
+    u = ((c.astype(np.float64) + 1.0) * n - 1.0) / 2.0 - origin
+    return ((2.0 * u + 1.0) / n_win - 1.0).astype(f32)
+
+
+def window(core: tuple[int, int], margin: int, n: int, tile: int) -> tuple[int, int]:
+    """[start, stop) of size min(tile + 2 margin, n) holding core +- margin (clipped to 0..n).
+
+    Every window of an image has one size (shifted inward at the borders rather
+    than cut), so the encoder and the decoder compile once per image size. An
+    edge of the window is either an image edge or >= margin pixels from the core.
+    """
+    size = min(tile + 2 * margin, n)
+    start = min(max(core[0] - margin, 0), n - size)
+    return start, start + size
+
+
+class TiledUpscaler(Upscaler):
+    """`Upscaler` that encodes and decodes LR tiles of `tile` x `tile` (see module doc).
+
+    tile <= 0 or tile >= both LR sides runs the untiled `Upscaler`.
+    """
+
+    def __init__(self, model_cfg: ml_collections.ConfigDict, variables: Any,
+                 chunk: int = DEFAULT_CHUNK, tile: int = 256):
+        super().__init__(model_cfg, variables, chunk)
+        self.tile = int(tile)
+
+    def __call__(self, lr: Any, out_hw: Any, *, clamp: bool = True,
+                 progress: bool = False) -> np.ndarray:
+        lr = check_image(lr)
+        if self.tile <= 0 or self.tile >= max(lr.shape[:2]):
+            return super().__call__(lr, out_hw, clamp=clamp, progress=progress)
+        out_hw = check_out_hw(out_hw)
+        out = np.empty((out_hw[0], out_hw[1], 3), np.float32)
+        jobs = list(self._jobs(lr.shape[:2], out_hw))
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            total = sum(-(-(ys[1] - ys[0]) * (xs[1] - xs[0]) // self.chunk)
+                        for _, _, ys, xs in jobs)
+            bar = tqdm(total=total, desc="decode (tiled)", unit="chunk", leave=False)
+        inp_full = (lr - f32(0.5)) / f32(0.5)
+        rc = jnp.asarray(geometry.rel_cell(out_hw, lr.shape[:2])[None])
+        for core_y, core_x, hr_y, hr_x in jobs:
+            if hr_y[1] <= hr_y[0] or hr_x[1] <= hr_x[0]:
+                continue
+            self._tile(inp_full, out, out_hw, core_y, core_x, hr_y, hr_x, rc, bar)
+        if bar is not None:
+            bar.close()
+        out = denormalize(out)
+        return np.clip(out, 0.0, 1.0) if clamp else out
+
+    def _jobs(self, lr_hw, out_hw) -> Iterator[tuple]:
+        for cy in axis_tiles(lr_hw[0], self.tile):
+            hy = hr_span(out_hw[0], lr_hw[0], cy)
+            for cx in axis_tiles(lr_hw[1], self.tile):
+                yield cy, cx, hy, hr_span(out_hw[1], lr_hw[1], cx)
+
+    def _tile(self, inp_full, out, out_hw, core_y, core_x, hr_y, hr_x, rc, bar) -> None:
+        h, w = inp_full.shape[:2]
+        r = self.model_cfg.radius
+        pad, reach = halo(self.model_cfg), r + 1
+        # Encoder window (core + halo) and decoder window (core + reach), of fixed sizes.
+        ey, ex = window(core_y, pad, h, self.tile), window(core_x, pad, w, self.tile)
+        dy, dx = window(core_y, reach, h, self.tile), window(core_x, reach, w, self.tile)
+        inp_enc = jnp.asarray(inp_full[ey[0]:ey[1], ex[0]:ex[1]][None])
+        fq, fv = _encode(self.model, self.variables, inp_enc)
+        crop = (slice(None), slice(dy[0] - ey[0], dy[1] - ey[0]),
+                slice(dx[0] - ex[0], dx[1] - ex[0]))
+        feats = (fq[crop], fv[crop])
+        inp_dec = jnp.asarray(inp_full[dy[0]:dy[1], dx[0]:dx[1]][None])
+        del inp_enc, fq, fv
+
+        ys = geometry.coord_axis(out_hw[0])[hr_y[0]:hr_y[1]]
+        xs = geometry.coord_axis(out_hw[1])[hr_x[0]:hr_x[1]]
+        n_y, n_x = dy[1] - dy[0], dx[1] - dx[0]
+        ys_w = window_coord(ys, h, dy[0], n_y)
+        xs_w = window_coord(xs, w, dx[0], n_x)
+        th, tw = len(ys), len(xs)
+        total = th * tw
+        for start in range(0, total, self.chunk):
+            count = min(self.chunk, total - start)
+            idx = np.arange(start, start + self.chunk)
+            idx[count:] = idx[count - 1]  # pad with a real query; its output is dropped
+            iy, ix = idx // tw, idx % tw
+            # Tie-exact geometry on the full image, then shifted into the window by integers.
+            g = geometry.query_geometry(np.stack([ys[iy], xs[ix]], -1), (h, w), r)
+            key_idx = g.key_idx.copy()
+            key_idx[:, 0, :] -= dy[0]
+            key_idx[:, 1, :] -= dx[0]
+            coord = np.stack([ys_w[iy], xs_w[ix]], -1)
+            pred = _decode(self.model, self.variables, feats, inp_dec, coord[None],
+                           key_idx[None], g.rel[None], rc)
+            pred = np.asarray(pred[0, :count])
+            out[hr_y[0] + iy[:count], hr_x[0] + ix[:count]] = pred
+            if bar is not None:
+                bar.update(1)
+
+
+def auto_tile(model_cfg: ml_collections.ConfigDict, lr_hw: tuple[int, int],
+              budget_bytes: float, bytes_per_px_channel: float = 64.0) -> int:
+    """A tile size keeping the encoder's estimated activations under a budget; 0 = no tiling.
+
+    The estimate is `bytes_per_px_channel * dim` per encoder-window pixel (measured
+    peak for the paper-size model on CPU: see docs/evaluation.md).
+    """
+    per_px = bytes_per_px_channel * model_cfg.dim
+    if lr_hw[0] * lr_hw[1] * per_px <= budget_bytes:
+        return 0
+    side = int(math.sqrt(budget_bytes / per_px)) - 2 * halo(model_cfg)
+    return max(side, 32)
