@@ -13,12 +13,27 @@ def model():
     return cfg, init_variables(cfg, seed=5)
 
 
-def test_chunk_size_invariance(model):
+@pytest.mark.parametrize("method", inference.METHODS)
+def test_chunk_size_invariance(model, method):
     cfg, v = model
     lr = np.random.RandomState(0).rand(11, 8, 3).astype(np.float32)
-    outs = [inference.upscale(cfg, v, lr, (37, 29), clamp=False, chunk=c) for c in (1, 97, 1073, 5000)]
+    outs = [inference.upscale(cfg, v, lr, (37, 29), clamp=False, chunk=c, method=method)
+            for c in (1, 97, 1073, 5000)]
     for o in outs[1:]:
         np.testing.assert_allclose(o, outs[0], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("encoder_name", ["edsr-baseline", "rdn"])
+def test_grid_decoder_matches_per_query_decoder(encoder_name):
+    """The centre-grouped decoder is a re-association of the per-query one."""
+    cfg = tiny_model_config(encoder_name)
+    v = init_variables(cfg, seed=7)
+    lr = np.random.RandomState(4).rand(10, 7, 3).astype(np.float32)
+    # integer, x3.5 with exact ties, anisotropic, identity and downscaling sizes
+    for out_hw in [(20, 14), (35, 24), (13, 40), (10, 7), (6, 5)]:
+        a = inference.upscale(cfg, v, lr, out_hw, clamp=False, method="query")
+        b = inference.upscale(cfg, v, lr, out_hw, clamp=False, method="grid", chunk=150)
+        np.testing.assert_allclose(b, a, atol=1e-5, rtol=0, err_msg=str(out_hw))
 
 
 @pytest.mark.parametrize("out_hw", [(11, 8), (22, 16), (38, 29), (17, 50), (5, 4), (1, 1)])
@@ -64,3 +79,5 @@ def test_bad_inputs(model):
             inference.upscale(cfg, v, ok, bad)
     with pytest.raises(ValueError, match="chunk"):
         inference.Upscaler(cfg, v, chunk=0)
+    with pytest.raises(ValueError, match="method"):
+        inference.Upscaler(cfg, v, method="fast")
