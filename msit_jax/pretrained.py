@@ -138,5 +138,10 @@ def load(path: str, model_cfg: Optional[ml_collections.ConfigDict] = None
     if os.path.isdir(path):
         if checkpoint.is_model_dir(path):
             return checkpoint.load_model(path)
-        raise FileNotFoundError(f"{path} is a directory but not a msit-jax model checkpoint")
+        from msit_jax.training.checkpoints import is_training_workdir, load_workdir_model
+
+        if is_training_workdir(path):  # its best (else latest) checkpoint
+            return load_workdir_model(path)
+        raise FileNotFoundError(f"{path} is a directory but neither a msit-jax model "
+                                "checkpoint nor a training workdir")
     return load_pth(path, model_cfg)

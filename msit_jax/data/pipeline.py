@@ -1,0 +1,119 @@
+"""The training input pipeline: grain workers -> host batches -> device arrays.
+
+    it = train_iterator(source, protocol, global_batch=32, seed=0, total_steps=N,
+                        sharding=batch_sharding, num_workers=8)
+    batch = next(it)          # dict of global jax.Arrays, batch axis sharded
+    state = it.get_state()    # grain iterator state, for checkpoints
+
+Element k of the grain MapDataset is this host's k-th example: step
+k // local_batch, global row process_index * local_batch + k % local_batch.
+Each example is a pure function of (seed, step, row) (see `protocol`), so the
+stream does not depend on the number of workers, threads or hosts; the grain
+iterator state is what a checkpoint stores to resume mid-stream.
+
+Shapes are static (Q = sample_q, h = inp_size, n = 2r+1), so the train step
+compiles once:
+  inp (B, h, h, 3) f32, coord (B, Q, 2) f32, key_idx (B, Q, 2, n) i32,
+  rel (B, Q, 2, n) f32, rel_cell (B, 2) f32, gt (B, Q, 3) f32, hr (B,) i32.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import grain
+import jax
+import numpy as np
+from grain.experimental import ThreadPrefetchIterDataset
+
+from msit_jax.data.protocol import BatchPlanner, Protocol, make_example
+from msit_jax.data.sources import ImageSource
+
+
+class ExampleMaker:
+    """grain map: element index -> one example dict (see `protocol.make_example`)."""
+
+    def __init__(self, source: ImageSource, planner: BatchPlanner, protocol: Protocol,
+                 local_batch: int, row_offset: int):
+        self.source, self.planner, self.protocol = source, planner, protocol
+        self.local_batch, self.row_offset = local_batch, row_offset
+        self._plan_cache: tuple[int, Any] = (-1, None)
+
+    def __call__(self, k: int) -> dict[str, np.ndarray]:
+        step, r = divmod(int(k), self.local_batch)
+        row = self.row_offset + r
+        if self._plan_cache[0] != step:  # consecutive elements share a step
+            self._plan_cache = (step, self.planner.plan(step))
+        idx, _, hr = self._plan_cache[1]
+        img = self.source[int(idx[row])]
+        try:
+            ex = make_example(img, hr, self.protocol, self.planner.example_rng(step, row))
+        except ValueError as e:
+            raise ValueError(f"{self.source.name(int(idx[row]))}: {e}") from e
+        ex["step"] = np.int32(step)
+        return ex
+
+
+def _ensure_absl_flags_parsed() -> None:
+    # grain's worker processes read absl flags; a library caller (tests, notebooks)
+    # may never have run absl.app, so accept the defaults then.
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+def host_dataset(source: ImageSource, protocol: Protocol, *, global_batch: int, seed: int,
+                 total_steps: int, repeat: int = 1, process_index: int = 0,
+                 process_count: int = 1, num_workers: int = 0, num_threads: int = 1,
+                 buffer_size: int = 2) -> grain.IterDataset:
+    """Host-local numpy batches (global_batch / process_count rows) for steps [0, total_steps)."""
+    if global_batch % process_count:
+        raise ValueError(f"batch_size={global_batch} is not divisible by the "
+                         f"{process_count} processes")
+    local_batch = global_batch // process_count
+    planner = BatchPlanner(source.sizes, global_batch, seed, protocol, repeat)
+    maker = ExampleMaker(source, planner, protocol, local_batch, process_index * local_batch)
+    ds = grain.MapDataset.range(total_steps * local_batch).map(maker)
+    ds = ds.batch(local_batch, drop_remainder=True)
+    # Threads overlap Pillow decoding/resizing (which release the GIL); the
+    # buffer is counted in batches, each a few MB at the paper's sizes.
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
+                                              prefetch_buffer_size=buffer_size))
+    if num_workers > 0:
+        _ensure_absl_flags_parsed()
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
+                                                         per_worker_buffer_size=buffer_size))
+    return it
+
+
+def to_global(batch: dict[str, np.ndarray], sharding: jax.sharding.Sharding
+              ) -> dict[str, jax.Array]:
+    """Host-local rows -> global arrays sharded over the batch axis (multi-host safe)."""
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+
+
+def device_prefetch(it: grain.IterDataset, sharding: jax.sharding.Sharding,
+                    host_buffer: int = 2, device_buffer: int = 2) -> grain.IterDataset:
+    """Background threads: pull host batches, then transfer them ahead of the train step.
+
+    ThreadPrefetch keeps the iterator state checkpointable: `get_state()` of the
+    result describes the elements consumed, not the ones buffered.
+    """
+    it = ThreadPrefetchIterDataset(it, prefetch_buffer_size=host_buffer)
+    it = it.map(lambda b: to_global(b, sharding))
+    return ThreadPrefetchIterDataset(it, prefetch_buffer_size=device_buffer)
+
+
+def train_dataset(source: ImageSource, protocol: Protocol, *, global_batch: int, seed: int,
+                  total_steps: int, sharding: Optional[jax.sharding.Sharding] = None,
+                  repeat: int = 1, num_workers: int = 0, num_threads: int = 1,
+                  buffer_size: int = 2, device_buffer: int = 2) -> grain.IterDataset:
+    """The full pipeline; iterate it (`iter(ds)`) for a checkpointable DatasetIterator."""
+    it = host_dataset(source, protocol, global_batch=global_batch, seed=seed,
+                      total_steps=total_steps, repeat=repeat,
+                      process_index=jax.process_index(), process_count=jax.process_count(),
+                      num_workers=num_workers, num_threads=num_threads, buffer_size=buffer_size)
+    if sharding is not None:
+        it = device_prefetch(it, sharding, buffer_size, device_buffer)
+    return it
