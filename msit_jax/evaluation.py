@@ -37,6 +37,8 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import ml_collections
 import numpy as np
 
+from PIL import Image
+
 from msit_jax import images, matlab_resize, metrics
 
 log = logging.getLogger(__name__)
@@ -49,6 +51,7 @@ MODELS = ("msit", "bicubic", "bicubic_y")
 # scales; every other (dataset, scale) makes its LR on the fly.
 REFERENCE_PAIRED = {"set14": (2, 3, 4), "b100": (2, 3, 4)}
 DATASET_ALIASES = {"bsd100": "b100", "bsds100": "b100"}
+GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N")
 
 
 # ---------------------------------------------------------------------------- protocol
@@ -184,12 +187,14 @@ def pair(hr: np.ndarray, lr: np.ndarray, scale: float, name: str = "image"
 
 @dataclasses.dataclass
 class Dataset:
-    """A named list of HR images. `load(i)` -> (H, W, 3) uint8; `root` is the HR folder."""
+    """A named list of HR images. `load(i)` -> (H, W, 3) uint8; `root` is the HR folder;
+    `is_gray(i)`: whether the stored image is single-channel (MATLAB reads it as 2-D)."""
 
     name: str
     names: list[str]
     load: Callable[[int], np.ndarray]
     root: Optional[str] = None
+    is_gray: Optional[Callable[[int], bool]] = None
 
     def __len__(self) -> int:
         return len(self.names)
@@ -208,8 +213,13 @@ def open_folder(path: str, name: Optional[str] = None) -> Dataset:
     files = images.list_images(hr_dir)
     if not files:
         raise FileNotFoundError(f"{hr_dir}: no images ({', '.join(images.IMAGE_EXTENSIONS)})")
+
+    def is_gray(i: int) -> bool:
+        with Image.open(files[i]) as im:
+            return im.mode in GRAY_MODES
+
     return Dataset(name, [os.path.basename(f) for f in files],
-                   lambda i: images.read_image(files[i]), root=hr_dir)
+                   lambda i: images.read_image(files[i]), root=hr_dir, is_gray=is_gray)
 
 
 def _pick_image(example: dict, name: str) -> np.ndarray:
@@ -244,7 +254,13 @@ def open_tfds(spec: str, data_dir: Optional[str] = None) -> Dataset:
         val = ex[key] if key else f"{i:04d}"
         names.append(val.decode() if isinstance(val, bytes) else str(val))
     label = f"{ds_name}:{split}"
-    return Dataset(ds_name, names, lambda i: _pick_image(source[i], f"{label}[{i}]"))
+
+    def is_gray(i: int) -> bool:
+        img = _pick_image(source[i], f"{label}[{i}]")
+        return bool(np.all(img[..., 0] == img[..., 1]) and np.all(img[..., 1] == img[..., 2]))
+
+    return Dataset(ds_name, names, lambda i: _pick_image(source[i], f"{label}[{i}]"),
+                   is_gray=is_gray)
 
 
 def open_dataset(spec: str, tfds_data_dir: Optional[str] = None) -> Dataset:
@@ -280,17 +296,20 @@ class BicubicPredictor:
 class BicubicYPredictor:
     """The published tables' bicubic rows (SRCNN/VDSR code): Y only, in floating point.
 
-    Y = rgb2ycbcr(HR) rounded to uint8; LR = MATLAB imresize of Y / 255 (float);
-    SR = MATLAB imresize of that back to the HR size, quantised to uint8. Scored
-    by `matlab` only (it never sees an RGB LR).
+    Y = rgb2ycbcr(HR) rounded to uint8 (a single-channel file, such as Set14's
+    bridge, is its own Y: MATLAB reads it as 2-D and those scripts skip
+    rgb2ycbcr); LR = MATLAB imresize of Y / 255 (float); SR = MATLAB imresize of
+    that back to the HR size, quantised to uint8. Scored by `matlab` only (it
+    never sees an RGB LR).
     """
 
     name = "Bicubic (Y, published tables)"
 
     @staticmethod
-    def predict_y(gt: np.ndarray, lr_hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    def predict_y(gt: np.ndarray, lr_hw: tuple[int, int], gray: bool = False
+                  ) -> tuple[np.ndarray, np.ndarray]:
         """gt (H, W, 3) uint8 -> (SR Y, HR Y), both (H, W) uint8."""
-        y = matlab_resize.rgb2ycbcr_y(gt)
+        y = gt[..., 0].copy() if gray else matlab_resize.rgb2ycbcr_y(gt)
         lr = matlab_resize.imresize(y.astype(np.float64) / 255.0, output_shape=lr_hw)
         sr = matlab_resize.imresize(lr, output_shape=y.shape)
         return matlab_resize.to_uint8(sr), y
@@ -373,11 +392,12 @@ def evaluate_scale(predictor, dataset: Dataset, scale: float, protocol: Protocol
     An image that cannot be read or is too small is logged, appended to
     `failures` and left out; returns None when no image could be scored.
     """
-    source, lr_dir = choose_lr_source(dataset, scale, lr_source)
     y_only = hasattr(predictor, "predict_y")
-    if y_only and (not protocol.quantize or source == "paired" or degradation != "matlab"):
+    if y_only and (not protocol.quantize or lr_source == "paired" or degradation != "matlab"):
         raise ValueError("bicubic_y reproduces the published tables: it needs protocol 'matlab', "
                          "degradation 'matlab' and LR made on the fly")
+    # The published tables' bicubic makes its own (Y-only) LR; no LR files are involved.
+    source, lr_dir = choose_lr_source(dataset, scale, "downsample" if y_only else lr_source)
     per_image: dict[str, dict[str, Any]] = {}
     shave = shave_for(scale, protocol)
     indices: Iterator[int] = iter(range(len(dataset)))
@@ -402,7 +422,8 @@ def evaluate_scale(predictor, dataset: Dataset, scale: float, protocol: Protocol
                                  f"{shave} pixels at x{format_scale(scale)}")
             t0 = time.perf_counter()
             if y_only:
-                sr_y, gt_y = predictor.predict_y(gt, lr.shape[:2])
+                gray = bool(dataset.is_gray(i)) if dataset.is_gray else False
+                sr_y, gt_y = predictor.predict_y(gt, lr.shape[:2], gray)
                 elapsed = time.perf_counter() - t0
                 ys, yg = sr_y.astype(np.float64), gt_y.astype(np.float64)
                 p = metrics.psnr_gray(ys, yg, shave=shave)
@@ -493,7 +514,7 @@ def markdown_table(rows: Sequence[tuple[str, Results]], scales: Sequence[float])
             lines.append(f"| {method} | {ds} | " + " | ".join(cells) + " |")
     if dagger:
         lines.append("")
-        lines.append("† LR made on the fly (Pillow bicubic); the reference reads the "
+        lines.append("† LR made on the fly (--degradation); the reference reads "
                      "LR_bicubic/X{s} files here, which were not found.")
     return "\n".join(lines)
 

@@ -95,6 +95,19 @@ def test_published_set5_bicubic_figures(scale, psnr, ssim):
     assert abs(r.ssim - ssim) <= 0.0005
 
 
+@pytest.mark.parametrize("scale, psnr", [(2, 30.24), (3, 27.55), (4, 26.00)])
+def test_published_set14_bicubic_figures(scale, psnr):
+    """Set14's published bicubic PSNR (30.24/27.55/26.00); bridge.png is single-channel and
+    is scored on its own values, as MATLAB reads it (no rgb2ycbcr)."""
+    ds = evaluation.open_folder(shared_data("Set14"))
+    assert [ds.names[i] for i in range(len(ds)) if ds.is_gray(i)] == ["bridge.png"]
+    r = evaluation.evaluate_scale(evaluation.BicubicYPredictor(), ds, scale,
+                                  evaluation.PROTOCOLS["matlab"], degradation="matlab",
+                                  progress=False)
+    assert len(r.per_image) == 14
+    assert abs(r.psnr - psnr) <= 0.02
+
+
 def test_matlab_degradation_matches_modcrop_imresize():
     # For integer scales the reference crop (floor(H/s) * s) is MATLAB's modcrop.
     hr = (np.random.RandomState(0).rand(23, 31, 3) * 255).astype(np.uint8)
