@@ -91,6 +91,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     logging.getLogger("msit_jax").setLevel(logging.INFO)
+    logging.getLogger("jax").setLevel(logging.WARNING)  # backend probing noise
     cfg = config_from_flags()
     try:
         results, baseline, failures = evaluation.run(cfg)
