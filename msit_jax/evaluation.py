@@ -32,7 +32,7 @@ import os
 import re
 import sys
 import time
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import ml_collections
 import numpy as np
@@ -400,15 +400,13 @@ def evaluate_scale(predictor, dataset: Dataset, scale: float, protocol: Protocol
     source, lr_dir = choose_lr_source(dataset, scale, "downsample" if y_only else lr_source)
     per_image: dict[str, dict[str, Any]] = {}
     shave = shave_for(scale, protocol)
-    indices: Iterator[int] = iter(range(len(dataset)))
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(dataset), desc=f"{dataset.name} x{format_scale(scale)}",
                    unit="img", leave=False)
-    for i in indices:
-        name = dataset.names[i]
+    for i, name in enumerate(dataset.names):
         try:
             hr = dataset.load(i)
             if source == "paired":
@@ -638,8 +636,8 @@ def run(cfg: ml_collections.ConfigDict) -> tuple[Results, Optional[Results], lis
                 log.info("%s %s x%s: PSNR %.4f SSIM %.4f, %.2fs/image", predictor.name,
                          ds.name, format_scale(scale), r.psnr, r.ssim,
                          np.mean([v["time_s"] for v in r.per_image.values()]))
-            if baseline_pred is not None:
-                b = evaluate_scale(baseline_pred, ds, scale, proto, **kw)
+            if baseline_pred is not None:  # an unreadable image was reported above already
+                b = evaluate_scale(baseline_pred, ds, scale, proto, **{**kw, "failures": None})
                 if b is not None:
                     baseline.setdefault(ds.name, {})[scale] = b
     if cfg.json:

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator
 
 import jax
 import jax.numpy as jnp
