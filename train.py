@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 
 from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
@@ -29,9 +30,9 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.getLogger().setLevel(logging.INFO)
-    # Orbax logs a warning for every checkpoint saved without validation metrics.
-    logging.getLogger("absl").setLevel(logging.INFO)
+    # Our progress lines at INFO; libraries (Orbax logs every file it writes) at WARNING.
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    logging.getLogger("msit_jax").setLevel(logging.INFO)
     from msit_jax.training import train_and_evaluate
 
     train_and_evaluate(FLAGS.config, FLAGS.workdir)

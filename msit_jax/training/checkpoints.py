@@ -15,6 +15,7 @@ mid-save leaves a temporary directory Orbax ignores, never a half checkpoint.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import Any, Optional
 
@@ -51,6 +52,17 @@ class IteratorSnapshot:
 
     def start_prefetch(self) -> None:
         pass
+
+
+class _NoMetricsWarningFilter(logging.Filter):
+    """Orbax warns on every save without metrics when best-checkpoint tracking is on;
+    only validation steps carry metrics here, by design."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "tracked_metric" not in record.getMessage()
+
+
+logging.getLogger("absl").addFilter(_NoMetricsWarningFilter())
 
 
 def _best_fn(metrics: dict) -> float:

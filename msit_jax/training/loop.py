@@ -12,6 +12,7 @@ fresh init.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import time
@@ -28,7 +29,6 @@ from msit_jax.model import build_model
 from msit_jax.training import evaluate as evaluation
 from msit_jax.training.checkpoints import Checkpointer, write_configs
 from msit_jax.training.metrics import MetricLogger
-from msit_jax.training.schedule import lr_schedule
 from msit_jax.training.stage2 import init_from
 from msit_jax.training.state import (TrainState, create_state, dummy_inputs, init_variables,
                                      make_optimizer, param_count)
@@ -123,16 +123,26 @@ def run_demo(config, model_cfg, variables: dict, source: ImageSource, workdir: s
     e, d = config.eval, config.demo
     up = evaluation.Upscaler(model_cfg, variables, chunk=e.chunk)
     res = evaluation.evaluate(up, source, d.scales, max_images=e.max_images,
-                              shave_extra=e.shave_extra, y_channel=e.y_channel, bicubic=True)
+                              max_side=e.max_side, shave_extra=e.shave_extra,
+                              y_channel=e.y_channel, bicubic=True)
     names = ", ".join(source.name(i) for i in range(len(source) if not e.max_images
                                                     else min(e.max_images, len(source))))
     print("\n" + evaluation.format_table(
         res, f"PSNR ({'Y' if e.y_channel else 'RGB'}, shave = scale"
-        f"{' + %d' % e.shave_extra if e.shave_extra else ''}) on held-out {names}"), flush=True)
+        f"{' + %d' % e.shave_extra if e.shave_extra else ''}) on held-out {names}"
+        f"{' (central %dx%d crops)' % (e.max_side, e.max_side) if e.max_side else ''}"),
+        flush=True)
     png = os.path.join(workdir, f"demo_x{d.png_scale:g}.png")
-    evaluation.side_by_side(up, source[0], d.png_scale, png, window=d.window)
+    evaluation.side_by_side(up, evaluation.center_crop(source[0], e.max_side), d.png_scale, png,
+                            window=d.window)
     print(f"side-by-side (LR nearest | bicubic | MSIT | HR) written to {png}", flush=True)
     return res, png
+
+
+@functools.lru_cache(maxsize=8)
+def _state_maker(tx, mesh):
+    """variables -> a replicated step-0 TrainState (jitted; memoised like the step)."""
+    return jax.jit(lambda v: create_state(v, tx), out_shardings=replicated(mesh))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
@@ -161,10 +171,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
     mesh = make_mesh()
     rep = replicated(mesh)
-    schedule = lr_schedule(config.lr.base, config.lr.multiplier, config.lr.warmup_steps,
-                           config.total_steps, config.lr.epoch_steps)
-    tx = make_optimizer(config, schedule)
-    to_state = jax.jit(lambda v: create_state(v, tx), out_shardings=rep)
+    tx, schedule = make_optimizer(config)
+    to_state = _state_maker(tx, mesh)
 
     ckpt = Checkpointer(workdir, config.checkpoint.keep, config.checkpoint.keep_best,
                         config.checkpoint.async_save)
@@ -208,7 +216,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
     bar = tqdm(total=config.total_steps, initial=start, desc="train", unit="step",
                disable=not (is_main and config.progress_bar), dynamic_ncols=True)
-    step, window, t0 = start, [], time.perf_counter()
+    step, window, timed, t0 = start, [], 0, time.perf_counter()
     try:
         while step < config.total_steps:
             batch = next(data_it)
@@ -220,24 +228,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
             state, metrics = step_fn(state, batch)
             step += 1
             bar.update(1)
+            window.append(metrics)
             if step == start + 1:  # the first step includes compilation: time it apart
                 jax.block_until_ready(metrics)
                 log.info("first step (with compilation) took %.1f s", time.perf_counter() - t0)
                 t0 = time.perf_counter()
             else:
-                window.append(metrics)
-            if window and (step % config.log_every_steps == 0 or step == config.total_steps):
-                host = jax.device_get(window)
+                timed += 1
+            if step % config.log_every_steps == 0 or step == config.total_steps:
+                host = jax.device_get(window)  # waits for the window's steps
                 dt = time.perf_counter() - t0
+                rate = timed / dt if timed else float("nan")
                 rec = dict(loss=np.mean([m["loss"] for m in host]), lr=host[-1]["lr"],
                            grad_norm=np.mean([m["grad_norm"] for m in host]),
-                           steps_per_sec=len(host) / dt,
-                           pixels_per_sec=len(host) * pixels_per_step / dt,
+                           steps_per_sec=rate, pixels_per_sec=rate * pixels_per_step,
                            epoch=step * config.batch_size / epoch_len)
                 logger.write(step, "train", rec)
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}",
-                                sps=f"{rec['steps_per_sec']:.2f}")
-                window, t0 = [], time.perf_counter()
+                                sps=f"{rate:.2f}")
+                window, timed, t0 = [], 0, time.perf_counter()
             val = None
             if config.eval.every_steps and (step % config.eval.every_steps == 0
                                             or step == config.total_steps):
@@ -248,7 +257,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                 logger.write(step, "val", val)
                 bar.write(f"step {step}: " + ", ".join(f"{k} {v:.2f}" for k, v in val.items()))
                 result.val = val
-                t0 = time.perf_counter()  # keep validation out of the throughput figures
+                timed, t0 = 0, time.perf_counter()  # keep validation out of the throughput
             if (step % config.checkpoint.every_steps == 0 or step == config.total_steps
                     or val is not None):
                 ckpt.save(step, state, data_it.get_state(),

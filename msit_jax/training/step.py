@@ -9,6 +9,7 @@ beyond float round-off. No pmap.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import jax
@@ -62,13 +63,18 @@ def train_step(model: MSIT, tx: optax.GradientTransformation, schedule: optax.Sc
         batch_stats=updates.get("batch_stats", state.batch_stats),
         opt_state=opt_state,
     )
-    metrics = {"loss": loss, "lr": schedule(state.step), "grad_norm": optax.global_norm(grads)}
+    metrics = {"loss": loss, "lr": schedule(state.step), "grad_norm": optax.tree.norm(grads)}
     return new_state, metrics
 
 
+@functools.lru_cache(maxsize=8)
 def jit_train_step(model: MSIT, tx: optax.GradientTransformation, schedule: optax.Schedule,
                    mesh: Mesh) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
-    """train_step jitted with explicit shardings; the old state's buffers are donated."""
+    """train_step jitted with explicit shardings; the old state's buffers are donated.
+
+    Memoised (with `state.make_optimizer`), so runs of one config in one process
+    (resume, tests) reuse the compiled step instead of compiling it again.
+    """
 
     def step(state, batch):
         return train_step(model, tx, schedule, state, batch)

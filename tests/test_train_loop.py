@@ -1,0 +1,299 @@
+"""End-to-end training on the tiny config: checkpoints, exact resume, stage-2 init, bad inputs.
+
+Every run here uses configs/tiny.py unchanged apart from the workdir-level
+settings (its train step compiles once per process and is reused).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+
+import flax.traverse_util as tu
+import jax
+import numpy as np
+import optax
+import pytest
+
+from msit_jax import build_model, checkpoint, geometry, pretrained
+from msit_jax.training import train_and_evaluate
+from msit_jax.training.checkpoints import load_workdir_model
+from msit_jax.training.loop import prepare_workdir
+from msit_jax.training.metrics import read_jsonl
+from msit_jax.training.schedule import lr_schedule
+from msit_jax.training.stage2 import init_from
+from msit_jax.training.state import make_optimizer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_config(name: str):
+    spec = importlib.util.spec_from_file_location(f"cfg_{name}", os.path.join(REPO, "configs",
+                                                                             f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.get_config()
+
+
+def _name(entry) -> str:
+    for attr in ("key", "idx", "name"):
+        if hasattr(entry, attr):
+            return str(getattr(entry, attr))
+    return str(entry)
+
+
+def flat(tree):
+    """{'a/b/c': leaf} for any pytree (dicts, optax namedtuples)."""
+    return {"/".join(_name(e) for e in path): np.asarray(v)
+            for path, v in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def assert_trees_equal(a, b):
+    fa, fb = flat(a), flat(b)
+    assert fa.keys() == fb.keys()
+    for k in fa:
+        np.testing.assert_array_equal(fa[k], fb[k], err_msg=k)
+
+
+def losses(workdir):
+    return {r["step"]: r["loss"] for r in read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+            if r["split"] == "train"}
+
+
+@pytest.fixture(scope="module")
+def stage1(tmp_path_factory):
+    """An uninterrupted 4-step tiny stage-1 run, validated at steps 2 and 4."""
+    cfg = load_config("tiny")
+    cfg.eval.every_steps = 2
+    wd = str(tmp_path_factory.mktemp("runs") / "nested" / "stage1")  # parents created
+    return cfg, wd, train_and_evaluate(cfg, wd)
+
+
+def test_run_writes_checkpoints_logs_and_configs(stage1):
+    cfg, wd, res = stage1
+    assert res.step == 4 and int(res.state["step"]) == 4
+    assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == ["2", "4"]
+    for f in ("config.json", "model_config.json", "metrics.jsonl"):
+        assert os.path.isfile(os.path.join(wd, f))
+    recs = read_jsonl(os.path.join(wd, "metrics.jsonl"))
+    train = [r for r in recs if r["split"] == "train"]
+    assert [r["step"] for r in train] == [1, 2, 3, 4]
+    for r in train:
+        assert np.isfinite(r["loss"]) and r["lr"] > 0 and {"steps_per_sec", "pixels_per_sec",
+                                                             "grad_norm", "epoch"} <= r.keys()
+    val = [r for r in recs if r["split"] == "val"]
+    assert [r["step"] for r in val] == [2, 4] and all(np.isfinite(r["psnr_x2"]) for r in val)
+    # the logged learning rates follow the schedule
+    sched = lr_schedule(cfg.lr.base, cfg.lr.multiplier, cfg.lr.warmup_steps, cfg.total_steps)
+    np.testing.assert_allclose([r["lr"] for r in train], [float(sched(s)) for s in range(4)],
+                               rtol=1e-6)
+    # the workdir's model loads through pretrained.load, as its best checkpoint
+    mcfg, v = pretrained.load(wd)
+    assert mcfg.to_dict() == cfg.model.to_dict()
+    best = max(val, key=lambda r: r["val_psnr"])["step"]
+    _, v_best = load_workdir_model(wd, str(best))
+    assert_trees_equal(v["params"], v_best["params"])
+    _, v_last = load_workdir_model(wd, "latest")
+    assert_trees_equal(v_last["params"], res.state["params"])
+    assert_trees_equal(v_last["batch_stats"], res.state["batch_stats"])
+
+
+def test_killed_and_resumed_run_is_bit_identical(stage1, tmp_path):
+    cfg, wd, full = stage1
+    wd2 = str(tmp_path / "resumed")
+    part = train_and_evaluate(cfg, wd2, stop_after_step=3)  # "killed" after step 3
+    assert part.step == 3
+    assert sorted(os.listdir(os.path.join(wd2, "checkpoints"))) == ["2"]  # step 3 never saved
+    res = train_and_evaluate(cfg, wd2)  # resumes from step 2: params, Adam, BN, data
+    assert res.step == 4
+    assert_trees_equal(res.state, full.state)
+    assert losses(wd2) == losses(wd)  # the same loss curve, step 3 logged once
+    # a finished run resumes to nothing
+    again = train_and_evaluate(cfg, wd2)
+    assert again.step == 4
+    assert_trees_equal(again.state["params"], full.state["params"])
+
+
+def test_stage2_from_stage1_workdir_keeps_w_frozen(stage1, tmp_path):
+    cfg1, wd1, res1 = stage1
+    cfg = load_config("tiny")
+    cfg.model.conv = "rim"
+    cfg.init_from = wd1
+    cfg.data.scale_max = 8.0  # stage 2's own scale range
+    res = train_and_evaluate(cfg, str(tmp_path / "stage2"))
+    _, stage1_vars = pretrained.load(wd1)  # its best checkpoint
+    s1, fz = flat(stage1_vars["params"]), flat(res.state["frozen"])
+    assert fz and all(np.array_equal(v, s1[k]) for k, v in fz.items())  # W never updated
+    p = flat(res.state["params"])
+    assert any(not np.array_equal(p[k], s1[k]) for k in p if k in s1)  # the rest trained
+    assert all(k.endswith(("/convmap", "/scale")) or k in s1 for k in p)
+
+
+def rim_equals_plain_outputs(plain_cfg, plain_vars, rim_cfg, rim_vars):
+    """Outputs of both models (eval and train mode) on one random batch."""
+    rs = np.random.RandomState(0)
+    inp = rs.uniform(-1, 1, (2, 9, 11, 3)).astype(np.float32)
+    coord = rs.uniform(-1, 1, (2, 40, 2)).astype(np.float32)
+    g = geometry.query_geometry(coord, (9, 11), plain_cfg.radius)
+    rc = np.tile(geometry.rel_cell((20, 23), (9, 11)), (2, 1))
+    outs = []
+    for cfg, v in ((plain_cfg, plain_vars), (rim_cfg, rim_vars)):
+        m = build_model(cfg)
+        outs.append([np.asarray(m.apply(v, inp, g.coord, g.key_idx, g.rel, rc)),
+                     np.asarray(m.apply(v, inp, g.coord, g.key_idx, g.rel, rc, train=True,
+                                        mutable=["batch_stats"])[0])])
+    return outs
+
+
+def zero_rim_adapters(v):
+    params = tu.flatten_dict(v["params"])
+    rims = {k[:-1] for k in tu.flatten_dict(v["frozen"])}
+    for k in params:
+        if k[:-1] in rims and k[-1] in ("convmap", "scale"):
+            params[k] = np.zeros_like(params[k])
+    return {**v, "params": tu.unflatten_dict(params)}
+
+
+def fresh_rim(cfg):
+    from msit_jax.training.state import dummy_inputs, init_variables
+
+    m = build_model(cfg)
+    return jax.tree_util.tree_map(np.asarray, init_variables(
+        m, jax.random.PRNGKey(1), dummy_inputs(cfg, 12, 32)))
+
+
+@pytest.fixture(scope="module")
+def rim_fresh(stage1):
+    cfg = stage1[0].model.copy_and_resolve_references()
+    cfg.conv = "rim"
+    return cfg, fresh_rim(cfg)
+
+
+def test_stage2_init_reproduces_stage1_outputs(stage1, rim_fresh, tmp_path):
+    """convmap = scale = 0 makes every RIM kernel exactly the stage-1 kernel."""
+    plain_cfg, _, res1 = stage1
+    plain_cfg = plain_cfg.model
+    rim_cfg, fresh = rim_fresh
+    plain_vars = {k: res1.state[k] for k in ("params", "batch_stats")}
+    mdir = checkpoint.save_model(str(tmp_path / "model"), plain_cfg, plain_vars)
+    for source in (mdir, stage1[1]):  # a model dir and a training workdir
+        v = init_from(source, rim_cfg, fresh)
+        fp = flat(fresh["params"])
+        rims = {k.rsplit("/", 1)[0] for k in flat(v["frozen"])}
+        adapters = [k for k in fp if k.rsplit("/", 1)[0] in rims
+                    and k.endswith(("/convmap", "/scale"))]
+        assert len(adapters) == 2 * len(rims)
+        assert all(np.array_equal(flat(v["params"])[k], fp[k]) for k in adapters)  # kept fresh
+        (p_eval, p_train), (r_eval, r_train) = rim_equals_plain_outputs(
+            plain_cfg, plain_vars if source == mdir else pretrained.load(source)[1],
+            rim_cfg, zero_rim_adapters(v))
+        np.testing.assert_array_equal(r_eval, p_eval)
+        np.testing.assert_array_equal(r_train, p_train)
+        # with the fresh (non-zero) adapters the outputs move
+        (p_eval2, _), (r_eval2, _) = rim_equals_plain_outputs(plain_cfg, plain_vars, rim_cfg, v)
+        if source == mdir:
+            assert np.abs(r_eval2 - p_eval2).max() > 1e-4
+
+
+def test_stage2_init_from_official_pth(stage1, rim_fresh, tmp_path):
+    import torch
+    from msit_jax.torch_io import variables_to_state_dict
+
+    plain_cfg = stage1[0].model
+    plain_vars = {k: stage1[2].state[k] for k in ("params", "batch_stats")}
+    sd = {k: torch.from_numpy(np.array(v, copy=True))
+          for k, v in variables_to_state_dict(plain_vars, plain_cfg).items()}
+    c = plain_cfg
+    args = {"encoder_spec": {"name": "edsr-baseline", "args": {
+                "no_upsampling": True, "n_resblocks": c.edsr.n_resblocks, "n_feats": c.edsr.n_feats}},
+            "base_dim": c.dim, "head": c.heads, "r": c.radius, "imnet_num": 1, "conv_num": 1,
+            "is_cell": True, "local_attn": True, "use_lem": True, "MsC_heads": c.msno_heads,
+            "MsSA_q": c.qk_heads,
+            "pb_spec": {"name": "posenc", "args": {"posenc_type": "sinusoid",
+                                                   "posenc_scale": c.posenc_scale,
+                                                   "enc_dims": c.posenc_dims}},
+            "imnet_spec": {"name": "mlp", "args": {"out_dim": 3, "act": "gelu",
+                                                   "hidden_list": list(c.mlp_hidden)}}}
+    path = str(tmp_path / "epoch-best.pth")
+    torch.save({"model": {"name": "amsit", "args": args, "sd": sd}}, path)
+    rim_cfg, fresh = rim_fresh
+    v = init_from(path, rim_cfg, fresh)
+    (p_eval, _), (r_eval, _) = rim_equals_plain_outputs(plain_cfg, plain_vars, rim_cfg,
+                                                        zero_rim_adapters(v))
+    np.testing.assert_array_equal(r_eval, p_eval)
+
+
+def test_init_from_rejects_other_architectures(stage1, tmp_path):
+    cfg = stage1[0].model.copy_and_resolve_references()
+    cfg.conv = "rim"
+    cfg.dim = 64
+    with pytest.raises(ValueError, match=r"dim: 32 \(source\) != 64"):
+        init_from(stage1[1], cfg, fresh_rim(cfg))
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        init_from(str(tmp_path / "missing"), cfg, {})
+
+
+def test_workdir_handling(tmp_path):
+    nested = tmp_path / "a" / "b" / "run"
+    assert prepare_workdir(str(nested)) == str(nested) and nested.is_dir()  # parents created
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(NotADirectoryError, match="not a directory"):
+        prepare_workdir(str(f))
+    with pytest.raises(ValueError, match="workdir"):
+        prepare_workdir("")
+    with pytest.raises(FileNotFoundError, match="neither a msit-jax model checkpoint nor"):
+        pretrained.load(str(tmp_path))
+
+
+def test_bad_training_settings_name_the_field(tmp_path):
+    cfg = load_config("tiny")
+    cfg.total_steps = 0
+    with pytest.raises(ValueError, match="total_steps"):
+        train_and_evaluate(cfg, str(tmp_path / "r"))
+    cfg = load_config("tiny")
+    cfg.data.train.kind = "folder"
+    cfg.data.train.path = str(tmp_path / "empty")
+    os.makedirs(cfg.data.train.path)
+    with pytest.raises(FileNotFoundError, match="no image files"):
+        train_and_evaluate(cfg, str(tmp_path / "r"))
+
+
+def test_reference_schedule_per_epoch():
+    """Values of the official GradualWarmupScheduler(10, 50) + CosineAnnealingLR(1000),
+    stepped per epoch (computed with torch 2.13), at 1000 steps per epoch."""
+    sched = lr_schedule(1e-5, 10.0, 50_000, 1_050_000, epoch_steps=1000)
+    torch_values = {1: 1e-05, 2: 1.18e-05, 3: 1.36e-05, 26: 5.5e-05, 50: 9.82e-05, 51: 1e-4,
+                    52: 1.000002467405159e-04, 53: 1e-4, 54: 9.999925978088752e-05,
+                    300: 8.557699501306224e-05, 550: 5.031428134368903e-05,
+                    800: 1.486753819420744e-05, 1000: 6.657044321650938e-07,
+                    1049: 2.220650031738408e-09, 1050: 9.86959628367501e-10}
+    for epoch, lr in torch_values.items():
+        for step in ((epoch - 1) * 1000, epoch * 1000 - 1):  # constant within an epoch
+            # torch's recursive cosine drifts from the closed form by <= 3e-6 relative
+            # (plus float32 here near the end, where the values are ~1e-9)
+            assert float(sched(step)) == pytest.approx(lr, rel=3e-6, abs=2e-11)
+    smooth = lr_schedule(1e-3, 10.0, 10, 110)
+    np.testing.assert_allclose([float(smooth(s)) for s in (0, 5, 10, 60, 110)],
+                               [1e-3, 5.5e-3, 1e-2, 5e-3, 0.0], atol=1e-9)
+    with pytest.raises(ValueError, match="multiples of lr.epoch_steps"):
+        lr_schedule(1e-5, 10.0, 50, 1000, epoch_steps=7)
+
+
+def test_gradient_clipping_is_applied_before_adam():
+    cfg = load_config("tiny")
+    cfg.grad_clip_norm = 0.5
+    tx, _ = make_optimizer(cfg)
+    cfg.grad_clip_norm = 0.0
+    adam, _ = make_optimizer(cfg)
+    params = {"w": np.ones(3, np.float32)}
+    g = {"w": np.array([30.0, -40.0, 0.0], np.float32)}  # norm 50 -> clipped to 0.5
+    u1, _ = tx.update(g, tx.init(params), params)
+    u2, _ = adam.update({"w": g["w"] / 100}, adam.init(params), params)
+    np.testing.assert_allclose(u1["w"], u2["w"], rtol=1e-6)
+    u3, s3 = tx.update(g, tx.init(params), params)
+    u3, _ = tx.update(g, s3, params)  # Adam's second moment sees the clipped gradient
+    u4, s4 = adam.update({"w": g["w"] / 100}, adam.init(params), params)
+    u4, _ = adam.update({"w": g["w"] / 100}, s4, params)
+    np.testing.assert_allclose(u3["w"], u4["w"], rtol=1e-6)
