@@ -95,8 +95,11 @@ class QueryDecoder(nn.Module):
         n_keys = key_idx.shape[-1] ** 2
 
         q = sampling.bilinear(feat_q, coord).reshape(self.heads, hd)
-        k = sampling.nearest(feat_q, key_idx[0], key_idx[1]).reshape(n_keys, self.heads, hd)
-        v = sampling.nearest(feat_v, key_idx[0], key_idx[1]).reshape(n_keys, self.heads, hd)
+        k, valid = sampling.nearest_clipped(feat_q, key_idx[0], key_idx[1])
+        v, _ = sampling.nearest_clipped(feat_v, key_idx[0], key_idx[1])
+        k = k.reshape(n_keys, self.heads, hd)
+        v = v.reshape(n_keys, self.heads, hd)
+        valid = valid.reshape(n_keys, 1)
 
         # Positional bias from (rel_y, rel_x) of each key: [sin y, sin x, cos y, cos x].
         b = jnp.asarray(posenc_frequencies(self.posenc_scale, self.posenc_dims))
@@ -109,8 +112,13 @@ class QueryDecoder(nn.Module):
                                jnp.broadcast_to(jnp.cos(ang_x), shape)], axis=-1)
         pos_bias = Dense(self.heads, self.precision, name="pb_proj")(enc.reshape(n_keys, -1))
 
-        logits = jnp.sum(q[None] * k, axis=-1, dtype=jnp.float32) / np.float32(np.sqrt(hd))
+        # A key outside the image is a zero vector in the reference: its logit
+        # is exactly 0 (+ bias) and its value contributes exactly 0.
+        logits = jnp.einsum("hc,khc->kh", q, k, precision=self.precision,
+                            preferred_element_type=jnp.float32)
+        logits = jnp.where(valid, logits, 0.0) / np.float32(np.sqrt(hd))
         attn = jax.nn.softmax(logits + pos_bias, axis=0)  # over the keys
+        attn = jnp.where(valid, attn, 0.0)
         feat_in = (v * attn[..., None].astype(v.dtype)).reshape(-1)
         if self.use_cell:
             feat_in = jnp.concatenate([feat_in, rel_cell.astype(feat_in.dtype)])

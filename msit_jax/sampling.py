@@ -45,6 +45,20 @@ def bilinear(img: Array, coord: Array, *, border: bool = False) -> Array:
     return jnp.sum(weights[..., None] * corners, axis=(0, 1))
 
 
+def nearest_clipped(img: Array, idx_y: Array, idx_x: Array) -> tuple[Array, Array]:
+    """Nearest samples on the grid idx_y (A,) x idx_x (B,), indices clipped into the image.
+
+    Returns values (A, B, C) and validity (A, B): where invalid, grid_sample's
+    zero padding would give a zero vector. Callers apply the mask to whatever
+    small quantity the zero vector feeds (cheaper than masking C-wide vectors).
+    """
+    h, w = img.shape[:2]
+    vy = (idx_y >= 0) & (idx_y < h)
+    vx = (idx_x >= 0) & (idx_x < w)
+    vals = img[jnp.clip(idx_y, 0, h - 1)[:, None], jnp.clip(idx_x, 0, w - 1)[None, :]]
+    return vals, vy[:, None] & vx[None, :]
+
+
 def nearest(img: Array, idx_y: Array, idx_x: Array) -> Array:
     """Nearest samples of img (H, W, C) on the grid idx_y (A,) x idx_x (B,).
 
