@@ -319,10 +319,10 @@ class MSITPredictor:
     """MSIT through `msit_jax.inference.Upscaler` (encoder once, chunked queries)."""
 
     def __init__(self, model_cfg: ml_collections.ConfigDict, variables: Any, chunk: int,
-                 name: str = "MSIT"):
+                 name: str = "MSIT", method: str = "grid"):
         from msit_jax.inference import Upscaler
 
-        self.up = Upscaler(model_cfg, variables, chunk=chunk)
+        self.up = Upscaler(model_cfg, variables, chunk=chunk, method=method)
         self.name = name
 
     def __call__(self, lr: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
@@ -565,6 +565,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.degradation = "pillow"   # 'pillow' (reference) | 'matlab'
     c.fold = False             # fold RIM/BatchNorm first (faster; round-off differences)
     c.chunk = 4096             # queries per decoder call
+    c.method = "grid"          # decoder: 'grid' (fast) | 'query' (reference formulation)
     c.with_bicubic = False     # also score the bicubic baseline (always with plot)
     c.json = ""
     c.save_images = ""
@@ -589,7 +590,7 @@ def make_predictor(cfg: ml_collections.ConfigDict):
     model_cfg, variables = pretrained.load(cfg.checkpoint)
     if cfg.fold:
         model_cfg, variables = reparam.fold(model_cfg, variables)
-    return MSITPredictor(model_cfg, variables, cfg.chunk)
+    return MSITPredictor(model_cfg, variables, cfg.chunk, method=cfg.method)
 
 
 def protocols_for(cfg: ml_collections.ConfigDict, datasets: Sequence[Dataset]) -> list[Protocol]:

@@ -118,12 +118,13 @@ def window(core: tuple[int, int], margin: int, n: int, tile: int) -> tuple[int, 
 class TiledUpscaler(Upscaler):
     """`Upscaler` that encodes and decodes LR tiles of `tile` x `tile` (see module doc).
 
-    tile <= 0 or tile >= both LR sides runs the untiled `Upscaler`.
+    tile <= 0 or tile >= both LR sides runs the untiled `Upscaler` (with `method`);
+    tiles are decoded per query (the reference formulation).
     """
 
     def __init__(self, model_cfg: ml_collections.ConfigDict, variables: Any,
-                 chunk: int = DEFAULT_CHUNK, tile: int = 256):
-        super().__init__(model_cfg, variables, chunk)
+                 chunk: int = DEFAULT_CHUNK, tile: int = 256, method: str = "grid"):
+        super().__init__(model_cfg, variables, chunk, method=method)
         self.tile = int(tile)
 
     def __call__(self, lr: Any, out_hw: Any, *, clamp: bool = True,

@@ -120,14 +120,14 @@ def save_output(path: str, rgb: np.ndarray, alpha: Optional[np.ndarray]) -> None
         Image.fromarray(np.dstack([rgb8, alpha])).save(path)
 
 
-def build_upscaler(checkpoint: str, fold: bool, chunk: int, tile: int):
+def build_upscaler(checkpoint: str, fold: bool, chunk: int, tile: int, method: str = "grid"):
     """Load weights (official .pth or msit-jax checkpoint) -> an Upscaler (tiled if tile > 0)."""
     from msit_jax import pretrained, reparam, tiling
 
     model_cfg, variables = pretrained.load(checkpoint)
     if fold:
         model_cfg, variables = reparam.fold(model_cfg, variables)
-    return tiling.TiledUpscaler(model_cfg, variables, chunk=chunk, tile=tile)
+    return tiling.TiledUpscaler(model_cfg, variables, chunk=chunk, tile=tile, method=method)
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
@@ -145,6 +145,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                    help="fold RIMs/BatchNorms into plain convs first (faster; default on)")
     p.add_argument("--chunk", type=int, default=4096,
                    help="HR pixels per decoder call: memory vs. speed (default 4096)")
+    p.add_argument("--decoder", choices=("grid", "query"), default="grid",
+                   help="decoder formulation: grid (fast, default) or query (the reference's "
+                        "per-query form); equal to float32 round-off")
     p.add_argument("--tile", default="auto",
                    help="LR tile size for the encoder (0: whole image; 'auto': tile only when "
                         "the estimated encoder memory exceeds --max_memory_gb)")
@@ -172,7 +175,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     try:
         up = build_upscaler(args.checkpoint, args.fold, args.chunk,
-                            0 if args.tile == "auto" else int(args.tile))
+                            0 if args.tile == "auto" else int(args.tile), args.decoder)
     except (ValueError, FileNotFoundError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
