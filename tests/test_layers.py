@@ -130,3 +130,24 @@ def test_posenc_frequencies_bit_exact():
     for scale, dims in [(10.0, 64), (10.0, 16)]:
         ref = (2.0 ** torch.linspace(0, scale, dims // 4) - 1).numpy()
         np.testing.assert_array_equal(posenc_frequencies(scale, dims), ref)
+
+
+@pytest.mark.parametrize("k,cin,cout,groups", [
+    (1, 32, 64, 1), (1, 32, 64, 16), (1, 32, 64, 8),  # matmul / block-diagonal paths
+    (3, 128, 128, 1),  # patches GEMM path
+    (13, 4, 4, 1), (33, 4, 4, 1),  # FFT path
+    (5, 6, 6, 1), (3, 8, 8, 1),  # XLA's own rule
+])
+def test_conv_gradients_match_xla(k, cin, cout, groups):
+    """conv2d's custom kernel gradient equals XLA's (input gradient is XLA's own)."""
+    x = jnp.asarray(rng.randn(2, 11, 9, cin).astype(np.float32))
+    w = jnp.asarray(rng.randn(k, k, cin // groups, cout).astype(np.float32))
+    hi = jax.lax.Precision.HIGHEST
+    ours = jax.grad(lambda x, w: jnp.sum(jnp.sin(
+        layers.conv2d(x, w, None, groups=groups, precision=hi))), argnums=(0, 1))(x, w)
+    ref = jax.grad(lambda x, w: jnp.sum(jnp.sin(
+        layers._lax_conv(x, w, groups, k // 2, hi))), argnums=(0, 1))(x, w)
+    for a, b in zip(ours, ref):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0,
+                                   atol=2e-6 * float(jnp.abs(b).max()))
