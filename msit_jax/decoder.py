@@ -17,7 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from msit_jax import sampling
-from msit_jax.layers import Precision, gelu, torch_default_bias_init, torch_default_kernel_init
+from msit_jax.layers import (Precision, accum_type, gelu, torch_default_bias_init,
+                             torch_default_kernel_init)
 
 Array = jax.Array
 
@@ -50,9 +51,10 @@ class Dense(nn.Module):
         kernel = self.param("kernel", torch_default_kernel_init(), (fan_in, self.features),
                             jnp.float32)
         bias = self.param("bias", torch_default_bias_init(fan_in), (self.features,), jnp.float32)
-        y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype), precision=self.precision,
-                    preferred_element_type=jnp.float32)
-        return y + bias
+        x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+        y = jnp.dot(x, kernel, precision=self.precision,
+                    preferred_element_type=accum_type(x, kernel))
+        return y.astype(jnp.float32) + bias
 
 
 class MLP(nn.Module):
@@ -115,7 +117,7 @@ class QueryDecoder(nn.Module):
         # A key outside the image is a zero vector in the reference: its logit
         # is exactly 0 (+ bias) and its value contributes exactly 0.
         logits = jnp.einsum("hc,khc->kh", q, k, precision=self.precision,
-                            preferred_element_type=jnp.float32)
+                            preferred_element_type=accum_type(q, k)).astype(jnp.float32)
         logits = jnp.where(valid, logits, 0.0) / np.float32(np.sqrt(hd))
         attn = jax.nn.softmax(logits + pos_bias, axis=0)  # over the keys
         attn = jnp.where(valid, attn, 0.0)

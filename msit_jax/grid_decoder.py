@@ -32,7 +32,7 @@ import numpy as np
 
 from msit_jax import geometry
 from msit_jax.decoder import posenc_frequencies
-from msit_jax.layers import gelu, parse_precision
+from msit_jax.layers import accum_type, gelu, parse_precision
 from msit_jax.sampling import _axis_taps
 
 
@@ -153,8 +153,9 @@ def decode_centres(cfg: ml_collections.FrozenConfigDict, dec: dict, feat_q: jax.
     keys = _gather_neighbours(feat_q, ci, cj, r).reshape(p, k1 * k1, heads, hd)
     vals = _gather_neighbours(feat_v, ci, cj, r).reshape(p, k1 * k1, heads, hd)
     # Z[p, k, h] = W1[k, h] . V[p + o_k, h]: the first layer, once per centre.
-    z = jnp.einsum("pkhc,khcn->pkhn", vals.astype(dtype), dec["w1"].astype(dtype),
-                   precision=prec, preferred_element_type=jnp.float32)
+    vals, w1 = vals.astype(dtype), dec["w1"].astype(dtype)
+    z = jnp.einsum("pkhc,khcn->pkhn", vals, w1, precision=prec,
+                   preferred_element_type=accum_type(vals, w1))
 
     q = _bilinear_grid(feat_q, cy, cx, border=False).reshape(p, gy, gx, heads, hd)
     logits = jnp.einsum("pyxhc,pkhc->pyxkh", q, keys, precision=prec) / np.float32(np.sqrt(hd))
@@ -162,14 +163,16 @@ def decode_centres(cfg: ml_collections.FrozenConfigDict, dec: dict, feat_q: jax.
             ).reshape(p, gy, gx, k1 * k1, heads) + dec["pb_bias"]
     attn = jax.nn.softmax(logits + bias, axis=3)
 
-    y = jnp.einsum("pyxkh,pkhn->pyxn", attn.astype(dtype), z.astype(dtype), precision=prec,
-                   preferred_element_type=jnp.float32)
+    attn, z = attn.astype(dtype), z.astype(dtype)
+    y = jnp.einsum("pyxkh,pkhn->pyxn", attn, z, precision=prec,
+                   preferred_element_type=accum_type(attn, z)).astype(jnp.float32)
     y = y + dec["b1"]
     if dec["w1_cell"].shape[0]:  # use_cell
         y = y + jnp.dot(rel_cell, dec["w1_cell"], precision=prec)
     for kernel, bias_ in dec["rest"]:
-        y = jnp.dot(gelu(y).astype(dtype), kernel.astype(dtype), precision=prec,
-                    preferred_element_type=jnp.float32) + bias_
+        a, kernel = gelu(y).astype(dtype), kernel.astype(dtype)
+        y = jnp.dot(a, kernel, precision=prec,
+                    preferred_element_type=accum_type(a, kernel)).astype(jnp.float32) + bias_
     return y + _bilinear_grid(inp, cy, cx, border=True)
 
 

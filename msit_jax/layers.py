@@ -29,6 +29,16 @@ def gelu(x: Array) -> Array:
     return jax.nn.gelu(x, approximate=False)
 
 
+def accum_type(*operands) -> Optional[Any]:
+    """preferred_element_type for a dot: float32 accumulation/output.
+
+    XLA:CPU has no bf16 x bf16 -> f32 dot; there the dot returns bf16 (callers
+    cast), elsewhere (GPU/TPU) it accumulates and returns float32.
+    """
+    low = any(jnp.dtype(o.dtype) != jnp.float32 for o in operands)
+    return None if low and jax.default_backend() == "cpu" else jnp.float32
+
+
 def parse_precision(name: Optional[str]) -> Precision:
     if name in (None, "default"):
         return None

@@ -82,3 +82,17 @@ def test_bad_inputs(model):
         inference.Upscaler(cfg, v, chunk=0)
     with pytest.raises(ValueError, match="method"):
         inference.Upscaler(cfg, v, method="fast")
+
+
+def test_bfloat16_compute_is_close_to_float32(model):
+    """The opt-in bf16 config (meant for GPU/TPU) runs and stays near float32."""
+    cfg, v = model
+    lr = np.random.RandomState(5).rand(9, 8, 3).astype(np.float32)
+    ref = inference.upscale(cfg, v, lr, (20, 17), clamp=False)
+    low = cfg.copy_and_resolve_references()
+    low.dtype = "bfloat16"
+    for method in inference.METHODS:
+        out = inference.upscale(low, v, lr, (20, 17), clamp=False, method=method)
+        assert out.dtype == np.float32
+        err = np.abs(out - ref)
+        assert 0 < err.max() < 2e-2 and err.mean() < 2e-3
