@@ -228,7 +228,7 @@ def test_init_from_rejects_other_architectures(stage1, tmp_path):
     cfg = stage1[0].model.copy_and_resolve_references()
     cfg.conv = "rim"
     cfg.dim = 64
-    with pytest.raises(ValueError, match=r"dim: 32 \(source\) != 64"):
+    with pytest.raises(ValueError, match=r"dim: 16 \(source\) != 64"):
         init_from(stage1[1], cfg, fresh_rim(cfg))
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         init_from(str(tmp_path / "missing"), cfg, {})
