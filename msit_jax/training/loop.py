@@ -192,6 +192,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         if config.init_from:
             variables = init_from(config.init_from, model_cfg, variables)
             log.info("initialised from %s", config.init_from)
+        elif model_cfg.conv == "rim":
+            log.warning("training a RIM model from scratch: its frozen base kernels W keep "
+                        "their random init. Cumulative training sets --config.init_from to "
+                        "the stage-1 run")
         state = to_state(variables)
         start = 0
     log.info("model: %d trainable parameters, %d frozen", param_count(state.params),
@@ -217,6 +221,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     bar = tqdm(total=config.total_steps, initial=start, desc="train", unit="step",
                disable=not (is_main and config.progress_bar), dynamic_ncols=True)
     step, window, timed, t0 = start, [], 0, time.perf_counter()
+    data_state = data_it.get_state()
     try:
         while step < config.total_steps:
             batch = next(data_it)
@@ -227,6 +232,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                                        "the checkpoint's data state does not match")
             state, metrics = step_fn(state, batch)
             step += 1
+            data_state = data_it.get_state()  # the stream position matching `state`
             bar.update(1)
             window.append(metrics)
             if step == start + 1:  # the first step includes compilation: time it apart
@@ -238,14 +244,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
             if step % config.log_every_steps == 0 or step == config.total_steps:
                 host = jax.device_get(window)  # waits for the window's steps
                 dt = time.perf_counter() - t0
-                rate = timed / dt if timed else float("nan")
                 rec = dict(loss=np.mean([m["loss"] for m in host]), lr=host[-1]["lr"],
                            grad_norm=np.mean([m["grad_norm"] for m in host]),
-                           steps_per_sec=rate, pixels_per_sec=rate * pixels_per_step,
                            epoch=step * config.batch_size / epoch_len)
+                if timed:  # a window of only the compiling first step has no rate
+                    rec.update(steps_per_sec=timed / dt, pixels_per_sec=timed / dt * pixels_per_step)
                 logger.write(step, "train", rec)
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}",
-                                sps=f"{rate:.2f}")
+                                sps=f"{rec.get('steps_per_sec', 0):.2f}")
                 window, timed, t0 = [], 0, time.perf_counter()
             val = None
             if config.eval.every_steps and (step % config.eval.every_steps == 0
@@ -260,15 +266,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                 timed, t0 = 0, time.perf_counter()  # keep validation out of the throughput
             if (step % config.checkpoint.every_steps == 0 or step == config.total_steps
                     or val is not None):
-                ckpt.save(step, state, data_it.get_state(),
+                ckpt.save(step, state, data_state,
                           metrics={"val_psnr": val["val_psnr"]} if val else None)
             if stop_after_step is not None and step >= stop_after_step:
                 break
     except KeyboardInterrupt:
-        # Keep the work done: checkpoint the last completed step, then stop.
-        if step > start and ckpt.latest_step() != step:
+        # Keep the work done: checkpoint the last completed step, then stop. If the
+        # interrupt landed inside a step, its input state is gone (donated): skip.
+        try:
+            done = int(to_host(state.step)) == step
+        except Exception:  # noqa: BLE001 - deleted (donated) buffers
+            done = False
+        if done and step > start and ckpt.latest_step() != step:
             log.warning("interrupted: saving a checkpoint at step %d", step)
-            ckpt.save(step, state, data_it.get_state())
+            ckpt.save(step, state, data_state)
+        else:
+            log.warning("interrupted: latest checkpoint is step %s", ckpt.latest_step())
         raise
     finally:
         bar.close()
