@@ -300,3 +300,47 @@ def test_gradient_clipping_is_applied_before_adam():
     u4, s4 = adam.update({"w": g["w"] / 100}, adam.init(params), params)
     u4, _ = adam.update({"w": g["w"] / 100}, s4, params)
     np.testing.assert_allclose(u3["w"], u4["w"], rtol=1e-6)
+
+
+def test_trains_from_a_prepared_tfds_dataset(tmp_path):
+    """A TFDS dataset prepared here from generated images (no TensorFlow) feeds training."""
+    from PIL import Image
+
+    from msit_jax.data.tfds_builder import prepare
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rs = np.random.RandomState(0)
+    for i in range(3):
+        Image.fromarray(rs.randint(0, 256, (40 + 5 * i, 56, 3)).astype(np.uint8)).save(
+            folder / f"{i}.png")
+    data_dir = str(tmp_path / "tfds")
+    prepare({"train": str(folder)}, data_dir)
+    cfg = load_config("tiny")
+    cfg.data.train.update(kind="tfds", name="msit_images", split="train", data_dir=data_dir)
+    res = train_and_evaluate(cfg, str(tmp_path / "run"))
+    assert res.step == cfg.total_steps
+    assert all(np.isfinite(v) for v in losses(str(tmp_path / "run")).values())
+
+
+@pytest.mark.parametrize("name,encoder,conv,scale_max", [
+    ("msit_edsr_stage1", "edsr-baseline", "plain", 4.0),
+    ("msit_edsr_stage2_rim", "edsr-baseline", "rim", 8.0),
+    ("msit_rdn_stage1", "rdn", "plain", 4.0),
+    ("msit_rdn_stage2_rim", "rdn", "rim", 8.0)])
+def test_paper_configs_match_the_reference(name, encoder, conv, scale_max):
+    from msit_jax.config import model_config
+
+    c = load_config(name)
+    want = model_config(encoder, conv)
+    assert c.model.to_dict() == want.to_dict()
+    assert (c.model.dim, c.model.heads, c.model.radius, c.model.msno_heads,
+            c.model.qk_heads) == (256, 8, 3, 16, 4)
+    assert (c.batch_size, c.data.inp_size, c.data.sample_q, c.data.repeat) == (32, 48, 2304, 40)
+    assert (c.data.scale_min, c.data.scale_max, c.data.augment) == (1.0, scale_max, True)
+    assert (c.lr.base, c.lr.multiplier, c.lr.epoch_steps) == (1e-5, 10.0, 1000)
+    assert c.lr.warmup_steps == 50 * 1000 and c.total_steps == 1050 * 1000
+    assert (c.adam.b1, c.adam.b2, c.adam.eps, c.grad_clip_norm) == (0.9, 0.999, 1e-8, 0.0)
+    assert c.eval.every_steps == 50 * 1000 and c.eval.shave_extra == 6
+    with open(os.path.join(REPO, "configs", f"{name}.py")) as f:
+        assert f"python train.py --config configs/{name}.py" in f.read()  # its run command
