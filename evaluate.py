@@ -47,9 +47,9 @@ flags.DEFINE_enum("degradation", "pillow", list(evaluation.DEGRADATIONS),
 flags.DEFINE_bool("fold", False, "Fold RIMs and BatchNorms first (faster; float round-off "
                   "differences from the reference).")
 flags.DEFINE_integer("chunk", 4096, "Queries per decoder call (memory vs. speed).")
-flags.DEFINE_enum("decoder", "grid", ["grid", "query"], "Decoder formulation: grid (queries "
-                  "grouped by LR centre, fast) or query (the reference's per-query form); equal "
-                  "to float32 round-off.")
+flags.DEFINE_enum("decoder", "auto", ["auto", "grid", "query"], "Decoder formulation: grid "
+                  "(queries grouped by LR centre, fast at large scales), query (the reference's "
+                  "per-query form) or auto (grid from ~x2.2 up); equal to float32 round-off.")
 flags.DEFINE_bool("with_bicubic", False, "Also score the bicubic baseline (implied by --plot).")
 flags.DEFINE_string("json", None, "Write {dataset: {scale: {psnr, ssim, per_image}}} here.")
 flags.DEFINE_string("save_images", None, "Save predictions as DIR/dataset/x{s}/name.png.")

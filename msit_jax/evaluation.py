@@ -319,7 +319,7 @@ class MSITPredictor:
     """MSIT through `msit_jax.inference.Upscaler` (encoder once, chunked queries)."""
 
     def __init__(self, model_cfg: ml_collections.ConfigDict, variables: Any, chunk: int,
-                 name: str = "MSIT", method: str = "grid"):
+                 name: str = "MSIT", method: str = "auto"):
         from msit_jax.inference import Upscaler
 
         self.up = Upscaler(model_cfg, variables, chunk=chunk, method=method)
@@ -565,7 +565,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.degradation = "pillow"   # 'pillow' (reference) | 'matlab'
     c.fold = False             # fold RIM/BatchNorm first (faster; round-off differences)
     c.chunk = 4096             # queries per decoder call
-    c.method = "grid"          # decoder: 'grid' (fast) | 'query' (reference formulation)
+    c.method = "auto"          # decoder: 'auto' | 'grid' (fast at large scales) | 'query' (reference formulation)
     c.with_bicubic = False     # also score the bicubic baseline (always with plot)
     c.json = ""
     c.save_images = ""

@@ -82,20 +82,26 @@ def query_chunks(out_hw: tuple[int, int], lr_hw: tuple[int, int], radius: int, c
         yield start, count, geometry.query_geometry(coord, lr_hw, radius)
 
 
-METHODS = ("grid", "query")
+METHODS = ("auto", "grid", "query")
+# Queries per LR pixel above which the grid decoder wins: it spends ~3.2 M
+# multiply-adds per LR centre in small-K GEMMs (slow on XLA:CPU) to save
+# ~3.1 M per query (measured crossover on CPU between x2 and x2.5).
+GRID_MIN_QUERIES_PER_CENTRE = 5.0
 
 
 class Upscaler:
     """Holds a model and its device-resident variables; call it per image.
 
-    method: 'grid' (default) decodes queries grouped by their nearest LR centre
-    (`msit_jax.grid_decoder`, several times fewer FLOPs); 'query' runs the
-    per-query decoder, the reference formulation. Both give the same result to
-    float32 re-association error.
+    method: 'grid' decodes queries grouped by their nearest LR centre
+    (`msit_jax.grid_decoder`, several times fewer FLOPs at large scales);
+    'query' runs the per-query decoder, the reference formulation; 'auto'
+    (default) picks grid when there are >= GRID_MIN_QUERIES_PER_CENTRE output
+    pixels per input pixel. All give the same result to float32 re-association
+    error.
     """
 
     def __init__(self, model_cfg: ml_collections.ConfigDict, variables: Any,
-                 chunk: int = DEFAULT_CHUNK, method: str = "grid"):
+                 chunk: int = DEFAULT_CHUNK, method: str = "auto"):
         if chunk < 1:
             raise ValueError(f"chunk must be >= 1, got {chunk}")
         if method not in METHODS:
@@ -105,7 +111,7 @@ class Upscaler:
         self.variables = jax.device_put(variables)
         self.chunk = int(chunk)
         self.method = method
-        if method == "grid":
+        if method != "query":
             self._dec = grid_decoder.split_decoder_params(self.variables["params"], model_cfg)
 
     def features(self, lr: np.ndarray):
@@ -118,12 +124,19 @@ class Upscaler:
         lr = check_image(lr)
         out_hw = check_out_hw(out_hw)
         inp, feats = self.features(lr)
-        if self.method == "grid":
+        if self.uses_grid(lr.shape[:2], out_hw):
             out = self._decode_grid(inp, feats, out_hw, progress)
         else:
             out = self._decode_queries(inp, feats, out_hw, progress)
         out = denormalize(out).reshape(out_hw[0], out_hw[1], 3)
         return np.clip(out, 0.0, 1.0) if clamp else out
+
+    def uses_grid(self, lr_hw: tuple[int, int], out_hw: tuple[int, int]) -> bool:
+        """Whether this call decodes with the grid decoder."""
+        if self.method == "auto":
+            ratio = out_hw[0] * out_hw[1] / (lr_hw[0] * lr_hw[1])
+            return ratio >= GRID_MIN_QUERIES_PER_CENTRE
+        return self.method == "grid"
 
     def _progress(self, it, total: int, enabled: bool):
         if not enabled:
@@ -195,7 +208,7 @@ class Upscaler:
 
 def upscale(model_cfg: ml_collections.ConfigDict, variables: Any, lr: Any, out_hw: Any, *,
             clamp: bool = True, chunk: int = DEFAULT_CHUNK, progress: bool = False,
-            method: str = "grid") -> np.ndarray:
+            method: str = "auto") -> np.ndarray:
     """Super-resolve one image to any size.
 
     lr: (H, W, 3) float in [0, 1]; out_hw: (out_h, out_w), any positive sizes

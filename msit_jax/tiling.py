@@ -123,7 +123,7 @@ class TiledUpscaler(Upscaler):
     """
 
     def __init__(self, model_cfg: ml_collections.ConfigDict, variables: Any,
-                 chunk: int = DEFAULT_CHUNK, tile: int = 256, method: str = "grid"):
+                 chunk: int = DEFAULT_CHUNK, tile: int = 256, method: str = "auto"):
         super().__init__(model_cfg, variables, chunk, method=method)
         self.tile = int(tile)
 

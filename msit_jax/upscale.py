@@ -120,7 +120,7 @@ def save_output(path: str, rgb: np.ndarray, alpha: Optional[np.ndarray]) -> None
         Image.fromarray(np.dstack([rgb8, alpha])).save(path)
 
 
-def build_upscaler(checkpoint: str, fold: bool, chunk: int, tile: int, method: str = "grid"):
+def build_upscaler(checkpoint: str, fold: bool, chunk: int, tile: int, method: str = "auto"):
     """Load weights (official .pth or msit-jax checkpoint) -> an Upscaler (tiled if tile > 0)."""
     from msit_jax import pretrained, reparam, tiling
 
@@ -145,9 +145,10 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                    help="fold RIMs/BatchNorms into plain convs first (faster; default on)")
     p.add_argument("--chunk", type=int, default=4096,
                    help="HR pixels per decoder call: memory vs. speed (default 4096)")
-    p.add_argument("--decoder", choices=("grid", "query"), default="grid",
-                   help="decoder formulation: grid (fast, default) or query (the reference's "
-                        "per-query form); equal to float32 round-off")
+    p.add_argument("--decoder", choices=("auto", "grid", "query"), default="auto",
+                   help="decoder formulation: grid (queries grouped by LR centre, fast at "
+                        "large scales), query (the reference's per-query form) or auto (grid "
+                        "from ~x2.2 up); equal to float32 round-off")
     p.add_argument("--tile", default="auto",
                    help="LR tile size for the encoder (0: whole image; 'auto': tile only when "
                         "the estimated encoder memory exceeds --max_memory_gb)")

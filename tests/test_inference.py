@@ -96,3 +96,14 @@ def test_bfloat16_compute_is_close_to_float32(model):
         assert out.dtype == np.float32
         err = np.abs(out - ref)
         assert 0 < err.max() < 2e-2 and err.mean() < 2e-3
+
+
+def test_auto_method_picks_grid_for_large_scales(model):
+    cfg, v = model
+    up = inference.Upscaler(cfg, v)
+    assert up.method == "auto"
+    assert not up.uses_grid((10, 10), (20, 20))  # x2: 4 queries per LR pixel
+    assert up.uses_grid((10, 10), (25, 25))  # x2.5: 6.25
+    assert up.uses_grid((10, 10), (120, 120))
+    assert inference.Upscaler(cfg, v, method="grid").uses_grid((10, 10), (10, 10))
+    assert not inference.Upscaler(cfg, v, method="query").uses_grid((10, 10), (120, 120))
