@@ -7,13 +7,11 @@ settings (its train step compiles once per process and is reused).
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 
 import flax.traverse_util as tu
 import jax
 import numpy as np
-import optax
 import pytest
 
 from msit_jax import build_model, checkpoint, geometry, pretrained

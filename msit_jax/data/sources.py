@@ -26,7 +26,7 @@ import ml_collections
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from msit_jax.images import ImageError, list_images, pil_to_rgb_uint8, read_image
+from msit_jax.images import IMAGE_EXTENSIONS, ImageError, list_images, read_image
 
 log = logging.getLogger(__name__)
 
@@ -126,8 +126,8 @@ class FolderSource(ImageSource):
         if first_k:
             files = files[:first_k]
         if not files:
-            raise FileNotFoundError(f"{root}: no image files (looked for extensions "
-                                    f"{', '.join(sorted({'.png', '.jpg', '.jpeg', '.bmp', '.tif', '.webp'}))})")
+            raise FileNotFoundError(f"{root}: no image files (looked for "
+                                    f"{', '.join(IMAGE_EXTENSIONS)})")
         kept, sizes, skipped = [], [], []
         for path in files:
             try:

@@ -15,7 +15,7 @@ import json
 import logging
 import math
 import os
-from typing import Mapping, Optional
+from typing import Mapping
 
 log = logging.getLogger(__name__)
 
