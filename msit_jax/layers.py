@@ -125,14 +125,19 @@ _conv.defvjp(_conv_fwd, _conv_bwd)
 
 def kernel_grad(x: Array, g: Array, shape: tuple, groups: int, p: int,
                 precision: Precision) -> Array:
-    """d(loss)/d(kernel) of a stride-1 conv: x (B, H, W, Cin), g (B, H, W, Cout) -> shape (HWIO)."""
+    """d(loss)/d(kernel) of a stride-1 conv: x (B, H, W, Cin), g (B, H, W, Cout) -> shape (HWIO).
+
+    On CPU the method is chosen by kernel size and width (measured on 48x48
+    maps, batch 4, the training shapes): a matmul for 1x1 (block diagonal of
+    the dense product when grouped), an FFT cross-correlation for large
+    kernels on few channels, k*k shifted matmuls for 3x3 and small narrow
+    kernels, XLA's own rule otherwise.
+    """
     k, _, cin_g, cout = shape
     cin = x.shape[-1]
-    if jax.default_backend() != "cpu":
-        _, vjp_w = jax.vjp(lambda w_: _lax_conv(x, w_, groups, p, precision),
-                           jnp.zeros(shape, x.dtype))
-        return vjp_w(g)[0]
-    if k == 1 and p == 0:  # a matmul; grouped: the block diagonal of the dense one
+    narrow = cin * cout <= 32 * 32
+    cpu = jax.default_backend() == "cpu"
+    if cpu and k == 1 and p == 0:
         dense = jnp.dot(x.reshape(-1, cin).T, g.reshape(-1, cout), precision=precision)
         if groups == 1:
             return dense[None, None]
@@ -140,18 +145,25 @@ def kernel_grad(x: Array, g: Array, shape: tuple, groups: int, p: int,
         blocks = dense.reshape(groups, cin_g, groups, cout_g)
         diag = blocks[jnp.arange(groups), :, jnp.arange(groups), :]  # (G, cin_g, cout_g)
         return jnp.transpose(diag, (1, 0, 2)).reshape(1, 1, cin_g, cout)
-    if groups == 1 and k >= 11 and p == k // 2:
-        return _kernel_grad_fft(x, g, k)
-    if groups == 1 and k == 3 and cin * cout >= 128 * 128:
-        patches = jax.lax.conv_general_dilated_patches(
-            x, (k, k), (1, 1), ((p, p), (p, p)), dimension_numbers=("NHWC", "HWIO", "NHWC"),
-            precision=precision)  # (B, H, W, Cin * k * k), features ordered (Cin, kh, kw)
-        m = jnp.dot(patches.reshape(-1, patches.shape[-1]).T, g.reshape(-1, cout),
-                    precision=precision)
-        return jnp.transpose(m.reshape(cin, k, k, cout), (1, 2, 0, 3))
+    if cpu and groups == 1 and p == k // 2:
+        if (k >= 9 and narrow) or k >= 15:
+            return _kernel_grad_fft(x, g, k)
+        if k == 3 or (k <= 7 and narrow):
+            return _kernel_grad_shifts(x, g, k, precision)
     _, vjp_w = jax.vjp(lambda w_: _lax_conv(x, w_, groups, p, precision),
                        jnp.zeros(shape, x.dtype))
     return vjp_w(g)[0]
+
+
+def _kernel_grad_shifts(x: Array, g: Array, k: int, precision: Precision) -> Array:
+    """dK[i, j] = shift_ij(xpad)^T @ g, one (Cin x Cout) matmul per tap."""
+    p = k // 2
+    h, w, cin = x.shape[1:]
+    xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+    gm = g.reshape(-1, g.shape[-1])
+    taps = [jnp.dot(xp[:, i:i + h, j:j + w].reshape(-1, cin).T, gm, precision=precision)
+            for i in range(k) for j in range(k)]
+    return jnp.stack(taps).reshape(k, k, cin, -1)
 
 
 def _kernel_grad_fft(x: Array, g: Array, k: int) -> Array:

@@ -134,12 +134,14 @@ def test_posenc_frequencies_bit_exact():
 
 @pytest.mark.parametrize("k,cin,cout,groups", [
     (1, 32, 64, 1), (1, 32, 64, 16), (1, 32, 64, 8),  # matmul / block-diagonal paths
-    (3, 128, 128, 1),  # patches GEMM path
-    (13, 4, 4, 1), (33, 4, 4, 1),  # FFT path
-    (5, 6, 6, 1), (3, 8, 8, 1),  # XLA's own rule
+    (3, 128, 128, 1), (3, 8, 8, 1), (5, 6, 6, 1),  # shifted matmuls
+    (9, 4, 4, 1), (13, 4, 4, 1), (33, 4, 4, 1),  # FFT
+    (5, 40, 40, 1), (3, 8, 16, 2),  # XLA's own rule
 ])
 def test_conv_gradients_match_xla(k, cin, cout, groups):
-    """conv2d's custom kernel gradient equals XLA's (input gradient is XLA's own)."""
+    """conv2d's custom kernel gradient equals XLA's (input gradient is XLA's own).
+
+    Sizes are chosen to reach every method of `layers.kernel_grad`."""
     x = jnp.asarray(rng.randn(2, 11, 9, cin).astype(np.float32))
     w = jnp.asarray(rng.randn(k, k, cin // groups, cout).astype(np.float32))
     hi = jax.lax.Precision.HIGHEST
