@@ -44,7 +44,7 @@ flags.DEFINE_enum("lr_source", "auto", list(evaluation.LR_SOURCES),
 flags.DEFINE_enum("degradation", "pillow", list(evaluation.DEGRADATIONS),
                   "LR maker on the fly: pillow (reference) or matlab (MATLAB bicubic imresize, "
                   "as the benchmark LR files were made).")
-flags.DEFINE_bool("fold", False, "Fold RIMs and BatchNorms first (faster; float round-off "
+flags.DEFINE_bool("fold", True, "Fold RIMs and BatchNorms first (faster; float round-off "
                   "differences from the reference).")
 flags.DEFINE_integer("chunk", 4096, "Queries per decoder call (memory vs. speed).")
 flags.DEFINE_enum("decoder", "auto", ["auto", "grid", "query"], "Decoder formulation: grid "

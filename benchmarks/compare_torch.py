@@ -193,8 +193,18 @@ def peak_memory_child(impl: str, reference: str | None, device: str) -> None:
         model = official_model(reference, device, variables_to_state_dict(variables, cfg)).eval()
         theirs_upscale(model, lr, (MEMORY_CASE[1],) * 2, "cuda" if device == "gpu" else "cpu")
         gpu = torch.cuda.max_memory_allocated() if device == "gpu" else 0
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"rss_bytes": rss, "gpu_bytes": gpu, "seconds": time.perf_counter() - t}))
+    print(json.dumps({"rss_bytes": peak_rss_bytes(), "gpu_bytes": gpu,
+                      "seconds": time.perf_counter() - t}))
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak RSS (VmHWM). Not getrusage's ru_maxrss, which Linux
+    carries over from the parent across fork + exec."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def measure_memory(impl: str, reference: str | None, device: str) -> dict:
@@ -214,8 +224,8 @@ def main() -> None:
     p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
     p.add_argument("--json", help="write all figures to this file")
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--skip_memory", action="store_true")
-    p.add_argument("--skip_train", action="store_true")
+    p.add_argument("--cases", default="infer,train,memory",
+                   help="comma-separated subset of infer, train, memory")
     p.add_argument("--quick", action="store_true", help="tiny inference cases (harness smoke test)")
     p.add_argument("--_memory_child", choices=("ours", "theirs"), help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -223,6 +233,7 @@ def main() -> None:
         return peak_memory_child(args._memory_child, args.reference, args.device)
 
     tdev = "cuda" if args.device == "gpu" else "cpu"
+    cases = set(args.cases.split(","))
     cfg = model_config()
     variables = random_variables(cfg, 0)
     fcfg, fvars = reparam.fold(cfg, variables)
@@ -242,7 +253,8 @@ def main() -> None:
     print(f"matmul roofline (jitted fp32 2048^3): {roof:.1f} GFLOP/s")
 
     rows = []
-    for name, n, out in ([("x4 16->64", 16, 64)] if args.quick else INFER_CASES):
+    infer_cases = [("x4 16->64", 16, 64)] if args.quick else INFER_CASES
+    for name, n, out in (infer_cases if "infer" in cases else []):
         lr = np.random.RandomState(n).rand(n, n, 3).astype(np.float32)
         fns = {"ours": lambda: up(lr, (out, out))}
         if theirs is not None:
@@ -251,7 +263,7 @@ def main() -> None:
         fl = flop_model.inference_flops(cfg, (n, n), (out, out))
         rows.append((f"inference {name}", t, fl))
 
-    if not args.skip_train:
+    if "train" in cases:
         batch = train_batch(cfg)
         step, state = ours_train_step(cfg, variables)
         dev_batch = {k: jnp.asarray(batch[k]) for k in ("inp", "coord", "key_idx", "rel",
@@ -284,7 +296,7 @@ def main() -> None:
         results["cases"][name] = {"ours_s": ours_t, "official_s": theirs_t,
                                   "nominal_gflop": fl / 1e9, "ours_gflops": gfs}
 
-    if not args.skip_memory:
+    if "memory" in cases:
         mem = {"ours": measure_memory("ours", None, args.device)}
         if args.reference:
             mem["theirs"] = measure_memory("theirs", args.reference, args.device)

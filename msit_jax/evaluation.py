@@ -563,7 +563,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.protocol = ["auto"]      # one per dataset, or one for all; 'auto' = reference default
     c.lr_source = "auto"       # 'auto' (reference's choice) | 'paired' | 'downsample'
     c.degradation = "pillow"   # 'pillow' (reference) | 'matlab'
-    c.fold = False             # fold RIM/BatchNorm first (faster; round-off differences)
+    c.fold = True              # fold RIM/BatchNorm first (faster; round-off differences)
     c.chunk = 4096             # queries per decoder call
     c.method = "auto"          # decoder: 'auto' | 'grid' (fast at large scales) | 'query' (reference formulation)
     c.with_bicubic = False     # also score the bicubic baseline (always with plot)
