@@ -126,14 +126,16 @@ def ours_train_step(cfg, variables):
     """A jitted Adam step on our model, as train.py runs it."""
     from msit_jax.model import build_model
     from msit_jax.training.state import create_state
-    from msit_jax.training.step import jit_train_step, make_mesh
+    from msit_jax.training.step import jit_train_step, make_mesh, replicated
     import optax
 
     model = build_model(cfg)
     schedule = optax.constant_schedule(1e-4)
     tx = optax.adam(schedule)
-    step = jit_train_step(model, tx, schedule, make_mesh())
-    state = create_state(jax.device_put(variables), tx)
+    mesh = make_mesh()
+    step = jit_train_step(model, tx, schedule, mesh)
+    # Placed as the step returns it, so the step compiles once (as in train.py).
+    state = jax.jit(lambda v: create_state(v, tx), out_shardings=replicated(mesh))(variables)
     return step, state
 
 

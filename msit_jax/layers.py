@@ -81,17 +81,41 @@ def conv2d(
     groups: int = 1,
     padding: int | None = None,
     precision: Precision = None,
+    fft: bool = False,
 ) -> Array:
     """Stride-1 conv with symmetric zero padding (torch `padding=k//2`).
 
     x: (B, H, W, Cin); kernel: (k, k, Cin/groups, Cout); bias: (Cout,) or None.
+    fft: compute a 'same' ungrouped conv as an FFT product (the same sums,
+    rounded differently: ~5e-7 relative); several times faster for large
+    kernels on few channels, forward and backward.
     """
     k = kernel.shape[0]
     p = k // 2 if padding is None else padding
-    y = _conv(x, kernel.astype(x.dtype), groups, p, precision)
+    if fft and groups == 1 and p == k // 2:
+        y = conv2d_fft(x, kernel.astype(x.dtype))
+    else:
+        y = _conv(x, kernel.astype(x.dtype), groups, p, precision)
     if bias is not None:
         y = y + bias.astype(y.dtype)
     return y
+
+
+def conv2d_fft(x: Array, kernel: Array) -> Array:
+    """'same' cross-correlation of x (B, H, W, Cin) with kernel (k, k, Cin, Cout) via rFFTs.
+
+    With FFTs of size H + k - 1 (the padded input) the circular correlation
+    has no wrap-around at the H x W outputs. Gradients follow by autodiff.
+    """
+    k = kernel.shape[0]
+    p = k // 2
+    h, w = x.shape[1], x.shape[2]
+    size = (h + 2 * p, w + 2 * p)
+    xf = jnp.fft.rfft2(jnp.pad(x.astype(jnp.float32), ((0, 0), (p, p), (p, p), (0, 0))),
+                       axes=(1, 2))
+    kf = jnp.fft.rfft2(kernel.astype(jnp.float32), s=size, axes=(0, 1))
+    yf = jnp.einsum("byxi,yxio->byxo", xf, jnp.conj(kf))
+    return jnp.fft.irfft2(yf, s=size, axes=(1, 2))[:, :h, :w].astype(x.dtype)
 
 
 def _lax_conv(x: Array, w: Array, groups: int, p: int, precision: Precision) -> Array:
@@ -195,6 +219,7 @@ class Conv(nn.Module):
     init_scheme: str = "torch"
     precision: Precision = None
     dtype: Dtype = jnp.float32
+    fft: bool = False  # see conv2d
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -215,7 +240,7 @@ class Conv(nn.Module):
         kernel = self.param("kernel", k_init, shape, jnp.float32)
         bias = self.param("bias", b_init, (self.features,), jnp.float32) if self.use_bias else None
         return conv2d(x.astype(self.dtype), kernel, bias, groups=self.groups,
-                      precision=self.precision)
+                      precision=self.precision, fft=self.fft)
 
 
 def rim_effective_kernel(base: Array, convmap: Array, scale: Array) -> Array:
@@ -248,6 +273,7 @@ class RIMConv(nn.Module):
     init_scheme: str = "torch"  # init of convmap/scale, see Conv
     precision: Precision = None
     dtype: Dtype = jnp.float32
+    fft: bool = False  # see conv2d
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -268,7 +294,7 @@ class RIMConv(nn.Module):
         scale = self.param("scale", sc_init, (cin, cout), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros_init(), (cout,), jnp.float32)
         kernel = rim_effective_kernel(base, convmap, scale)
-        return conv2d(x.astype(self.dtype), kernel, bias, precision=self.precision)
+        return conv2d(x.astype(self.dtype), kernel, bias, precision=self.precision, fft=self.fft)
 
 
 def _uniform_init(bound: float) -> Callable:

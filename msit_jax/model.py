@@ -34,9 +34,10 @@ class MSIT(nn.Module):
         bn = dict(batch_norm=c.batch_norm, bn_eps=c.bn_eps, bn_momentum=c.bn_momentum)
         self.encoder = make_encoder(c, prec, dtype)
         self.conv_ch = Conv(c.dim, 1, **kw)
-        self.amsno = MSNO(c.dim, c.msno_heads, c.use_lem, c.conv, **bn, **kw)
+        fft = dict(fft_min_kernel=c.fft_min_kernel)
+        self.amsno = MSNO(c.dim, c.msno_heads, c.use_lem, c.conv, **bn, **kw, **fft)
         self.conv_vs_0 = scale_conv(c.conv, c.dim, 3, "torch", "conv_vs_0", prec, dtype)
-        self.multi_conv_qs_0 = QKBranch(c.dim, c.qk_heads, c.conv, **bn, **kw)
+        self.multi_conv_qs_0 = QKBranch(c.dim, c.qk_heads, c.conv, **bn, **kw, **fft)
         self.decoder = BatchedDecoder(c.heads, c.posenc_scale, c.posenc_dims,
                                       tuple(c.mlp_hidden), c.use_cell, **kw)
 

@@ -65,6 +65,7 @@ class MultiScaleConv(nn.Module):
     name_fmt: str
     precision: Precision = None
     dtype: Any = jnp.float32
+    fft_min_kernel: int = 0  # kernels at least this large convolve by FFT (0: never)
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -74,20 +75,23 @@ class MultiScaleConv(nn.Module):
         hc = c // self.heads
         outs = []
         for i, xi in enumerate(jnp.split(x, self.heads, axis=-1)):
-            layer = scale_conv(self.conv, hc, 3 + 2 * i, self.init_scheme, self.name_fmt.format(i + 1),
-                               self.precision, self.dtype)
+            k = 3 + 2 * i
+            layer = scale_conv(self.conv, hc, k, self.init_scheme, self.name_fmt.format(i + 1),
+                               self.precision, self.dtype,
+                               fft=0 < self.fft_min_kernel <= k)
             outs.append(layer(xi))
         return jnp.concatenate(outs, axis=-1)
 
 
 def scale_conv(kind: str, features: int, k: int, init: str, name: str,
-               precision: Precision, dtype: Any) -> nn.Module:
+               precision: Precision, dtype: Any, fft: bool = False) -> nn.Module:
     """A conv at a RIM position: RIMConv (stage 2) or a plain Conv (stage 1 / folded)."""
     if kind == "rim":
-        return RIMConv(features, k, init_scheme=init, precision=precision, dtype=dtype, name=name)
+        return RIMConv(features, k, init_scheme=init, precision=precision, dtype=dtype, fft=fft,
+                       name=name)
     if kind == "plain":
-        return Conv(features, k, init_scheme=init,
-                    precision=precision, dtype=dtype, name=name)
+        return Conv(features, k, init_scheme=init, precision=precision, dtype=dtype, fft=fft,
+                    name=name)
     raise ValueError(f"unknown conv kind {kind!r}; choose 'rim' or 'plain'")
 
 
@@ -129,6 +133,7 @@ class MSNO(nn.Module):
     bn_momentum: float = 0.1
     precision: Precision = None
     dtype: Any = jnp.float32
+    fft_min_kernel: int = 0
 
     @nn.compact
     def __call__(self, x: Array, train: bool) -> Array:
@@ -138,7 +143,7 @@ class MSNO(nn.Module):
         if self.use_lem:
             s = lem_shift(s)
         s = MultiScaleConv(self.heads, self.conv, "fan_out", "Ms_conv_{}", self.precision,
-                           self.dtype, name="msc")(s)
+                           self.dtype, self.fft_min_kernel, name="msc")(s)
         s = MixHead(self.dim, self.heads, (BN_INPUT_CONV["sim"], "sim1"), self.batch_norm, self.bn_eps,
                     self.bn_momentum, self.precision, self.dtype, name="sim")(s, train)
         return Conv(self.dim, 1, name="proj", **kw)(s * v)
@@ -155,13 +160,14 @@ class QKBranch(nn.Module):
     bn_momentum: float = 0.1
     precision: Precision = None
     dtype: Any = jnp.float32
+    fft_min_kernel: int = 0
 
     @nn.compact
     def __call__(self, x: Array, train: bool) -> Array:
         kw = dict(init_scheme="fan_out", precision=self.precision, dtype=self.dtype)
         y = Conv(self.dim, 1, name="proj0", **kw)(x)
         y = MultiScaleConv(self.heads, self.conv, "fan_out", "local_conv_{}", self.precision,
-                           self.dtype, name="msc")(y)
+                           self.dtype, self.fft_min_kernel, name="msc")(y)
         return MixHead(self.dim, self.dim // self.heads, (BN_INPUT_CONV["mix"], "proj2"), self.batch_norm,
                        self.bn_eps, self.bn_momentum, self.precision, self.dtype,
                        name="mix")(y, train)

@@ -107,3 +107,17 @@ def test_auto_method_picks_grid_for_large_scales(model):
     assert up.uses_grid((10, 10), (120, 120))
     assert inference.Upscaler(cfg, v, method="grid").uses_grid((10, 10), (10, 10))
     assert not inference.Upscaler(cfg, v, method="query").uses_grid((10, 10), (120, 120))
+
+
+def test_fft_multiscale_convs_match_direct(model):
+    """fft_min_kernel only changes rounding: a tiny model with FFT for every
+    multi-scale kernel >= 5 gives the direct model's output."""
+    cfg, v = model
+    lr = np.random.RandomState(6).rand(9, 10, 3).astype(np.float32)
+    direct = cfg.copy_and_resolve_references()
+    direct.fft_min_kernel = 0
+    fft = cfg.copy_and_resolve_references()
+    fft.fft_min_kernel = 5
+    a = inference.upscale(direct, v, lr, (21, 23), clamp=False)
+    b = inference.upscale(fft, v, lr, (21, 23), clamp=False)
+    np.testing.assert_allclose(b, a, atol=1e-5, rtol=0)

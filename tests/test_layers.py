@@ -153,3 +153,22 @@ def test_conv_gradients_match_xla(k, cin, cout, groups):
         assert a.shape == b.shape
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0,
                                    atol=2e-6 * float(jnp.abs(b).max()))
+
+
+@pytest.mark.parametrize("k", [5, 13, 33])
+def test_fft_conv_matches_direct(k):
+    """conv2d(fft=True): the same 'same' convolution, forward and gradients."""
+    x = jnp.asarray(rng.randn(2, 15, 12, 4).astype(np.float32))
+    w = jnp.asarray(rng.randn(k, k, 4, 6).astype(np.float32) / k)
+    b = jnp.asarray(rng.randn(6).astype(np.float32))
+    hi = jax.lax.Precision.HIGHEST
+    ref = F.conv2d(nchw(np.asarray(x)), torch.from_numpy(np.transpose(np.asarray(w), (3, 2, 0, 1))),
+                   torch.from_numpy(np.asarray(b)), padding=k // 2)
+    out = layers.conv2d(x, w, b, precision=hi, fft=True)
+    np.testing.assert_allclose(np.asarray(out), nhwc(ref), rtol=0,
+                               atol=2e-6 * float(np.abs(nhwc(ref)).max()))
+    loss = lambda fft: (lambda x, w: jnp.sum(jnp.sin(layers.conv2d(x, w, b, precision=hi, fft=fft))))
+    for a, r in zip(jax.grad(loss(True), argnums=(0, 1))(x, w),
+                    jax.grad(loss(False), argnums=(0, 1))(x, w)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(r), rtol=0,
+                                   atol=2e-6 * float(jnp.abs(r).max()))
