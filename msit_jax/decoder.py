@@ -39,22 +39,36 @@ def posenc_frequencies(scale: float, dims: int) -> np.ndarray:
 
 
 class Dense(nn.Module):
-    """torch.nn.Linear (torch default init); kernel is (in, out)."""
+    """torch.nn.Linear (torch default init); kernel is (in, out).
+
+    `x` may be a tuple of parts whose concatenation is the input: each part
+    meets its own rows of the kernel, so the concatenated input is never
+    materialised (the decoder's first layer would otherwise copy a
+    (queries, 12546) array to append two cell values).
+    """
 
     features: int
     precision: Precision = None
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: Array) -> Array:
-        fan_in = x.shape[-1]
+    def __call__(self, x) -> Array:
+        parts = tuple(x) if isinstance(x, (tuple, list)) else (x,)
+        fan_in = sum(part.shape[-1] for part in parts)
         kernel = self.param("kernel", torch_default_kernel_init(), (fan_in, self.features),
                             jnp.float32)
         bias = self.param("bias", torch_default_bias_init(fan_in), (self.features,), jnp.float32)
-        x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
-        y = jnp.dot(x, kernel, precision=self.precision,
-                    preferred_element_type=accum_type(x, kernel))
-        return y.astype(jnp.float32) + bias
+        kernel = kernel.astype(self.dtype)
+        y, start = None, 0
+        for part in parts:
+            n = part.shape[-1]
+            part = part.astype(self.dtype)
+            rows = kernel[start:start + n]
+            term = jnp.dot(part, rows, precision=self.precision,
+                           preferred_element_type=accum_type(part, rows)).astype(jnp.float32)
+            y = term if y is None else y + term
+            start += n
+        return y + bias
 
 
 class MLP(nn.Module):
@@ -66,11 +80,46 @@ class MLP(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: Array) -> Array:
+    def __call__(self, x) -> Array:
+        """x: (in,) or a tuple of parts whose concatenation is the input."""
         for i, h in enumerate(self.hidden):
             x = gelu(Dense(h, self.precision, self.dtype, name=f"layers_{2 * i}")(x))
         return Dense(self.out_dim, self.precision, self.dtype,
                      name=f"layers_{2 * len(self.hidden)}")(x)
+
+
+class PositionalBias(nn.Module):
+    """Linear(posenc(rel)) for the (2r+1)^2 keys: (2r+1,), (2r+1,) -> ((2r+1)^2, heads).
+
+    The encoding of key (i, j) is [sin(y_i b), sin(x_j b), cos(y_i b), cos(x_j b)],
+    so the Linear splits into a row term plus a column term; evaluating it that
+    way costs 2(2r+1) small products instead of (2r+1)^2. Parameters are those
+    of torch's Linear(posenc_dims, heads).
+    """
+
+    heads: int
+    posenc_scale: float
+    posenc_dims: int
+    precision: Precision = None
+
+    @nn.compact
+    def __call__(self, rel_y: Array, rel_x: Array) -> Array:
+        dims = self.posenc_dims
+        kernel = self.param("kernel", torch_default_kernel_init(), (dims, self.heads),
+                            jnp.float32)
+        bias = self.param("bias", torch_default_bias_init(dims), (self.heads,), jnp.float32)
+        b = jnp.asarray(posenc_frequencies(self.posenc_scale, dims))
+        f = dims // 4
+        w_sy, w_sx, w_cy, w_cx = (kernel[i * f:(i + 1) * f] for i in range(4))
+
+        def axis_term(rel, w_sin, w_cos):  # (n,) -> (n, heads)
+            ang = rel[:, None] * b
+            return (jnp.dot(jnp.sin(ang), w_sin, precision=self.precision)
+                    + jnp.dot(jnp.cos(ang), w_cos, precision=self.precision))
+
+        row = axis_term(rel_y, w_sy, w_cy)
+        col = axis_term(rel_x, w_sx, w_cx)
+        return (row[:, None, :] + col[None, :, :] + bias).reshape(-1, self.heads)
 
 
 class QueryDecoder(nn.Module):
@@ -103,16 +152,8 @@ class QueryDecoder(nn.Module):
         v = v.reshape(n_keys, self.heads, hd)
         valid = valid.reshape(n_keys, 1)
 
-        # Positional bias from (rel_y, rel_x) of each key: [sin y, sin x, cos y, cos x].
-        b = jnp.asarray(posenc_frequencies(self.posenc_scale, self.posenc_dims))
-        ang_y = (rel[0][:, None] * b)[:, None, :]  # (7, 1, F): key row
-        ang_x = (rel[1][:, None] * b)[None, :, :]  # (1, 7, F): key col
-        shape = (rel.shape[-1], rel.shape[-1], b.shape[0])
-        enc = jnp.concatenate([jnp.broadcast_to(jnp.sin(ang_y), shape),
-                               jnp.broadcast_to(jnp.sin(ang_x), shape),
-                               jnp.broadcast_to(jnp.cos(ang_y), shape),
-                               jnp.broadcast_to(jnp.cos(ang_x), shape)], axis=-1)
-        pos_bias = Dense(self.heads, self.precision, name="pb_proj")(enc.reshape(n_keys, -1))
+        pos_bias = PositionalBias(self.heads, self.posenc_scale, self.posenc_dims,
+                                  self.precision, name="pb_proj")(rel[0], rel[1])
 
         # A key outside the image is a zero vector in the reference: its logit
         # is exactly 0 (+ bias) and its value contributes exactly 0.
@@ -123,7 +164,7 @@ class QueryDecoder(nn.Module):
         attn = jnp.where(valid, attn, 0.0)
         feat_in = (v * attn[..., None].astype(v.dtype)).reshape(-1)
         if self.use_cell:
-            feat_in = jnp.concatenate([feat_in, rel_cell.astype(feat_in.dtype)])
+            feat_in = (feat_in, rel_cell)
         pred = MLP(tuple(self.mlp_hidden), 3, self.precision, self.dtype, name="mlp")(feat_in)
         return pred + sampling.bilinear(inp, coord, border=True)
 
