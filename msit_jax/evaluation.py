@@ -98,9 +98,14 @@ def is_integer_scale(scale: float) -> bool:
     return float(scale).is_integer()
 
 
+def shave_pixels(scale: float, extra: int = 0) -> int:
+    """Border pixels dropped: the scale (ceil for non-integer scales) plus `extra`."""
+    return int(math.ceil(scale - 1e-9)) + int(extra)
+
+
 def shave_for(scale: float, protocol: Protocol) -> int:
-    """Border pixels dropped: the scale (ceil for non-integer scales) plus the preset's extra."""
-    return int(math.ceil(scale - 1e-9)) + protocol.extra_shave
+    """Border pixels dropped under a protocol preset."""
+    return shave_pixels(scale, protocol.extra_shave)
 
 
 def format_scale(scale: float) -> str:

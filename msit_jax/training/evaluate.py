@@ -9,13 +9,13 @@ The bicubic baseline is Pillow bicubic upscaling of the same uint8 LR.
 
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 from msit_jax.data.sources import ImageSource
+from msit_jax.evaluation import degrade, shave_pixels
 from msit_jax.images import resize_bicubic, save_png, to_float
 from msit_jax.inference import Upscaler
 from msit_jax.metrics import psnr
@@ -23,12 +23,8 @@ from msit_jax.metrics import psnr
 
 def eval_pair(hr: np.ndarray, scale: float) -> tuple[np.ndarray, np.ndarray]:
     """(lr, hr_crop) uint8 for one scale, as the reference's test protocol."""
-    h = math.floor(hr.shape[0] / scale + 1e-9)
-    w = math.floor(hr.shape[1] / scale + 1e-9)
-    if min(h, w) < 1:
-        raise ValueError(f"a {hr.shape[:2]} image is too small for x{scale}")
-    crop = np.ascontiguousarray(hr[:round(h * scale), :round(w * scale)])
-    return resize_bicubic(crop, (h, w)), crop
+    lr, crop = degrade(hr, scale)
+    return lr, np.ascontiguousarray(crop)
 
 
 def center_crop(img: np.ndarray, max_side: int) -> np.ndarray:
@@ -46,10 +42,6 @@ def bicubic_upscale(lr: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
     return to_float(resize_bicubic(lr, out_hw))
 
 
-def shave_for(scale: float, extra: int = 0) -> int:
-    return int(math.ceil(scale)) + int(extra)
-
-
 def evaluate(upscaler: Optional[Upscaler], source: ImageSource, scales: Sequence[float], *,
              max_images: int = 0, max_side: int = 0, shave_extra: int = 0,
              y_channel: bool = False, bicubic: bool = False) -> dict[float, dict[str, float]]:
@@ -61,7 +53,7 @@ def evaluate(upscaler: Optional[Upscaler], source: ImageSource, scales: Sequence
         for i in range(n):
             lr, hr = eval_pair(center_crop(source[i], max_side), s)
             gt = to_float(hr)
-            kw = dict(shave=shave_for(s, shave_extra), y_channel=y_channel)
+            kw = dict(shave=shave_pixels(s, shave_extra), y_channel=y_channel)
             if upscaler is not None:
                 acc.setdefault("msit", []).append(psnr(upscaler(to_float(lr), hr.shape[:2]), gt, **kw))
             if bicubic:
