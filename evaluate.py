@@ -50,6 +50,8 @@ flags.DEFINE_integer("chunk", 4096, "Queries per decoder call (memory vs. speed)
 flags.DEFINE_enum("decoder", "auto", ["auto", "grid", "query"], "Decoder formulation: grid "
                   "(queries grouped by LR centre, fast at large scales), query (the reference's "
                   "per-query form) or auto (grid from ~x2.2 up); equal to float32 round-off.")
+flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Compute dtype (default: the "
+                  "checkpoint's, float32); bfloat16 keeps float32 parameters and accumulation.")
 flags.DEFINE_bool("with_bicubic", False, "Also score the bicubic baseline (implied by --plot).")
 flags.DEFINE_string("json", None, "Write {dataset: {scale: {psnr, ssim, per_image}}} here.")
 flags.DEFINE_string("save_images", None, "Save predictions as DIR/dataset/x{s}/name.png.")
@@ -82,6 +84,7 @@ def config_from_flags() -> evaluation.ml_collections.ConfigDict:
     cfg.fold = FLAGS.fold
     cfg.chunk = FLAGS.chunk
     cfg.method = FLAGS.decoder
+    cfg.dtype = FLAGS.dtype or ""
     cfg.with_bicubic = FLAGS.with_bicubic
     cfg.json = FLAGS.json or ""
     cfg.save_images = FLAGS.save_images or ""

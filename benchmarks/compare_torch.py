@@ -10,8 +10,8 @@ models get the same random paper-size EDSR-baseline RIM weights (RIM base
 kernels and BatchNorm statistics randomised); outputs are compared first.
 
 Timings alternate the two implementations in one process, warm-up excluded,
-median of --repeats. Ours runs the deployment path: `reparam.fold` + the
-grid decoder. GFLOP/s use the model's nominal FLOPs (benchmarks/flops.py);
+median of --repeats. Ours runs the deployment path: `reparam.fold` + `upscale`
+(its `auto` decoder choice). GFLOP/s use the nominal FLOPs (benchmarks/flops.py);
 the roofline is a measured jitted float32 2048^3 matmul.
 """
 
@@ -225,6 +225,8 @@ def main() -> None:
     p.add_argument("--reference", help="path to a checkout of the official MSIT code")
     p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
     p.add_argument("--json", help="write all figures to this file")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="our compute dtype (bfloat16: float32 parameters and accumulation)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--cases", default="infer,train,memory",
                    help="comma-separated subset of infer, train, memory")
@@ -237,6 +239,7 @@ def main() -> None:
     tdev = "cuda" if args.device == "gpu" else "cpu"
     cases = set(args.cases.split(","))
     cfg = model_config()
+    cfg.dtype = args.dtype
     variables = random_variables(cfg, 0)
     fcfg, fvars = reparam.fold(cfg, variables)
     up = inference.Upscaler(fcfg, fvars)
@@ -251,6 +254,7 @@ def main() -> None:
 
     roof = matmul_roofline()
     results = {"device": jax.devices()[0].device_kind, "backend": jax.default_backend(),
+               "ours_dtype": args.dtype,
                "matmul_gflops": roof, "date": time.strftime("%Y-%m-%d"), "cases": {}}
     print(f"matmul roofline (jitted fp32 2048^3): {roof:.1f} GFLOP/s")
 

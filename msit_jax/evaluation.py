@@ -571,6 +571,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.fold = True              # fold RIM/BatchNorm first (faster; round-off differences)
     c.chunk = 4096             # queries per decoder call
     c.method = "auto"          # decoder: 'auto' | 'grid' (fast at large scales) | 'query' (reference formulation)
+    c.dtype = ""               # compute dtype override: '' (the checkpoint's) | 'float32' | 'bfloat16'
     c.with_bicubic = False     # also score the bicubic baseline (always with plot)
     c.json = ""
     c.save_images = ""
@@ -591,8 +592,13 @@ def make_predictor(cfg: ml_collections.ConfigDict):
         raise ValueError("model 'msit' needs a checkpoint (a msit-jax checkpoint dir or an "
                          "official .pth); or use --model bicubic")
     from msit_jax import pretrained, reparam
+    from msit_jax.config import validate_model_config
 
     model_cfg, variables = pretrained.load(cfg.checkpoint)
+    if cfg.dtype:
+        model_cfg = model_cfg.copy_and_resolve_references()
+        model_cfg.dtype = cfg.dtype
+        validate_model_config(model_cfg)
     if cfg.fold:
         model_cfg, variables = reparam.fold(model_cfg, variables)
     return MSITPredictor(model_cfg, variables, cfg.chunk, method=cfg.method)

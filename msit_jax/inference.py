@@ -83,10 +83,12 @@ def query_chunks(out_hw: tuple[int, int], lr_hw: tuple[int, int], radius: int, c
 
 
 METHODS = ("auto", "grid", "query")
-# Queries per LR pixel above which the grid decoder wins: it spends ~3.2 M
+# Queries per LR pixel from which the grid decoder wins: it spends ~3.2 M
 # multiply-adds per LR centre in small-K GEMMs (slow on XLA:CPU) to save
-# ~3.1 M per query (measured crossover on CPU between x2 and x2.5).
-GRID_MIN_QUERIES_PER_CENTRE = 5.0
+# ~3.1 M per query. Measured on 2 CPU cores, paper-size model: x2.5 (6.25)
+# query 6.4 s vs grid 7.7 s; x3 (9) 3.7 vs 3.8 s and 8.7 vs 8.3 s; x4 (16)
+# 5.7 vs 3.8 s.
+GRID_MIN_QUERIES_PER_CENTRE = 9.0
 
 
 class Upscaler:

@@ -292,3 +292,20 @@ def test_run_rejects_bad_configs(tmp_path):
     cfg.protocol, cfg.model = ["auto"], "msit"
     with pytest.raises(ValueError, match="needs a checkpoint"):
         evaluation.run(cfg)
+
+
+def test_dtype_override_runs_the_model_in_bfloat16(tiny_ckpt):
+    cfg = evaluation.default_config()
+    cfg.model, cfg.checkpoint, cfg.chunk = "msit", tiny_ckpt, 300
+    lr = _rand_img(9, 8, 7)
+    full = evaluation.make_predictor(cfg)
+    cfg.dtype = "bfloat16"
+    low = evaluation.make_predictor(cfg)
+    assert full.up.model_cfg.dtype == "float32" and low.up.model_cfg.dtype == "bfloat16"
+    a, b = full(lr, (20, 17)), low(lr, (20, 17))
+    assert b.dtype == np.float32 and b.shape == a.shape
+    diff = np.abs(a - b)
+    assert 0 < diff.max() < 0.05  # bf16 rounding, not a different model
+    cfg.dtype = "float16"
+    with pytest.raises(ValueError, match="dtype"):
+        evaluation.make_predictor(cfg)

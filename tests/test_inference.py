@@ -102,8 +102,8 @@ def test_auto_method_picks_grid_for_large_scales(model):
     cfg, v = model
     up = inference.Upscaler(cfg, v)
     assert up.method == "auto"
-    assert not up.uses_grid((10, 10), (20, 20))  # x2: 4 queries per LR pixel
-    assert up.uses_grid((10, 10), (25, 25))  # x2.5: 6.25
+    assert not up.uses_grid((10, 10), (25, 25))  # x2.5: 6.25 queries per LR pixel
+    assert up.uses_grid((10, 10), (30, 30))  # x3: 9
     assert up.uses_grid((10, 10), (120, 120))
     assert inference.Upscaler(cfg, v, method="grid").uses_grid((10, 10), (10, 10))
     assert not inference.Upscaler(cfg, v, method="query").uses_grid((10, 10), (120, 120))
