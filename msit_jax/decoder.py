@@ -38,6 +38,21 @@ def posenc_frequencies(scale: float, dims: int) -> np.ndarray:
     return (np.exp2(torch_linspace(0.0, scale, dims // 4)) - np.float32(1)).astype(np.float32)
 
 
+def axis_posbias(rel: jax.Array, pb_kernel: jax.Array, freqs: jax.Array, axis: int,
+                 precision) -> jax.Array:
+    """Positional-bias share of one axis: rel (N, 2r+1) -> (N, 2r+1, heads).
+
+    The bias input is [sin y*b, sin x*b, cos y*b, cos x*b]; its Linear splits
+    into a row term and a column term (the Linear's bias is added once, later).
+    """
+    f = freqs.shape[0]
+    ang = rel[..., None] * freqs
+    w_sin = pb_kernel[axis * f:(axis + 1) * f]
+    w_cos = pb_kernel[(2 + axis) * f:(3 + axis) * f]
+    return (jnp.dot(jnp.sin(ang), w_sin, precision=precision)
+            + jnp.dot(jnp.cos(ang), w_cos, precision=precision))
+
+
 class Dense(nn.Module):
     """torch.nn.Linear (torch default init); kernel is (in, out).
 
@@ -108,17 +123,9 @@ class PositionalBias(nn.Module):
         kernel = self.param("kernel", torch_default_kernel_init(), (dims, self.heads),
                             jnp.float32)
         bias = self.param("bias", torch_default_bias_init(dims), (self.heads,), jnp.float32)
-        b = jnp.asarray(posenc_frequencies(self.posenc_scale, dims))
-        f = dims // 4
-        w_sy, w_sx, w_cy, w_cx = (kernel[i * f:(i + 1) * f] for i in range(4))
-
-        def axis_term(rel, w_sin, w_cos):  # (n,) -> (n, heads)
-            ang = rel[:, None] * b
-            return (jnp.dot(jnp.sin(ang), w_sin, precision=self.precision)
-                    + jnp.dot(jnp.cos(ang), w_cos, precision=self.precision))
-
-        row = axis_term(rel_y, w_sy, w_cy)
-        col = axis_term(rel_x, w_sx, w_cx)
+        freqs = jnp.asarray(posenc_frequencies(self.posenc_scale, dims))
+        row = axis_posbias(rel_y, kernel, freqs, 0, self.precision)
+        col = axis_posbias(rel_x, kernel, freqs, 1, self.precision)
         return (row[:, None, :] + col[None, :, :] + bias).reshape(-1, self.heads)
 
 

@@ -31,7 +31,7 @@ import ml_collections
 import numpy as np
 
 from msit_jax import geometry
-from msit_jax.decoder import posenc_frequencies
+from msit_jax.decoder import axis_posbias, posenc_frequencies
 from msit_jax.layers import accum_type, gelu, parse_precision
 from msit_jax.sampling import _axis_taps
 
@@ -88,21 +88,6 @@ def split_decoder_params(params: Any, cfg: ml_collections.ConfigDict) -> dict:
         pb_kernel=dec["pb_proj"]["kernel"],
         pb_bias=dec["pb_proj"]["bias"],
     )
-
-
-def axis_posbias(rel: jax.Array, pb_kernel: jax.Array, freqs: jax.Array, axis: int,
-                 precision) -> jax.Array:
-    """Positional-bias share of one axis: rel (N, 2r+1) -> (N, 2r+1, heads).
-
-    The bias input is [sin y*b, sin x*b, cos y*b, cos x*b]; its Linear splits
-    into a row term and a column term (the Linear's bias is added once, later).
-    """
-    f = freqs.shape[0]
-    ang = rel[..., None] * freqs
-    w_sin = pb_kernel[axis * f:(axis + 1) * f]
-    w_cos = pb_kernel[(2 + axis) * f:(3 + axis) * f]
-    return (jnp.dot(jnp.sin(ang), w_sin, precision=precision)
-            + jnp.dot(jnp.cos(ang), w_cos, precision=precision))
 
 
 def _gather_neighbours(feat: jax.Array, ci: jax.Array, cj: jax.Array, radius: int) -> jax.Array:

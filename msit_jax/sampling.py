@@ -58,16 +58,3 @@ def nearest_clipped(img: Array, idx_y: Array, idx_x: Array) -> tuple[Array, Arra
     vals = img[jnp.clip(idx_y, 0, h - 1)[:, None], jnp.clip(idx_x, 0, w - 1)[None, :]]
     return vals, vy[:, None] & vx[None, :]
 
-
-def nearest(img: Array, idx_y: Array, idx_x: Array) -> Array:
-    """Nearest samples of img (H, W, C) on the grid idx_y (A,) x idx_x (B,).
-
-    Indices outside the image give zero vectors (grid_sample's zero padding).
-    Returns (A, B, C).
-    """
-    h, w = img.shape[:2]
-    vy = (idx_y >= 0) & (idx_y < h)
-    vx = (idx_x >= 0) & (idx_x < w)
-    vals = img[jnp.clip(idx_y, 0, h - 1)[:, None], jnp.clip(idx_x, 0, w - 1)[None, :]]
-    mask = (vy[:, None] & vx[None, :]).astype(img.dtype)
-    return vals * mask[..., None]

@@ -55,15 +55,18 @@ def test_nearest_index_matches_grid_sample_including_ties():
     assert (~inside).sum() > 0
 
 
-def test_nearest_gather_zero_outside():
+def test_nearest_gather_marks_outside_samples():
     img = rng.randn(6, 5, 3).astype(np.float32)
     iy = jnp.array([-1, 0, 5, 6])
     ix = jnp.array([4, 5, -2])
-    out = np.asarray(sampling.nearest(jnp.asarray(img), iy, ix))
-    assert out.shape == (4, 3, 3)
+    out, valid = sampling.nearest_clipped(jnp.asarray(img), iy, ix)
+    out, valid = np.asarray(out), np.asarray(valid)
+    assert out.shape == (4, 3, 3) and valid.shape == (4, 3)
     np.testing.assert_array_equal(out[1, 0], img[0, 4])
     np.testing.assert_array_equal(out[2, 0], img[5, 4])
-    assert not out[0].any() and not out[3].any() and not out[:, 1].any() and not out[:, 2].any()
+    want = np.zeros((4, 3), bool)
+    want[1, 0] = want[2, 0] = True
+    np.testing.assert_array_equal(valid, want)
 
 
 def test_query_geometry_matches_torch_reference_keys():
