@@ -13,11 +13,8 @@ so 1.05M steps. Validation on the first 10 DIV2K validation images at x2/x3/x4
 Then run stage 2: configs/msit_edsr_stage2_rim.py.
 """
 
-from msit_jax.config import model_config
-from msit_jax.training.config import base_config
+from msit_jax.training.config import paper_config
 
 
 def get_config():
-    c = base_config()
-    c.model = model_config("edsr-baseline", conv="plain")
-    return c
+    return paper_config("edsr-baseline", stage=1)

@@ -12,13 +12,8 @@ kernel W (with its bias), convmap/linear start fresh. Reference
 (train_edsr_baseline_MSIT_rim.yaml): as stage 1 but scale ~ U(1, 8).
 """
 
-from msit_jax.config import model_config
-from msit_jax.training.config import base_config
+from msit_jax.training.config import paper_config
 
 
 def get_config():
-    c = base_config()
-    c.model = model_config("edsr-baseline", conv="rim")
-    c.data.scale_max = 8.0
-    c.init_from = ""  # set on the command line: the stage-1 run
-    return c
+    return paper_config("edsr-baseline", stage=2)

@@ -11,11 +11,8 @@ cosine to 1050 epochs of 1000 steps) with the RDN (config B) encoder.
 Then run stage 2: configs/msit_rdn_stage2_rim.py.
 """
 
-from msit_jax.config import model_config
-from msit_jax.training.config import base_config
+from msit_jax.training.config import paper_config
 
 
 def get_config():
-    c = base_config()
-    c.model = model_config("rdn", conv="plain")
-    return c
+    return paper_config("rdn", stage=1)

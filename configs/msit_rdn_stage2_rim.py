@@ -11,13 +11,8 @@ starting from the stage-1 weights (init_from: a stage-1 workdir, model dir or
 official stage-1 `.pth`).
 """
 
-from msit_jax.config import model_config
-from msit_jax.training.config import base_config
+from msit_jax.training.config import paper_config
 
 
 def get_config():
-    c = base_config()
-    c.model = model_config("rdn", conv="rim")
-    c.data.scale_max = 8.0
-    c.init_from = ""  # set on the command line: the stage-1 run
-    return c
+    return paper_config("rdn", stage=2)

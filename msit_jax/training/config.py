@@ -101,3 +101,18 @@ def base_config() -> ml_collections.ConfigDict:
     c.distributed = ml_collections.ConfigDict(dict(enabled=False, coordinator_address="",
                                                    num_processes=0, process_id=-1))
     return c
+
+
+def paper_config(encoder: str, stage: int) -> ml_collections.ConfigDict:
+    """The reference's cumulative recipe for one encoder ('edsr-baseline' | 'rdn').
+
+    Stage 1: plain convs, scale ~ U(1, 4). Stage 2: RIM convs, scale ~ U(1, 8),
+    started from the stage-1 run via `init_from` (given on the command line).
+    """
+    if stage not in (1, 2):
+        raise ValueError(f"stage must be 1 or 2, got {stage}")
+    c = base_config()
+    c.model = model_config(encoder, conv="plain" if stage == 1 else "rim")
+    if stage == 2:
+        c.data.scale_max = 8.0
+    return c
