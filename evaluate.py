@@ -46,12 +46,20 @@ flags.DEFINE_enum("degradation", "pillow", list(evaluation.DEGRADATIONS),
                   "as the benchmark LR files were made).")
 flags.DEFINE_bool("fold", True, "Fold RIMs and BatchNorms first (faster; float round-off "
                   "differences from the reference).")
-flags.DEFINE_integer("chunk", 4096, "Queries per decoder call (memory vs. speed).")
+flags.DEFINE_integer("chunk", 0, "Queries per decoder call (memory vs. speed; 0: 4096 on "
+                     "CPU, 16384 on GPU/TPU).")
 flags.DEFINE_enum("decoder", "auto", ["auto", "grid", "query"], "Decoder formulation: grid "
                   "(queries grouped by LR centre, fast at large scales), query (the reference's "
-                  "per-query form) or auto (grid from ~x2.2 up); equal to float32 round-off.")
-flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Compute dtype (default: the "
-                  "checkpoint's, float32); bfloat16 keeps float32 parameters and accumulation.")
+                  "per-query form) or auto (grid from 9 output pixels per input pixel, x3, on "
+                  "CPU; from 4 on GPU/TPU); equal to float32 round-off.")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype; bfloat16 keeps "
+                  "float32 parameters and accumulation.")
+flags.DEFINE_enum("precision", "highest", ["highest", "high", "default"], "Matmul/conv "
+                  "precision: highest (float32, the reference numerics), high or default "
+                  "(TF32 / bf16 passes on GPU and TPU).")
+flags.DEFINE_integer("fft_min_kernel", -1, "Multi-scale convs with kernels at least this large "
+                     "run as FFT products; 0 never; -1 per platform (17 on CPU, never on "
+                     "GPU/TPU).")
 flags.DEFINE_bool("with_bicubic", False, "Also score the bicubic baseline (implied by --plot).")
 flags.DEFINE_string("json", None, "Write {dataset: {scale: {psnr, ssim, per_image}}} here.")
 flags.DEFINE_string("save_images", None, "Save predictions as DIR/dataset/x{s}/name.png.")
@@ -84,7 +92,9 @@ def config_from_flags() -> evaluation.ml_collections.ConfigDict:
     cfg.fold = FLAGS.fold
     cfg.chunk = FLAGS.chunk
     cfg.method = FLAGS.decoder
-    cfg.dtype = FLAGS.dtype or ""
+    cfg.dtype = FLAGS.dtype
+    cfg.precision = FLAGS.precision
+    cfg.fft_min_kernel = FLAGS.fft_min_kernel
     cfg.with_bicubic = FLAGS.with_bicubic
     cfg.json = FLAGS.json or ""
     cfg.save_images = FLAGS.save_images or ""

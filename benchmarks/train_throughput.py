@@ -34,6 +34,7 @@ def main() -> None:
     from msit_jax.data.protocol import BatchPlanner, Protocol, collate, make_example
     from msit_jax.data.sources import EmbeddedSource
     from msit_jax.model import build_model
+    from msit_jax.runtime import RuntimeOptions
     from msit_jax.training.config import base_config
     from msit_jax.training.loop import _state_maker
     from msit_jax.training.state import dummy_inputs, init_variables, make_optimizer, param_count
@@ -41,9 +42,9 @@ def main() -> None:
 
     cfg = base_config()
     cfg.model = model_config(args.encoder, conv=args.conv)
-    cfg.model.precision = args.precision
+    cfg.runtime.precision = args.precision
     cfg.batch_size = args.batch
-    model = build_model(cfg.model)
+    model = build_model(cfg.model, RuntimeOptions.from_config(cfg.runtime))
     mesh = make_mesh()
     tx, schedule = make_optimizer(cfg)
 

@@ -25,9 +25,14 @@ def config_to_json(model_cfg: ml_collections.ConfigDict) -> str:
 
 
 def config_from_json(text: str) -> ml_collections.ConfigDict:
-    from msit_jax.config import model_config
+    """A model config from model_config.json. Files written before execution
+    options left the model config still carry precision/dtype/fft_min_kernel:
+    those are ignored (they never changed the function, only how it ran)."""
+    from msit_jax.config import LEGACY_RUNTIME_FIELDS, model_config
 
     data = json.loads(text)
+    for k in LEGACY_RUNTIME_FIELDS:
+        data.pop(k, None)
     cfg = model_config()
     unknown = set(data) - set(cfg.keys())
     if unknown:

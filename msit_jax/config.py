@@ -16,12 +16,10 @@ Fields:
   conv           'rim' (stage 2, re-parameterisable) | 'plain' (stage 1 / folded)
   batch_norm     False only for folded models (BN merged into the preceding conv)
   bn_eps, bn_momentum   torch semantics (momentum = new-value weight)
-  precision      matmul/conv precision: 'highest' (fp32, reference numerics),
-                 'high' or 'default' (TF32/bf16 passes on GPU/TPU)
-  dtype          compute dtype: 'float32' or 'bfloat16' (params stay float32)
-  fft_min_kernel multi-scale convs with kernels at least this large run as FFT
-                 products (same sums, ~5e-7 relative rounding difference;
-                 faster from 17x17 on CPU, forward and backward); 0 disables
+
+Only the architecture lives here (and in a checkpoint's model_config.json).
+Precision, compute dtype and the FFT threshold are execution options:
+`msit_jax.runtime.RuntimeOptions`.
 """
 
 from __future__ import annotations
@@ -29,6 +27,9 @@ from __future__ import annotations
 import ml_collections
 
 ENCODERS = ("edsr-baseline", "rdn")
+# Execution options that model configs (and model_config.json files) written
+# before `msit_jax.runtime` carried; reading such a file drops them.
+LEGACY_RUNTIME_FIELDS = ("precision", "dtype", "fft_min_kernel")
 
 
 def model_config(encoder: str = "edsr-baseline", conv: str = "rim") -> ml_collections.ConfigDict:
@@ -52,9 +53,6 @@ def model_config(encoder: str = "edsr-baseline", conv: str = "rim") -> ml_collec
     c.batch_norm = True
     c.bn_eps = 1e-5
     c.bn_momentum = 0.1
-    c.precision = "highest"
-    c.dtype = "float32"
-    c.fft_min_kernel = 17
     return c
 
 
@@ -86,9 +84,6 @@ def validate_model_config(c: ml_collections.ConfigDict) -> None:
     need(c.radius >= 0, f"radius={c.radius} must be >= 0")
     need(c.posenc_dims % 4 == 0 and c.posenc_dims >= 8,
          f"posenc_dims={c.posenc_dims} must be a multiple of 4, >= 8")
-    need(c.precision in ("default", "high", "highest"), f"precision={c.precision!r}")
-    need(c.dtype in ("float32", "bfloat16"), f"dtype={c.dtype!r}")
-    need(c.fft_min_kernel >= 0, f"fft_min_kernel={c.fft_min_kernel} must be >= 0")
     if c.encoder == "rdn":
         need(min(c.rdn.n_blocks, c.rdn.n_layers, c.rdn.growth, c.rdn.g0) > 0,
              "rdn sizes must be positive")

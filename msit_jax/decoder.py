@@ -16,9 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from msit_jax import sampling
-from msit_jax.layers import (Precision, accum_type, gelu, torch_default_bias_init,
-                             torch_default_kernel_init)
+from msit_jax import ops, sampling
+from msit_jax.layers import Precision, gelu, torch_default_bias_init, torch_default_kernel_init
 
 Array = jax.Array
 
@@ -63,7 +62,7 @@ class Dense(nn.Module):
     """
 
     features: int
-    precision: Precision = None
+    precision: Precision = Precision.HIGHEST
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -79,8 +78,7 @@ class Dense(nn.Module):
             n = part.shape[-1]
             part = part.astype(self.dtype)
             rows = kernel[start:start + n]
-            term = jnp.dot(part, rows, precision=self.precision,
-                           preferred_element_type=accum_type(part, rows)).astype(jnp.float32)
+            term = ops.dot(part, rows, self.precision)
             y = term if y is None else y + term
             start += n
         return y + bias
@@ -91,7 +89,7 @@ class MLP(nn.Module):
 
     hidden: Sequence[int]
     out_dim: int = 3
-    precision: Precision = None
+    precision: Precision = Precision.HIGHEST
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -115,7 +113,7 @@ class PositionalBias(nn.Module):
     heads: int
     posenc_scale: float
     posenc_dims: int
-    precision: Precision = None
+    precision: Precision = Precision.HIGHEST
 
     @nn.compact
     def __call__(self, rel_y: Array, rel_x: Array) -> Array:
@@ -143,7 +141,7 @@ class QueryDecoder(nn.Module):
     posenc_dims: int
     mlp_hidden: Sequence[int]
     use_cell: bool = True
-    precision: Precision = None
+    precision: Precision = Precision.HIGHEST
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -164,8 +162,7 @@ class QueryDecoder(nn.Module):
 
         # A key outside the image is a zero vector in the reference: its logit
         # is exactly 0 (+ bias) and its value contributes exactly 0.
-        logits = jnp.einsum("hc,khc->kh", q, k, precision=self.precision,
-                            preferred_element_type=accum_type(q, k)).astype(jnp.float32)
+        logits = ops.einsum("hc,khc->kh", q, k, self.precision)
         logits = jnp.where(valid, logits, 0.0) / np.float32(np.sqrt(hd))
         attn = jax.nn.softmax(logits + pos_bias, axis=0)  # over the keys
         attn = jnp.where(valid, attn, 0.0)
@@ -188,7 +185,7 @@ class BatchedDecoder(nn.Module):
     posenc_dims: int
     mlp_hidden: Sequence[int]
     use_cell: bool = True
-    precision: Precision = None
+    precision: Precision = Precision.HIGHEST
     dtype: Any = jnp.float32
 
     @nn.compact

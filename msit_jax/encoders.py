@@ -19,13 +19,14 @@ RDN_PRESETS = {"A": (20, 6, 32), "B": (16, 8, 64)}
 class ResBlock(nn.Module):
     features: int
     res_scale: float = 1.0
-    precision: Precision = None
+    precision: Precision = Precision.HIGHEST
     dtype: Any = jnp.float32
+    impl: str = "auto"  # conv implementation, see msit_jax.ops.conv2d
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         conv = lambda name: Conv(self.features, 3, precision=self.precision,
-                                 dtype=self.dtype, name=name)
+                                 dtype=self.dtype, impl=self.impl, name=name)
         y = conv("body_2")(nn.relu(conv("body_0")(x)))
         return x + y * self.res_scale if self.res_scale != 1.0 else x + y
 
@@ -36,12 +37,13 @@ class EDSRBaseline(nn.Module):
     n_resblocks: int = 16
     n_feats: int = 64
     res_scale: float = 1.0
-    precision: Precision = None
+    precision: Precision = Precision.HIGHEST
     dtype: Any = jnp.float32
+    impl: str = "auto"  # conv implementation, see msit_jax.ops.conv2d
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        kw = dict(precision=self.precision, dtype=self.dtype)
+        kw = dict(precision=self.precision, dtype=self.dtype, impl=self.impl)
         h = Conv(self.n_feats, 3, name="head_0", **kw)(x)
         y = h
         for i in range(self.n_resblocks):
@@ -57,12 +59,13 @@ class RDB(nn.Module):
     growth: int
     n_layers: int
     kernel_size: int = 3
-    precision: Precision = None
+    precision: Precision = Precision.HIGHEST
     dtype: Any = jnp.float32
+    impl: str = "auto"  # conv implementation, see msit_jax.ops.conv2d
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        kw = dict(precision=self.precision, dtype=self.dtype)
+        kw = dict(precision=self.precision, dtype=self.dtype, impl=self.impl)
         y = x
         for c in range(self.n_layers):
             out = nn.relu(_RDBConv(self.growth, self.kernel_size, name=f"convs_{c}", **kw)(y))
@@ -73,13 +76,14 @@ class RDB(nn.Module):
 class _RDBConv(nn.Module):
     growth: int
     kernel_size: int
-    precision: Precision = None
+    precision: Precision = Precision.HIGHEST
     dtype: Any = jnp.float32
+    impl: str = "auto"  # conv implementation, see msit_jax.ops.conv2d
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         return Conv(self.growth, self.kernel_size, precision=self.precision,
-                    dtype=self.dtype, name="conv_0")(x)
+                    dtype=self.dtype, impl=self.impl, name="conv_0")(x)
 
 
 class RDN(nn.Module):
@@ -90,13 +94,14 @@ class RDN(nn.Module):
     n_blocks: int = 16
     n_layers: int = 8
     growth: int = 64
-    precision: Precision = None
+    precision: Precision = Precision.HIGHEST
     dtype: Any = jnp.float32
+    impl: str = "auto"  # conv implementation, see msit_jax.ops.conv2d
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         d, c, g = self.n_blocks, self.n_layers, self.growth
-        kw = dict(precision=self.precision, dtype=self.dtype)
+        kw = dict(precision=self.precision, dtype=self.dtype, impl=self.impl)
         f1 = Conv(self.g0, self.kernel_size, name="SFENet1", **kw)(x)
         y = Conv(self.g0, self.kernel_size, name="SFENet2", **kw)(f1)
         outs = []
@@ -108,18 +113,15 @@ class RDN(nn.Module):
         return y + f1
 
 
-def make_encoder(cfg, precision: Precision, dtype: Any) -> nn.Module:
+def make_encoder(cfg, precision: Precision, dtype: Any, impl: str = "auto") -> nn.Module:
     """Encoder module from the model config's `encoder` and its sub-config."""
     if cfg.encoder == "edsr-baseline":
         e = cfg.edsr
-        return EDSRBaseline(e.n_resblocks, e.n_feats, e.res_scale, precision, dtype,
+        return EDSRBaseline(e.n_resblocks, e.n_feats, e.res_scale, precision, dtype, impl,
                             name="encoder")
     if cfg.encoder == "rdn":
         e = cfg.rdn
         return RDN(e.g0, e.kernel_size, e.n_blocks, e.n_layers, e.growth, precision, dtype,
-                   name="encoder")
+                   impl, name="encoder")
     raise ValueError(f"unknown encoder {cfg.encoder!r}; choose 'edsr-baseline' or 'rdn'")
 
-
-def encoder_out_dim(cfg) -> int:
-    return cfg.edsr.n_feats if cfg.encoder == "edsr-baseline" else cfg.rdn.g0

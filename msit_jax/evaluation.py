@@ -323,11 +323,12 @@ class BicubicYPredictor:
 class MSITPredictor:
     """MSIT through `msit_jax.inference.Upscaler` (encoder once, chunked queries)."""
 
-    def __init__(self, model_cfg: ml_collections.ConfigDict, variables: Any, chunk: int,
-                 name: str = "MSIT", method: str = "auto"):
+    def __init__(self, model_cfg: ml_collections.ConfigDict, variables: Any,
+                 chunk: Optional[int] = None, name: str = "MSIT", method: str = "auto",
+                 runtime: Optional[Any] = None):
         from msit_jax.inference import Upscaler
 
-        self.up = Upscaler(model_cfg, variables, chunk=chunk, method=method)
+        self.up = Upscaler(model_cfg, variables, chunk=chunk, method=method, runtime=runtime)
         self.name = name
 
     def __call__(self, lr: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
@@ -569,9 +570,11 @@ def default_config() -> ml_collections.ConfigDict:
     c.lr_source = "auto"       # 'auto' (reference's choice) | 'paired' | 'downsample'
     c.degradation = "pillow"   # 'pillow' (reference) | 'matlab'
     c.fold = True              # fold RIM/BatchNorm first (faster; round-off differences)
-    c.chunk = 4096             # queries per decoder call
+    c.chunk = 0                # queries per decoder call (0: per platform, 4096 on CPU)
     c.method = "auto"          # decoder: 'auto' | 'grid' (fast at large scales) | 'query' (reference formulation)
-    c.dtype = ""               # compute dtype override: '' (the checkpoint's) | 'float32' | 'bfloat16'
+    c.dtype = "float32"        # compute dtype: 'float32' | 'bfloat16'
+    c.precision = "highest"    # matmul/conv precision: 'highest' | 'high' | 'default'
+    c.fft_min_kernel = -1      # FFT threshold of the multi-scale convs (-1: per platform)
     c.with_bicubic = False     # also score the bicubic baseline (always with plot)
     c.json = ""
     c.save_images = ""
@@ -592,16 +595,14 @@ def make_predictor(cfg: ml_collections.ConfigDict):
         raise ValueError("model 'msit' needs a checkpoint (a msit-jax checkpoint dir or an "
                          "official .pth); or use --model bicubic")
     from msit_jax import pretrained, reparam
-    from msit_jax.config import validate_model_config
+    from msit_jax.runtime import RuntimeOptions
 
+    runtime = RuntimeOptions(cfg.precision, cfg.dtype, cfg.fft_min_kernel)
     model_cfg, variables = pretrained.load(cfg.checkpoint)
-    if cfg.dtype:
-        model_cfg = model_cfg.copy_and_resolve_references()
-        model_cfg.dtype = cfg.dtype
-        validate_model_config(model_cfg)
     if cfg.fold:
         model_cfg, variables = reparam.fold(model_cfg, variables)
-    return MSITPredictor(model_cfg, variables, cfg.chunk, method=cfg.method)
+    return MSITPredictor(model_cfg, variables, cfg.chunk or None, method=cfg.method,
+                         runtime=runtime)
 
 
 def protocols_for(cfg: ml_collections.ConfigDict, datasets: Sequence[Dataset]) -> list[Protocol]:

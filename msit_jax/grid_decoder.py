@@ -30,9 +30,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from msit_jax import geometry
+from msit_jax import geometry, ops
 from msit_jax.decoder import axis_posbias, posenc_frequencies
-from msit_jax.layers import accum_type, gelu, parse_precision
+from msit_jax.layers import gelu
+from msit_jax.runtime import RuntimeOptions
 from msit_jax.sampling import _axis_taps
 
 
@@ -114,19 +115,22 @@ def _bilinear_grid(img: jax.Array, cy: jax.Array, cx: jax.Array, border: bool) -
     return out
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def decode_centres(cfg: ml_collections.FrozenConfigDict, dec: dict, feat_q: jax.Array,
-                   feat_v: jax.Array, inp: jax.Array, rows: tuple, cols: tuple,
-                   pb_rows: jax.Array, pb_cols: jax.Array, rel_cell: jax.Array,
+@functools.partial(jax.jit, static_argnames=("cfg", "runtime"))
+def decode_centres(cfg: ml_collections.FrozenConfigDict, runtime: RuntimeOptions, dec: dict,
+                   feat_q: jax.Array, feat_v: jax.Array, inp: jax.Array, rows: tuple,
+                   cols: tuple, pb_rows: jax.Array, pb_cols: jax.Array, rel_cell: jax.Array,
                    centres: jax.Array) -> jax.Array:
     """Predictions for every query of P LR centres.
 
     feat_q, feat_v (h, w, D); inp (h, w, 3); rows / cols: (coord (N,), groups
     (n, G)) per axis; pb_rows (N_hr_rows, K1, heads), pb_cols likewise;
     rel_cell (2,); centres (P,) flat LR indices. Returns (P, Gy, Gx, 3).
+    Every contraction accumulates in float32; in bfloat16 the operands of the
+    three large ones (first layer, attention logits, attention mix) and of the
+    MLP are bf16.
     """
-    prec = parse_precision(cfg.precision)
-    dtype = jnp.dtype(cfg.dtype)
+    prec = runtime.lax_precision
+    dtype = runtime.compute_dtype
     h, w, dim = feat_q.shape
     heads, hd, r = cfg.heads, dim // cfg.heads, cfg.radius
     k1 = 2 * r + 1
@@ -138,33 +142,28 @@ def decode_centres(cfg: ml_collections.FrozenConfigDict, dec: dict, feat_q: jax.
     keys = _gather_neighbours(feat_q, ci, cj, r).reshape(p, k1 * k1, heads, hd)
     vals = _gather_neighbours(feat_v, ci, cj, r).reshape(p, k1 * k1, heads, hd)
     # Z[p, k, h] = W1[k, h] . V[p + o_k, h]: the first layer, once per centre.
-    vals, w1 = vals.astype(dtype), dec["w1"].astype(dtype)
-    z = jnp.einsum("pkhc,khcn->pkhn", vals, w1, precision=prec,
-                   preferred_element_type=accum_type(vals, w1))
+    z = ops.einsum("pkhc,khcn->pkhn", vals.astype(dtype), dec["w1"].astype(dtype), prec)
 
     q = _bilinear_grid(feat_q, cy, cx, border=False).reshape(p, gy, gx, heads, hd)
-    logits = jnp.einsum("pyxhc,pkhc->pyxkh", q, keys, precision=prec) / np.float32(np.sqrt(hd))
+    logits = ops.einsum("pyxhc,pkhc->pyxkh", q.astype(dtype), keys.astype(dtype),
+                        prec) / np.float32(np.sqrt(hd))
     bias = (pb_rows[ry][:, :, None, :, None, :] + pb_cols[rx][:, None, :, None, :, :]
             ).reshape(p, gy, gx, k1 * k1, heads) + dec["pb_bias"]
     attn = jax.nn.softmax(logits + bias, axis=3)
 
-    attn, z = attn.astype(dtype), z.astype(dtype)
-    y = jnp.einsum("pyxkh,pkhn->pyxn", attn, z, precision=prec,
-                   preferred_element_type=accum_type(attn, z)).astype(jnp.float32)
+    y = ops.einsum("pyxkh,pkhn->pyxn", attn.astype(dtype), z.astype(dtype), prec)
     y = y + dec["b1"]
     if dec["w1_cell"].shape[0]:  # use_cell
         y = y + jnp.dot(rel_cell, dec["w1_cell"], precision=prec)
     for kernel, bias_ in dec["rest"]:
-        a, kernel = gelu(y).astype(dtype), kernel.astype(dtype)
-        y = jnp.dot(a, kernel, precision=prec,
-                    preferred_element_type=accum_type(a, kernel)).astype(jnp.float32) + bias_
+        y = ops.dot(gelu(y).astype(dtype), kernel.astype(dtype), prec) + bias_
     return y + _bilinear_grid(inp, cy, cx, border=True)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def axis_biases(cfg: ml_collections.FrozenConfigDict, dec: dict, rel_rows: jax.Array,
-                rel_cols: jax.Array) -> tuple[jax.Array, jax.Array]:
-    prec = parse_precision(cfg.precision)
+@functools.partial(jax.jit, static_argnames=("cfg", "runtime"))
+def axis_biases(cfg: ml_collections.FrozenConfigDict, runtime: RuntimeOptions, dec: dict,
+                rel_rows: jax.Array, rel_cols: jax.Array) -> tuple[jax.Array, jax.Array]:
+    prec = runtime.lax_precision
     freqs = jnp.asarray(posenc_frequencies(cfg.posenc_scale, cfg.posenc_dims))
     return (axis_posbias(rel_rows, dec["pb_kernel"], freqs, 0, prec),
             axis_posbias(rel_cols, dec["pb_kernel"], freqs, 1, prec))

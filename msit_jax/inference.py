@@ -21,10 +21,19 @@ import numpy as np
 
 from msit_jax import geometry, grid_decoder
 from msit_jax.model import MSIT, build_model
+from msit_jax.runtime import RuntimeOptions
 
-# Queries per decoder call. Each query gathers 2 x 49 x dim features, so at
-# dim 256 a 4096-query chunk holds ~0.6 GB of intermediates.
+# Queries per decoder call, per platform. Each query gathers 2 x 49 x dim
+# features, so at dim 256 a 4096-query chunk holds ~0.6 GB of intermediates.
+# CPU: measured. GPU/TPU: larger calls keep the device busy; 16384 (~2.4 GB)
+# is an estimate until `benchmarks/accel_check.py` has measured it.
 DEFAULT_CHUNK = 4096
+PLATFORM_CHUNK = {"cpu": 4096, "gpu": 16384, "cuda": 16384, "rocm": 16384, "tpu": 16384}
+
+
+def default_chunk(platform: Optional[str] = None) -> int:
+    """Queries per decoder call for a platform (default: JAX's default backend)."""
+    return PLATFORM_CHUNK.get(platform or jax.default_backend(), DEFAULT_CHUNK)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -89,6 +98,16 @@ METHODS = ("auto", "grid", "query")
 # query 6.4 s vs grid 7.7 s; x3 (9) 3.7 vs 3.8 s and 8.7 vs 8.3 s; x4 (16)
 # 5.7 vs 3.8 s.
 GRID_MIN_QUERIES_PER_CENTRE = 9.0
+# On GPU/TPU small-K GEMMs are not penalised the way they are on XLA:CPU, so
+# the FLOP ratio decides: the grid decoder wins from ~1.1 queries per centre.
+# 4 is a conservative estimate, not a measurement (accel_check.py measures it).
+PLATFORM_GRID_MIN = {"cpu": GRID_MIN_QUERIES_PER_CENTRE}
+ACCELERATOR_GRID_MIN = 4.0
+
+
+def grid_min_queries(platform: Optional[str] = None) -> float:
+    """The 'auto' decoder's grid threshold (queries per LR pixel) for a platform."""
+    return PLATFORM_GRID_MIN.get(platform or jax.default_backend(), ACCELERATOR_GRID_MIN)
 
 
 class Upscaler:
@@ -97,22 +116,27 @@ class Upscaler:
     method: 'grid' decodes queries grouped by their nearest LR centre
     (`msit_jax.grid_decoder`, several times fewer FLOPs at large scales);
     'query' runs the per-query decoder, the reference formulation; 'auto'
-    (default) picks grid when there are >= GRID_MIN_QUERIES_PER_CENTRE output
-    pixels per input pixel. All give the same result to float32 re-association
-    error.
+    (default) picks grid from `grid_min_queries()` output pixels per input
+    pixel (9 on CPU). All give the same result to float32 re-association error.
+    chunk: queries per decoder call (None: `default_chunk()` of the platform).
+    runtime: precision, compute dtype, FFT threshold (`msit_jax.runtime`).
     """
 
     def __init__(self, model_cfg: ml_collections.ConfigDict, variables: Any,
-                 chunk: int = DEFAULT_CHUNK, method: str = "auto"):
+                 chunk: Optional[int] = None, method: str = "auto",
+                 runtime: Optional[RuntimeOptions] = None):
+        chunk = default_chunk() if chunk is None else chunk
         if chunk < 1:
             raise ValueError(f"chunk must be >= 1, got {chunk}")
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         self.model_cfg = model_cfg
-        self.model = build_model(model_cfg)
+        self.runtime = runtime or RuntimeOptions()
+        self.model = build_model(model_cfg, self.runtime)
         self.variables = jax.device_put(variables)
         self.chunk = int(chunk)
         self.method = method
+        self.grid_min_queries = grid_min_queries()
         if method != "query":
             self._dec = grid_decoder.split_decoder_params(self.variables["params"], model_cfg)
 
@@ -137,7 +161,7 @@ class Upscaler:
         """Whether this call decodes with the grid decoder."""
         if self.method == "auto":
             ratio = out_hw[0] * out_hw[1] / (lr_hw[0] * lr_hw[1])
-            return ratio >= GRID_MIN_QUERIES_PER_CENTRE
+            return ratio >= self.grid_min_queries
         return self.method == "grid"
 
     def _progress(self, it, total: int, enabled: bool):
@@ -171,8 +195,8 @@ class Upscaler:
         px = grid_decoder.plan_axis(out_hw[1], w, cfg.radius)
         rows = (jnp.asarray(py.coord), jnp.asarray(py.groups))
         cols = (jnp.asarray(px.coord), jnp.asarray(px.groups))
-        pb_rows, pb_cols = grid_decoder.axis_biases(cfg, self._dec, jnp.asarray(py.rel),
-                                                    jnp.asarray(px.rel))
+        pb_rows, pb_cols = grid_decoder.axis_biases(cfg, self.runtime, self._dec,
+                                                    jnp.asarray(py.rel), jnp.asarray(px.rel))
         rc = jnp.asarray(geometry.rel_cell(out_hw, (h, w)))
         feat_q, feat_v = feats[0][0], feats[1][0]
         gy, gx = py.groups.shape[1], px.groups.shape[1]
@@ -195,8 +219,9 @@ class Upscaler:
             ids = centres[start:start + per_call]
             count = len(ids)
             ids = np.concatenate([ids, np.full(per_call - count, ids[-1], np.int32)])
-            pred = grid_decoder.decode_centres(cfg, self._dec, feat_q, feat_v, inp[0], rows,
-                                               cols, pb_rows, pb_cols, rc, jnp.asarray(ids))
+            pred = grid_decoder.decode_centres(cfg, self.runtime, self._dec, feat_q, feat_v,
+                                               inp[0], rows, cols, pb_rows, pb_cols, rc,
+                                               jnp.asarray(ids))
             if pending is not None:
                 store(*pending)
             pending = (ids, count, pred)
@@ -209,14 +234,15 @@ class Upscaler:
 
 
 def upscale(model_cfg: ml_collections.ConfigDict, variables: Any, lr: Any, out_hw: Any, *,
-            clamp: bool = True, chunk: int = DEFAULT_CHUNK, progress: bool = False,
-            method: str = "auto") -> np.ndarray:
+            clamp: bool = True, chunk: Optional[int] = None, progress: bool = False,
+            method: str = "auto", runtime: Optional[RuntimeOptions] = None) -> np.ndarray:
     """Super-resolve one image to any size.
 
     lr: (H, W, 3) float in [0, 1]; out_hw: (out_h, out_w), any positive sizes
     (non-integer and per-axis scales). Returns (out_h, out_w, 3) float32, clamped
     to [0, 1] unless clamp=False (then the raw denormalised prediction).
-    chunk bounds the queries decoded per call (memory); method: see `Upscaler`.
+    chunk bounds the queries decoded per call (memory); method, runtime: see
+    `Upscaler`.
     """
-    return Upscaler(model_cfg, variables, chunk, method)(lr, out_hw, clamp=clamp,
-                                                         progress=progress)
+    return Upscaler(model_cfg, variables, chunk, method, runtime)(lr, out_hw, clamp=clamp,
+                                                                  progress=progress)

@@ -1,43 +1,49 @@
 """MSIT: encoder -> conv_ch -> MSNO -> (V, Q/K) -> local implicit decoder.
 
 Images are NHWC and normalised, `inp = (lr - 0.5) / 0.5`; predictions are in
-the same space. Build a model with `build_model(model_cfg)`.
+the same space. Build a model with `build_model(model_cfg, runtime)`: the
+model config is the architecture, `RuntimeOptions` how it runs (precision,
+compute dtype, FFT threshold).
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Optional
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 
+from msit_jax.config import validate_model_config
 from msit_jax.decoder import BatchedDecoder
 from msit_jax.encoders import make_encoder
-from msit_jax.layers import Conv, Precision, parse_precision
+from msit_jax.layers import Conv
 from msit_jax.msno import MSNO, QKBranch, scale_conv
+from msit_jax.runtime import RuntimeOptions
 
 Array = jax.Array
 
 
 class MSIT(nn.Module):
-    """The full model. Fields mirror the model config (see `msit_jax.config`)."""
+    """The full model: `cfg` the architecture (see `msit_jax.config`), `runtime`
+    the execution options (see `msit_jax.runtime`)."""
 
     cfg: ml_collections.FrozenConfigDict
+    runtime: RuntimeOptions = RuntimeOptions()
 
     def setup(self):
-        c = self.cfg
-        prec = parse_precision(c.precision)
-        dtype = jnp.dtype(c.dtype)
+        c, rt = self.cfg, self.runtime
+        prec, dtype = rt.lax_precision, rt.compute_dtype
         kw = dict(precision=prec, dtype=dtype)
+        conv_kw = dict(kw, impl=rt.conv_impl)
         bn = dict(batch_norm=c.batch_norm, bn_eps=c.bn_eps, bn_momentum=c.bn_momentum)
-        self.encoder = make_encoder(c, prec, dtype)
-        self.conv_ch = Conv(c.dim, 1, **kw)
-        fft = dict(fft_min_kernel=c.fft_min_kernel)
-        self.amsno = MSNO(c.dim, c.msno_heads, c.use_lem, c.conv, **bn, **kw, **fft)
-        self.conv_vs_0 = scale_conv(c.conv, c.dim, 3, "torch", "conv_vs_0", prec, dtype)
-        self.multi_conv_qs_0 = QKBranch(c.dim, c.qk_heads, c.conv, **bn, **kw, **fft)
+        self.encoder = make_encoder(c, prec, dtype, rt.conv_impl)
+        self.conv_ch = Conv(c.dim, 1, **conv_kw)
+        fft = dict(fft_min_kernel=rt.fft_min_kernel)
+        self.amsno = MSNO(c.dim, c.msno_heads, c.use_lem, c.conv, **bn, **conv_kw, **fft)
+        self.conv_vs_0 = scale_conv(c.conv, c.dim, 3, "torch", "conv_vs_0", prec, dtype,
+                                    impl=rt.conv_impl)
+        self.multi_conv_qs_0 = QKBranch(c.dim, c.qk_heads, c.conv, **bn, **conv_kw, **fft)
         self.decoder = BatchedDecoder(c.heads, c.posenc_scale, c.posenc_dims,
                                       tuple(c.mlp_hidden), c.use_cell, **kw)
 
@@ -58,9 +64,9 @@ class MSIT(nn.Module):
         return self.decode(self.encode(inp, train), inp, coord, key_idx, rel, rel_cell)
 
 
-def build_model(model_cfg: ml_collections.ConfigDict) -> MSIT:
-    """An MSIT module for a model config (validated, frozen so it hashes for jit)."""
-    from msit_jax.config import validate_model_config
-
+def build_model(model_cfg: ml_collections.ConfigDict,
+                runtime: Optional[RuntimeOptions] = None) -> MSIT:
+    """An MSIT module for a model config (validated, frozen so it hashes for jit)
+    and execution options (default: float32, precision 'highest', per-platform FFT)."""
     validate_model_config(model_cfg)
-    return MSIT(ml_collections.FrozenConfigDict(model_cfg))
+    return MSIT(ml_collections.FrozenConfigDict(model_cfg), runtime or RuntimeOptions())

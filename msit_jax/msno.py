@@ -63,9 +63,10 @@ class MultiScaleConv(nn.Module):
     conv: str  # 'rim' | 'plain'
     init_scheme: str
     name_fmt: str
-    precision: Precision = None
+    precision: Precision = Precision.HIGHEST
     dtype: Any = jnp.float32
-    fft_min_kernel: int = 0  # kernels at least this large convolve by FFT (0: never)
+    fft_min_kernel: int = 0  # FFT threshold, see msit_jax.ops.conv2d (0: never)
+    impl: str = "auto"  # conv implementation, see msit_jax.ops.conv2d
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -77,21 +78,21 @@ class MultiScaleConv(nn.Module):
         for i, xi in enumerate(jnp.split(x, self.heads, axis=-1)):
             k = 3 + 2 * i
             layer = scale_conv(self.conv, hc, k, self.init_scheme, self.name_fmt.format(i + 1),
-                               self.precision, self.dtype,
-                               fft=0 < self.fft_min_kernel <= k)
+                               self.precision, self.dtype, self.fft_min_kernel, self.impl)
             outs.append(layer(xi))
         return jnp.concatenate(outs, axis=-1)
 
 
 def scale_conv(kind: str, features: int, k: int, init: str, name: str,
-               precision: Precision, dtype: Any, fft: bool = False) -> nn.Module:
+               precision: Precision, dtype: Any, fft_min_kernel: int = 0,
+               impl: str = "auto") -> nn.Module:
     """A conv at a RIM position: RIMConv (stage 2) or a plain Conv (stage 1 / folded)."""
+    kw = dict(init_scheme=init, precision=precision, dtype=dtype, fft_min_kernel=fft_min_kernel,
+              impl=impl, name=name)
     if kind == "rim":
-        return RIMConv(features, k, init_scheme=init, precision=precision, dtype=dtype, fft=fft,
-                       name=name)
+        return RIMConv(features, k, **kw)
     if kind == "plain":
-        return Conv(features, k, init_scheme=init, precision=precision, dtype=dtype, fft=fft,
-                    name=name)
+        return Conv(features, k, **kw)
     raise ValueError(f"unknown conv kind {kind!r}; choose 'rim' or 'plain'")
 
 
@@ -109,12 +110,14 @@ class MixHead(nn.Module):
     batch_norm: bool
     bn_eps: float
     bn_momentum: float
-    precision: Precision = None
+    precision: Precision = Precision.HIGHEST
     dtype: Any = jnp.float32
+    impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: Array, train: bool) -> Array:
-        kw = dict(init_scheme="fan_out", precision=self.precision, dtype=self.dtype)
+        kw = dict(init_scheme="fan_out", precision=self.precision, dtype=self.dtype,
+                  impl=self.impl)
         y = Conv(2 * self.dim, 1, groups=self.groups, name=self.names[0], **kw)(x)
         if self.batch_norm:
             y = BatchNorm(self.bn_eps, self.bn_momentum, name="bn")(y, train)
@@ -131,21 +134,24 @@ class MSNO(nn.Module):
     batch_norm: bool = True
     bn_eps: float = 1e-5
     bn_momentum: float = 0.1
-    precision: Precision = None
+    precision: Precision = Precision.HIGHEST
     dtype: Any = jnp.float32
     fft_min_kernel: int = 0
+    impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: Array, train: bool) -> Array:
-        kw = dict(init_scheme="fan_out", precision=self.precision, dtype=self.dtype)
+        kw = dict(init_scheme="fan_out", precision=self.precision, dtype=self.dtype,
+                  impl=self.impl)
         v = Conv(self.dim, 1, use_bias=False, name="v", **kw)(x)
         s = Conv(self.dim, 1, use_bias=False, name="s", **kw)(x)
         if self.use_lem:
             s = lem_shift(s)
         s = MultiScaleConv(self.heads, self.conv, "fan_out", "Ms_conv_{}", self.precision,
-                           self.dtype, self.fft_min_kernel, name="msc")(s)
-        s = MixHead(self.dim, self.heads, (BN_INPUT_CONV["sim"], "sim1"), self.batch_norm, self.bn_eps,
-                    self.bn_momentum, self.precision, self.dtype, name="sim")(s, train)
+                           self.dtype, self.fft_min_kernel, self.impl, name="msc")(s)
+        s = MixHead(self.dim, self.heads, (BN_INPUT_CONV["sim"], "sim1"), self.batch_norm,
+                    self.bn_eps, self.bn_momentum, self.precision, self.dtype, self.impl,
+                    name="sim")(s, train)
         return Conv(self.dim, 1, name="proj", **kw)(s * v)
 
 
@@ -158,16 +164,18 @@ class QKBranch(nn.Module):
     batch_norm: bool = True
     bn_eps: float = 1e-5
     bn_momentum: float = 0.1
-    precision: Precision = None
+    precision: Precision = Precision.HIGHEST
     dtype: Any = jnp.float32
     fft_min_kernel: int = 0
+    impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: Array, train: bool) -> Array:
-        kw = dict(init_scheme="fan_out", precision=self.precision, dtype=self.dtype)
+        kw = dict(init_scheme="fan_out", precision=self.precision, dtype=self.dtype,
+                  impl=self.impl)
         y = Conv(self.dim, 1, name="proj0", **kw)(x)
         y = MultiScaleConv(self.heads, self.conv, "fan_out", "local_conv_{}", self.precision,
-                           self.dtype, self.fft_min_kernel, name="msc")(y)
-        return MixHead(self.dim, self.dim // self.heads, (BN_INPUT_CONV["mix"], "proj2"), self.batch_norm,
-                       self.bn_eps, self.bn_momentum, self.precision, self.dtype,
-                       name="mix")(y, train)
+                           self.dtype, self.fft_min_kernel, self.impl, name="msc")(y)
+        return MixHead(self.dim, self.dim // self.heads, (BN_INPUT_CONV["mix"], "proj2"),
+                       self.batch_norm, self.bn_eps, self.bn_momentum, self.precision,
+                       self.dtype, self.impl, name="mix")(y, train)

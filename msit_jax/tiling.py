@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import jax
 import jax.numpy as jnp
@@ -40,7 +40,8 @@ import ml_collections
 import numpy as np
 
 from msit_jax import geometry
-from msit_jax.inference import DEFAULT_CHUNK, Upscaler, check_image, check_out_hw, denormalize
+from msit_jax.inference import Upscaler, check_image, check_out_hw, denormalize
+from msit_jax.runtime import RuntimeOptions
 
 f32 = np.float32
 
@@ -123,8 +124,9 @@ class TiledUpscaler(Upscaler):
     """
 
     def __init__(self, model_cfg: ml_collections.ConfigDict, variables: Any,
-                 chunk: int = DEFAULT_CHUNK, tile: int = 256, method: str = "auto"):
-        super().__init__(model_cfg, variables, chunk, method=method)
+                 chunk: Optional[int] = None, tile: int = 256, method: str = "auto",
+                 runtime: Optional[RuntimeOptions] = None):
+        super().__init__(model_cfg, variables, chunk, method=method, runtime=runtime)
         self.tile = int(tile)
 
     def __call__(self, lr: Any, out_hw: Any, *, clamp: bool = True,

@@ -27,6 +27,7 @@ from typing import Optional, Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from msit_jax.runtime import DTYPES, PRECISIONS, RuntimeOptions
 from msit_jax import images
 
 ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
@@ -120,14 +121,16 @@ def save_output(path: str, rgb: np.ndarray, alpha: Optional[np.ndarray]) -> None
         Image.fromarray(np.dstack([rgb8, alpha])).save(path)
 
 
-def build_upscaler(checkpoint: str, fold: bool, chunk: int, tile: int, method: str = "auto"):
+def build_upscaler(checkpoint: str, fold: bool, chunk: Optional[int], tile: int,
+                   method: str = "auto", runtime: Optional[RuntimeOptions] = None):
     """Load weights (official .pth or msit-jax checkpoint) -> an Upscaler (tiled if tile > 0)."""
     from msit_jax import pretrained, reparam, tiling
 
     model_cfg, variables = pretrained.load(checkpoint)
     if fold:
         model_cfg, variables = reparam.fold(model_cfg, variables)
-    return tiling.TiledUpscaler(model_cfg, variables, chunk=chunk, tile=tile, method=method)
+    return tiling.TiledUpscaler(model_cfg, variables, chunk=chunk, tile=tile, method=method,
+                                runtime=runtime)
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
@@ -143,12 +146,23 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                    help="output .png (one input) or directory (written as STEM.png)")
     p.add_argument("--fold", action=argparse.BooleanOptionalAction, default=True,
                    help="fold RIMs/BatchNorms into plain convs first (faster; default on)")
-    p.add_argument("--chunk", type=int, default=4096,
-                   help="HR pixels per decoder call: memory vs. speed (default 4096)")
+    p.add_argument("--chunk", type=int, default=None,
+                   help="HR pixels per decoder call: memory vs. speed (default: 4096 on CPU, "
+                        "16384 on GPU/TPU)")
     p.add_argument("--decoder", choices=("auto", "grid", "query"), default="auto",
                    help="decoder formulation: grid (queries grouped by LR centre, fast at "
                         "large scales), query (the reference's per-query form) or auto (grid "
-                        "from ~x2.2 up); equal to float32 round-off")
+                        "from 9 output pixels per input pixel, i.e. x3, on CPU; from 4 on "
+                        "GPU/TPU); equal to float32 round-off")
+    p.add_argument("--precision", choices=PRECISIONS, default="highest",
+                   help="matmul/conv precision: highest (float32, the reference numerics), "
+                        "high or default (TF32 / bf16 passes on GPU and TPU)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32",
+                   help="compute dtype (bfloat16: float32 weights and accumulation)")
+    p.add_argument("--fft_min_kernel", type=int, default=-1,
+                   help="multi-scale convs with kernels at least this large run as FFT "
+                        "products; 0 never; -1 (default) per platform (17 on CPU, never on "
+                        "GPU/TPU)")
     p.add_argument("--tile", default="auto",
                    help="LR tile size for the encoder (0: whole image; 'auto': tile only when "
                         "the estimated encoder memory exceeds --max_memory_gb)")
@@ -167,8 +181,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         scale = parse_scale(args.scale) if args.scale else None
         size = parse_size(args.size) if args.size else None
         outs = output_paths(args.inputs, args.output)
-        if args.chunk < 1:
+        if args.chunk is not None and args.chunk < 1:
             raise UsageError(f"--chunk must be >= 1, got {args.chunk}")
+        try:
+            runtime = RuntimeOptions(args.precision, args.dtype, args.fft_min_kernel)
+        except ValueError as e:
+            raise UsageError(f"--fft_min_kernel: {e}") from None
         if args.tile != "auto" and not re.fullmatch(r"\d+", args.tile):
             raise UsageError(f"--tile must be a non-negative integer or 'auto', got {args.tile}")
     except UsageError as e:
@@ -176,7 +194,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     try:
         up = build_upscaler(args.checkpoint, args.fold, args.chunk,
-                            0 if args.tile == "auto" else int(args.tile), args.decoder)
+                            0 if args.tile == "auto" else int(args.tile), args.decoder,
+                            runtime)
     except (ValueError, FileNotFoundError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

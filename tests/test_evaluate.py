@@ -301,7 +301,7 @@ def test_dtype_override_runs_the_model_in_bfloat16(tiny_ckpt):
     full = evaluation.make_predictor(cfg)
     cfg.dtype = "bfloat16"
     low = evaluation.make_predictor(cfg)
-    assert full.up.model_cfg.dtype == "float32" and low.up.model_cfg.dtype == "bfloat16"
+    assert full.up.runtime.dtype == "float32" and low.up.runtime.dtype == "bfloat16"
     a, b = full(lr, (20, 17)), low(lr, (20, 17))
     assert b.dtype == np.float32 and b.shape == a.shape
     diff = np.abs(a - b)

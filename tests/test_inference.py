@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from msit_jax import inference, tiny_model_config
+from msit_jax.runtime import RuntimeOptions
 from tests.conftest import init_variables
 
 
@@ -89,10 +90,9 @@ def test_bfloat16_compute_is_close_to_float32(model):
     cfg, v = model
     lr = np.random.RandomState(5).rand(9, 8, 3).astype(np.float32)
     ref = inference.upscale(cfg, v, lr, (20, 17), clamp=False)
-    low = cfg.copy_and_resolve_references()
-    low.dtype = "bfloat16"
+    low = RuntimeOptions(dtype="bfloat16")
     for method in inference.METHODS:
-        out = inference.upscale(low, v, lr, (20, 17), clamp=False, method=method)
+        out = inference.upscale(cfg, v, lr, (20, 17), clamp=False, method=method, runtime=low)
         assert out.dtype == np.float32
         err = np.abs(out - ref)
         assert 0 < err.max() < 2e-2 and err.mean() < 2e-3
@@ -114,10 +114,8 @@ def test_fft_multiscale_convs_match_direct(model):
     multi-scale kernel >= 5 gives the direct model's output."""
     cfg, v = model
     lr = np.random.RandomState(6).rand(9, 10, 3).astype(np.float32)
-    direct = cfg.copy_and_resolve_references()
-    direct.fft_min_kernel = 0
-    fft = cfg.copy_and_resolve_references()
-    fft.fft_min_kernel = 5
-    a = inference.upscale(direct, v, lr, (21, 23), clamp=False)
-    b = inference.upscale(fft, v, lr, (21, 23), clamp=False)
+    a = inference.upscale(cfg, v, lr, (21, 23), clamp=False,
+                          runtime=RuntimeOptions(fft_min_kernel=0))
+    b = inference.upscale(cfg, v, lr, (21, 23), clamp=False,
+                          runtime=RuntimeOptions(fft_min_kernel=5))
     np.testing.assert_allclose(b, a, atol=1e-5, rtol=0)

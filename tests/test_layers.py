@@ -7,7 +7,7 @@ import torch.nn.functional as F
 import jax
 import jax.numpy as jnp
 
-from msit_jax import layers, msno
+from msit_jax import layers, msno, ops
 from msit_jax.decoder import Dense, posenc_frequencies, torch_linspace
 from tests.torch_reference import LEM, RIM
 
@@ -36,8 +36,8 @@ def test_conv_matches_torch(k, cin, cout, groups):
     w = torch.randn(cout, cin // groups, k, k)
     b = torch.randn(cout)
     ref = F.conv2d(nchw(x), w, b, padding=k // 2, groups=groups)
-    ours = layers.conv2d(jnp.asarray(x), jnp.asarray(oihw_to_hwio(w)), jnp.asarray(b.numpy()),
-                         groups=groups, precision=jax.lax.Precision.HIGHEST)
+    ours = ops.conv2d(jnp.asarray(x), jnp.asarray(oihw_to_hwio(w)), jnp.asarray(b.numpy()),
+                      groups=groups, precision=jax.lax.Precision.HIGHEST)
     np.testing.assert_allclose(np.asarray(ours), nhwc(ref), atol=2e-5, rtol=1e-5)
 
 
@@ -130,45 +130,3 @@ def test_posenc_frequencies_bit_exact():
     for scale, dims in [(10.0, 64), (10.0, 16)]:
         ref = (2.0 ** torch.linspace(0, scale, dims // 4) - 1).numpy()
         np.testing.assert_array_equal(posenc_frequencies(scale, dims), ref)
-
-
-@pytest.mark.parametrize("k,cin,cout,groups", [
-    (1, 32, 64, 1), (1, 32, 64, 16), (1, 32, 64, 8),  # matmul / block-diagonal paths
-    (3, 128, 128, 1), (3, 8, 8, 1), (5, 6, 6, 1),  # shifted matmuls
-    (9, 4, 4, 1), (13, 4, 4, 1), (33, 4, 4, 1),  # FFT
-    (5, 40, 40, 1), (3, 8, 16, 2),  # XLA's own rule
-])
-def test_conv_gradients_match_xla(k, cin, cout, groups):
-    """conv2d's custom kernel gradient equals XLA's (input gradient is XLA's own).
-
-    Sizes are chosen to reach every method of `layers.kernel_grad`."""
-    x = jnp.asarray(rng.randn(2, 11, 9, cin).astype(np.float32))
-    w = jnp.asarray(rng.randn(k, k, cin // groups, cout).astype(np.float32))
-    hi = jax.lax.Precision.HIGHEST
-    ours = jax.grad(lambda x, w: jnp.sum(jnp.sin(
-        layers.conv2d(x, w, None, groups=groups, precision=hi))), argnums=(0, 1))(x, w)
-    ref = jax.grad(lambda x, w: jnp.sum(jnp.sin(
-        layers._lax_conv(x, w, groups, k // 2, hi))), argnums=(0, 1))(x, w)
-    for a, b in zip(ours, ref):
-        assert a.shape == b.shape
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0,
-                                   atol=2e-6 * float(jnp.abs(b).max()))
-
-
-@pytest.mark.parametrize("k", [5, 13, 33])
-def test_fft_conv_matches_direct(k):
-    """conv2d(fft=True): the same 'same' convolution, forward and gradients."""
-    x = jnp.asarray(rng.randn(2, 15, 12, 4).astype(np.float32))
-    w = jnp.asarray(rng.randn(k, k, 4, 6).astype(np.float32) / k)
-    b = jnp.asarray(rng.randn(6).astype(np.float32))
-    hi = jax.lax.Precision.HIGHEST
-    ref = F.conv2d(nchw(np.asarray(x)), torch.from_numpy(np.transpose(np.asarray(w), (3, 2, 0, 1))),
-                   torch.from_numpy(np.asarray(b)), padding=k // 2)
-    out = layers.conv2d(x, w, b, precision=hi, fft=True)
-    np.testing.assert_allclose(np.asarray(out), nhwc(ref), rtol=0,
-                               atol=2e-6 * float(np.abs(nhwc(ref)).max()))
-    loss = lambda fft: (lambda x, w: jnp.sum(jnp.sin(layers.conv2d(x, w, b, precision=hi, fft=fft))))
-    for a, r in zip(jax.grad(loss(True), argnums=(0, 1))(x, w),
-                    jax.grad(loss(False), argnums=(0, 1))(x, w)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(r), rtol=0,
-                                   atol=2e-6 * float(jnp.abs(r).max()))

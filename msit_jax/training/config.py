@@ -3,7 +3,10 @@
 Every field, with `--config.<field>=value` overridable on the command line:
 
   seed                 int; model init and data order (batches are a function of (seed, step))
-  model                model config (see `msit_jax.config`)
+  model                model config: the architecture (see `msit_jax.config`)
+  runtime.precision, runtime.dtype, runtime.fft_min_kernel
+                       execution options (see `msit_jax.runtime`): 'highest' | 'high' |
+                       'default'; 'float32' | 'bfloat16'; -1 (per platform) | 0 | k
   batch_size           global batch (all devices, all hosts)
   total_steps          optimizer steps; the LR schedule ends here
   lr.base, lr.multiplier, lr.warmup_steps, lr.epoch_steps
@@ -43,6 +46,7 @@ from __future__ import annotations
 import ml_collections
 
 from msit_jax.config import model_config
+from msit_jax.runtime import runtime_config
 
 
 def source_config(kind: str = "embedded", **kw) -> ml_collections.ConfigDict:
@@ -59,6 +63,7 @@ def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.model = model_config("edsr-baseline", conv="plain")
+    c.runtime = runtime_config()
     c.batch_size = 32
     # 1050 epochs of 800 images x 40 repeats / batch 32 = 1000 steps per epoch.
     c.total_steps = 1_050_000

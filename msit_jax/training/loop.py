@@ -26,6 +26,7 @@ from msit_jax.data.pipeline import train_dataset
 from msit_jax.data.protocol import Protocol
 from msit_jax.data.sources import ImageSource, make_source
 from msit_jax.model import build_model
+from msit_jax.runtime import RuntimeOptions
 from msit_jax.training import evaluate as evaluation
 from msit_jax.training.checkpoints import Checkpointer, write_configs
 from msit_jax.training.metrics import MetricLogger
@@ -77,6 +78,7 @@ def prepare_workdir(workdir: str) -> str:
 
 def check_config(config: ml_collections.ConfigDict) -> None:
     """Raise ValueError naming the field for settings that cannot work."""
+    RuntimeOptions.from_config(config.get("runtime"))
     n = jax.device_count()
     if config.batch_size < 1 or config.batch_size % n:
         raise ValueError(f"batch_size={config.batch_size} must be a positive multiple of the "
@@ -91,9 +93,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 
 
 def validation_metrics(model_cfg, variables: dict, source: ImageSource,
-                       ecfg: ml_collections.ConfigDict) -> dict[str, float]:
+                       ecfg: ml_collections.ConfigDict,
+                       runtime: Optional[RuntimeOptions] = None) -> dict[str, float]:
     """{'psnr_x2': dB, ..., 'val_psnr': mean over scales} on the validation source."""
-    up = evaluation.Upscaler(model_cfg, variables, chunk=ecfg.chunk)
+    up = evaluation.Upscaler(model_cfg, variables, chunk=ecfg.chunk or None, runtime=runtime)
     res = evaluation.evaluate(up, source, ecfg.scales, max_images=ecfg.max_images,
                               max_side=ecfg.max_side, shave_extra=ecfg.shave_extra,
                               y_channel=ecfg.y_channel)
@@ -121,7 +124,8 @@ def run_demo(config, model_cfg, variables: dict, source: ImageSource, workdir: s
              ) -> tuple[dict, str]:
     """The end-of-run table (MSIT vs bicubic) and side-by-side PNG; prints the table."""
     e, d = config.eval, config.demo
-    up = evaluation.Upscaler(model_cfg, variables, chunk=e.chunk)
+    up = evaluation.Upscaler(model_cfg, variables, chunk=e.chunk or None,
+                             runtime=RuntimeOptions.from_config(config.runtime))
     res = evaluation.evaluate(up, source, d.scales, max_images=e.max_images,
                               max_side=e.max_side, shave_extra=e.shave_extra,
                               y_channel=e.y_channel, bicubic=True)
@@ -159,7 +163,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     write_configs(workdir, config)
 
     model_cfg = config.model
-    model = build_model(model_cfg)
+    runtime = RuntimeOptions.from_config(config.runtime)
+    model = build_model(model_cfg, runtime)
     d = config.data
     protocol = Protocol(d.inp_size, d.sample_q, d.scale_min, d.scale_max, d.augment,
                         radius=model_cfg.radius)
@@ -258,7 +263,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                                             or step == config.total_steps):
                 keys = [f"psnr_x{s:g}" for s in config.eval.scales] + ["val_psnr"]
                 val = validation_metrics(model_cfg, _host_variables(state), eval_source,
-                                         config.eval) if is_main else None
+                                         config.eval, runtime) if is_main else None
                 val = _broadcast_metrics(val, keys)
                 logger.write(step, "val", val)
                 bar.write(f"step {step}: " + ", ".join(f"{k} {v:.2f}" for k, v in val.items()))
