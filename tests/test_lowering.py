@@ -1,0 +1,134 @@
+"""Cross-platform lowering from this CPU host: TPU and CUDA programs, f32 and bf16.
+
+For the folded inference programs (encoder, per-query and grid decoders) and
+the stage-1 / stage-2 train steps sharded over 8 virtual devices, lowered with
+`jax.export` for 'tpu' and 'cuda':
+  * lowering succeeds, with no float64 and no host callback;
+  * the accelerator method is chosen: the program equals the one built with
+    XLA's own conv rules (conv_impl='xla') and contains no FFT;
+  * every dot_general and convolution carries the configured precision;
+  * it is the program a TPU host would build: with `jax.default_backend()`
+    reporting the platform while tracing, the op counts are the same.
+The lowering runs in a subprocess (the device count is fixed at start-up);
+this file is also its entry point: python tests/test_lowering.py OUT.json
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROGRAMS = ("encode", "decode", "grid", "train_stage1", "train_stage2")
+PLATFORMS = ("tpu", "cuda")
+DTYPES = ("float32", "bfloat16")
+# A platform_dependent branch lowered for one platform stays wrapped in a
+# one-branch `case` (XLA inlines it: the compiled programs have no conditional).
+WRAPPERS = ("case", "return")
+
+
+def compute_ops(ops: dict) -> dict:
+    return {k: v for k, v in ops.items() if k not in WRAPPERS}
+
+
+def worker(out: str) -> None:
+    import jax
+
+    from msit_jax import tiny_model_config
+    from msit_jax.lowering import Shapes, analyse, lower_program
+    from msit_jax.runtime import RuntimeOptions
+
+    assert jax.device_count() == 8, jax.devices()
+    cfg = tiny_model_config()
+    shapes = Shapes(batch=8, lr_size=12, sample_q=64, chunk=256)
+
+    def facts(program, platform, runtime):
+        return analyse(lower_program(program, platform, cfg, runtime, shapes).mlir_module())
+
+    results = {}
+    for program in PROGRAMS:
+        for platform in PLATFORMS:
+            for dtype in DTYPES:
+                rt = RuntimeOptions(dtype=dtype)
+                entry = {"auto": facts(program, platform, rt),
+                         "xla": facts(program, platform, rt.replace(conv_impl="xla"))}
+                if program.startswith("train") and dtype == "float32":
+                    for prec in ("high", "default"):
+                        entry[f"precision_{prec}"] = facts(program, platform,
+                                                           rt.replace(precision=prec))
+                if program.startswith("train"):
+                    real = jax.default_backend
+                    jax.default_backend = lambda: platform  # as a TPU/GPU host reports
+                    try:
+                        entry["emulated_host"] = facts(program, platform, rt)
+                    finally:
+                        jax.default_backend = real
+                results[f"{program}/{platform}/{dtype}"] = entry
+        results[f"{program}/cpu/float32"] = {"auto": facts(program, "cpu", RuntimeOptions())}
+    with open(out, "w") as f:
+        json.dump(results, f)
+
+
+@pytest.fixture(scope="module")
+def lowered(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("lowering") / "facts.json")
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+               JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), out], env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    with open(out) as f:
+        return json.load(f)
+
+
+@pytest.mark.parametrize("program", PROGRAMS)
+@pytest.mark.parametrize("platform", PLATFORMS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_accelerator_lowering(lowered, program, platform, dtype):
+    entry = lowered[f"{program}/{platform}/{dtype}"]
+    auto = entry["auto"]
+    assert not auto["f64"], "float64 in the lowered program"
+    assert not auto["callbacks"], auto["callbacks"]
+    assert auto["ops"].get("fft", 0) == 0, "FFT convolution chosen for an accelerator"
+    # The accelerator method: identical to the program with XLA's own conv rules.
+    assert compute_ops(auto["ops"]) == compute_ops(entry["xla"]["ops"])
+    # The configured precision ('highest') on every contraction.
+    assert auto["unset_precision"] == 0, auto["unset_precision_examples"]
+    assert set(k.split(":")[1] for k in auto["contractions"]) == {"HIGHEST"}
+    assert sum(auto["contractions"].values()) > 0
+    if "emulated_host" in entry:
+        assert entry["emulated_host"]["ops"] == auto["ops"]
+    if "precision_high" in entry:
+        p = entry["precision_high"]
+        assert p["unset_precision"] == 0
+        assert set(k.split(":")[1] for k in p["contractions"]) == {"HIGH"}
+        # DEFAULT is StableHLO's default: JAX writes no attribute for it.
+        p = entry["precision_default"]
+        assert set(k.split(":")[1] for k in p["contractions"]) <= {"none", "DEFAULT"}
+        assert sum(p["contractions"].values()) == sum(auto["contractions"].values())
+
+
+@pytest.mark.parametrize("program", ["train_stage1", "train_stage2"])
+def test_cpu_lowering_uses_the_cpu_methods(lowered, program):
+    """The same train step lowered for CPU carries the CPU kernel-gradient methods:
+    more matmuls, fewer convolutions, and FFT kernel gradients (the tiny model's 9x9)."""
+    cpu = lowered[f"{program}/cpu/float32"]["auto"]["ops"]
+    tpu = lowered[f"{program}/tpu/float32"]["auto"]["ops"]
+    assert cpu.get("fft", 0) > 0
+    assert cpu["dot_general"] > tpu["dot_general"]
+    assert cpu["convolution"] < tpu["convolution"]
+
+
+def test_train_steps_gather_in_the_decoder_only(lowered):
+    """Gathers are the decoder's key/value reads; none in bf16 come back as f64 etc."""
+    for program in ("train_stage1", "train_stage2"):
+        g = lowered[f"{program}/tpu/bfloat16"]["auto"]["gathers"]
+        assert g and all(x["elements"] > 0 for x in g)
+
+
+if __name__ == "__main__":
+    worker(sys.argv[1])

@@ -1,0 +1,166 @@
+"""msit_jax.ops: per-platform conv kernels, forward mode, f32-accumulating contractions.
+
+The CPU kernel-gradient methods must equal XLA's own rule (the accelerator
+branch, reference autodiff), forward-mode autodiff must work through them, and
+lowering for another platform must pick that platform's branch.
+"""
+
+import re
+from collections import Counter
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from msit_jax import ops
+from msit_jax.ops.conv import lax_conv
+
+HI = jax.lax.Precision.HIGHEST
+rng = np.random.RandomState(0)
+
+# (k, cin, cout, groups) -> the CPU kernel-gradient method it reaches.
+CASES = [
+    ((1, 32, 64, 1), "dense"), ((1, 32, 64, 16), "dense"), ((1, 32, 64, 8), "dense"),
+    ((3, 128, 128, 1), "shifts"), ((3, 8, 8, 1), "shifts"), ((5, 6, 6, 1), "shifts"),
+    ((9, 4, 4, 1), "fft"), ((13, 4, 4, 1), "fft"), ((33, 4, 4, 1), "fft"),
+    ((5, 40, 40, 1), "xla"), ((3, 8, 16, 2), "xla"),
+]
+
+
+def _pair(k, cin, cout, groups, h=11, w=9):
+    x = jnp.asarray(rng.randn(2, h, w, cin).astype(np.float32))
+    wt = jnp.asarray(rng.randn(k, k, cin // groups, cout).astype(np.float32))
+    return x, wt
+
+
+def _op_counts(fn, args, platform):
+    text = jax.export.export(jax.jit(fn), platforms=(platform,))(*args).mlir_module()
+    return Counter(re.findall(r"stablehlo\.([a-z_]+)", text))
+
+
+@pytest.mark.parametrize("shape,method", CASES)
+def test_kernel_gradient_methods_match_reference_autodiff(shape, method):
+    """Every CPU method gives XLA's gradients (input and kernel); so does impl='xla'."""
+    k, cin, cout, groups = shape
+    assert ops.cpu_kernel_method((k, k, cin // groups, cout), cin, groups, k // 2) == method
+    x, w = _pair(*shape)
+    ref = jax.grad(lambda x, w: jnp.sum(jnp.sin(lax_conv(x, w, groups, k // 2, HI))),
+                   argnums=(0, 1))(x, w)
+    for impl in ops.conv.CONV_IMPLS:
+        ours = jax.grad(lambda x, w: jnp.sum(jnp.sin(
+            ops.conv2d(x, w, None, groups=groups, precision=HI, impl=impl))), argnums=(0, 1))(x, w)
+        for a, b in zip(ours, ref):
+            assert a.shape == b.shape
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0,
+                                       atol=2e-6 * float(jnp.abs(b).max()))
+
+
+@pytest.mark.parametrize("shape,method", CASES[::2])
+def test_forward_mode_through_conv(shape, method):
+    """jax.jvp and jax.jacfwd work and equal XLA's tangents."""
+    k, cin, cout, groups = shape
+    x, w = _pair(*shape, h=6, w=5)
+    f = lambda x, w: ops.conv2d(x, w, None, groups=groups, precision=HI)
+    ref = lambda x, w: lax_conv(x, w, groups, k // 2, HI)
+    dx, dw = jnp.ones_like(x) * 0.3, jnp.asarray(rng.randn(*w.shape).astype(np.float32))
+    y, t = jax.jvp(f, (x, w), (dx, dw))
+    y_ref, t_ref = jax.jvp(ref, (x, w), (dx, dw))
+    np.testing.assert_allclose(np.asarray(y), np.asarray(y_ref), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(t), np.asarray(t_ref), rtol=0,
+                               atol=2e-6 * float(jnp.abs(t_ref).max()))
+    # jacfwd along a 2-D family of kernels and inputs
+    along = lambda conv: (lambda c: jnp.sum(conv(x + c[0] * dx, w + c[1] * dw) ** 2))
+    c0 = jnp.asarray([0.1, -0.2], jnp.float32)
+    jac, jac_ref = jax.jacfwd(along(f))(c0), jax.jacfwd(along(ref))(c0)
+    np.testing.assert_allclose(np.asarray(jac), np.asarray(jac_ref), rtol=0,
+                               atol=2e-5 * float(jnp.abs(jac_ref).max()))
+
+
+@pytest.mark.parametrize("shape,method", [c for c in CASES if c[1] != "xla"])
+def test_lowering_picks_the_platform_branch(shape, method):
+    """Lowered for TPU or CUDA (from this CPU host), a conv's gradient is XLA's
+    rule: three convolutions, no matmul, no FFT. Lowered for CPU, it is the CPU method."""
+    k, cin, cout, groups = shape
+    x, w = _pair(*shape)
+    grad = jax.grad(lambda x, w: jnp.sum(ops.conv2d(x, w, None, groups=groups, precision=HI)
+                                         ** 2), argnums=(0, 1))
+    for platform in ("tpu", "cuda"):
+        ops_ = _op_counts(grad, (x, w), platform)
+        assert ops_["convolution"] == 3 and ops_["dot_general"] == 0 and ops_["fft"] == 0
+    cpu = _op_counts(grad, (x, w), "cpu")
+    assert cpu["convolution"] == 2  # forward + input gradient
+    if method == "fft":
+        assert cpu["fft"] > 0
+    else:
+        assert cpu["dot_general"] == (k * k if method == "shifts" else 1)
+
+
+def test_fft_auto_is_cpu_only():
+    """fft_min_kernel=-1: a 17x17 conv is an FFT product on CPU, a convolution elsewhere;
+    an explicit threshold applies on every platform."""
+    x, w = _pair(17, 2, 2, 1, h=20, w=20)
+    auto = lambda x, w: ops.conv2d(x, w, None, precision=HI, fft_min_kernel=-1)
+    assert _op_counts(auto, (x, w), "cpu")["fft"] > 0
+    assert _op_counts(auto, (x, w), "tpu")["fft"] == 0
+    forced = lambda x, w: ops.conv2d(x, w, None, precision=HI, fft_min_kernel=9)
+    assert _op_counts(forced, (x, w), "tpu")["fft"] > 0
+    never = lambda x, w: ops.conv2d(x, w, None, precision=HI, fft_min_kernel=0)
+    assert _op_counts(never, (x, w), "cpu")["fft"] == 0
+
+
+@pytest.mark.parametrize("k", [5, 13, 33])
+def test_fft_conv_matches_torch_and_direct(k):
+    """The FFT conv: the same 'same' convolution, forward (vs torch) and gradients."""
+    x = jnp.asarray(rng.randn(2, 15, 12, 4).astype(np.float32))
+    w = jnp.asarray(rng.randn(k, k, 4, 6).astype(np.float32) / k)
+    b = jnp.asarray(rng.randn(6).astype(np.float32))
+    ref = F.conv2d(torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy()),
+                   torch.from_numpy(np.transpose(np.asarray(w), (3, 2, 0, 1)).copy()),
+                   torch.from_numpy(np.array(b)), padding=k // 2)
+    ref = ref.numpy().transpose(0, 2, 3, 1)
+    out = ops.conv2d(x, w, b, precision=HI, fft_min_kernel=1)
+    np.testing.assert_allclose(np.asarray(out), ref, rtol=0, atol=2e-6 * float(np.abs(ref).max()))
+    loss = lambda fft: (lambda x, w: jnp.sum(jnp.sin(ops.conv2d(x, w, b, precision=HI,
+                                                                fft_min_kernel=fft))))
+    for a, r in zip(jax.grad(loss(1), argnums=(0, 1))(x, w),
+                    jax.grad(loss(0), argnums=(0, 1))(x, w)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(r), rtol=0,
+                                   atol=2e-6 * float(jnp.abs(r).max()))
+
+
+def test_fft_lengths_are_smooth_and_precise():
+    assert [ops.smooth_size(n) for n in (1, 7, 74, 82, 94, 97, 128)] == [1, 8, 75, 90, 96, 100, 128]
+    for n in range(1, 300):
+        m = ops.smooth_size(n)
+        assert m >= n and all(ops.smooth_size(j) == m for j in range(n, m + 1))
+    # 48 + 17 - 1 = 64 is already smooth; 47 + 33 - 1 = 79 is prime -> 80.
+    x, w = _pair(33, 2, 2, 1, h=47, w=47)
+    text = jax.export.export(jax.jit(lambda x, w: ops.conv2d_fft(x, w, HI)),
+                             platforms=("tpu",))(x, w).mlir_module()
+    lengths = set(re.findall(r"stablehlo\.fft .*length = \[(\d+), (\d+)\]", text))
+    assert lengths == {("80", "80")}
+    dots = [l for l in text.splitlines() if "stablehlo.dot_general" in l]
+    assert dots and all("HIGHEST" in l for l in dots)
+
+
+def test_bf16_contractions_accumulate_in_f32_on_cpu():
+    """ops.einsum of bf16 operands returns float32 on CPU (the upcast branch) and
+    is exactly the float32 einsum of the bf16 values; lowered for TPU it is one
+    bf16 x bf16 -> f32 dot_general."""
+    a = jnp.asarray(rng.randn(6, 64).astype(np.float32)).astype(jnp.bfloat16)
+    b = jnp.asarray(rng.randn(64, 5).astype(np.float32)).astype(jnp.bfloat16)
+    out = jax.jit(lambda a, b: ops.einsum("ik,kn->in", a, b, HI))(a, b)
+    assert out.dtype == jnp.float32
+    ref = np.asarray(a, np.float32).astype(np.float64) @ np.asarray(b, np.float32).astype(np.float64)
+    np.testing.assert_allclose(np.asarray(out), ref, rtol=1e-6, atol=1e-5)
+    text = jax.export.export(jax.jit(lambda a, b: ops.dot(a, b, HI)),
+                             platforms=("tpu",))(a, b).mlir_module()
+    dots = [l for l in text.splitlines() if "stablehlo.dot_general" in l]
+    assert len(dots) == 1 and "tensor<6x64xbf16>" in dots[0] and "-> tensor<6x5xf32>" in dots[0]
+    # float32 operands: no platform branch at all.
+    f32 = jax.jit(lambda a, b: ops.dot(a, b, HI)).lower(a.astype(jnp.float32),
+                                                        b.astype(jnp.float32)).as_text()
+    assert "case" not in f32
