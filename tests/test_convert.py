@@ -136,3 +136,27 @@ def test_convert_cli_round_trip(tmp_path, edsr_tiny):
     r = subprocess.run([sys.executable, "-m", "msit_jax.convert", str(src), str(dst)],
                        capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 1 and "already holds" in r.stderr
+
+
+def test_model_dir_written_before_runtime_options_still_loads(tmp_path, edsr_tiny):
+    """model_config.json files written before execution options left the model
+    config carry precision/dtype/fft_min_kernel: they load (those fields dropped),
+    and new files record only the architecture."""
+    import json
+
+    variables = init_variables(edsr_tiny)
+    new_dir = checkpoint.save_model(str(tmp_path / "new"), edsr_tiny, variables)
+    with open(os.path.join(new_dir, checkpoint.CONFIG_FILE)) as f:
+        written = json.load(f)
+    assert not {"precision", "dtype", "fft_min_kernel"} & set(written)
+    legacy = dict(written, precision="highest", dtype="float32", fft_min_kernel=17)
+    with open(os.path.join(new_dir, checkpoint.CONFIG_FILE), "w") as f:
+        json.dump(legacy, f)
+    cfg, loaded = pretrained.load(new_dir)
+    assert cfg.to_dict() == edsr_tiny.to_dict()
+    assert trees_equal(jax.tree_util.tree_map(np.asarray, variables), loaded)
+    legacy["nosuch"] = 1
+    with open(os.path.join(new_dir, checkpoint.CONFIG_FILE), "w") as f:
+        json.dump(legacy, f)
+    with pytest.raises(ValueError, match="nosuch"):
+        pretrained.load(new_dir)
