@@ -94,7 +94,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.max_side = 0
     c.eval.shave_extra = 6  # DIV2K protocol: shave scale + 6
     c.eval.y_channel = False
-    c.eval.chunk = 4096
+    c.eval.chunk = 0  # queries per decoder call; 0: per platform (4096 on CPU)
 
     c.checkpoint = ml_collections.ConfigDict(dict(every_steps=5000, keep=3, keep_best=True,
                                                   async_save=True))
