@@ -36,4 +36,13 @@ def einsum(spec: str, a: Array, b: Array, precision: jax.lax.Precision) -> Array
 
 def dot(a: Array, b: Array, precision: jax.lax.Precision) -> Array:
     """a (..., K) @ b (K, N) -> (..., N) float32."""
-    return einsum("...k,kn->...n", a, b, precision)
+    if not _low(a, b):
+        return jnp.dot(a, b, precision=precision)
+
+    def upcast(a, b):
+        return jnp.dot(a.astype(jnp.float32), b.astype(jnp.float32), precision=precision)
+
+    def native(a, b):
+        return jnp.dot(a, b, precision=precision, preferred_element_type=jnp.float32)
+
+    return jax.lax.platform_dependent(a, b, cpu=upcast, default=native)
