@@ -28,7 +28,7 @@ Every field, with `--config.<field>=value` overridable on the command line:
   eval.source          validation source (same fields as data.train)
   eval.every_steps     validation PSNR period (0: never during training)
   eval.scales, eval.max_images, eval.max_side, eval.shave_extra, eval.y_channel,
-  eval.chunk           see `msit_jax.training.evaluate`
+  eval.chunk, eval.method   see `msit_jax.training.evaluate` (chunk 0: per platform)
   checkpoint.every_steps, checkpoint.keep, checkpoint.keep_best, checkpoint.async_save
   log_every_steps      train metrics period
   progress_bar         tqdm bar on process 0
@@ -95,6 +95,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.shave_extra = 6  # DIV2K protocol: shave scale + 6
     c.eval.y_channel = False
     c.eval.chunk = 0  # queries per decoder call; 0: per platform (4096 on CPU)
+    c.eval.method = "auto"  # decoder: 'auto' | 'grid' | 'query' (msit_jax.inference.Upscaler)
 
     c.checkpoint = ml_collections.ConfigDict(dict(every_steps=5000, keep=3, keep_best=True,
                                                   async_save=True))

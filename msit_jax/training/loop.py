@@ -96,7 +96,8 @@ def validation_metrics(model_cfg, variables: dict, source: ImageSource,
                        ecfg: ml_collections.ConfigDict,
                        runtime: Optional[RuntimeOptions] = None) -> dict[str, float]:
     """{'psnr_x2': dB, ..., 'val_psnr': mean over scales} on the validation source."""
-    up = evaluation.Upscaler(model_cfg, variables, chunk=ecfg.chunk or None, runtime=runtime)
+    up = evaluation.Upscaler(model_cfg, variables, chunk=ecfg.chunk or None,
+                             method=ecfg.method, runtime=runtime)
     res = evaluation.evaluate(up, source, ecfg.scales, max_images=ecfg.max_images,
                               max_side=ecfg.max_side, shave_extra=ecfg.shave_extra,
                               y_channel=ecfg.y_channel)
@@ -124,7 +125,7 @@ def run_demo(config, model_cfg, variables: dict, source: ImageSource, workdir: s
              ) -> tuple[dict, str]:
     """The end-of-run table (MSIT vs bicubic) and side-by-side PNG; prints the table."""
     e, d = config.eval, config.demo
-    up = evaluation.Upscaler(model_cfg, variables, chunk=e.chunk or None,
+    up = evaluation.Upscaler(model_cfg, variables, chunk=e.chunk or None, method=e.method,
                              runtime=RuntimeOptions.from_config(config.runtime))
     res = evaluation.evaluate(up, source, d.scales, max_images=e.max_images,
                               max_side=e.max_side, shave_extra=e.shave_extra,
