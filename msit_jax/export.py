@@ -45,6 +45,7 @@ from msit_jax.torch_io import variables_to_state_dict
 FORMATS = ("stablehlo", "onnx", "pth", "safetensors")
 DEFAULT_FOLD = {"stablehlo": True, "onnx": True, "pth": False, "safetensors": False}
 PLATFORMS = ("cpu", "cuda", "tpu")
+KNOWN_PLATFORMS = ("cpu", "cuda", "rocm", "tpu")  # what jax.export lowers for
 DEFAULT_CHUNK = 4096
 PTH_FILE = "model.pth"
 ONNX_FILE = "model.onnx"
@@ -221,19 +222,15 @@ def write_stablehlo(out: str, model_cfg: ml_collections.ConfigDict, variables: A
     dim, k = model_cfg.dim, 2 * model_cfg.radius + 1
     f32 = jnp.float32
     spec = jax.ShapeDtypeStruct
-    try:
-        enc = export.export(jax.jit(lambda inp: model.apply(variables, inp, method=MSIT.encode)),
-                            platforms=tuple(platforms))(spec((1, h, w, 3), f32))
-        dec = export.export(
-            jax.jit(lambda fq, fv, inp, coord, key_idx, rel, rc: model.apply(
-                variables, (fq, fv), inp, coord, key_idx, rel, rc, method=MSIT.decode)),
-            platforms=tuple(platforms))(
-            spec((1, h, w, dim), f32), spec((1, h, w, dim), f32), spec((1, h, w, 3), f32),
-            spec((1, chunk, 2), f32), spec((1, chunk, 2, k), jnp.int32),
-            spec((1, chunk, 2, k), f32), spec((1, 2), f32))
-    except ValueError as e:  # an unknown platform name, for one
-        raise ExportError(f"stablehlo: lowering for platforms {list(platforms)} failed: {e}"
-                          ) from None
+    enc = export.export(jax.jit(lambda inp: model.apply(variables, inp, method=MSIT.encode)),
+                        platforms=tuple(platforms))(spec((1, h, w, 3), f32))
+    dec = export.export(
+        jax.jit(lambda fq, fv, inp, coord, key_idx, rel, rc: model.apply(
+            variables, (fq, fv), inp, coord, key_idx, rel, rc, method=MSIT.decode)),
+        platforms=tuple(platforms))(
+        spec((1, h, w, dim), f32), spec((1, h, w, dim), f32), spec((1, h, w, 3), f32),
+        spec((1, chunk, 2), f32), spec((1, chunk, 2, k), jnp.int32),
+        spec((1, chunk, 2, k), f32), spec((1, 2), f32))
     files = []
     for name, prog in ((exported.ENCODER_FILE, enc), (exported.DECODER_FILE, dec)):
         files.append(os.path.join(out, name))
@@ -294,6 +291,10 @@ def export_variables(model_cfg: ml_collections.ConfigDict, variables: Any, out: 
     fold = DEFAULT_FOLD[fmt] if fold is None else bool(fold)
     if chunk < 1:
         raise ExportError(f"chunk must be >= 1, got {chunk}")
+    unknown = [p for p in platforms if p not in KNOWN_PLATFORMS]
+    if fmt == "stablehlo" and (unknown or not platforms):
+        raise ExportError(f"unknown platform(s) {unknown or list(platforms)}: choose from "
+                          f"{', '.join(KNOWN_PLATFORMS)}")
     if fmt == "pth" and fold:
         raise ExportError("pth cannot express a folded model: the official layout keeps "
                           "BatchNorm (and RIMs, stage 2); drop --fold, or use --format "
