@@ -256,7 +256,8 @@ def write_stablehlo(out: str, model_cfg: ml_collections.ConfigDict, variables: A
 
 
 def write_onnx(out: str, model_cfg: ml_collections.ConfigDict, variables: Any, *,
-               chunk: int = DEFAULT_CHUNK, opset: Optional[int] = None) -> list[str]:
+               chunk: int = DEFAULT_CHUNK, opset: Optional[int] = None,
+               decoder: str = "auto") -> list[str]:
     """OUT/model.onnx (see msit_jax.onnx_graph)."""
     try:
         import onnx
@@ -267,7 +268,7 @@ def write_onnx(out: str, model_cfg: ml_collections.ConfigDict, variables: Any, *
 
     try:
         model = onnx_graph.build_graph(model_cfg, variables, chunk,
-                                       opset or onnx_graph.OPSET)
+                                       opset or onnx_graph.OPSET, decoder=decoder)
     except ValueError as e:
         raise ExportError(f"onnx: {e}") from None
     path = os.path.join(out, ONNX_FILE)
@@ -279,8 +280,8 @@ def write_onnx(out: str, model_cfg: ml_collections.ConfigDict, variables: Any, *
 
 def export_variables(model_cfg: ml_collections.ConfigDict, variables: Any, out: str, fmt: str,
                      *, fold: Optional[bool] = None, chunk: int = DEFAULT_CHUNK,
-                     platforms: Sequence[str] = PLATFORMS, opset: Optional[int] = None
-                     ) -> list[str]:
+                     platforms: Sequence[str] = PLATFORMS, opset: Optional[int] = None,
+                     decoder: str = "auto") -> list[str]:
     """Export (model_cfg, variables) to a new directory `out`; returns the files written.
 
     fold=None picks the format's default (DEFAULT_FOLD). ExportError names the
@@ -316,7 +317,8 @@ def export_variables(model_cfg: ml_collections.ConfigDict, variables: Any, out: 
         elif fmt == "stablehlo":
             files = write_stablehlo(tmp, model_cfg, variables, chunk=chunk, platforms=platforms)
         else:
-            files = write_onnx(tmp, model_cfg, variables, chunk=chunk, opset=opset)
+            files = write_onnx(tmp, model_cfg, variables, chunk=chunk, opset=opset,
+                               decoder=decoder)
         if os.path.isdir(out):  # an empty directory (checked above)
             os.rmdir(out)
         os.rename(tmp, out)
@@ -328,14 +330,14 @@ def export_variables(model_cfg: ml_collections.ConfigDict, variables: Any, out: 
 
 def export(src: str, out: str, fmt: str, *, fold: Optional[bool] = None,
            chunk: int = DEFAULT_CHUNK, platforms: Sequence[str] = PLATFORMS,
-           opset: Optional[int] = None,
+           opset: Optional[int] = None, decoder: str = "auto",
            model_cfg: Optional[ml_collections.ConfigDict] = None) -> list[str]:
     """Load `src` (`pretrained.load`) and export it; see `export_variables`."""
     check_format(fmt)
     check_output(out)
     model_cfg, variables = pretrained.load(src, model_cfg)
     return export_variables(model_cfg, variables, out, fmt, fold=fold, chunk=chunk,
-                            platforms=platforms, opset=opset)
+                            platforms=platforms, opset=opset, decoder=decoder)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -353,6 +355,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--platforms", default=",".join(PLATFORMS),
                    help="stablehlo: platforms lowered together (default cpu,cuda,tpu)")
     p.add_argument("--opset", type=int, default=None, help="onnx: opset (default 17)")
+    p.add_argument("--decoder", choices=("auto", "grid", "query"), default="auto",
+                   help="onnx: decoder formulation in the graph (auto: grid from x2, chosen "
+                        "in the graph per call)")
     args = p.parse_args(argv)
     try:
         check_format(args.format)
@@ -363,7 +368,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     platforms = tuple(s.strip() for s in args.platforms.split(",") if s.strip())
     try:
         files = export(args.src, args.out, args.format, fold=args.fold, chunk=args.chunk,
-                       platforms=platforms, opset=args.opset)
+                       platforms=platforms, opset=args.opset, decoder=args.decoder)
     except (ValueError, FileNotFoundError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -28,8 +28,8 @@ from tests.test_convert import official_args, trees_equal
 from tests.torch_reference import TorchMSIT, randomize_, torch_make_coord
 
 # (LR size, output size): x3.5 with exact ties, anisotropic non-integer, integer x4,
-# and a chunk count that leaves the last chunk padded.
-CASES = [((24, 20), (84, 70)), ((13, 11), (30, 41)), ((12, 10), (48, 40))]
+# downscaling (LR centres without queries); every one leaves the last chunk padded.
+CASES = [((24, 20), (84, 70)), ((13, 11), (30, 41)), ((12, 10), (48, 40)), ((9, 7), (5, 4))]
 CHUNK = 500
 
 
@@ -130,15 +130,18 @@ def test_stablehlo_unfolded_export(tmp_path, model):
 
 # --- ONNX --------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module", params=["edsr-baseline", "rdn"])
+@pytest.fixture(scope="module", params=[("edsr-baseline", "query"), ("edsr-baseline", "grid"),
+                                        ("rdn", "auto")], ids=lambda p: "-".join(p))
 def onnx_model(request, tmp_path_factory):
-    cfg = tiny_model_config(request.param, "rim")
+    encoder, decoder = request.param
+    cfg = tiny_model_config(encoder, "rim")
     v = init_variables(cfg, seed=4)
     fcfg, fv = reparam.fold(cfg, v)
     import onnx
 
-    path = str(tmp_path_factory.mktemp("onnx") / f"{request.param}.onnx")
-    onnx.save(onnx_graph.build_graph(fcfg, fv, chunk=CHUNK, clamp=False), path)
+    path = str(tmp_path_factory.mktemp("onnx") / f"{encoder}-{decoder}.onnx")
+    onnx.save(onnx_graph.build_graph(fcfg, fv, chunk=CHUNK, clamp=False, decoder=decoder),
+              path)
     return cfg, v, path
 
 
@@ -171,7 +174,9 @@ def test_onnx_graph_interface(tmp_path, model):
         ("lr", [1, 3, "height", "width"]), ("out_size", [2])]
     assert [(o.name, dims(o)) for o in m.graph.output] == [
         ("sr", [1, 3, "out_height", "out_width"])]
-    assert sum(n.op_type == "Loop" for n in m.graph.node) == 1
+    # 'auto': an If picks the grid or the per-query decoder (each a Loop over chunks)
+    (node,) = [n for n in m.graph.node if n.op_type == "If"]
+    assert [[n.op_type for n in a.g.node].count("Loop") for a in node.attribute] == [1, 1]
     # raw onnxruntime call, NCHW in [0, 1] -> clamped NCHW
     import onnxruntime as ort
 
