@@ -11,7 +11,8 @@ directory (an existing non-empty one is refused):
                the encoder takes any LR size (symbolic), the decoder a fixed
                --chunk of queries. Run with `msit_jax.exported.load(OUT)`.
   onnx         model.onnx: one graph, LR image + output size in, SR image out
-               (opset --opset, default 17; see msit_jax.onnx_graph).
+               (opset --opset, default 17; --decoder auto|grid|query; see
+               msit_jax.onnx_graph). Run with `msit_jax.onnx_graph.load(OUT)`.
   pth          model.pth: the official PyTorch checkpoint format
                {'model': {'name': 'amsit', 'args', 'sd'}} (stage-2 RIM or stage-1
                plain layout, as the source), for the official code.
