@@ -134,8 +134,8 @@ def main() -> int:
 
     source_sd = pretrained.read_pth(src)["model"]["sd"]
     source_sd = {k: v.numpy() for k, v in source_sd.items()}
-    pth_sd = {k: v.numpy() for k, v in
-              pretrained.read_pth(os.path.join(dirs["pth"], export.PTH_FILE))["model"]["sd"].items()}
+    pth = pretrained.read_pth(os.path.join(dirs["pth"], export.PTH_FILE))
+    pth_sd = {k: v.numpy() for k, v in pth["model"]["sd"].items()}
     st_sd, _ = pretrained.read_safetensors(os.path.join(dirs["safetensors"],
                                                         pretrained.SAFETENSORS_FILE))
     report["tensors_identical"] = {"pth": tensors_equal(pth_sd, source_sd),

@@ -216,7 +216,8 @@ class _Axis:
         i1 = b.op("Add", i0, b.f(1.0))
         idx, wgt = [], []
         for i, w in ((i0, b.op("Sub", i1, u)), (i1, b.op("Sub", u, i0))):
-            ok = b.op("And", b.op("GreaterOrEqual", i, b.f(0.0)), b.op("LessOrEqual", i, self.lastf))
+            ok = b.op("And", b.op("GreaterOrEqual", i, b.f(0.0)),
+                      b.op("LessOrEqual", i, self.lastf))
             wgt.append(b.op("Where", ok, w, b.f(0.0)))
             idx.append(self.clip(b, b.op("Cast", i, to=7)))
         return idx, wgt
@@ -425,7 +426,7 @@ class _GridAxis:
 
 
 def _grid_block(g: _Builder, table: str, gy: _GridAxis, gx: _GridAxis, ry: str, rx: str,
-                w: str, border: bool, channels: int) -> str:
+                w: str, border: bool) -> str:
     """Bilinear samples of a flat (h * w, C) map at the HR grid rows ry (P, Gy) x
     cols rx (P, Gx) -> (P, Gy, Gx, C)."""
     (iy, wy), (ix, wx) = gy.taps[border], gx.taps[border]
@@ -434,8 +435,9 @@ def _grid_block(g: _Builder, table: str, gy: _GridAxis, gx: _GridAxis, ry: str, 
         ya, wya = g.op("Gather", iy[a], ry, axis=0), g.op("Gather", wy[a], ry, axis=0)
         for c in range(2):
             xc, wxc = g.op("Gather", ix[c], rx, axis=0), g.op("Gather", wx[c], rx, axis=0)
-            idx.append(g.op("Unsqueeze", g.op("Add", g.op("Unsqueeze", g.op("Mul", ya, w), g.i([2])),
-                                              g.op("Unsqueeze", xc, g.i([1]))), g.i([3])))
+            flat = g.op("Add", g.op("Unsqueeze", g.op("Mul", ya, w), g.i([2])),
+                        g.op("Unsqueeze", xc, g.i([1])))  # (P, Gy, Gx)
+            idx.append(g.op("Unsqueeze", flat, g.i([3])))
             wgt.append(g.op("Unsqueeze", g.op("Mul", g.op("Unsqueeze", wya, g.i([2])),
                                               g.op("Unsqueeze", wxc, g.i([1]))), g.i([3])))
     corners = g.op("Gather", table, g.op("Concat", *idx, axis=3), axis=0)  # (P, Gy, Gx, 4, C)
@@ -448,7 +450,7 @@ def _grid_decoder(b: _Builder, c: _Ctx) -> str:
     the first MLP layer runs once per centre on its 49 values (Z = W1 V) and each query
     only mixes Z with its attention weights. A Loop over chunks of P centres, P * Gy * Gx
     ~ `chunk` queries -> raw predictions (out_h * out_w, 3)."""
-    heads, hd, n_keys, k1, r = c.heads, c.hd, c.n_keys, c.k1, c.r
+    heads, hd, n_keys, r = c.heads, c.hd, c.n_keys, c.r
     gy, gx = _GridAxis(b, c.oy, c.ay, c, 0), _GridAxis(b, c.ox, c.ax, c, 1)
     block = b.op("Mul", gy.width, gx.width)
     per_call = b.op("Max", b.op("Div", b.i(c.chunk), block), b.i(1))  # P centres
@@ -484,7 +486,7 @@ def _grid_decoder(b: _Builder, c: _Ctx) -> str:
 
     block_shape = g.op("Concat", g.i([0]), g.op("Unsqueeze", block, g.i([0])), g.i([heads, hd]),
                        axis=0)
-    q = g.op("Reshape", _grid_block(g, c.fq, gy, gx, ry, rx, c.w, False, c.dim), block_shape)
+    q = g.op("Reshape", _grid_block(g, c.fq, gy, gx, ry, rx, c.w, False), block_shape)
     logits = g.op("MatMul", g.op("Transpose", q, perm=[0, 2, 1, 3]),
                   g.op("Transpose", keys, perm=[0, 2, 3, 1]))  # (P, heads, GyGx, K)
     logits = g.op("Div", logits, g.f(np.sqrt(hd)))
@@ -500,7 +502,7 @@ def _grid_decoder(b: _Builder, c: _Ctx) -> str:
                 g.op("Concat", g.i([0]), g.op("Unsqueeze", block, g.i([0])),
                      g.i([heads * n_keys]), axis=0))
     hidden = c.mlp_tail(g, g.op("MatMul", attn, z))  # (P, GyGx, 3)
-    skip = g.op("Reshape", _grid_block(g, c.inp, gy, gx, ry, rx, c.w, True, 3),
+    skip = g.op("Reshape", _grid_block(g, c.inp, gy, gx, ry, rx, c.w, True),
                 g.op("Concat", g.i([0]), g.op("Unsqueeze", block, g.i([0])), g.i([3]), axis=0))
     pred = g.op("Add", hidden, skip, hint="pred")
     preds = _loop(b, g, trips, it, cond, pred, ["P", "block", 3])
