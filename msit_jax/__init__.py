@@ -1,7 +1,32 @@
-"""msit-jax: the Multi-Scale Implicit Transformer (MSIT) for arbitrary-scale SR in JAX/Flax."""
+"""msit-jax: the Multi-Scale Implicit Transformer (MSIT) for arbitrary-scale SR in JAX/Flax.
 
-from msit_jax.config import model_config, tiny_model_config
-from msit_jax.model import MSIT, build_model
+Top-level names are imported lazily, so light modules (`msit_jax.geometry`,
+`msit_jax.serving`, the exported-artifact runner `msit_jax.exported`) can be
+used without importing Flax or the model.
+"""
 
-__all__ = ["MSIT", "build_model", "model_config", "tiny_model_config"]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_LAZY = {
+    "MSIT": "msit_jax.model",
+    "build_model": "msit_jax.model",
+    "model_config": "msit_jax.config",
+    "tiny_model_config": "msit_jax.config",
+    "Upscaler": "msit_jax.api",
+}
+
+__all__ = ["MSIT", "Upscaler", "build_model", "model_config", "tiny_model_config"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'msit_jax' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -12,7 +12,7 @@ Coordinates are pixel centres in [-1, 1], ordered (row, col).
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Iterator, NamedTuple
 
 import numpy as np
 
@@ -103,3 +103,37 @@ def rel_cell(out_hw: tuple[int, int], lr_hw: tuple[int, int]) -> np.ndarray:
     """The decoder's cell input, cell * (H_lr, W_lr) with cell = 2 / HR size: (2,)."""
     cell = np.array([2.0 / out_hw[0], 2.0 / out_hw[1]], f32)
     return cell * np.array(lr_hw, f32)
+
+
+def query_chunks(out_hw: tuple[int, int], lr_hw: tuple[int, int], radius: int, chunk: int
+                 ) -> Iterator[tuple[int, int, QueryGeometry]]:
+    """(start, count, geometry padded to `chunk` queries) for the HR grid in raster order.
+
+    The last chunk is padded by repeating its last real query (its outputs are
+    dropped), so every chunk has the same shape and one compiled decoder serves all.
+    """
+    h, w = out_hw
+    ys, xs = coord_axis(h), coord_axis(w)
+    total = h * w
+    for start in range(0, total, chunk):
+        idx = np.arange(start, start + chunk)
+        count = min(chunk, total - start)
+        idx[count:] = idx[count - 1]
+        coord = np.stack([ys[idx // w], xs[idx % w]], axis=-1)
+        yield start, count, query_geometry(coord, lr_hw, radius)
+
+
+def tie_mask(out_hw: tuple[int, int], lr_hw: tuple[int, int]) -> np.ndarray:
+    """(out_h, out_w) bool: HR pixels whose nearest-LR-centre lookup is an exact .5 tie
+    on either axis (u = ((c + 1) n - 1) / 2 in float32 has fraction 0.5).
+
+    At such pixels the chosen centre depends on the last float32 rounding of the
+    coordinate arithmetic; an implementation that fuses operations (FMA) may pick
+    the other centre. Non-integer scales have them, integer scales have none.
+    """
+    ties = []
+    for n_hr, n_lr in zip(out_hw, lr_hw):
+        c = coord_axis(n_hr)
+        u = ((c + f32(1)) * f32(n_lr) - f32(1)) / f32(2)
+        ties.append(u - np.floor(u) == f32(0.5))
+    return ties[0][:, None] | ties[1][None, :]

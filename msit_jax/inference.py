@@ -12,7 +12,7 @@ decodes the previous chunk.
 from __future__ import annotations
 
 import functools
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +22,8 @@ import numpy as np
 from msit_jax import geometry, grid_decoder
 from msit_jax.model import MSIT, build_model
 from msit_jax.runtime import RuntimeOptions
+from msit_jax.serving import (Progress, check_image, check_out_hw, denormalize,  # noqa: F401
+                              normalize, track)
 
 # Queries per decoder call, per platform. Each query gathers 2 x 49 x dim
 # features, so at dim 256 a 4096-query chunk holds ~0.6 GB of intermediates.
@@ -46,49 +48,7 @@ def _decode(model: MSIT, variables, feats, inp, coord, key_idx, rel, rel_cell):
     return model.apply(variables, feats, inp, coord, key_idx, rel, rel_cell, method=MSIT.decode)
 
 
-def normalize(img: np.ndarray) -> np.ndarray:
-    """[0, 1] image -> the network's input space."""
-    return (np.asarray(img, np.float32) - np.float32(0.5)) / np.float32(0.5)
-
-
-def denormalize(x: np.ndarray) -> np.ndarray:
-    return np.asarray(x, np.float32) * np.float32(0.5) + np.float32(0.5)
-
-
-def check_image(lr: Any, name: str = "lr") -> np.ndarray:
-    lr = np.asarray(lr)
-    if lr.ndim != 3 or lr.shape[-1] != 3:
-        raise ValueError(f"{name} must be an (H, W, 3) RGB image, got shape {lr.shape}")
-    if not np.issubdtype(lr.dtype, np.floating):
-        raise TypeError(f"{name} must be float in [0, 1], got dtype {lr.dtype} "
-                        "(divide uint8 images by 255)")
-    if min(lr.shape[:2]) < 1:
-        raise ValueError(f"{name} is empty: shape {lr.shape}")
-    return lr.astype(np.float32)
-
-
-def check_out_hw(out_hw: Any) -> tuple[int, int]:
-    try:
-        h, w = (int(v) for v in out_hw)
-    except (TypeError, ValueError):
-        raise ValueError(f"out_hw must be (height, width), got {out_hw!r}") from None
-    if h < 1 or w < 1 or (h, w) != tuple(out_hw):
-        raise ValueError(f"out_hw must be two positive integers, got {out_hw!r}")
-    return h, w
-
-
-def query_chunks(out_hw: tuple[int, int], lr_hw: tuple[int, int], radius: int, chunk: int
-                 ) -> Iterator[tuple[int, int, geometry.QueryGeometry]]:
-    """(start, count, geometry padded to `chunk`) for the HR grid in raster order."""
-    h, w = out_hw
-    ys, xs = geometry.coord_axis(h), geometry.coord_axis(w)
-    total = h * w
-    for start in range(0, total, chunk):
-        idx = np.arange(start, start + chunk)
-        count = min(chunk, total - start)
-        idx[count:] = idx[count - 1]  # pad with a real query; its output is dropped
-        coord = np.stack([ys[idx // w], xs[idx % w]], axis=-1)
-        yield start, count, geometry.query_geometry(coord, lr_hw, radius)
+query_chunks = geometry.query_chunks  # re-exported: it lives with the geometry
 
 
 METHODS = ("auto", "grid", "query")
@@ -146,7 +106,9 @@ class Upscaler:
         return inp, _encode(self.model, self.variables, inp)
 
     def __call__(self, lr: Any, out_hw: Any, *, clamp: bool = True,
-                 progress: bool = False) -> np.ndarray:
+                 progress: Progress = False) -> np.ndarray:
+        """lr (H, W, 3) float in [0, 1] -> (out_h, out_w, 3) float32. progress: False,
+        True (a bar) or a callable (done, total) called after each decoded chunk."""
         lr = check_image(lr)
         out_hw = check_out_hw(out_hw)
         inp, feats = self.features(lr)
@@ -164,14 +126,10 @@ class Upscaler:
             return ratio >= self.grid_min_queries
         return self.method == "grid"
 
-    def _progress(self, it, total: int, enabled: bool):
-        if not enabled:
-            return it
-        from tqdm.auto import tqdm
+    def _progress(self, it, total: int, progress: Progress):
+        return track(it, total, progress)
 
-        return tqdm(it, total=total, desc="decode", unit="chunk", leave=False)
-
-    def _decode_queries(self, inp, feats, out_hw, progress: bool) -> np.ndarray:
+    def _decode_queries(self, inp, feats, out_hw, progress: Progress) -> np.ndarray:
         lr_hw = inp.shape[1:3]
         rc = jnp.asarray(geometry.rel_cell(out_hw, lr_hw)[None])
         out = np.empty((out_hw[0] * out_hw[1], 3), np.float32)
@@ -188,7 +146,7 @@ class Upscaler:
         self._store(out, *pending)
         return out
 
-    def _decode_grid(self, inp, feats, out_hw, progress: bool) -> np.ndarray:
+    def _decode_grid(self, inp, feats, out_hw, progress: Progress) -> np.ndarray:
         cfg = self.model.cfg
         h, w = inp.shape[1:3]
         py = grid_decoder.plan_axis(out_hw[0], h, cfg.radius)
@@ -234,7 +192,7 @@ class Upscaler:
 
 
 def upscale(model_cfg: ml_collections.ConfigDict, variables: Any, lr: Any, out_hw: Any, *,
-            clamp: bool = True, chunk: Optional[int] = None, progress: bool = False,
+            clamp: bool = True, chunk: Optional[int] = None, progress: Progress = False,
             method: str = "auto", runtime: Optional[RuntimeOptions] = None) -> np.ndarray:
     """Super-resolve one image to any size.
 

@@ -6,14 +6,19 @@ Accepted sources:
   * an official training checkpoint `{'model': {'name': 'amsit', 'args': ..., 'sd': ...}}`
     (architecture read from `args`; RIM or plain-conv layout detected from the keys);
   * a bare official state_dict `.pth` together with `model_cfg=`;
+  * a `.safetensors` file (official parameter names, the model config in its
+    metadata), or a model-hub folder holding `model.safetensors`
+    (`python -m msit_jax.export SRC OUT --format safetensors` writes both);
   * this project's model checkpoint directory (`msit_jax.checkpoint.save_model`)
     or a training workdir (its latest checkpoint).
 
-PyTorch is needed only for `.pth` files (`pip install -r requirements-torch.txt`).
+PyTorch is needed only for `.pth` files (`pip install -r requirements-torch.txt`);
+safetensors files load without it (`pip install -r requirements-export.txt`).
 """
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any, Mapping, Optional
 
@@ -106,6 +111,44 @@ def config_from_official_args(args: Mapping[str, Any], conv: str) -> ml_collecti
     return cfg
 
 
+def official_args(model_cfg: ml_collections.ConfigDict) -> dict:
+    """The official `model.args` (the training YAML's) describing `model_cfg`; the
+    inverse of `config_from_official_args`. ValueError naming the field when the
+    official code cannot build this architecture (e.g. an RDN that is no RDNconfig
+    preset, a BatchNorm eps other than torch's default)."""
+    validate_model_config(model_cfg)
+    c = model_cfg
+
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            raise ValueError(f"the official MSIT code cannot express this model: {msg}")
+
+    need(c.bn_eps == 1e-5, f"bn_eps={c.bn_eps} (official BatchNorm2d uses 1e-5)")
+    if c.encoder == "edsr-baseline":
+        enc = {"name": "edsr-baseline",
+               "args": {"no_upsampling": True, "n_resblocks": int(c.edsr.n_resblocks),
+                        "n_feats": int(c.edsr.n_feats), "res_scale": float(c.edsr.res_scale)}}
+    else:
+        sizes = (c.rdn.n_blocks, c.rdn.n_layers, c.rdn.growth)
+        preset = [k for k, v in RDN_PRESETS.items() if tuple(v) == tuple(sizes)]
+        need(bool(preset), f"RDN blocks/layers/growth {sizes} match no RDNconfig preset "
+                           f"({', '.join(f'{k}={v}' for k, v in RDN_PRESETS.items())})")
+        enc = {"name": "rdn", "args": {"no_upsampling": True, "G0": int(c.rdn.g0),
+                                       "RDNkSize": int(c.rdn.kernel_size),
+                                       "RDNconfig": preset[0]}}
+    return {
+        "encoder_spec": enc,
+        "base_dim": int(c.dim), "head": int(c.heads), "r": int(c.radius),
+        "imnet_num": 1, "conv_num": 1, "is_cell": bool(c.use_cell), "local_attn": True,
+        "use_lem": bool(c.use_lem), "MsC_heads": int(c.msno_heads), "MsSA_q": int(c.qk_heads),
+        "pb_spec": {"name": "posenc", "args": {
+            "posenc_type": "sinusoid", "posenc_scale": float(c.posenc_scale),
+            "hidden_dims": 64, "enc_dims": int(c.posenc_dims), "gamma": 1}},
+        "imnet_spec": {"name": "mlp", "args": {
+            "out_dim": 3, "hidden_list": [int(h) for h in c.mlp_hidden], "act": "gelu"}},
+    }
+
+
 def load_pth(path: str, model_cfg: Optional[ml_collections.ConfigDict] = None
              ) -> tuple[ml_collections.ConfigDict, dict]:
     """An official `.pth` (training checkpoint or bare state_dict) -> (model_cfg, variables)."""
@@ -129,6 +172,45 @@ def load_pth(path: str, model_cfg: Optional[ml_collections.ConfigDict] = None
     return model_cfg, state_dict_to_variables(sd, model_cfg)
 
 
+# safetensors: the file and its metadata keys (metadata values are strings).
+SAFETENSORS_FILE = "model.safetensors"
+HUB_CONFIG_FILE = "config.json"
+META_CONFIG = "msit_jax.model_config"  # this project's model config, JSON
+META_ARGS = "msit.official_args"  # the official `model.args`, JSON (when expressible)
+
+
+def read_safetensors(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """(tensors as numpy, metadata) of a .safetensors file; no PyTorch involved."""
+    try:
+        from safetensors import SafetensorError, safe_open
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError("reading .safetensors needs the safetensors package: "
+                          "pip install -r requirements-export.txt") from e
+    try:
+        with safe_open(path, framework="np") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"could not read {path} as safetensors: {e}") from e
+
+
+def load_safetensors(path: str, model_cfg: Optional[ml_collections.ConfigDict] = None
+                     ) -> tuple[ml_collections.ConfigDict, dict]:
+    """A .safetensors file (official names) -> (model_cfg, variables). The config
+    comes from the metadata (`model_cfg=` overrides it)."""
+    sd, meta = read_safetensors(path)
+    if model_cfg is None:
+        if META_CONFIG in meta:
+            model_cfg = checkpoint.config_from_json(meta[META_CONFIG])
+        elif META_ARGS in meta:
+            model_cfg = config_from_official_args(json.loads(meta[META_ARGS]),
+                                                  detect_conv_kind(sd))
+        else:
+            raise ValueError(f"{path}: no model config in the safetensors metadata (keys "
+                             f"{sorted(meta)}): pass one, e.g. load(path, model_config("
+                             f"'edsr-baseline', conv='{detect_conv_kind(sd)}'))")
+    return model_cfg, state_dict_to_variables(sd, model_cfg)
+
+
 def load(path: str, model_cfg: Optional[ml_collections.ConfigDict] = None
          ) -> tuple[ml_collections.ConfigDict, dict]:
     """Load weights from any supported source -> (model_cfg, variables as numpy)."""
@@ -136,12 +218,17 @@ def load(path: str, model_cfg: Optional[ml_collections.ConfigDict] = None
     if not os.path.exists(path):
         raise FileNotFoundError(f"no checkpoint at {path}")
     if os.path.isdir(path):
+        if os.path.isfile(os.path.join(path, SAFETENSORS_FILE)):  # a model-hub folder
+            return load_safetensors(os.path.join(path, SAFETENSORS_FILE), model_cfg)
         if checkpoint.is_model_dir(path):
             return checkpoint.load_model(path)
         from msit_jax.training.checkpoints import is_training_workdir, load_workdir_model
 
         if is_training_workdir(path):  # its best (else latest) checkpoint
             return load_workdir_model(path)
-        raise FileNotFoundError(f"{path} is a directory but neither a msit-jax model "
-                                "checkpoint nor a training workdir")
+        raise FileNotFoundError(f"{path} is a directory but neither a model folder "
+                                f"({SAFETENSORS_FILE}) nor a msit-jax model checkpoint nor a "
+                                "training workdir")
+    if path.endswith(".safetensors"):
+        return load_safetensors(path, model_cfg)
     return load_pth(path, model_cfg)

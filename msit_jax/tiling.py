@@ -41,6 +41,7 @@ import numpy as np
 
 from msit_jax import geometry
 from msit_jax.inference import Upscaler, check_image, check_out_hw, denormalize
+from msit_jax.serving import Progress
 from msit_jax.runtime import RuntimeOptions
 
 f32 = np.float32
@@ -116,6 +117,30 @@ def window(core: tuple[int, int], margin: int, n: int, tile: int) -> tuple[int, 
     return start, start + size
 
 
+class _Counter:
+    """Per-chunk progress across tiles: a tqdm bar, or progress(done, total) calls."""
+
+    def __init__(self, progress: Progress, total: int):
+        self.total, self.done = total, 0
+        self.callback = progress if callable(progress) else None
+        self.bar = None
+        if self.callback is None:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc="decode (tiled)", unit="chunk", leave=False)
+
+    def update(self, n: int) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+        else:
+            self.callback(self.done, self.total)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 class TiledUpscaler(Upscaler):
     """`Upscaler` that encodes and decodes LR tiles of `tile` x `tile` (see module doc).
 
@@ -130,7 +155,7 @@ class TiledUpscaler(Upscaler):
         self.tile = int(tile)
 
     def __call__(self, lr: Any, out_hw: Any, *, clamp: bool = True,
-                 progress: bool = False) -> np.ndarray:
+                 progress: Progress = False) -> np.ndarray:
         lr = check_image(lr)
         if self.tile <= 0 or self.tile >= max(lr.shape[:2]):
             return super().__call__(lr, out_hw, clamp=clamp, progress=progress)
@@ -139,11 +164,9 @@ class TiledUpscaler(Upscaler):
         jobs = list(self._jobs(lr.shape[:2], out_hw))
         bar = None
         if progress:
-            from tqdm.auto import tqdm
-
             total = sum(-(-(ys[1] - ys[0]) * (xs[1] - xs[0]) // self.chunk)
                         for _, _, ys, xs in jobs)
-            bar = tqdm(total=total, desc="decode (tiled)", unit="chunk", leave=False)
+            bar = _Counter(progress, total)
         inp_full = (lr - f32(0.5)) / f32(0.5)
         rc = jnp.asarray(geometry.rel_cell(out_hw, lr.shape[:2])[None])
         for core_y, core_x, hr_y, hr_x in jobs:

@@ -244,7 +244,7 @@ def test_workdir_handling(tmp_path):
         prepare_workdir(str(f))
     with pytest.raises(ValueError, match="workdir"):
         prepare_workdir("")
-    with pytest.raises(FileNotFoundError, match="neither a msit-jax model checkpoint nor"):
+    with pytest.raises(FileNotFoundError, match="nor a msit-jax model checkpoint nor"):
         pretrained.load(str(tmp_path))
 
 

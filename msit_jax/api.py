@@ -1,0 +1,57 @@
+"""The one-call API.
+
+    from msit_jax import Upscaler
+
+    up = Upscaler.from_pretrained("epoch-best.pth")    # any source pretrained.load reads
+    big = up(Image.open("photo.png"), scale=3.5)        # PIL in, PIL out
+    arr = up(uint8_array, size=(1080, 1920))            # uint8 in, uint8 out
+    flt = up(float_array, scale=(2, 3), progress=True)  # float in, float out; a progress bar
+
+`from_pretrained` folds RIMs and BatchNorms into plain convolutions
+(`msit_jax.reparam.fold`): the deployment model, same outputs.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import ml_collections
+import numpy as np
+
+from msit_jax import inference, pretrained, reparam
+from msit_jax.runtime import RuntimeOptions
+from msit_jax.serving import ImageUpscaler, Progress
+
+
+class Upscaler(ImageUpscaler):
+    """A ready model: `up(image, scale=s | (sy, sx))` or `up(image, size=(h, w))`.
+
+    image: a PIL image, or an (H, W, 3) uint8 / float [0, 1] array; the result
+    has the same type (see `msit_jax.serving`). chunk, method, runtime: see
+    `msit_jax.inference.Upscaler`.
+    """
+
+    def __init__(self, model_cfg: ml_collections.ConfigDict, variables: Any, *,
+                 chunk: Optional[int] = None, method: str = "auto",
+                 runtime: Optional[RuntimeOptions] = None):
+        self.engine = inference.Upscaler(model_cfg, variables, chunk, method, runtime)
+
+    @classmethod
+    def from_pretrained(cls, path: str, *, fold: bool = True, chunk: Optional[int] = None,
+                        method: str = "auto", runtime: Optional[RuntimeOptions] = None
+                        ) -> "Upscaler":
+        """Load weights from `path` (official .pth, .safetensors, a hub folder, a
+        msit-jax checkpoint or training workdir) and fold them (fold=False keeps
+        the RIM / BatchNorm layout, same outputs, slower)."""
+        model_cfg, variables = pretrained.load(path)
+        if fold:
+            model_cfg, variables = reparam.fold(model_cfg, variables)
+        return cls(model_cfg, variables, chunk=chunk, method=method, runtime=runtime)
+
+    @property
+    def model_cfg(self) -> ml_collections.ConfigDict:
+        return self.engine.model_cfg
+
+    def upscale_array(self, lr: np.ndarray, out_hw: tuple[int, int], *, clamp: bool = True,
+                      progress: Progress = False) -> np.ndarray:
+        return self.engine(lr, out_hw, clamp=clamp, progress=progress)

@@ -1,0 +1,180 @@
+"""The image front end every upscaler shares: PIL image or array in, the same type out.
+
+    up(image, scale=3.5)            # or per axis: scale=(2, 3)
+    up(image, size=(1080, 1920))    # output (height, width)
+
+Numpy and Pillow only: no JAX model import, so the exported-artifact runners
+(`msit_jax.exported`, `msit_jax.onnx_graph`) use it as well as
+`msit_jax.Upscaler`. A subclass implements `upscale_array` on a float32
+(H, W, 3) image in [0, 1]; this module converts inputs and outputs:
+
+* `PIL.Image.Image` -> `PIL.Image.Image`: RGB stays RGB, 'L' comes back 'L'
+  (the luma of the RGB result), an alpha channel is resized bicubically and
+  kept (RGBA / LA); 16-bit images are reduced to 8 bits.
+* uint8 (H, W, 3) array -> uint8 array (rounded to nearest).
+* float (H, W, 3) array in [0, 1] -> float array of the same dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
+
+import numpy as np
+
+f32 = np.float32
+
+# progress: False / None (off), True (a tqdm bar) or a callable (done, total)
+# called after each decoded chunk.
+Progress = Union[bool, None, Callable[[int, int], Any]]
+
+
+def normalize(img: np.ndarray) -> np.ndarray:
+    """[0, 1] image -> the network's input space, (x - 0.5) / 0.5."""
+    return (np.asarray(img, f32) - f32(0.5)) / f32(0.5)
+
+
+def denormalize(x: np.ndarray) -> np.ndarray:
+    """The network's output space -> [0, 1] (unclamped)."""
+    return np.asarray(x, f32) * f32(0.5) + f32(0.5)
+
+
+def check_image(lr: Any, name: str = "lr") -> np.ndarray:
+    """A float (H, W, 3) image in [0, 1] -> float32; ValueError/TypeError otherwise."""
+    lr = np.asarray(lr)
+    if lr.ndim != 3 or lr.shape[-1] != 3:
+        raise ValueError(f"{name} must be an (H, W, 3) RGB image, got shape {lr.shape}")
+    if not np.issubdtype(lr.dtype, np.floating):
+        raise TypeError(f"{name} must be float in [0, 1], got dtype {lr.dtype} "
+                        "(divide uint8 images by 255)")
+    if min(lr.shape[:2]) < 1:
+        raise ValueError(f"{name} is empty: shape {lr.shape}")
+    return lr.astype(f32)
+
+
+def check_out_hw(out_hw: Any) -> tuple[int, int]:
+    """(height, width) as two positive ints; ValueError naming the value otherwise."""
+    try:
+        h, w = (int(v) for v in out_hw)
+    except (TypeError, ValueError):
+        raise ValueError(f"out_hw must be (height, width), got {out_hw!r}") from None
+    if h < 1 or w < 1 or (h, w) != tuple(out_hw):
+        raise ValueError(f"out_hw must be two positive integers, got {out_hw!r}")
+    return h, w
+
+
+def output_size(in_hw: tuple[int, int], scale: Any = None, size: Any = None) -> tuple[int, int]:
+    """The output (height, width): `size`, or round(H * sy), round(W * sx) for
+    `scale` = s or (sy, sx) (at least 1 pixel). Exactly one must be given."""
+    if (scale is None) == (size is None):
+        raise ValueError("give exactly one of scale= (e.g. 3.5 or (2, 3)) or size=(height, width)")
+    if size is not None:
+        try:
+            return check_out_hw(size)
+        except ValueError:
+            raise ValueError(f"size must be (height, width), two positive integers, "
+                             f"got {size!r}") from None
+    try:
+        sy, sx = (float(scale), float(scale)) if np.ndim(scale) == 0 else map(float, scale)
+    except (TypeError, ValueError):
+        raise ValueError(f"scale must be a number or (sy, sx), got {scale!r}") from None
+    if not (math.isfinite(sy) and math.isfinite(sx) and sy > 0 and sx > 0):
+        raise ValueError(f"scale must be positive and finite, got {scale!r}")
+    return max(1, round(in_hw[0] * sy)), max(1, round(in_hw[1] * sx))
+
+
+def to_uint8(img: np.ndarray) -> np.ndarray:
+    """float in [0, 1] -> uint8, rounded to nearest."""
+    return np.clip(np.round(np.asarray(img, np.float64) * 255.0), 0, 255).astype(np.uint8)
+
+
+def _pil_image_class():
+    try:
+        from PIL import Image
+    except ImportError:  # pragma: no cover - Pillow is a core dependency
+        return None
+    return Image
+
+
+def read_input(image: Any) -> tuple[np.ndarray, Callable[[np.ndarray], Any]]:
+    """Any supported input -> (float32 (H, W, 3) in [0, 1], a function that turns a
+    float32 (h, w, 3) result in [0, 1] back into the input's type)."""
+    Image = _pil_image_class()
+    if Image is not None and isinstance(image, Image.Image):
+        return _read_pil(image, Image)
+    if hasattr(image, "__array__") or isinstance(image, (list, tuple)):
+        arr = np.asarray(image)
+        if arr.ndim != 3 or arr.shape[-1] != 3:
+            raise ValueError(f"image must be an (H, W, 3) RGB array or a PIL image, got "
+                             f"shape {arr.shape}")
+        if min(arr.shape[:2]) < 1:
+            raise ValueError(f"image is empty: shape {arr.shape}")
+        if arr.dtype == np.uint8:
+            return arr.astype(f32) / f32(255), to_uint8
+        if np.issubdtype(arr.dtype, np.floating):
+            dtype = arr.dtype
+            return arr.astype(f32), lambda out: np.asarray(out).astype(dtype)
+        raise TypeError(f"image array must be uint8 (0-255) or float (0-1), got dtype {arr.dtype}")
+    raise TypeError(f"image must be a PIL image or a numpy array, got {type(image).__name__}")
+
+
+def _read_pil(img, Image) -> tuple[np.ndarray, Callable[[np.ndarray], Any]]:
+    from msit_jax.images import pil_to_rgb_uint8
+
+    rgb = pil_to_rgb_uint8(img, "image")
+    alpha = None
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+        alpha = img.convert("RGBA").getchannel("A")
+    gray = img.mode in ("L", "LA", "1", "I;16", "I;16B", "I;16L", "I;16N", "I")
+
+    def restore(out: np.ndarray):
+        res = Image.fromarray(to_uint8(out))
+        if gray:
+            res = res.convert("L")
+        if alpha is not None:
+            res.putalpha(alpha.resize(res.size, Image.BICUBIC))
+        return res
+
+    return rgb.astype(f32) / f32(255), restore
+
+
+def track(items: Iterable, total: int, progress: Progress, desc: str = "decode") -> Iterator:
+    """Iterate `items`, reporting each finished item: a tqdm bar (progress=True)
+    or progress(done, total) after each one (a callable)."""
+    if not progress:
+        yield from items
+        return
+    if callable(progress):
+        done = 0
+        for item in items:
+            yield item
+            done += 1
+            progress(done, total)
+        return
+    from tqdm.auto import tqdm
+
+    yield from tqdm(items, total=total, desc=desc, unit="chunk", leave=False)
+
+
+class ImageUpscaler:
+    """Base of the one-call upscalers: `up(image, scale=... | size=...)`.
+
+    Subclasses implement `upscale_array(lr, out_hw, *, clamp, progress)`:
+    lr (H, W, 3) float32 in [0, 1] -> (out_h, out_w, 3) float32.
+    """
+
+    def upscale_array(self, lr: np.ndarray, out_hw: tuple[int, int], *, clamp: bool = True,
+                      progress: Progress = False) -> np.ndarray:
+        raise NotImplementedError
+
+    def __call__(self, image: Any, scale: Union[float, Sequence[float], None] = None, *,
+                 size: Optional[Sequence[int]] = None, clamp: bool = True,
+                 progress: Progress = False) -> Any:
+        """Upscale a PIL image or an (H, W, 3) uint8/float array to `scale` (s or (sy, sx))
+        or `size` (height, width); returns the input's type (see the module doc).
+        clamp=False (float arrays only) returns the raw prediction; progress: False,
+        True (a bar) or a callable (done, total) called per decoded chunk."""
+        lr, restore = read_input(image)
+        out_hw = output_size(lr.shape[:2], scale, size)
+        out = self.upscale_array(lr, out_hw, clamp=clamp, progress=progress)
+        return restore(out)
