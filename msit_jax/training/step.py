@@ -30,9 +30,11 @@ NONFINITE_NAMES = ((NONFINITE_LOSS, "loss"), (NONFINITE_GRADS, "gradients"),
 
 
 def describe_nonfinite(code: int) -> str:
-    """'loss and gradients' for a `nonfinite` bit mask."""
+    """'loss, gradients and updated weights' for a `nonfinite` bit mask."""
     names = [n for bit, n in NONFINITE_NAMES if code & bit]
-    return " and ".join(names) if names else "nothing"
+    if not names:
+        return "nothing"
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
 
 
 def all_finite(tree: Any) -> jax.Array:
