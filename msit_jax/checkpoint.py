@@ -29,17 +29,50 @@ CONFIG_FILE = "model_config.json"
 VARIABLES_DIR = "variables"
 
 
+def _is_closed_loop_noise(unraisable: Any) -> bool:
+    return (isinstance(unraisable.exc_value, RuntimeError)
+            and "Event loop is closed" in str(unraisable.exc_value))
+
+
 @contextlib.contextmanager
-def quiet_orbax() -> Iterator[None]:
+def quiet_orbax(settle_s: float = 0.5, max_wait_s: float = 5.0) -> Iterator[None]:
     """Silence Orbax/asyncio error logs (a traceback per failed read or write task) while
-    a restore or save is attempted: the caller reports a failure once, in one line."""
+    a restore or save is attempted: the caller reports a failure once, in one line.
+
+    When the block fails, the other tensor reads/writes of the aborted operation still
+    complete afterwards, each raising 'Event loop is closed' into
+    `sys.unraisablehook` (a traceback apiece); until they have stopped (no new one for
+    `settle_s`, at most `max_wait_s`) those are dropped too. Everything is restored on
+    exit: the logger levels and the previous hook.
+    """
+    import sys
+    import time
+
     loggers = [logging.getLogger(n) for n in ("absl", "asyncio", "orbax", "tensorstore")]
     levels = [lg.level for lg in loggers]
+    previous_hook = sys.unraisablehook
+    last = [0.0]
+
+    def hook(unraisable) -> None:
+        if _is_closed_loop_noise(unraisable):
+            last[0] = time.monotonic()
+        else:
+            previous_hook(unraisable)
+
     for lg in loggers:
         lg.setLevel(logging.CRITICAL)
+    sys.unraisablehook = hook
+    failed = True
     try:
         yield
+        failed = False
     finally:
+        if failed:
+            t0 = last[0] = time.monotonic()
+            while (time.monotonic() - last[0] < settle_s
+                   and time.monotonic() - t0 < max_wait_s):
+                time.sleep(0.05)
+        sys.unraisablehook = previous_hook
         for lg, lv in zip(loggers, levels):
             lg.setLevel(lv)
 
@@ -50,11 +83,11 @@ def short_error(e: BaseException) -> str:
     seen = set()
     while e is not None and id(e) not in seen and len(msgs) < 6:
         seen.add(id(e))
-        m = one_line(str(e), 300)
+        m = one_line(str(e), 600)
         if m and m not in msgs:
             msgs.append(m if msgs else f"{type(e).__name__}: {m}")
         e = e.__cause__ or e.__context__
-    return one_line(msgs[-1] if msgs else "unknown error", 400)
+    return one_line(msgs[-1] if msgs else "unknown error", 600)
 
 
 def config_to_json(model_cfg: ml_collections.ConfigDict) -> str:
@@ -165,6 +198,7 @@ def save_model(path: str, model_cfg: ml_collections.ConfigDict, variables: Any) 
     var_dir = os.path.join(path, VARIABLES_DIR)
     if os.path.exists(var_dir):
         raise OutputError(f"{var_dir} already exists (a partial checkpoint?): remove it first")
+    created_dir = not os.path.exists(path)
     try:
         os.makedirs(path, exist_ok=True)
         with quiet_orbax():
@@ -176,9 +210,15 @@ def save_model(path: str, model_cfg: ml_collections.ConfigDict, variables: Any) 
             f.write(config_to_json(model_cfg))
         os.replace(tmp, os.path.join(path, CONFIG_FILE))
     except Exception as e:  # noqa: BLE001 - report any write failure in one line
-        shutil.rmtree(var_dir, ignore_errors=True)
+        # Remove what this call wrote: the variables (Orbax writes them under a
+        # temporary name first), the config, and the directory if it is left empty.
+        for name in os.listdir(path) if os.path.isdir(path) else []:
+            if name == VARIABLES_DIR or name.startswith(VARIABLES_DIR + ".orbax-checkpoint-tmp"):
+                shutil.rmtree(os.path.join(path, name), ignore_errors=True)
         with contextlib.suppress(OSError):
             os.remove(os.path.join(path, CONFIG_FILE + ".tmp"))
+        if created_dir and os.path.isdir(path) and not os.listdir(path):
+            os.rmdir(path)
         raise OutputError(f"could not write the model checkpoint {path}: {short_error(e)}") \
             from e
     return path

@@ -108,10 +108,14 @@ class TrainingInterrupted(KeyboardInterrupt):
 
 
 def one_line(text: str, limit: int = 2000) -> str:
-    """A message on one line: its lines joined with '; ' and cut at `limit` characters."""
+    """A message on one line: its lines joined with '; ', and at most `limit` characters
+    (the middle elided: the start names the operation, the end usually the reason)."""
     parts = [p.strip() for p in str(text).splitlines() if p.strip()]
     line = "; ".join(parts)
-    return line if len(line) <= limit else line[:limit - 3] + "..."
+    if len(line) <= limit:
+        return line
+    head = (limit - 5) * 2 // 5
+    return line[:head] + " ... " + line[len(line) - (limit - 5 - head):]
 
 
 def exit_code_for(exc: BaseException) -> int:

@@ -335,7 +335,8 @@ class Checkpointer:
         match write its file digests and make it the last verified step."""
         pending, self._pending = self._pending, None
         try:
-            self.manager.wait_until_finished()
+            with quiet_orbax():
+                self.manager.wait_until_finished()
         except Exception as e:  # noqa: BLE001 - the async write failed (disk full, ...)
             where = pending.step if pending else "?"
             raise OutputError(f"saving checkpoint step {where} in {self.directory} failed: "
