@@ -184,7 +184,8 @@ def save_output(path: str, rgb: np.ndarray, alpha: Optional[np.ndarray]) -> None
 
 def memory_estimate(model_cfg, in_hw: tuple[int, int], out_hw: tuple[int, int], chunk: int,
                     tile: int) -> dict[str, float]:
-    """Estimated peak bytes of one image: {'output', 'input', 'decoder', 'encoder'}."""
+    """Estimated peak bytes of one image: {'output', 'input', 'decoder', 'encoder'}
+    (the encoder estimate is `tiling.auto_tile`'s: 64 bytes x dim per window pixel)."""
     from msit_jax import tiling
 
     n = (2 * model_cfg.radius + 1) ** 2
@@ -332,14 +333,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             hw = output_size(in_hw, scale, size, path)
             if args.tile == "auto":
                 up.tile = tiling.auto_tile(up.model_cfg, in_hw, budget)
+            # Each part against the budget: the image buffers (set by --scale/--size),
+            # the encoder (set by --tile; 'auto' tiles it to fit), the decoder (--chunk,
+            # checked once above).
             est = memory_estimate(up.model_cfg, in_hw, hw, up.chunk, up.tile)
-            if sum(est.values()) > budget:
+            buffers = est["output"] + est["input"]
+            if buffers > budget:
                 what = f"--scale {args.scale}" if scale is not None else f"--size {args.size}"
                 raise ResourceError(
                     f"{path}: {in_hw[1]}x{in_hw[0]} -> {hw[1]}x{hw[0]} ({what}) needs "
-                    f"~{_gb(sum(est.values()))} (" + ", ".join(f"{k} {_gb(v)}"
-                                                              for k, v in est.items())
-                    + f"), over --max_memory_gb {args.max_memory_gb:g}")
+                    f"~{_gb(buffers)} for the image buffers, over --max_memory_gb "
+                    f"{args.max_memory_gb:g}")
+            if est["encoder"] > budget and args.tile != "auto":
+                raise ResourceError(
+                    f"{path}: --tile {args.tile} on a {in_hw[1]}x{in_hw[0]} input needs "
+                    f"~{_gb(est['encoder'])} of encoder memory, over --max_memory_gb "
+                    f"{args.max_memory_gb:g}; use --tile auto or a smaller tile")
             rgb, alpha = read_input(path)
             t0 = time.perf_counter()
             sr = up(images.to_float(rgb), hw, clamp=False, progress=args.progress)
