@@ -86,6 +86,11 @@ def check_writable(path: str, flag: str, directory: bool = False) -> None:
     """OutputError naming `flag` unless `path` (a file, or a directory with directory=True)
     can be created or written; creates missing parent directories as writing would."""
     target = path if directory else os.path.dirname(os.path.abspath(path))
+    ancestor = os.path.abspath(target)
+    while ancestor and not os.path.exists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if ancestor and not os.path.isdir(ancestor):
+        raise errors.OutputError(f"{flag} {path}: {ancestor} is a file, not a directory")
     try:
         if directory and os.path.exists(path) and not os.path.isdir(path):
             raise errors.OutputError(f"{flag} {path}: exists and is not a directory")
@@ -234,7 +239,7 @@ def pair(hr: np.ndarray, lr: np.ndarray, scale: float, name: str = "image"
     s = hr.shape[0] // lr.shape[0]
     sx = hr.shape[1] // lr.shape[1]
     if s != scale or sx != scale:
-        raise ValueError(f"{name}: HR {hr.shape[1]}x{hr.shape[0]} and LR {lr.shape[1]}x"
+        raise errors.InputError(f"{name}: HR {hr.shape[1]}x{hr.shape[0]} and LR {lr.shape[1]}x"
                          f"{lr.shape[0]} make scale {s} (height) and {sx} (width), expected "
                          f"{scale:g} in both")
     out_hw = hr_size(lr.shape[:2], s)

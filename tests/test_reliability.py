@@ -795,7 +795,7 @@ def test_13_unwritable_outputs_fail_before_evaluating(tmp_path, mini, capsys):
                              "--noprogress", flag, str(blocker / "out")])
         cap = capsys.readouterr()
         assert rc == errors.EXIT_OUTPUT and "PSNR" not in cap.err
-        assert_one_line_error(cap.err, flag)
+        assert_one_line_error(cap.err, flag, f"{blocker} is a file, not a directory")
     for bad in ("inf", "nan"):
         rc = _evaluate_main(["--model", "bicubic", "--data", mini, "--scales", bad])
         assert rc == errors.EXIT_USAGE
@@ -817,7 +817,7 @@ def test_13_a_late_write_failure_keeps_the_table(tmp_path, mini, capsys, monkeyp
 
 def test_13_paired_lr_is_checked_in_both_dimensions():
     hr = np.zeros((60, 48, 3), np.uint8)
-    with pytest.raises(ValueError, match=r"scale 2 \(height\) and 4 \(width\)"):
+    with pytest.raises(errors.InputError, match=r"scale 2 \(height\) and 4 \(width\)"):
         evaluation.pair(hr, np.zeros((30, 10, 3), np.uint8), 2, "x.png")
     gt, hw = evaluation.pair(hr, np.zeros((30, 24, 3), np.uint8), 2, "x.png")
     assert gt.shape == (60, 48, 3) and hw == (60, 48)
