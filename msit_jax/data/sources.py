@@ -203,7 +203,7 @@ class FolderSource(ImageSource):
             kept.append(path)
             sizes.append((h, w))
         if skipped:
-            log.warning("skipped %d of %d images in %s (data.skip_bad_images=True):\n  %s",
+            log.warning("skipped %d of %d images in %s (skip_bad_images=True):\n  %s",
                         len(skipped), len(files), root, "\n  ".join(skipped))
         if not kept:
             raise FileNotFoundError(f"{root}: none of the {len(files)} images is usable")
@@ -238,7 +238,7 @@ class FolderSource(ImageSource):
             return img.shape[:2]
 
         if todo:
-            log.info("decoding %d images once to check them (data.skip_bad_images=True)",
+            log.info("decoding %d images once to check them (skip_bad_images=True)",
                      len(todo))
             workers = min(len(todo), os.cpu_count() or 1, 8)
             with concurrent.futures.ThreadPoolExecutor(workers) as pool:
