@@ -10,18 +10,24 @@ r"""Evaluate MSIT (or the bicubic baseline) with the reference's protocol.
 
 Prints a Markdown table (methods x datasets, scales as columns, "PSNR / SSIM")
 on stdout; per-image figures and wall times go to the log (stderr) and to
---json. Exits with status 1 if any image failed. The protocol is documented in
+--json. Output paths are checked writable before the evaluation starts, and
+the table is printed even when a later write fails. Errors are one line with
+the exit codes of `msit_jax.errors`: 1 if images failed for different reasons
+(otherwise the code of their cause, e.g. 6 for a non-finite model output, 4 for
+unreadable files), 2 for flags, 5 for the checkpoint, 7 for outputs;
+--verbose adds tracebacks. The protocol is documented in
 `msit_jax/evaluation.py` and docs/evaluation.md.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import sys
 
 from absl import app, flags
 
-from msit_jax import evaluation
+from msit_jax import errors, evaluation
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("checkpoint", None, "msit-jax checkpoint dir or official MSIT .pth.")
@@ -67,21 +73,28 @@ flags.DEFINE_string("plot", None, "Save a PSNR-vs-scale plot (first dataset, wit
                     "needs matplotlib (requirements-plot.txt).")
 flags.DEFINE_string("tfds_data_dir", None, "data_dir for tfds: datasets.")
 flags.DEFINE_bool("progress", True, "Show progress bars.")
+flags.DEFINE_bool("verbose", False, "Print the traceback of an error.")
 
 
 def config_from_flags() -> evaluation.ml_collections.ConfigDict:
     cfg = evaluation.default_config()
     model = FLAGS.model or ("msit" if FLAGS.checkpoint else None)
     if model is None:
-        raise app.UsageError("give --checkpoint (MSIT) or --model bicubic")
+        raise errors.UsageError("give --checkpoint (MSIT) or --model bicubic")
     if model != "msit" and FLAGS.checkpoint:
-        raise app.UsageError(f"--checkpoint is only used with --model msit, not {model}")
+        raise errors.UsageError(f"--checkpoint is only used with --model msit, not {model}")
     if not FLAGS.data:
-        raise app.UsageError("give at least one --data folder")
+        raise errors.UsageError("give at least one --data folder")
     try:
         scales = [float(s) for s in FLAGS.scales]
     except ValueError:
-        raise app.UsageError(f"--scales must be numbers, got {','.join(FLAGS.scales)}") from None
+        raise errors.UsageError(f"--scales must be numbers, got {','.join(FLAGS.scales)}") \
+            from None
+    if not scales or not all(math.isfinite(s) and s >= 1 for s in scales):
+        raise errors.UsageError(f"--scales must be finite numbers >= 1, got "
+                                f"{','.join(FLAGS.scales)}")
+    if FLAGS.chunk < 0:
+        raise errors.UsageError(f"--chunk must be >= 0 (0: per platform), got {FLAGS.chunk}")
     cfg.model = model
     cfg.checkpoint = FLAGS.checkpoint or ""
     cfg.data = [d for spec in FLAGS.data for d in spec.split(",") if d]
@@ -104,27 +117,38 @@ def config_from_flags() -> evaluation.ml_collections.ConfigDict:
     return cfg
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing with one-line errors (exit 2)."""
+    try:
+        return FLAGS(argv)
+    except flags.Error as e:
+        print(f"error: {errors.one_line(str(e))}", file=sys.stderr)
+        sys.exit(errors.EXIT_USAGE)
+
+
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+        print(f"error: unexpected arguments: {' '.join(argv[1:])}", file=sys.stderr)
+        return errors.EXIT_USAGE
     logging.getLogger("msit_jax").setLevel(logging.INFO)
     logging.getLogger("jax").setLevel(logging.WARNING)  # backend probing noise
-    cfg = config_from_flags()
     try:
+        cfg = config_from_flags()
         results, baseline, failures = evaluation.run(cfg)
-    except (ValueError, FileNotFoundError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    except Exception as e:  # noqa: BLE001 - one line, see msit_jax.errors
+        return errors.report(e, FLAGS.verbose)
     name = {"msit": "MSIT", "bicubic": "Bicubic", "bicubic_y": "Bicubic (Y, MATLAB)"}[cfg.model]
     rows = [(name, results)] + ([("Bicubic", baseline)] if baseline else [])
-    print(evaluation.markdown_table(rows, [float(s) for s in cfg.scales]))
+    print(evaluation.markdown_table(rows, [float(s) for s in cfg.scales]), flush=True)
     if failures:
-        print(f"error: {len(failures)} image evaluation(s) failed:", file=sys.stderr)
+        print(f"error: {len(failures)} image evaluation(s) or output(s) failed:",
+              file=sys.stderr)
         for f in failures:
             print(f"  {f}", file=sys.stderr)
-        return 1
+        codes = {getattr(f, "exit_code", errors.EXIT_FAILURE) for f in failures}
+        return codes.pop() if len(codes) == 1 else errors.EXIT_FAILURE
     return 0
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

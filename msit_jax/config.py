@@ -24,6 +24,8 @@ Precision, compute dtype and the FFT threshold are execution options:
 
 from __future__ import annotations
 
+import math
+
 import ml_collections
 
 ENCODERS = ("edsr-baseline", "rdn")
@@ -75,8 +77,28 @@ def validate_model_config(c: ml_collections.ConfigDict) -> None:
         if not ok:
             raise ValueError(f"invalid model config: {msg}")
 
+    def positive_int(name: str, v) -> None:
+        need(isinstance(v, int) and not isinstance(v, bool) and v > 0,
+             f"{name}={v!r} must be a positive integer")
+
     need(c.encoder in ENCODERS, f"encoder={c.encoder!r}, expected one of {ENCODERS}")
     need(c.conv in ("rim", "plain"), f"conv={c.conv!r}, expected 'rim' or 'plain'")
+    # Sizes first: the divisibility rules below divide by them.
+    for name in ("dim", "heads", "msno_heads", "qk_heads", "posenc_dims"):
+        positive_int(name, c[name])
+    need(isinstance(c.radius, int) and c.radius >= 0, f"radius={c.radius!r} must be >= 0")
+    for i, h in enumerate(c.mlp_hidden):
+        positive_int(f"mlp_hidden[{i}]", h)
+    need(math.isfinite(c.posenc_scale), f"posenc_scale={c.posenc_scale!r} must be finite")
+    need(math.isfinite(c.bn_eps) and c.bn_eps > 0, f"bn_eps={c.bn_eps!r} must be > 0")
+    need(math.isfinite(c.bn_momentum) and 0 <= c.bn_momentum <= 1,
+         f"bn_momentum={c.bn_momentum!r} must be in [0, 1]")
+    if c.encoder == "edsr-baseline":
+        need(isinstance(c.edsr.n_resblocks, int) and c.edsr.n_resblocks >= 0,
+             f"edsr.n_resblocks={c.edsr.n_resblocks!r} must be an integer >= 0")
+        positive_int("edsr.n_feats", c.edsr.n_feats)
+        need(math.isfinite(c.edsr.res_scale), f"edsr.res_scale={c.edsr.res_scale!r} "
+             "must be finite")
     need(c.dim % 8 == 0, f"dim={c.dim} must be divisible by 8 (LEM)")
     need(c.dim % c.heads == 0, f"dim={c.dim} not divisible by heads={c.heads}")
     need(c.dim % c.msno_heads == 0, f"dim={c.dim} not divisible by msno_heads={c.msno_heads}")
@@ -85,5 +107,5 @@ def validate_model_config(c: ml_collections.ConfigDict) -> None:
     need(c.posenc_dims % 4 == 0 and c.posenc_dims >= 8,
          f"posenc_dims={c.posenc_dims} must be a multiple of 4, >= 8")
     if c.encoder == "rdn":
-        need(min(c.rdn.n_blocks, c.rdn.n_layers, c.rdn.growth, c.rdn.g0) > 0,
-             "rdn sizes must be positive")
+        for k in ("g0", "kernel_size", "n_blocks", "n_layers", "growth"):
+            positive_int(f"rdn.{k}", c.rdn[k])

@@ -4,7 +4,8 @@
     python -m msit_jax.convert bare_state_dict.pth out/ --encoder rdn --conv rim
     python -m msit_jax.convert epoch-best.pth out_folded/ --fold
 
-The result loads with `msit_jax.pretrained.load(DST_DIR)`.
+The result loads with `msit_jax.pretrained.load(DST_DIR)`. Errors are one line
+naming the file, with the exit codes of `msit_jax.errors` (--verbose: traceback).
 """
 
 from __future__ import annotations
@@ -12,8 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from msit_jax import checkpoint, pretrained, reparam
-from msit_jax.config import model_config
+from msit_jax import errors
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,7 +27,17 @@ def main(argv: list[str] | None = None) -> int:
                    help="layout of a bare state_dict (default: detected from its keys)")
     p.add_argument("--fold", action="store_true",
                    help="store the re-parameterised (RIM + BatchNorm folded) model")
+    p.add_argument("--verbose", action="store_true", help="print tracebacks of errors")
     args = p.parse_args(argv)
+    try:
+        return _convert(args)
+    except Exception as e:  # noqa: BLE001 - one line per error, see msit_jax.errors
+        return errors.report(e, args.verbose)
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from msit_jax import checkpoint, pretrained, reparam
+    from msit_jax.config import model_config
 
     cfg = None
     if args.encoder:
@@ -35,18 +45,13 @@ def main(argv: list[str] | None = None) -> int:
         if conv is None:
             from msit_jax.torch_io import detect_conv_kind
 
-            obj = pretrained.read_pth(args.src)
-            sd = obj["model"]["sd"] if isinstance(obj.get("model"), dict) else obj
+            sd = pretrained.official_state_dict(pretrained.read_pth(args.src), args.src)
             conv = detect_conv_kind(sd)
         cfg = model_config(args.encoder, conv)
-    try:
-        cfg, variables = pretrained.load(args.src, cfg)
-        if args.fold:
-            cfg, variables = reparam.fold(cfg, variables)
-        path = checkpoint.save_model(args.dst, cfg, variables)
-    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    cfg, variables = pretrained.load(args.src, cfg)
+    if args.fold:
+        cfg, variables = reparam.fold(cfg, variables)
+    path = checkpoint.save_model(args.dst, cfg, variables)
     print(f"wrote {path} (encoder={cfg.encoder}, conv={cfg.conv}, batch_norm={cfg.batch_norm}, "
           f"{reparam.count_params(variables):,} values)")
     return 0

@@ -20,6 +20,13 @@ Protocol (official `test.py` with `configs/test/*.yaml`, DESIGN.md section 6):
     MATLAB's rgb2ycbcr rounded to integers, PSNR/SSIM on that Y, shave s.
 
 Images are numpy (H, W, 3) uint8 RGB unless a name says float.
+
+Nothing lost, nothing silent: output paths (--json, --save_images, --plot) are
+checked writable before any image is scored; an image that fails (unreadable,
+too small, mismatched paired LR, a non-finite model output, an image that
+cannot be saved) is reported as a `Failure` and the others go on; a failure to
+write the JSON or plot at the end is reported too, after the results exist.
+Dataset names are sanitised before they become folder names.
 """
 
 from __future__ import annotations
@@ -39,7 +46,7 @@ import numpy as np
 
 from PIL import Image
 
-from msit_jax import images, matlab_resize, metrics
+from msit_jax import errors, images, matlab_resize, metrics
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +59,55 @@ MODELS = ("msit", "bicubic", "bicubic_y")
 REFERENCE_PAIRED = {"set14": (2, 3, 4), "b100": (2, 3, 4)}
 DATASET_ALIASES = {"bsd100": "b100", "bsds100": "b100"}
 GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N")
+
+
+class Failure(str):
+    """A failure message (what `run` returns in its list) with the exit code of its cause."""
+
+    exit_code: int = errors.EXIT_FAILURE
+
+    @classmethod
+    def of(cls, message: str, exc: BaseException) -> "Failure":
+        f = cls(message)
+        f.exit_code = errors.exit_code_for(exc)
+        return f
+
+
+def safe_component(name: str) -> str:
+    """A dataset name as one safe path component: runs of characters outside
+    [A-Za-z0-9._-] (separators included) become '_', and leading/trailing dots and
+    underscores go, so it can never be '..' or absolute ('../../x' -> 'x',
+    'div2k/bicubic_x4' -> 'div2k_bicubic_x4')."""
+    out = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._")
+    return out or "dataset"
+
+
+def check_writable(path: str, flag: str, directory: bool = False) -> None:
+    """OutputError naming `flag` unless `path` (a file, or a directory with directory=True)
+    can be created or written; creates missing parent directories as writing would."""
+    target = path if directory else os.path.dirname(os.path.abspath(path))
+    ancestor = os.path.abspath(target)
+    while ancestor and not os.path.exists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if ancestor and not os.path.isdir(ancestor):
+        raise errors.OutputError(f"{flag} {path}: {ancestor} is a file, not a directory")
+    try:
+        if directory and os.path.exists(path) and not os.path.isdir(path):
+            raise errors.OutputError(f"{flag} {path}: exists and is not a directory")
+        if not directory and os.path.isdir(path):
+            raise errors.OutputError(f"{flag} {path}: is a directory")
+        os.makedirs(target, exist_ok=True)
+        probe = os.path.join(target, f".msit_write_test.{os.getpid()}")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+        if not directory and os.path.exists(path) and not os.access(path, os.W_OK):
+            raise errors.OutputError(f"{flag} {path}: not writable")
+    except errors.OutputError:
+        raise
+    except OSError as e:
+        raise errors.OutputError(f"{flag} {path}: cannot be written ({e.strerror or e})") \
+            from None
 
 
 # ---------------------------------------------------------------------------- protocol
@@ -181,9 +237,11 @@ def pair(hr: np.ndarray, lr: np.ndarray, scale: float, name: str = "image"
     the prediction to gt's size.
     """
     s = hr.shape[0] // lr.shape[0]
-    if s != scale:
-        raise ValueError(f"{name}: HR {hr.shape[1]}x{hr.shape[0]} and LR {lr.shape[1]}x"
-                         f"{lr.shape[0]} make scale {s}, expected {scale:g}")
+    sx = hr.shape[1] // lr.shape[1]
+    if s != scale or sx != scale:
+        raise errors.InputError(f"{name}: HR {hr.shape[1]}x{hr.shape[0]} and LR {lr.shape[1]}x"
+                         f"{lr.shape[0]} make scale {s} (height) and {sx} (width), expected "
+                         f"{scale:g} in both")
     out_hw = hr_size(lr.shape[:2], s)
     return hr[:out_hw[0], :out_hw[1]], out_hw
 
@@ -332,7 +390,13 @@ class MSITPredictor:
         self.name = name
 
     def __call__(self, lr: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
-        return self.up(images.to_float(lr), out_hw, clamp=True)
+        """Clamped prediction; NonFiniteError when the model output has NaN/inf values."""
+        out = self.up(images.to_float(lr), out_hw, clamp=False)
+        finite = np.isfinite(out)
+        if not finite.all():
+            raise errors.NonFiniteError(f"the model output has {int(finite.size - finite.sum())}"
+                                        f" non-finite value(s) of {finite.size}")
+        return np.clip(out, 0.0, 1.0)
 
 
 # ---------------------------------------------------------------------------- scoring
@@ -395,8 +459,10 @@ def evaluate_scale(predictor, dataset: Dataset, scale: float, protocol: Protocol
                    failures: Optional[list[str]] = None) -> Optional[ScaleResult]:
     """Score a predictor on every image of a dataset at one scale.
 
-    An image that cannot be read or is too small is logged, appended to
-    `failures` and left out; returns None when no image could be scored.
+    An image that cannot be read or is too small (or whose prediction is not
+    finite) is logged, appended to `failures` (a `Failure`) and left out; an
+    image scored but not saved is appended too. Returns None when no image
+    could be scored.
     """
     y_only = hasattr(predictor, "predict_y")
     if y_only and (not protocol.quantize or lr_source == "paired" or degradation != "matlab"):
@@ -438,19 +504,30 @@ def evaluate_scale(predictor, dataset: Dataset, scale: float, protocol: Protocol
                 elapsed = time.perf_counter() - t0
                 pred = pred[:gt.shape[0], :gt.shape[1]]  # paired: HR may be smaller
                 p, s = score(pred, gt, scale, protocol)
-        except (images.ImageError, ValueError, FileNotFoundError) as e:
-            log.error("%s x%s: %s", dataset.name, format_scale(scale), e)
+        except (images.ImageError, ValueError, FileNotFoundError, errors.NonFiniteError,
+                MemoryError) as e:
+            msg = errors.one_line(str(e))
+            if isinstance(e, errors.NonFiniteError):
+                msg = f"{name}: {msg}"
+            log.error("%s x%s: %s", dataset.name, format_scale(scale), msg)
             if failures is not None:
-                failures.append(f"{dataset.name} x{format_scale(scale)}: {e}")
+                failures.append(Failure.of(f"{dataset.name} x{format_scale(scale)}: {msg}", e))
             if bar is not None:
                 bar.update(1)
             continue
         per_image[name] = {"psnr": p, "ssim": s, "time_s": elapsed,
                            "lr_hw": list(lr.shape[:2]), "hr_hw": list(gt.shape[:2])}
         if save_dir is not None and pred is not None:
-            stem = os.path.splitext(name)[0]
-            images.save_png(os.path.join(save_dir, dataset.name, f"x{format_scale(scale)}",
-                                         f"{stem}.png"), pred)
+            stem = safe_component(os.path.splitext(name)[0])
+            out = os.path.join(save_dir, safe_component(dataset.name),
+                               f"x{format_scale(scale)}", f"{stem}.png")
+            try:
+                images.save_png(out, pred)
+            except OSError as e:
+                msg = f"--save_images: {out}: cannot be written ({e.strerror or e})"
+                log.error("%s", msg)
+                if failures is not None:
+                    failures.append(Failure.of(msg, errors.OutputError(msg)))
         line = (f"{dataset.name} x{format_scale(scale)} {name}: PSNR {p:.4f} SSIM {s:.4f} "
                 f"({elapsed:.3f}s)")
         if bar is not None:
@@ -488,10 +565,30 @@ def results_to_json(results: Results, baseline: Optional[Results] = None) -> dic
     return out
 
 
+def _json_safe(x: Any) -> Any:
+    """NaN/inf floats -> None (null), recursively: the file stays strict JSON."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    return x
+
+
 def write_json(path: str, results: Results, baseline: Optional[Results] = None) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(results_to_json(results, baseline), f, indent=2)
+    """Write the results (atomically: a failed write leaves no partial file)."""
+    path = os.path.abspath(path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(_json_safe(results_to_json(results, baseline)), f, indent=2,
+                      allow_nan=False)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def markdown_table(rows: Sequence[tuple[str, Results]], scales: Sequence[float]) -> str:
@@ -623,11 +720,18 @@ def run(cfg: ml_collections.ConfigDict) -> tuple[Results, Optional[Results], lis
     if not cfg.data:
         raise ValueError("no data: give one or more HR folders (or tfds:NAME[:SPLIT])")
     scales = [float(s) for s in cfg.scales]
-    if not scales or min(scales) < 1:
-        raise ValueError(f"scales must be >= 1, got {scales}")
+    if not scales or min(scales) < 1 or not all(math.isfinite(s) for s in scales):
+        raise ValueError(f"scales must be finite numbers >= 1, got {scales}")
     if cfg.degradation not in DEGRADATIONS:
         raise ValueError(f"unknown degradation {cfg.degradation!r}, expected one of "
                          f"{DEGRADATIONS}")
+    # Output paths first: a finished evaluation must not be lost to an unwritable path.
+    if cfg.json:
+        check_writable(cfg.json, "--json")
+    if cfg.plot:
+        check_writable(cfg.plot, "--plot")
+    if cfg.save_images:
+        check_writable(cfg.save_images, "--save_images", directory=True)
     datasets = [open_dataset(d, cfg.tfds_data_dir or None) for d in cfg.data]
     protos = protocols_for(cfg, datasets)
     predictor = make_predictor(cfg)
@@ -654,12 +758,22 @@ def run(cfg: ml_collections.ConfigDict) -> tuple[Results, Optional[Results], lis
                 if b is not None:
                     baseline.setdefault(ds.name, {})[scale] = b
     if cfg.json:
-        write_json(cfg.json, results, baseline)
+        try:
+            write_json(cfg.json, results, baseline)
+        except OSError as e:
+            msg = f"--json {cfg.json}: cannot be written ({e.strerror or e})"
+            log.error("%s", msg)
+            failures.append(Failure.of(msg, errors.OutputError(msg)))
     if cfg.plot:
         ds = datasets[0].name
         curves = [(predictor.name, {s: r.psnr for s, r in results.get(ds, {}).items()})]
         if baseline:
             curves.append((baseline_pred.name,
                            {s: r.psnr for s, r in baseline.get(ds, {}).items()}))
-        plot_psnr_vs_scale(curves, ds, cfg.plot)
+        try:
+            plot_psnr_vs_scale(curves, ds, cfg.plot)
+        except OSError as e:
+            msg = f"--plot {cfg.plot}: cannot be written ({e.strerror or e})"
+            log.error("%s", msg)
+            failures.append(Failure.of(msg, errors.OutputError(msg)))
     return results, baseline, failures

@@ -10,11 +10,25 @@ import os
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from msit_jax.errors import EXIT_RESOURCE, InputError, ResourceError
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
-class ImageError(ValueError):
+class ImageError(InputError):
     """An image file could not be read as an RGB image; the message names the file."""
+
+
+class ImageTooLargeError(ImageError, ResourceError):
+    """An image exceeds Pillow's decompression-bomb limit (`Image.MAX_IMAGE_PIXELS`)."""
+
+    exit_code = EXIT_RESOURCE
+
+
+def bomb_error(path: str, e: Exception) -> ImageTooLargeError:
+    """The one-line error for Pillow's DecompressionBombError on `path`."""
+    return ImageTooLargeError(f"{path}: {e} (Pillow's decompression-bomb limit, "
+                              "PIL.Image.MAX_IMAGE_PIXELS)")
 
 
 def pil_to_rgb_uint8(img: Image.Image, name: str = "image") -> np.ndarray:
@@ -36,12 +50,16 @@ def pil_to_rgb_uint8(img: Image.Image, name: str = "image") -> np.ndarray:
 
 def read_image(path: str) -> np.ndarray:
     """Decode an image file to (H, W, 3) uint8 RGB; ImageError names a bad file."""
+    if os.path.isdir(path):
+        raise ImageError(f"{path}: is a directory, not an image file")
     if not os.path.isfile(path):
         raise ImageError(f"{path}: no such file")
     try:
         with Image.open(path) as img:
             img.load()
             return pil_to_rgb_uint8(img, path)
+    except Image.DecompressionBombError as e:
+        raise bomb_error(path, e) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         if isinstance(e, ImageError):
             raise
@@ -77,8 +95,17 @@ def to_uint8(img: np.ndarray) -> np.ndarray:
 
 
 def save_png(path: str, img: np.ndarray) -> None:
-    """Save an RGB image (uint8, or float in [0, 1]) as PNG."""
+    """Save an RGB(A) image (uint8, or float in [0, 1]) as PNG, atomically: the file is
+    written beside `path` and renamed, so an interrupted save never leaves a partial
+    file (nor a partly overwritten one)."""
     if img.dtype != np.uint8:
         img = to_uint8(img)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    Image.fromarray(img).save(path)
+    path = os.path.abspath(path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp.png"
+    try:
+        Image.fromarray(img).save(tmp, format="PNG")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

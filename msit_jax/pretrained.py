@@ -27,6 +27,7 @@ import numpy as np
 
 from msit_jax import checkpoint
 from msit_jax.config import model_config, validate_model_config
+from msit_jax.errors import CheckpointError, one_line
 from msit_jax.encoders import RDN_PRESETS
 from msit_jax.torch_io import detect_conv_kind, state_dict_to_variables, strip_prefix
 
@@ -42,12 +43,58 @@ def _import_torch():
 
 
 def read_pth(path: str) -> Any:
-    """torch.load a .pth on CPU, tensors only (no arbitrary pickled code)."""
-    torch = _import_torch()
+    """torch.load a .pth on CPU, tensors only (no arbitrary pickled code).
+
+    CheckpointError (one line naming the file and the reason) when the file is
+    empty, not a PyTorch checkpoint, truncated, or holds non-tensor objects.
+    """
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"could not read {path} as a PyTorch checkpoint: {e}") from e
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot be read ({e.strerror})", path=path) from e
+    if size == 0:
+        raise CheckpointError(f"{path}: empty file (0 bytes), not a PyTorch checkpoint",
+                              path=path)
+    # torch.save writes a zip archive (PK..); older files are a bare pickle (0x80 + protocol).
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint (neither a zip archive nor a "
+                              f"pickle; it starts with {head!r})", path=path)
+    torch = _import_torch()
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # pickle-protocol notices
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - every failure becomes one line naming the file
+        msg = str(e)
+        if "Weights only load failed" in msg:
+            detail = next((ln.strip() for ln in msg.splitlines()
+                           if ln.strip() and "WeightsUnpickler error" not in ln
+                           and "Weights only" not in ln and "Please file" not in ln
+                           and "Check the documentation" not in ln), "")
+            reason = ("it holds objects other than tensors, which are not unpickled "
+                      f"(weights_only=True){': ' + detail if detail else ''}")
+        elif "central directory" in msg or "zip archive" in msg or isinstance(e, EOFError):
+            reason = "truncated or corrupt (its zip archive is incomplete)"
+        else:
+            reason = f"{type(e).__name__}: {one_line(msg, 200)}"
+        raise CheckpointError(f"{path}: cannot be read as a PyTorch checkpoint: {reason}",
+                              path=path) from e
+
+
+def official_state_dict(obj: Any, path: str) -> Mapping[str, Any]:
+    """The state_dict inside what `read_pth` returned (training checkpoint or bare)."""
+    if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping) and "sd" in obj["model"]:
+        return obj["model"]["sd"]
+    if isinstance(obj, Mapping) and obj and all(hasattr(v, "detach") for v in obj.values()):
+        return obj
+    kind = type(obj).__name__ if not isinstance(obj, Mapping) or obj else "an empty dict"
+    raise CheckpointError(f"{path}: holds {kind}, neither an official training checkpoint "
+                          "({'model': {'name', 'args', 'sd'}}) nor a state_dict of tensors",
+                          path=path)
 
 
 def _tensors_to_numpy(sd: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -153,23 +200,34 @@ def load_pth(path: str, model_cfg: Optional[ml_collections.ConfigDict] = None
              ) -> tuple[ml_collections.ConfigDict, dict]:
     """An official `.pth` (training checkpoint or bare state_dict) -> (model_cfg, variables)."""
     obj = read_pth(path)
-    if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping) and "sd" in obj["model"]:
+    sd_obj = official_state_dict(obj, path)
+    if sd_obj is not obj:  # an official training checkpoint
         spec = obj["model"]
         if spec.get("name") != "amsit":
-            raise ValueError(f"{path}: model name {spec.get('name')!r} is not MSIT ('amsit')")
-        sd = _tensors_to_numpy(strip_prefix(spec["sd"]))
-        if model_cfg is None:
-            model_cfg = config_from_official_args(spec.get("args") or {}, detect_conv_kind(sd))
-    elif isinstance(obj, Mapping) and obj and all(hasattr(v, "detach") for v in obj.values()):
+            raise CheckpointError(f"{path}: model name {spec.get('name')!r} is not MSIT "
+                                  "('amsit')", path=path)
+        if not isinstance(spec["sd"], Mapping):
+            raise CheckpointError(f"{path}: model.sd is a {type(spec['sd']).__name__}, not a "
+                                  "state_dict", path=path)
+        try:
+            sd = _tensors_to_numpy(strip_prefix(spec["sd"]))
+            if model_cfg is None:
+                model_cfg = config_from_official_args(spec.get("args") or {},
+                                                      detect_conv_kind(sd))
+        except ValueError as e:
+            raise CheckpointError(f"{path}: {one_line(str(e))}", path=path) from None
+    else:
         sd = _tensors_to_numpy(obj)
         if model_cfg is None:
             raise ValueError(
                 f"{path} is a bare state_dict: pass the model config, e.g. "
                 f"load(path, model_config('edsr-baseline', conv='{detect_conv_kind(sd)}'))")
-    else:
-        raise ValueError(f"{path}: neither an official training checkpoint ({{'model': "
-                         "{'name', 'args', 'sd'}}) nor a state_dict of tensors")
-    return model_cfg, state_dict_to_variables(sd, model_cfg)
+    variables = state_dict_to_variables(sd, model_cfg)
+    for k, v in sd.items():
+        if np.issubdtype(np.asarray(v).dtype, np.inexact) and not np.isfinite(v).all():
+            raise CheckpointError(f"{path}: {k} holds non-finite values (NaN/inf): the weights "
+                                  "are corrupt", path=path)
+    return model_cfg, variables
 
 
 # safetensors: the file and its metadata keys (metadata values are strings).

@@ -17,6 +17,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from msit_jax.errors import CheckpointError
 from msit_jax.geometry import make_coord, query_geometry, rel_cell
 from msit_jax.msno import lem_mask
 
@@ -26,7 +27,7 @@ _GROUPING = {"msc", "sim", "mix", "query"}
 _INDEXED = re.compile(r"^(head|body|RDBs|convs|conv|GFF|conv_vs|multi_conv_qs|layers)_(\d+)$")
 
 
-class StateDictError(ValueError):
+class StateDictError(CheckpointError):
     """A state_dict does not match the model config; the message names the keys."""
 
 

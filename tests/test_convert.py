@@ -135,7 +135,7 @@ def test_convert_cli_round_trip(tmp_path, edsr_tiny):
     # refuses to overwrite, with a message and a non-zero exit
     r = subprocess.run([sys.executable, "-m", "msit_jax.convert", str(src), str(dst)],
                        capture_output=True, text=True, cwd=REPO)
-    assert r.returncode == 1 and "already holds" in r.stderr
+    assert r.returncode == 7 and "already holds" in r.stderr  # errors.EXIT_OUTPUT
 
 
 def test_model_dir_written_before_runtime_options_still_loads(tmp_path, edsr_tiny):

@@ -204,8 +204,8 @@ def test_evaluate_cli_msit_outputs_and_failures(tmp_path, tiny_ckpt):
     p = _run_evaluate(["--checkpoint", tiny_ckpt, "--data", data, "--scales", "2,3.5",
                        "--chunk", "512", "--json", str(out_json), "--save_images", str(out_img),
                        "--plot", str(out_plot)])
-    # The broken file fails (named, non-zero exit); the others are still scored.
-    assert p.returncode == 1
+    # The broken file fails (named, exit 4: an unreadable input); the others are still scored.
+    assert p.returncode == 4
     assert "broken.png" in p.stderr
     res = json.loads(out_json.read_text())
     assert set(res) == {"Mini"} and set(res["Mini"]) == {"2", "3.5"}
@@ -229,7 +229,7 @@ def test_evaluate_cli_usage_errors():
     p = _run_evaluate(["--data", "../shared/data/Set5"])
     assert p.returncode != 0 and "--checkpoint" in p.stderr
     p = _run_evaluate(["--model", "bicubic", "--data", "../shared/data/Set5", "--scales", "0.5"])
-    assert p.returncode == 1 and "scales must be >= 1" in p.stderr
+    assert p.returncode == 2 and "--scales must be finite numbers >= 1" in p.stderr
 
 
 # Prepared in a subprocess: TFDS derives a builder's code path from its module, which

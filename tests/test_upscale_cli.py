@@ -99,7 +99,7 @@ def test_corrupt_input_is_reported_and_others_processed(tmp_path, model, capsys)
                        "--checkpoint", ckpt, "--scale", "2", "--output", str(out),
                        "--no-progress"])
     err = capsys.readouterr().err
-    assert rc == 1
+    assert rc == 4  # both failures are unreadable inputs (errors.EXIT_INPUT)
     assert "bad.png: not a readable image" in err and "missing.png: no such file" in err
     assert "2 of 4 input(s) failed" in err
     assert sorted(os.listdir(out)) == ["good1.png", "good2.png"]
@@ -113,13 +113,13 @@ def test_usage_errors(tmp_path, model, capsys):
     assert rc == 2 and "must be >= 1" in capsys.readouterr().err
     rc = upscale.main([str(tmp_path / "a.png"), "--checkpoint", ckpt, "--size", "8x100",
                        "--output", str(tmp_path / "o"), "--no-progress"])
-    assert rc == 1 and "smaller than the input" in capsys.readouterr().err
+    assert rc == 2 and "smaller than the input" in capsys.readouterr().err
     rc = upscale.main([str(tmp_path / "a.png"), "--checkpoint", ckpt, "--scale", "2",
                        "--output", str(tmp_path / "o.jpg")])
     assert rc == 2 and "PNG" in capsys.readouterr().err
     rc = upscale.main([str(tmp_path / "a.png"), "--checkpoint", str(tmp_path / "nope"),
                        "--scale", "2", "--output", str(tmp_path / "o")])
-    assert rc == 1 and "no checkpoint" in capsys.readouterr().err
+    assert rc == 4 and "no checkpoint" in capsys.readouterr().err  # errors.EXIT_INPUT
 
 
 def test_tiled_equals_untiled_away_from_the_wrap_border(model):

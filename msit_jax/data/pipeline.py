@@ -19,6 +19,7 @@ compiles once:
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Optional
 
 import grain
@@ -28,16 +29,56 @@ from grain.experimental import ThreadPrefetchIterDataset
 
 from msit_jax.data.protocol import BatchPlanner, Protocol, make_example
 from msit_jax.data.sources import ImageSource
+from msit_jax.errors import InputError, one_line
+from msit_jax.images import ImageError
+
+log = logging.getLogger(__name__)
 
 
 class ExampleMaker:
-    """grain map: element index -> one example dict (see `protocol.make_example`)."""
+    """grain map: element index -> one example dict (see `protocol.make_example`).
+
+    An image that fails to load during training (a truncated body the header
+    check could not see, a file changed or removed since the start) is logged
+    once, naming the file and the step, and replaced by the next image (in index
+    order, cyclically) that loads and is large enough for the batch's crop. The
+    replacement depends only on the data, so the stream stays a function of
+    (seed, step): a resumed run makes the same choice instead of crashing again.
+    """
 
     def __init__(self, source: ImageSource, planner: BatchPlanner, protocol: Protocol,
                  local_batch: int, row_offset: int):
         self.source, self.planner, self.protocol = source, planner, protocol
         self.local_batch, self.row_offset = local_batch, row_offset
         self._plan_cache: tuple[int, Any] = (-1, None)
+        self._bad: set[int] = set()  # indices known to fail (this process)
+
+    def _try_load(self, i: int, step: int) -> Optional[np.ndarray]:
+        if i in self._bad:
+            return None
+        try:
+            return self.source[i]
+        except (ImageError, OSError, ValueError) as e:
+            self._bad.add(i)
+            log.warning("step %d: skipping a bad training image (%s); the next usable image is "
+                        "used instead. data.train.skip_bad_images=True decodes every image "
+                        "before training", step, one_line(str(e), 300))
+            return None
+
+    def image(self, i: int, hr: int, step: int) -> tuple[np.ndarray, int]:
+        """(image, index): image i, or its deterministic replacement if it fails."""
+        img = self._try_load(i, step)
+        if img is not None:
+            return img, i
+        n = len(self.source)
+        for k in range(1, n):
+            j = (i + k) % n
+            if min(self.source.sizes[j]) >= hr:
+                img = self._try_load(j, step)
+                if img is not None:
+                    return img, j
+        raise InputError(f"step {step}: no readable training image is left to replace "
+                         f"{self.source.name(i)}")
 
     def __call__(self, k: int) -> dict[str, np.ndarray]:
         step, r = divmod(int(k), self.local_batch)
@@ -45,13 +86,39 @@ class ExampleMaker:
         if self._plan_cache[0] != step:  # consecutive elements share a step
             self._plan_cache = (step, self.planner.plan(step))
         idx, _, hr = self._plan_cache[1]
-        img = self.source[int(idx[row])]
+        img, i = self.image(int(idx[row]), hr, step)
         try:
             ex = make_example(img, hr, self.protocol, self.planner.example_rng(step, row))
         except ValueError as e:
-            raise ValueError(f"{self.source.name(int(idx[row]))}: {e}") from e
+            raise ValueError(f"{self.source.name(i)}: {e}") from e
         ex["step"] = np.int32(step)
         return ex
+
+
+def _worker_init(worker_index: int, worker_count: int) -> None:
+    """In each grain worker process: leave SIGINT/SIGTERM to the parent (it stops the
+    workers after saving), and exit as soon as the parent is gone (even after kill -9),
+    instead of lingering as orphans that hold memory."""
+    import os
+    import signal
+    import threading
+    import time
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(PARENT_POLL_S)
+            if os.getppid() != parent:
+                os._exit(0)
+
+    threading.Thread(target=watch, name="msit-parent-watch", daemon=True).start()
+
+
+# How often a grain worker checks that its parent is alive (seconds).
+PARENT_POLL_S = 0.5
 
 
 def _ensure_absl_flags_parsed() -> None:
@@ -83,7 +150,8 @@ def host_dataset(source: ImageSource, protocol: Protocol, *, global_batch: int, 
     if num_workers > 0:
         _ensure_absl_flags_parsed()
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
-                                                         per_worker_buffer_size=buffer_size))
+                                                         per_worker_buffer_size=buffer_size),
+                            worker_init_fn=_worker_init)
     return it
 
 

@@ -9,15 +9,20 @@ Every source is a random-access sequence of HR images:
 
 `sizes` is what the batch protocol needs to shrink the scale of a batch whose
 smallest image is too small (DESIGN.md section 5), so it is computed once, up
-front, from file headers / stored shapes, never by decoding every image.
+front, from file headers / stored shapes. With `skip_bad_images` a folder's
+images are also fully decoded once, up front, so a file with a valid header and
+a truncated body is dropped before training; the verdicts are cached (per file
+path, size and modification time) so a resumed run does not decode again.
 
 Sources are plain picklable objects: grain ships them to its worker processes.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import io
+import json
 import logging
 import os
 from typing import Optional, Sequence
@@ -26,7 +31,8 @@ import ml_collections
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from msit_jax.images import IMAGE_EXTENSIONS, ImageError, list_images, read_image
+from msit_jax.images import (IMAGE_EXTENSIONS, ImageError, bomb_error, list_images,
+                             read_image)
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +91,8 @@ def _header_size(path: str) -> tuple[int, int]:
             w, h = img.size
             if img.mode == "F":
                 raise ImageError(f"{path}: floating-point images (mode F) are not supported")
+    except Image.DecompressionBombError as e:
+        raise bomb_error(path, e) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         if isinstance(e, ImageError):
             raise
@@ -106,21 +114,68 @@ def read_file_list(meta_info: str, root: str) -> list[str]:
     return files
 
 
+def _file_key(path: str) -> list:
+    st = os.stat(path)
+    return [st.st_size, st.st_mtime_ns]
+
+
+class _CheckCache:
+    """Full-decode verdicts per file, {abspath: {"key": [size, mtime_ns], "hw" | "error"}},
+    in one JSON file (None: no cache). A changed file is decoded again."""
+
+    def __init__(self, path: Optional[str]):
+        self.path, self.entries = path, {}
+        if path and os.path.isfile(path):
+            try:
+                with open(path) as f:
+                    self.entries = json.load(f).get("files", {})
+            except (OSError, ValueError, AttributeError):
+                log.warning("%s: unreadable image-check cache; checking every image again", path)
+                self.entries = {}
+
+    def get(self, path: str) -> Optional[dict]:
+        e = self.entries.get(os.path.abspath(path))
+        try:
+            return e if e is not None and e.get("key") == _file_key(path) else None
+        except OSError:
+            return None
+
+    def put(self, path: str, **verdict) -> None:
+        self.entries[os.path.abspath(path)] = {"key": _file_key(path), **verdict}
+
+    def save(self) -> None:
+        if not self.path:
+            return
+        tmp = f"{self.path}.{os.getpid()}.tmp"
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+            with open(tmp, "w") as f:
+                json.dump({"version": 1, "files": self.entries}, f)
+            os.replace(tmp, self.path)
+        except OSError as e:
+            log.warning("could not write the image-check cache %s (%s)", self.path, e)
+
+
 class FolderSource(ImageSource):
     """PNG/JPEG/... files of a folder (DIV2K layout: `DIV2K_train_HR/0001.png`, ...).
 
     root: the folder; meta_info: optional official file list (`0001.png (1404,2040,3)`
     per line) choosing and ordering the files; first_k: keep the first k files.
     min_side: images whose smaller side is below it cannot give a training crop.
-    skip_bad: False (default): an unreadable file or one smaller than `min_side`
-      raises ImageError naming it. True: such files are dropped, counted and logged.
+    skip_bad: False (default): an unreadable file header or an image smaller than
+      `min_side` raises ImageError naming it. True: every image is fully decoded
+      once, up front (in threads), and files that fail (header, truncated body,
+      size) are dropped, counted and logged.
+    check_cache: optional JSON file caching the full-decode verdicts (skip_bad).
     cache_dir: optional folder for decoded `.npy` copies, memory-mapped at load
       time so a random crop reads only its rows instead of decoding a 2K PNG
-      (what the reference's `cache: bin` is for). Created on first use.
+      (what the reference's `cache: bin` is for). Created on first use; with
+      skip_bad the up-front decode fills it.
     """
 
     def __init__(self, root: str, meta_info: Optional[str] = None, first_k: Optional[int] = None,
-                 min_side: int = 1, skip_bad: bool = False, cache_dir: Optional[str] = None):
+                 min_side: int = 1, skip_bad: bool = False, cache_dir: Optional[str] = None,
+                 check_cache: Optional[str] = None):
         root = os.fspath(root)
         files = read_file_list(meta_info, root) if meta_info else list_images(root)
         if first_k:
@@ -128,10 +183,15 @@ class FolderSource(ImageSource):
         if not files:
             raise FileNotFoundError(f"{root}: no image files (looked for "
                                     f"{', '.join(IMAGE_EXTENSIONS)})")
+        self.cache_dir = cache_dir
+        sizes_or_errors = (self._decode_all(files, check_cache) if skip_bad
+                           else [self._header(p) for p in files])
         kept, sizes, skipped = [], [], []
-        for path in files:
+        for path, hw in zip(files, sizes_or_errors):
             try:
-                h, w = _header_size(path)
+                if isinstance(hw, ImageError):
+                    raise hw
+                h, w = hw
                 if min(h, w) < min_side:
                     raise ImageError(f"{path}: {h}x{w} is smaller than the {min_side}-pixel "
                                      "minimum side a training crop needs")
@@ -143,7 +203,7 @@ class FolderSource(ImageSource):
             kept.append(path)
             sizes.append((h, w))
         if skipped:
-            log.warning("skipped %d of %d images in %s (data.skip_bad_images=True):\n  %s",
+            log.warning("skipped %d of %d images in %s (skip_bad_images=True):\n  %s",
                         len(skipped), len(files), root, "\n  ".join(skipped))
         if not kept:
             raise FileNotFoundError(f"{root}: none of the {len(files)} images is usable")
@@ -151,24 +211,69 @@ class FolderSource(ImageSource):
         self.files = kept
         self.skipped = skipped
         self.sizes = np.asarray(sizes, np.int64)
-        self.cache_dir = cache_dir
+
+    @staticmethod
+    def _header(path: str):
+        return _header_size(path)
+
+    def _decode_all(self, files: Sequence[str], check_cache: Optional[str]) -> list:
+        """(H, W) or the ImageError of each file, from a full decode (cached verdicts)."""
+        cache = _CheckCache(check_cache)
+        out: list = [None] * len(files)
+        todo = []
+        for i, path in enumerate(files):
+            hit = cache.get(path)
+            if hit is None:
+                todo.append(i)
+            else:
+                out[i] = tuple(hit["hw"]) if "hw" in hit else ImageError(hit["error"])
+
+        def check(path: str):
+            try:
+                img = read_image(path)
+            except ImageError as e:
+                return e
+            if self.cache_dir:
+                self._write_npy(path, img)
+            return img.shape[:2]
+
+        if todo:
+            log.info("decoding %d images once to check them (skip_bad_images=True)",
+                     len(todo))
+            workers = min(len(todo), os.cpu_count() or 1, 8)
+            with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+                for i, res in zip(todo, pool.map(check, [files[i] for i in todo])):
+                    out[i] = res
+                    if isinstance(res, ImageError):
+                        cache.put(files[i], error=str(res))
+                    else:
+                        cache.put(files[i], hw=list(res))
+            cache.save()
+        return out
 
     def name(self, i: int) -> str:
         return self.files[i]
 
+    def _npy_path(self, file: str) -> str:
+        path = os.path.abspath(file)
+        key = hashlib.sha1(path.encode()).hexdigest()[:10]  # same basename, other folder
+        return os.path.join(self.cache_dir,
+                            f"{os.path.splitext(os.path.basename(path))[0]}_{key}.npy")
+
+    def _write_npy(self, file: str, img: np.ndarray) -> None:
+        cached = self._npy_path(file)
+        os.makedirs(self.cache_dir, exist_ok=True)
+        tmp = f"{cached}.{os.getpid()}.{id(img)}.tmp.npy"  # atomic: workers may race
+        np.save(tmp, img)
+        os.replace(tmp, cached)
+
     def _load(self, i: int) -> np.ndarray:
         if not self.cache_dir:
             return read_image(self.files[i])
-        path = os.path.abspath(self.files[i])
-        key = hashlib.sha1(path.encode()).hexdigest()[:10]  # same basename, other folder
-        cached = os.path.join(self.cache_dir,
-                              f"{os.path.splitext(os.path.basename(path))[0]}_{key}.npy")
+        cached = self._npy_path(self.files[i])
         if not os.path.exists(cached):
             img = read_image(self.files[i])
-            os.makedirs(self.cache_dir, exist_ok=True)
-            tmp = f"{cached}.{os.getpid()}.tmp.npy"  # atomic: workers may race
-            np.save(tmp, img)
-            os.replace(tmp, cached)
+            self._write_npy(self.files[i], img)
             return img
         return np.load(cached, mmap_mode="r")
 
@@ -273,11 +378,14 @@ class EmbeddedSource(ImageSource):
         return {**self.__dict__, "_cache": {}}
 
 
-def make_source(cfg: ml_collections.ConfigDict, min_side: int = 1) -> ImageSource:
+def make_source(cfg: ml_collections.ConfigDict, min_side: int = 1,
+                check_cache: Optional[str] = None) -> ImageSource:
     """A source from a config block with `kind` in {'embedded', 'folder', 'tfds'}.
 
     Fields: embedded: split; folder: path, meta_info, first_k, skip_bad_images,
-    cache_dir; tfds: name, split, data_dir, image_key, first_k.
+    cache_dir; tfds: name, split, data_dir, image_key, first_k. check_cache: a
+    JSON file for the full-decode verdicts of skip_bad_images (the training
+    loop keeps it in the workdir).
     """
     kind = cfg.get("kind", "embedded")
     first_k = cfg.get("first_k") or None
@@ -288,7 +396,7 @@ def make_source(cfg: ml_collections.ConfigDict, min_side: int = 1) -> ImageSourc
             raise ValueError("data source kind='folder' needs `path` (the image folder)")
         return FolderSource(cfg.path, meta_info=cfg.get("meta_info") or None, first_k=first_k,
                             min_side=min_side, skip_bad=bool(cfg.get("skip_bad_images", False)),
-                            cache_dir=cfg.get("cache_dir") or None)
+                            cache_dir=cfg.get("cache_dir") or None, check_cache=check_cache)
     if kind == "tfds":
         if not cfg.get("name"):
             raise ValueError("data source kind='tfds' needs `name` (a prepared TFDS dataset)")

@@ -39,14 +39,29 @@ Every field, with `--config.<field>=value` overridable on the command line:
   distributed.process_id
                        multi-host: jax.distributed.initialize (on Cloud TPU leave the
                        rest empty: it is detected)
+  skip_nonfinite_steps 0 (default): stop at the first step with a non-finite loss,
+                       gradient or weight; N > 0: skip such steps instead (no update),
+                       stopping after N in a row
+  allow_config_change  resume even when the architecture (model.*) or the batch
+                       protocol (RESUME_PROTECTED) differs from the stored config
+  preemption_grace_s   on SIGTERM/SIGINT the run saves and exits; if that takes longer
+                       than this many seconds it exits without saving
+
+`validate_config` checks every field before a run touches its workdir.
 """
 
 from __future__ import annotations
 
+import math
+from typing import Any, Iterator
+
 import ml_collections
 
-from msit_jax.config import model_config
-from msit_jax.runtime import runtime_config
+from msit_jax.config import LEGACY_RUNTIME_FIELDS, model_config, validate_model_config
+from msit_jax.errors import ConfigError
+from msit_jax.runtime import RuntimeOptions, runtime_config
+
+SOURCE_KINDS = ("embedded", "folder", "tfds")
 
 
 def source_config(kind: str = "embedded", **kw) -> ml_collections.ConfigDict:
@@ -106,6 +121,10 @@ def base_config() -> ml_collections.ConfigDict:
                                             png_scale=4.0, window=192))
     c.distributed = ml_collections.ConfigDict(dict(enabled=False, coordinator_address="",
                                                    num_processes=0, process_id=-1))
+    c.skip_nonfinite_steps = 0
+    c.allow_config_change = False
+    # Cloud TPU / Spot VMs get ~30 s between the preemption notice and the stop.
+    c.preemption_grace_s = 25.0
     return c
 
 
@@ -122,3 +141,135 @@ def paper_config(encoder: str, stage: int) -> ml_collections.ConfigDict:
     if stage == 2:
         c.data.scale_max = 8.0
     return c
+
+
+# ---------------------------------------------------------------------------- validation
+
+def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
+    """{'data.scale_min': 1.0, ...} for a ConfigDict or nested mapping (leaves only)."""
+    out: dict[str, Any] = {}
+    items = cfg.items() if hasattr(cfg, "items") else ()
+    for k, v in items:
+        key = f"{prefix}{k}"
+        if isinstance(v, (ml_collections.ConfigDict, dict)):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _checks(c: ml_collections.ConfigDict) -> Iterator[tuple[str, bool, str]]:
+    """(field, ok, requirement) for every constrained field of a training config."""
+    def finite(v):
+        return _number(v) and math.isfinite(v)
+
+    yield "seed", isinstance(c.seed, int) and c.seed >= 0, "must be an integer >= 0"
+    yield "batch_size", c.batch_size >= 1, "must be >= 1"
+    yield "total_steps", c.total_steps >= 1, "must be >= 1"
+    yield "lr.base", finite(c.lr.base) and c.lr.base > 0, "must be a finite number > 0"
+    yield ("lr.multiplier", finite(c.lr.multiplier) and c.lr.multiplier > 0,
+           "must be a finite number > 0")
+    yield ("lr.warmup_steps", 0 <= c.lr.warmup_steps < max(c.total_steps, 1),
+           f"must be >= 0 and < total_steps ({c.total_steps})")
+    yield "lr.epoch_steps", c.lr.epoch_steps >= 0, "must be >= 0"
+    if c.lr.epoch_steps > 0:
+        yield ("lr.epoch_steps", c.lr.warmup_steps % c.lr.epoch_steps == 0
+               and c.total_steps % c.lr.epoch_steps == 0,
+               f"must divide lr.warmup_steps ({c.lr.warmup_steps}) and total_steps "
+               f"({c.total_steps})")
+    for k in ("b1", "b2"):
+        v = c.adam[k]
+        yield f"adam.{k}", finite(v) and 0 <= v < 1, "must be in [0, 1)"
+    yield "adam.eps", finite(c.adam.eps) and c.adam.eps > 0, "must be a finite number > 0"
+    yield ("grad_clip_norm", finite(c.grad_clip_norm) and c.grad_clip_norm >= 0,
+           "must be a finite number >= 0 (0: no clipping)")
+    d = c.data
+    yield "data.inp_size", d.inp_size >= 1, "must be >= 1"
+    yield ("data.sample_q", 1 <= d.sample_q <= max(d.inp_size, 1) ** 2,
+           f"must be in [1, data.inp_size ** 2 = {max(d.inp_size, 1) ** 2}] (queries are "
+           "sampled without replacement from an HR crop of at least that many pixels)")
+    yield ("data.scale_min", finite(d.scale_min) and d.scale_min >= 1,
+           "must be a finite number >= 1 (MSIT upsamples)")
+    yield ("data.scale_max", finite(d.scale_max) and d.scale_max >= d.scale_min,
+           f"must be a finite number >= data.scale_min ({d.scale_min})")
+    for k in ("repeat",):
+        yield f"data.{k}", d[k] >= 1, "must be >= 1"
+    for k in ("num_workers", "num_threads", "buffer_size", "device_buffer"):
+        yield f"data.{k}", d[k] >= 0, "must be >= 0"
+    for name, src in (("data.train", d.train), ("eval.source", c.eval.source)):
+        kind = src.get("kind")
+        yield f"{name}.kind", kind in SOURCE_KINDS, f"must be one of {SOURCE_KINDS}"
+        if kind == "folder":
+            yield f"{name}.path", bool(src.get("path")), "is required for kind='folder'"
+        if kind == "tfds":
+            yield f"{name}.name", bool(src.get("name")), "is required for kind='tfds'"
+        if kind == "embedded":
+            yield (f"{name}.split", src.get("split") in ("train", "val"),
+                   "must be 'train' or 'val' for kind='embedded'")
+        yield f"{name}.first_k", src.get("first_k", 0) >= 0, "must be >= 0"
+    e = c.eval
+    yield "eval.every_steps", e.every_steps >= 0, "must be >= 0 (0: never)"
+    yield ("eval.scales", len(e.scales) > 0 and all(finite(s) and s >= 1 for s in e.scales),
+           "must be finite numbers >= 1")
+    for k in ("max_images", "max_side", "shave_extra", "chunk"):
+        yield f"eval.{k}", e[k] >= 0, "must be >= 0"
+    yield "checkpoint.every_steps", c.checkpoint.every_steps >= 1, "must be >= 1"
+    yield "checkpoint.keep", c.checkpoint.keep >= 1, "must be >= 1"
+    yield "log_every_steps", c.log_every_steps >= 1, "must be >= 1"
+    yield ("demo.scales", all(finite(s) and s >= 1 for s in c.demo.scales),
+           "must be finite numbers >= 1")
+    yield "demo.png_scale", finite(c.demo.png_scale) and c.demo.png_scale >= 1, "must be >= 1"
+    yield "demo.window", c.demo.window >= 1, "must be >= 1"
+    yield ("skip_nonfinite_steps", c.get("skip_nonfinite_steps", 0) >= 0,
+           "must be >= 0 (0: stop at the first non-finite step)")
+    g = c.get("preemption_grace_s", 25.0)
+    yield "preemption_grace_s", finite(g) and g > 0, "must be a finite number > 0"
+
+
+def unknown_fields(config: ml_collections.ConfigDict) -> list[str]:
+    """Fields of `config` that the training config skeleton does not have."""
+    known = set(flatten(base_config()))
+    # Blocks whose contents are open-ended: the model (validated by its own rules)
+    # and the runtime options (validated by RuntimeOptions).
+    open_prefixes = ("model.", "runtime.")
+    return sorted(k for k in flatten(config) if k not in known
+                  and not k.startswith(open_prefixes))
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    """Raise ConfigError (one sentence naming the field) for a config that cannot work.
+
+    Checked: unknown fields, every numeric range and enum of the skeleton, the
+    model config and the runtime options. Device-count constraints are checked
+    by the training loop.
+    """
+    unknown = unknown_fields(config)
+    if unknown:
+        raise ConfigError(f"unknown config field {unknown[0]!r}"
+                          + (f" (and {len(unknown) - 1} more: {unknown[1:5]})"
+                             if len(unknown) > 1 else "")
+                          + "; see msit_jax/training/config.py for the fields")
+    try:
+        for field, ok, need in _checks(config):
+            if not ok:
+                value = flatten(config).get(field, config.get(field))
+                raise ConfigError(f"invalid config: {field}={value!r} {need}")
+    except (AttributeError, KeyError, TypeError) as e:
+        raise ConfigError(f"invalid config: missing or mistyped field ({e})") from None
+    try:
+        validate_model_config(config.model)
+    except ValueError as e:
+        raise ConfigError(str(e).replace("invalid model config: ", "invalid config: model.")) \
+            from None
+    extra = sorted(set(flatten(config.model)) - set(flatten(model_config()))
+                   - set(LEGACY_RUNTIME_FIELDS))
+    if extra:
+        raise ConfigError(f"unknown config field 'model.{extra[0]}'")
+    try:
+        RuntimeOptions.from_config(config.get("runtime"))
+    except ValueError as e:
+        raise ConfigError(f"invalid config: {e}") from None

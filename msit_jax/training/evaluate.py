@@ -9,7 +9,7 @@ The bicubic baseline is Pillow bicubic upscaling of the same uint8 LR.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -42,15 +42,26 @@ def bicubic_upscale(lr: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
     return to_float(resize_bicubic(lr, out_hw))
 
 
+class EvaluationAborted(Exception):
+    """`evaluate` stopped early because `should_stop()` became true (e.g. SIGTERM)."""
+
+
 def evaluate(upscaler: Optional[Upscaler], source: ImageSource, scales: Sequence[float], *,
              max_images: int = 0, max_side: int = 0, shave_extra: int = 0,
-             y_channel: bool = False, bicubic: bool = False) -> dict[float, dict[str, float]]:
-    """Mean PSNR per scale: {scale: {'msit': dB, 'bicubic': dB}} (keys present as requested)."""
+             y_channel: bool = False, bicubic: bool = False,
+             should_stop: Optional[Callable[[], bool]] = None
+             ) -> dict[float, dict[str, float]]:
+    """Mean PSNR per scale: {scale: {'msit': dB, 'bicubic': dB}} (keys present as requested).
+
+    should_stop: polled before each image; EvaluationAborted when it returns True.
+    """
     n = len(source) if not max_images else min(max_images, len(source))
     out = {}
     for s in scales:
         acc: dict[str, list[float]] = {}
         for i in range(n):
+            if should_stop is not None and should_stop():
+                raise EvaluationAborted("evaluation stopped early")
             lr, hr = eval_pair(center_crop(source[i], max_side), s)
             gt = to_float(hr)
             kw = dict(shave=shave_pixels(s, shave_extra), y_channel=y_channel)

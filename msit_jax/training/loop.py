@@ -7,16 +7,31 @@ ends bit-identical to an uninterrupted one on the same device count (batches
 are a function of (seed, step); the jitted step is deterministic).
 Otherwise the model starts from `config.init_from` (cumulative stage 2) or a
 fresh init.
+
+Nothing lost, nothing silent:
+  * the config is validated, and compared with the stored one on resume,
+    before anything is written (`run_config`);
+  * every checkpoint is verified on restore; a bad one is reported in one line
+    and the newest good step is used (`checkpoints`);
+  * a step with a non-finite loss, gradient or weight stops the run with one
+    line naming the step, the quantity and the last good checkpoint, and is
+    never saved (or, with `skip_nonfinite_steps`, is skipped);
+  * SIGTERM / SIGINT save a checkpoint at the current step and stop
+    (`TrainingInterrupted`), within `preemption_grace_s`; handlers are installed
+    for the loop only and restored afterwards.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import logging
 import os
+import signal
+import threading
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import ml_collections
@@ -25,16 +40,19 @@ import numpy as np
 from msit_jax.data.pipeline import train_dataset
 from msit_jax.data.protocol import Protocol
 from msit_jax.data.sources import ImageSource, make_source
+from msit_jax.errors import ConfigError, NonFiniteError, TrainingInterrupted
 from msit_jax.model import build_model
 from msit_jax.runtime import RuntimeOptions
 from msit_jax.training import evaluate as evaluation
-from msit_jax.training.checkpoints import Checkpointer, write_configs
-from msit_jax.training.metrics import MetricLogger
+from msit_jax.training import run_config
+from msit_jax.training.checkpoints import Checkpointer, saved_steps
+from msit_jax.training.config import validate_config
+from msit_jax.training.metrics import MetricLogger, finite_or_none
 from msit_jax.training.stage2 import init_from
 from msit_jax.training.state import (TrainState, create_state, dummy_inputs, init_variables,
                                      make_optimizer, param_count)
-from msit_jax.training.step import (batch_sharding, jit_train_step, make_mesh, replicated,
-                                    to_host)
+from msit_jax.training.step import (batch_sharding, describe_nonfinite, jit_train_step,
+                                    make_mesh, replicated, to_host)
 
 log = logging.getLogger(__name__)
 
@@ -77,30 +95,25 @@ def prepare_workdir(workdir: str) -> str:
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
-    """Raise ValueError naming the field for settings that cannot work."""
-    RuntimeOptions.from_config(config.get("runtime"))
+    """Raise ConfigError naming the field for settings that cannot work (before any file
+    is touched): `validate_config`, plus the device count."""
+    validate_config(config)
     n = jax.device_count()
-    if config.batch_size < 1 or config.batch_size % n:
-        raise ValueError(f"batch_size={config.batch_size} must be a positive multiple of the "
-                         f"{n} devices (data parallel)")
-    if config.total_steps < 1:
-        raise ValueError(f"total_steps={config.total_steps} must be >= 1")
-    for name in ("log_every_steps",):
-        if config[name] < 1:
-            raise ValueError(f"{name}={config[name]} must be >= 1")
-    if config.checkpoint.every_steps < 1:
-        raise ValueError(f"checkpoint.every_steps={config.checkpoint.every_steps} must be >= 1")
+    if config.batch_size % n:
+        raise ConfigError(f"invalid config: batch_size={config.batch_size} must be a multiple "
+                          f"of the {n} devices (data parallel)")
 
 
 def validation_metrics(model_cfg, variables: dict, source: ImageSource,
                        ecfg: ml_collections.ConfigDict,
-                       runtime: Optional[RuntimeOptions] = None) -> dict[str, float]:
+                       runtime: Optional[RuntimeOptions] = None,
+                       should_stop: Optional[Callable[[], bool]] = None) -> dict[str, float]:
     """{'psnr_x2': dB, ..., 'val_psnr': mean over scales} on the validation source."""
     up = evaluation.Upscaler(model_cfg, variables, chunk=ecfg.chunk or None,
                              method=ecfg.method, runtime=runtime)
     res = evaluation.evaluate(up, source, ecfg.scales, max_images=ecfg.max_images,
                               max_side=ecfg.max_side, shave_extra=ecfg.shave_extra,
-                              y_channel=ecfg.y_channel)
+                              y_channel=ecfg.y_channel, should_stop=should_stop)
     out = {f"psnr_x{s:g}": r["msit"] for s, r in res.items()}
     out["val_psnr"] = float(np.mean(list(out.values())))
     return out
@@ -115,6 +128,15 @@ def _broadcast_metrics(metrics: Optional[dict], keys: list[str]) -> dict:
     vec = np.asarray([metrics[k] for k in keys] if metrics else np.zeros(len(keys)), np.float64)
     vec = multihost_utils.broadcast_one_to_all(vec)
     return dict(zip(keys, map(float, vec)))
+
+
+def _any_process(flag: bool) -> bool:
+    """Whether `flag` is true on any process."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.asarray([flag], np.int32))))
 
 
 def _host_variables(state: TrainState) -> dict:
@@ -144,6 +166,110 @@ def run_demo(config, model_cfg, variables: dict, source: ImageSource, workdir: s
     return res, png
 
 
+class StopSignals:
+    """SIGTERM and SIGINT, while installed, request a stop instead of killing the run.
+
+    The loop polls `signum` between steps (and validation between images),
+    saves a checkpoint and raises TrainingInterrupted. A second signal, or a
+    stop that takes longer than `grace_s` seconds, exits the process at once
+    with status 128 + signal (the latest complete checkpoint stays; Orbax never
+    leaves a partial one). Handlers are installed only from the main thread and
+    restored on exit.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, grace_s: float):
+        self.grace_s = float(grace_s)
+        self.signum: Optional[int] = None
+        self._previous: dict[int, Any] = {}
+        self._timer: Optional[threading.Timer] = None
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+        if self._timer is not None:
+            self._timer.cancel()
+
+    def _handle(self, signum: int, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.signum is not None:
+            os.write(2, f"\n{name} again: exiting now without saving (the latest complete "
+                        "checkpoint is kept)\n".encode())
+            os._exit(128 + signum)
+        self.signum = signum
+        # Only set state here: the loop does the logging and saving.
+        self._timer = threading.Timer(self.grace_s, self._expire, args=(signum,))
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _expire(self, signum: int) -> None:
+        os.write(2, f"\nerror: the run did not stop within preemption_grace_s="
+                    f"{self.grace_s:g} s of {signal.Signals(signum).name}: exiting without "
+                    "saving (the latest complete checkpoint is kept)\n".encode())
+        os._exit(128 + signum)
+
+    def requested(self) -> bool:
+        return self.signum is not None
+
+
+class NonFiniteGuard:
+    """Reads each step's `nonfinite` flags as they become ready (without stalling the
+    device queue) and acts on the first non-finite step: raise NonFiniteError, or
+    with max_skips > 0 log and count the skipped step (the step itself already kept
+    the previous values), raising after max_skips in a row."""
+
+    def __init__(self, max_skips: int, last_good: Callable[[], str], lr_base: float):
+        self.max_skips = int(max_skips)
+        self.last_good, self.lr_base = last_good, lr_base
+        self.pending: collections.deque = collections.deque()
+        self.skipped: set[int] = set()
+        self.in_a_row = 0
+
+    def add(self, step: int, metrics: dict) -> None:
+        self.pending.append((step, metrics))
+
+    def poll(self, block: bool = False) -> None:
+        """Check the finished steps (all of them, waiting, with block=True)."""
+        while self.pending:
+            step, m = self.pending[0]
+            flag = m["nonfinite"]
+            if not block and hasattr(flag, "is_ready") and not flag.is_ready():
+                return
+            self.pending.popleft()
+            code = int(to_host(flag))
+            if code == 0:
+                self.in_a_row = 0
+                continue
+            self._bad(step, code, m)
+
+    def _bad(self, step: int, code: int, m: dict) -> None:
+        host = to_host({k: m[k] for k in ("loss", "grad_norm")})
+        what = (f"non-finite {describe_nonfinite(code)} (loss {float(host['loss']):.4g}, "
+                f"gradient norm {float(host['grad_norm']):.4g})")
+        if self.max_skips == 0:
+            raise NonFiniteError(
+                f"step {step}: {what}; training stopped and nothing non-finite was saved. Last "
+                f"good checkpoint: {self.last_good()}. Lower lr.base (now {self.lr_base:g}) or "
+                "set skip_nonfinite_steps to skip such steps")
+        self.in_a_row += 1
+        self.skipped.add(step)
+        if self.in_a_row > self.max_skips:
+            raise NonFiniteError(
+                f"step {step}: {what}, {self.in_a_row} non-finite steps in a row (more than "
+                f"skip_nonfinite_steps={self.max_skips}); training stopped. Last good "
+                f"checkpoint: {self.last_good()}")
+        log.warning("step %d: %s; step skipped (no update), %d in a row", step, what,
+                    self.in_a_row)
+
+
 @functools.lru_cache(maxsize=8)
 def _state_maker(tx, mesh):
     """variables -> a replicated step-0 TrainState (jitted; memoised like the step)."""
@@ -156,12 +282,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
     stop_after_step: leave the loop after that step without a final save, as a
     killed run would (tests of resume).
+
+    Raises ConfigError (invalid config, refused change on resume), InputError
+    (data), CheckpointError (no usable checkpoint), NonFiniteError (divergence),
+    OutputError (a checkpoint could not be written) and TrainingInterrupted
+    (SIGTERM/SIGINT, after saving); see `msit_jax.errors`.
     """
     maybe_initialize_distributed(config.distributed)
+    check_config(config)  # before the workdir is touched
     workdir = prepare_workdir(workdir)
-    check_config(config)
     is_main = jax.process_index() == 0
-    write_configs(workdir, config)
+    resuming = bool(saved_steps(workdir))
+    changes = run_config.check_resume(workdir, config, resuming)  # before anything is written
+    if not resuming and config.init_from and not os.path.exists(config.init_from):
+        raise ConfigError(f"invalid config: init_from={config.init_from!r}: no such file or "
+                          "directory")
 
     model_cfg = config.model
     runtime = RuntimeOptions.from_config(config.runtime)
@@ -169,9 +304,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     d = config.data
     protocol = Protocol(d.inp_size, d.sample_q, d.scale_min, d.scale_max, d.augment,
                         radius=model_cfg.radius)
-    train_source = make_source(d.train, min_side=d.inp_size)
+    check_cache = os.path.join(workdir, "checked_images.json")
+    train_source = make_source(d.train, min_side=d.inp_size, check_cache=check_cache)
     need_eval = config.eval.every_steps > 0 or config.demo.enabled
-    eval_source = make_source(config.eval.source) if need_eval else None
+    eval_source = make_source(config.eval.source, check_cache=check_cache) if need_eval else None
     log.info("training on %d images (%s), %d devices, %d processes", len(train_source),
              d.train.kind, jax.device_count(), jax.process_count())
 
@@ -184,14 +320,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                         config.checkpoint.async_save)
     rng = jax.random.PRNGKey(config.seed)
     inputs = dummy_inputs(model_cfg, d.inp_size, d.sample_q)
-    start = ckpt.latest_step()
     data_state = None
-    if start is not None:
-        abstract_vars = jax.eval_shape(model.init, rng, *inputs)
-        abstract = jax.tree_util.tree_map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
-            jax.eval_shape(lambda v: create_state(v, tx), abstract_vars))
-        state, data_state = ckpt.restore(start, abstract)
+    abstract_vars = jax.eval_shape(model.init, rng, *inputs)
+    abstract = jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
+        jax.eval_shape(lambda v: create_state(v, tx), abstract_vars))
+    restored = ckpt.restore_latest(abstract)  # verified; falls back past bad steps
+    if restored is not None:
+        start, state, data_state = restored
         log.info("resumed from %s at step %d", ckpt.directory, start)
     else:
         variables = to_host(init_variables(model, rng, inputs))
@@ -204,6 +340,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                         "the stage-1 run")
         state = to_state(variables)
         start = 0
+    run_config.record(workdir, config, start, changes, fresh=restored is None)
     log.info("model: %d trainable parameters, %d frozen", param_count(state.params),
              param_count(state.frozen))
 
@@ -215,9 +352,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     if data_state is not None:
         data_it.set_state(data_state)
 
-    step_fn = jit_train_step(model, tx, schedule, mesh)
+    max_skips = int(config.get("skip_nonfinite_steps", 0))
+    step_fn = jit_train_step(model, tx, schedule, mesh, skip_nonfinite=max_skips > 0)
     logger = MetricLogger(workdir, resume_step=start, enabled=is_main,
                           tensorboard=config.tensorboard)
+    guard = NonFiniteGuard(max_skips, lambda: ckpt.describe_step(ckpt.last_good_step()),
+                           config.lr.base)
     pixels_per_step = config.batch_size * d.sample_q
     epoch_len = len(train_source) * d.repeat
     result = TrainResult(step=start, state={})
@@ -228,72 +368,100 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                disable=not (is_main and config.progress_bar), dynamic_ncols=True)
     step, window, timed, t0 = start, [], 0, time.perf_counter()
     data_state = data_it.get_state()
-    try:
-        while step < config.total_steps:
-            batch = next(data_it)
-            if step == start:
-                got = int(to_host(batch["step"])[0])
-                if got != step:
-                    raise RuntimeError(f"data iterator is at step {got}, train state at {step}: "
-                                       "the checkpoint's data state does not match")
-            state, metrics = step_fn(state, batch)
-            step += 1
-            data_state = data_it.get_state()  # the stream position matching `state`
-            bar.update(1)
-            window.append(metrics)
-            if step == start + 1:  # the first step includes compilation: time it apart
-                jax.block_until_ready(metrics)
-                log.info("first step (with compilation) took %.1f s", time.perf_counter() - t0)
-                t0 = time.perf_counter()
-            else:
-                timed += 1
-            if step % config.log_every_steps == 0 or step == config.total_steps:
-                host = jax.device_get(window)  # waits for the window's steps
-                dt = time.perf_counter() - t0
-                rec = dict(loss=np.mean([m["loss"] for m in host]), lr=host[-1]["lr"],
-                           grad_norm=np.mean([m["grad_norm"] for m in host]),
-                           epoch=step * config.batch_size / epoch_len)
-                if timed:  # a window of only the compiling first step has no rate
-                    rec.update(steps_per_sec=timed / dt, pixels_per_sec=timed / dt * pixels_per_step)
-                logger.write(step, "train", rec)
-                bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}",
-                                sps=f"{rec.get('steps_per_sec', 0):.2f}")
-                window, timed, t0 = [], 0, time.perf_counter()
-            val = None
-            if config.eval.every_steps and (step % config.eval.every_steps == 0
-                                            or step == config.total_steps):
-                keys = [f"psnr_x{s:g}" for s in config.eval.scales] + ["val_psnr"]
-                val = validation_metrics(model_cfg, _host_variables(state), eval_source,
-                                         config.eval, runtime) if is_main else None
-                val = _broadcast_metrics(val, keys)
-                logger.write(step, "val", val)
-                bar.write(f"step {step}: " + ", ".join(f"{k} {v:.2f}" for k, v in val.items()))
-                result.val = val
-                timed, t0 = 0, time.perf_counter()  # keep validation out of the throughput
-            if (step % config.checkpoint.every_steps == 0 or step == config.total_steps
-                    or val is not None):
-                ckpt.save(step, state, data_state,
-                          metrics={"val_psnr": val["val_psnr"]} if val else None)
-            if stop_after_step is not None and step >= stop_after_step:
-                break
-    except KeyboardInterrupt:
-        # Keep the work done: checkpoint the last completed step, then stop. If the
-        # interrupt landed inside a step, its input state is gone (donated): skip.
+    stop = StopSignals(config.get("preemption_grace_s", 25.0))
+    single = jax.process_count() == 1
+    # Multi-host: processes must stop at the same step, so they agree on a stop request
+    # at each log point (a host sync there already) instead of every step.
+    stopping = False
+    with stop:
         try:
-            done = int(to_host(state.step)) == step
-        except Exception:  # noqa: BLE001 - deleted (donated) buffers
-            done = False
-        if done and step > start and ckpt.latest_step() != step:
-            log.warning("interrupted: saving a checkpoint at step %d", step)
-            ckpt.save(step, state, data_state)
-        else:
-            log.warning("interrupted: latest checkpoint is step %s", ckpt.latest_step())
-        raise
-    finally:
-        bar.close()
-        ckpt.wait()
-        logger.close()
-        data_it.close()
+            while step < config.total_steps and not stopping:
+                try:
+                    batch = next(data_it)
+                except Exception:
+                    if stop.requested():  # workers signalled with us: stop, don't fail
+                        stopping = True
+                        break
+                    raise
+                if step == start:
+                    got = int(to_host(batch["step"])[0])
+                    if got != step:
+                        raise RuntimeError(f"data iterator is at step {got}, train state at "
+                                           f"{step}: the checkpoint's data state does not match")
+                state, metrics = step_fn(state, batch)
+                step += 1
+                data_state = data_it.get_state()  # the stream position matching `state`
+                guard.add(step, metrics)
+                guard.poll()  # the steps finished so far; never waits
+                bar.update(1)
+                window.append((step, metrics))
+                if step == start + 1:  # the first step includes compilation: time it apart
+                    jax.block_until_ready(metrics)
+                    log.info("first step (with compilation) took %.1f s",
+                             time.perf_counter() - t0)
+                    t0 = time.perf_counter()
+                else:
+                    timed += 1
+                if step % config.log_every_steps == 0 or step == config.total_steps:
+                    guard.poll(block=True)
+                    host = jax.device_get([m for _, m in window])  # waits for the window
+                    dt = time.perf_counter() - t0
+                    ok = [m for (s, _), m in zip(window, host) if s not in guard.skipped]
+                    rec = dict(loss=np.mean([m["loss"] for m in ok]) if ok else float("nan"),
+                               lr=host[-1]["lr"],
+                               grad_norm=(np.mean([m["grad_norm"] for m in ok]) if ok
+                                          else float("nan")),
+                               epoch=step * config.batch_size / epoch_len)
+                    if len(ok) < len(host):
+                        rec["skipped_steps"] = len(host) - len(ok)
+                    if timed:  # a window of only the compiling first step has no rate
+                        rec.update(steps_per_sec=timed / dt,
+                                   pixels_per_sec=timed / dt * pixels_per_step)
+                    logger.write(step, "train", rec)
+                    bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}",
+                                    sps=f"{rec.get('steps_per_sec', 0):.2f}")
+                    window, timed, t0 = [], 0, time.perf_counter()
+                    if not single:
+                        stopping = _any_process(stop.requested())
+                if single:
+                    stopping = stop.requested()
+                val = None
+                if config.eval.every_steps and (step % config.eval.every_steps == 0
+                                                or step == config.total_steps):
+                    guard.poll(block=True)  # never validate (or save) non-finite weights
+                    keys = [f"psnr_x{s:g}" for s in config.eval.scales] + ["val_psnr"]
+                    try:
+                        val = validation_metrics(
+                            model_cfg, _host_variables(state), eval_source, config.eval,
+                            runtime, should_stop=stop.requested if single else None
+                        ) if is_main else None
+                    except evaluation.EvaluationAborted:  # SIGTERM: save below, unvalidated
+                        stopping = True
+                        break
+                    val = _broadcast_metrics(val, keys)
+                    logger.write(step, "val", val)
+                    bar.write(f"step {step}: " + ", ".join(f"{k} {v:.2f}"
+                                                           for k, v in val.items()))
+                    result.val = val
+                    timed, t0 = 0, time.perf_counter()  # keep validation out of the throughput
+                if (step % config.checkpoint.every_steps == 0 or step == config.total_steps
+                        or val is not None):
+                    guard.poll(block=True)
+                    best = finite_or_none(val["val_psnr"]) if val else None
+                    ckpt.save(step, state, data_state,
+                              metrics={"val_psnr": best} if best is not None else None)
+                if stop_after_step is not None and step >= stop_after_step:
+                    break
+            if stopping:
+                _save_on_signal(stop.signum or signal.SIGTERM, step, start, state, data_state,
+                                ckpt, guard)
+        finally:
+            bar.close()
+            try:
+                ckpt.wait()
+            finally:
+                logger.close()
+                data_it.close()
 
     result.step = step
     result.state = to_host({"step": state.step, "params": state.params, "frozen": state.frozen,
@@ -307,3 +475,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
             json.dump({f"x{s:g}": r for s, r in result.demo.items()}, f, indent=2)
     ckpt.close()
     return result
+
+
+def _save_on_signal(signum: int, step: int, start: int, state: TrainState, data_state: dict,
+                    ckpt: Checkpointer, guard: NonFiniteGuard) -> None:
+    """After SIGTERM/SIGINT: checkpoint the current step (unless saved already or nothing
+    was trained), wait for the write, and raise TrainingInterrupted."""
+    name = signal.Signals(signum).name
+    guard.poll(block=True)  # a non-finite state raises here instead of being saved
+    if step > start and ckpt.latest_step() != step:
+        log.warning("%s: saving a checkpoint at step %d and stopping", name, step)
+        ckpt.save(step, state, data_state)
+    ckpt.verify_pending()
+    saved = ckpt.latest_step()
+    where = ckpt.describe_step(saved)
+    raise TrainingInterrupted(
+        f"interrupted by {name} at step {step}: latest checkpoint {where}; run the same "
+        "command again to resume", signum=signum, step=step,
+        checkpoint=ckpt.step_dir(saved) if saved is not None else None)

@@ -7,6 +7,8 @@ TensorBoard files go to WORKDIR/tensorboard via tensorboardX (pure Python, no
 TensorFlow); skipped with a log line if it is not installed. On resume, records
 after the restored step (written by the interrupted run past its last
 checkpoint) are dropped, so the log reads as one uninterrupted run.
+
+Every line is strict JSON: a NaN or infinite value is written as null.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import json
 import logging
 import math
 import os
-from typing import Mapping
+from typing import Mapping, Optional
 
 log = logging.getLogger(__name__)
 
@@ -23,11 +25,30 @@ JSONL_FILE = "metrics.jsonl"
 TB_DIR = "tensorboard"
 
 
+def finite_or_none(v: float) -> Optional[float]:
+    """float(v), or None (JSON null) when it is NaN or infinite."""
+    v = float(v)
+    return v if math.isfinite(v) else None
+
+
+def _clean(rec: dict) -> dict:
+    return {k: (finite_or_none(v) if isinstance(v, float) else v) for k, v in rec.items()}
+
+
 def read_jsonl(path: str) -> list[dict]:
+    """The records of a metrics file (lines cut short by a crash are skipped)."""
     if not os.path.exists(path):
         return []
+    out = []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                out.append(json.loads(line))  # also reads bare NaN of older files
+            except json.JSONDecodeError:
+                log.warning("%s: skipping an unreadable line (%.60s)", path, line.strip())
+    return out
 
 
 class MetricLogger:
@@ -40,9 +61,11 @@ class MetricLogger:
         self._tb = None
         if not enabled:
             return
-        kept = [r for r in read_jsonl(self.path) if r.get("step", 0) <= resume_step]
-        with open(self.path, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in kept)
+        kept = [_clean(r) for r in read_jsonl(self.path) if r.get("step", 0) <= resume_step]
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(json.dumps(r, allow_nan=False) + "\n" for r in kept)
+        os.replace(tmp, self.path)
         if tensorboard:
             try:
                 from tensorboardX import SummaryWriter
@@ -56,12 +79,13 @@ class MetricLogger:
     def write(self, step: int, split: str, metrics: Mapping[str, float]) -> None:
         if not self.enabled:
             return
-        clean = {k: float(v) for k, v in metrics.items()}
+        clean = {k: finite_or_none(v) for k, v in metrics.items()}
         with open(self.path, "a") as f:
-            f.write(json.dumps({"step": int(step), "split": split, **clean}) + "\n")
+            f.write(json.dumps({"step": int(step), "split": split, **clean},
+                               allow_nan=False) + "\n")
         if self._tb is not None:
             for k, v in clean.items():
-                if math.isfinite(v):
+                if v is not None:
                     self._tb.add_scalar(f"{split}/{k}", v, step)
 
     def flush(self) -> None:

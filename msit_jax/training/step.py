@@ -23,6 +23,25 @@ from msit_jax.training.state import TrainState
 
 DATA_AXIS = "data"
 MODEL_INPUTS = ("inp", "coord", "key_idx", "rel", "rel_cell")
+# Bits of the step's `nonfinite` metric: which quantity was NaN or infinite.
+NONFINITE_LOSS, NONFINITE_GRADS, NONFINITE_WEIGHTS = 1, 2, 4
+NONFINITE_NAMES = ((NONFINITE_LOSS, "loss"), (NONFINITE_GRADS, "gradients"),
+                   (NONFINITE_WEIGHTS, "updated weights"))
+
+
+def describe_nonfinite(code: int) -> str:
+    """'loss, gradients and updated weights' for a `nonfinite` bit mask."""
+    names = [n for bit, n in NONFINITE_NAMES if code & bit]
+    if not names:
+        return "nothing"
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def all_finite(tree: Any) -> jax.Array:
+    """() bool: every floating-point value of a pytree is finite."""
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)
+              if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
 
 
 def make_mesh(devices=None) -> Mesh:
@@ -45,8 +64,15 @@ def l1_loss(pred: jax.Array, gt: jax.Array) -> jax.Array:
 
 
 def train_step(model: MSIT, tx: optax.GradientTransformation, schedule: optax.Schedule,
-               state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict]:
-    """One Adam update on a batch (see `msit_jax.data.pipeline` for its fields)."""
+               state: TrainState, batch: dict[str, jax.Array], skip_nonfinite: bool = False
+               ) -> tuple[TrainState, dict]:
+    """One Adam update on a batch (see `msit_jax.data.pipeline` for its fields).
+
+    metrics: loss, lr, grad_norm (scalars) and nonfinite, an int32 bit mask of
+    NONFINITE_* (0: loss, gradients and updated weights all finite). With
+    skip_nonfinite, a step whose mask is not 0 changes nothing but the step
+    counter (weights, BatchNorm statistics and Adam state keep their values).
+    """
 
     def loss_fn(params):
         variables = state.replace(params=params).variables()
@@ -63,13 +89,25 @@ def train_step(model: MSIT, tx: optax.GradientTransformation, schedule: optax.Sc
         batch_stats=updates.get("batch_stats", state.batch_stats),
         opt_state=opt_state,
     )
-    metrics = {"loss": loss, "lr": schedule(state.step), "grad_norm": optax.tree.norm(grads)}
+    grad_norm = optax.tree.norm(grads)
+    weights_ok = all_finite((new_state.params, new_state.batch_stats))
+    nonfinite = (jnp.where(jnp.isfinite(loss), 0, NONFINITE_LOSS)
+                 | jnp.where(jnp.isfinite(grad_norm), 0, NONFINITE_GRADS)
+                 | jnp.where(weights_ok, 0, NONFINITE_WEIGHTS)).astype(jnp.int32)
+    if skip_nonfinite:
+        ok = nonfinite == 0
+        kept = jax.tree_util.tree_map(lambda new, old: jnp.where(ok, new, old),
+                                      new_state.replace(step=state.step), state)
+        new_state = kept.replace(step=state.step + 1)
+    metrics = {"loss": loss, "lr": schedule(state.step), "grad_norm": grad_norm,
+               "nonfinite": nonfinite}
     return new_state, metrics
 
 
 @functools.lru_cache(maxsize=8)
 def jit_train_step(model: MSIT, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                   mesh: Mesh) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+                   mesh: Mesh, skip_nonfinite: bool = False
+                   ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """train_step jitted with explicit shardings; the old state's buffers are donated.
 
     Memoised (with `state.make_optimizer`), so runs of one config in one process
@@ -77,7 +115,7 @@ def jit_train_step(model: MSIT, tx: optax.GradientTransformation, schedule: opta
     """
 
     def step(state, batch):
-        return train_step(model, tx, schedule, state, batch)
+        return train_step(model, tx, schedule, state, batch, skip_nonfinite)
 
     return jax.jit(step, in_shardings=(replicated(mesh), batch_sharding(mesh)),
                    out_shardings=(replicated(mesh), replicated(mesh)), donate_argnums=(0,))
