@@ -74,7 +74,12 @@ def quiet_orbax(settle_s: float = 0.5, max_wait_s: float = 5.0) -> Iterator[None
                 time.sleep(0.05)
         sys.unraisablehook = previous_hook
         for lg, lv in zip(loggers, levels):
-            lg.setLevel(lv)
+            # After a failure, the aborted operation's futures may be garbage
+            # collected later (even at exit), and asyncio logs each one ("Future
+            # exception was never retrieved"): the failure was already reported
+            # in one line, so asyncio stays quiet for the rest of the process.
+            if not (failed and lg.name == "asyncio"):
+                lg.setLevel(lv)
 
 
 def short_error(e: BaseException) -> str:
