@@ -88,12 +88,16 @@ def output_size(in_hw: tuple[int, int], scale: Optional[tuple[float, float]],
     return max(1, round(in_hw[0] * scale[0])), max(1, round(in_hw[1] * scale[1]))
 
 
-def input_size(path: str) -> tuple[int, int]:
-    """(H, W) of an image file from its header (no pixels decoded); ImageError names it."""
+def _check_is_file(path: str) -> None:
     if os.path.isdir(path):
         raise images.ImageError(f"{path}: is a directory, not an image file")
     if not os.path.isfile(path):
         raise images.ImageError(f"{path}: no such file")
+
+
+def input_size(path: str) -> tuple[int, int]:
+    """(H, W) of an image file from its header (no pixels decoded); ImageError names it."""
+    _check_is_file(path)
     try:
         with Image.open(path) as img:
             return img.size[1], img.size[0]
@@ -109,10 +113,7 @@ def read_input(path: str) -> tuple[np.ndarray, Optional[np.ndarray]]:
     Raises images.ImageError naming the file when it cannot be decoded
     (ImageTooLargeError over Pillow's decompression-bomb limit).
     """
-    if os.path.isdir(path):
-        raise images.ImageError(f"{path}: is a directory, not an image file")
-    if not os.path.isfile(path):
-        raise images.ImageError(f"{path}: no such file")
+    _check_is_file(path)
     try:
         with Image.open(path) as img:
             img.load()
