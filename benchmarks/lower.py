@@ -43,9 +43,6 @@ PROGRAMS = ("encode", "decode", "grid", "train_stage1", "train_stage2")
 PLATFORMS = ("tpu", "cuda")
 DTYPES = ("float32", "bfloat16")
 PRECISIONS = ("highest", "high", "default")
-# One-branch `case` wrappers of platform_dependent (XLA inlines them) and their
-# `return`s are not compute: left out when op counts are compared.
-WRAPPERS = ("case", "return")
 
 # --- published chip figures ----------------------------------------------------
 # Sources (vendor spec pages, figures as published):
@@ -128,7 +125,6 @@ _FUNC = re.compile(r"^\s*func\.func (?:public |private )?@([\w.$-]+)\(")
 _LOC_REF = re.compile(r"loc\((#loc\d*)\)\s*$")
 _LOC_INLINE = re.compile(r'loc\("([^"]*)"(?!:)')
 _LOC_DEF = re.compile(r"^#(loc\d*) = loc\((.*)\)\s*$")
-_PRECISION = re.compile(r"precision(?:_config)? = \[([^\]]*)\]")
 
 CONTRACTIONS = ("dot_general", "dot", "convolution")
 # Ops whose results XLA materialises in HBM: their operands are read and
@@ -306,8 +302,9 @@ def _op_cost(kind: str, line: str, name: str) -> Optional[OpCost]:
             line, operands, result)
         floats = [t.dtype for t in operands if t.dtype.startswith(("f", "bf"))]
         widest = max(floats, key=lambda d: _ELEM_BYTES.get(d, 4)) if floats else "f32"
-        m = _PRECISION.search(line)
-        precs = re.findall(r"HIGHEST|HIGH|DEFAULT", m.group(1)) if m else []
+        from msit_jax.lowering import line_precisions  # jax: imported after --devices
+
+        precs = line_precisions(line)
         precision = "HIGHEST" if "HIGHEST" in precs else "HIGH" if "HIGH" in precs else "DEFAULT"
         return OpCost(kind, name, flops, unfused, unfused, widest, precision, _type_text(result),
                       k, n)
@@ -633,12 +630,10 @@ def scaling(step_s: float, global_batch: int, params: int, per_chip_batch: int,
 
 # --- the report ----------------------------------------------------------------------
 
-def _compute_ops(ops: dict) -> dict:
-    return {k: v for k, v in ops.items() if k not in WRAPPERS}
-
-
 def _ops_diff(a: dict, b: dict) -> dict:
-    a, b = _compute_ops(a), _compute_ops(b)
+    from msit_jax.lowering import compute_ops
+
+    a, b = compute_ops(a), compute_ops(b)
     return {k: [a.get(k, 0), b.get(k, 0)] for k in sorted(set(a) | set(b))
             if a.get(k, 0) != b.get(k, 0)}
 
@@ -675,8 +670,9 @@ def build_report(args: argparse.Namespace) -> tuple[dict, str]:
 
     from msit_jax.config import model_config, tiny_model_config
     from msit_jax.grid_decoder import plan_axis
-    from msit_jax.lowering import (Shapes, abstract_variables, analyse, lower_program,
-                                   program_and_args, stage_config)
+    from msit_jax.lowering import (Shapes, abstract_variables, analyse, compute_ops,
+                                   default_backend_reporting, lower_program, program_and_args,
+                                   stage_config)
     from msit_jax.runtime import RuntimeOptions
 
     if jax.device_count() != args.devices:
@@ -697,14 +693,10 @@ def build_report(args: argparse.Namespace) -> tuple[dict, str]:
     # Acceptance check: the program a host of that platform would build. Lowering
     # happens on this host either way; only what tracing sees of the backend
     # changes (e.g. per-platform defaults read from jax.default_backend()).
-    real = jax.default_backend
-    jax.default_backend = lambda: args.platform
-    try:
+    with default_backend_reporting(args.platform):
         emulated = analyse(lower_program(args.program, args.platform, cfg, runtime, shapes)
                            .mlir_module())
-    finally:
-        jax.default_backend = real
-    same = _compute_ops(emulated["ops"]) == _compute_ops(facts["ops"])
+    same = compute_ops(emulated["ops"]) == compute_ops(facts["ops"])
 
     # XLA's cost model of the same math on this host: XLA's own conv rules and no
     # FFT convolutions (the accelerator methods), lowered for CPU.
@@ -857,11 +849,13 @@ def _batch_reductions(mlir: str, batch: int) -> int:
 
 def summary(r: dict) -> str:
     """A readable account of a report."""
+    from msit_jax.lowering import compute_ops
+
     lines = [f"{r['program']} for {r['platform']} ({r['dtype']}, precision {r['precision']}, "
              f"{r['devices']} devices, shapes {r['shapes']})",
              f"  learnable parameters: {r['model']['learnable_params']:,}",
              "  ops: " + ", ".join(f"{k} {v}" for k, v in sorted(
-                 _compute_ops(r["ops"]).items(), key=lambda kv: -kv[1])),
+                 compute_ops(r["ops"]).items(), key=lambda kv: -kv[1])),
              f"  contractions: {r['contractions']}  (without a precision: "
              f"{r['unset_precision']})",
              f"  f64: {r['f64']}  host callbacks: {r['callbacks'] or 'none'}",

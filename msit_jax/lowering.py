@@ -14,9 +14,10 @@ decoders (`msit_jax.inference`), and the data-parallel train step
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import re
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +30,9 @@ from msit_jax.runtime import RuntimeOptions
 
 PROGRAMS = ("encode", "decode", "grid", "train_stage1", "train_stage2")
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
+# A platform_dependent branch lowered for one platform stays wrapped in a
+# one-branch `case` (XLA inlines it: compiled programs have no conditional).
+WRAPPERS = ("case", "return")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,6 +156,19 @@ def _train_program(model, cfg, variables, shapes: Shapes, devices) -> tuple[Call
     return fn, (state, batch)
 
 
+@contextlib.contextmanager
+def default_backend_reporting(platform: str) -> Iterator[None]:
+    """While tracing in this block, `jax.default_backend()` reports `platform`, as
+    on a host of that platform: lowering inside it gives the program such a host
+    would build if anything probed the backend at trace time."""
+    real = jax.default_backend
+    jax.default_backend = lambda: platform
+    try:
+        yield
+    finally:
+        jax.default_backend = real
+
+
 def lower_program(program: str, platform: str, model_cfg: ml_collections.ConfigDict,
                   runtime: RuntimeOptions, shapes: Shapes = Shapes(),
                   devices: Optional[Sequence[jax.Device]] = None) -> jax.export.Exported:
@@ -185,7 +202,8 @@ def _result_type(line: str) -> tuple[str, int]:
     return m.group(0), _elements(m.group(1))
 
 
-def _precisions(line: str) -> list[str]:
+def line_precisions(line: str) -> list[str]:
+    """The precisions (HIGHEST / HIGH / DEFAULT) on one StableHLO op's line; [] if unset."""
     m = _PREC.search(line)
     if not m:
         return []
@@ -211,7 +229,7 @@ def analyse(mlir: str, top: int = 5) -> dict:
         kind = found[0][1]
         ops[kind] += 1
         if kind in ("dot_general", "convolution", "dot"):
-            precs = _precisions(line)
+            precs = line_precisions(line)
             key = "/".join(sorted(set(precs))) if precs else "none"
             contractions[f"{kind}:{key}"] += 1
             if not precs:
@@ -233,7 +251,7 @@ def analyse(mlir: str, top: int = 5) -> dict:
     }
 
 
-def contraction_precisions(mlir: str) -> set[str]:
-    """The set of precisions found on dot_general/convolution ops ('none' if unset)."""
-    return {k.split(":", 1)[1] for k in analyse(mlir)["contractions"]}
 
+def compute_ops(ops: dict) -> dict:
+    """Op counts by kind without the one-branch `case` wrappers (WRAPPERS)."""
+    return {k: v for k, v in ops.items() if k not in WRAPPERS}

@@ -22,6 +22,8 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
+from msit_jax.images import to_uint8
+
 f32 = np.float32
 
 # progress: False / None (off), True (a tqdm bar) or a callable (done, total)
@@ -81,11 +83,6 @@ def output_size(in_hw: tuple[int, int], scale: Any = None, size: Any = None) -> 
     if not (math.isfinite(sy) and math.isfinite(sx) and sy > 0 and sx > 0):
         raise ValueError(f"scale must be positive and finite, got {scale!r}")
     return max(1, round(in_hw[0] * sy)), max(1, round(in_hw[1] * sx))
-
-
-def to_uint8(img: np.ndarray) -> np.ndarray:
-    """float in [0, 1] -> uint8, rounded to nearest."""
-    return np.clip(np.round(np.asarray(img, np.float64) * 255.0), 0, 255).astype(np.uint8)
 
 
 def _pil_image_class():

@@ -22,24 +22,19 @@ import sys
 
 import pytest
 
+from msit_jax.lowering import compute_ops
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROGRAMS = ("encode", "decode", "grid", "train_stage1", "train_stage2")
 PLATFORMS = ("tpu", "cuda")
 DTYPES = ("float32", "bfloat16")
-# A platform_dependent branch lowered for one platform stays wrapped in a
-# one-branch `case` (XLA inlines it: the compiled programs have no conditional).
-WRAPPERS = ("case", "return")
-
-
-def compute_ops(ops: dict) -> dict:
-    return {k: v for k, v in ops.items() if k not in WRAPPERS}
 
 
 def worker(out: str) -> None:
     import jax
 
     from msit_jax import tiny_model_config
-    from msit_jax.lowering import Shapes, analyse, lower_program
+    from msit_jax.lowering import Shapes, analyse, default_backend_reporting, lower_program
     from msit_jax.runtime import RuntimeOptions
 
     assert jax.device_count() == 8, jax.devices()
@@ -61,12 +56,8 @@ def worker(out: str) -> None:
                         entry[f"precision_{prec}"] = facts(program, platform,
                                                            rt.replace(precision=prec))
                 if program.startswith("train"):
-                    real = jax.default_backend
-                    jax.default_backend = lambda: platform  # as a TPU/GPU host reports
-                    try:
+                    with default_backend_reporting(platform):  # as a TPU/GPU host reports
                         entry["emulated_host"] = facts(program, platform, rt)
-                    finally:
-                        jax.default_backend = real
                 results[f"{program}/{platform}/{dtype}"] = entry
         results[f"{program}/cpu/float32"] = {"auto": facts(program, "cpu", RuntimeOptions())}
     with open(out, "w") as f:
