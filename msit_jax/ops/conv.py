@@ -162,7 +162,7 @@ def kernel_tangent(x: Array, dw: Array, groups: int, p: int, precision: Precisio
         return xla(x, dw)
     cpu_form = {"dense": functools.partial(_dense_form, groups=groups),
                 "shifts": functools.partial(_shifts_form, p=p),
-                "fft": lambda x, dw, precision: conv2d_fft(x, dw, precision)}[method]
+                "fft": conv2d_fft}[method]
     cpu = jax.checkpoint(lambda x, dw: cpu_form(x, dw, precision=precision))
     return jax.lax.platform_dependent(x, dw, cpu=cpu, default=xla)
 

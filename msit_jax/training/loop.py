@@ -143,12 +143,12 @@ def _host_variables(state: TrainState) -> dict:
     return to_host(state.variables())
 
 
-def run_demo(config, model_cfg, variables: dict, source: ImageSource, workdir: str
-             ) -> tuple[dict, str]:
+def run_demo(config, model_cfg, variables: dict, source: ImageSource, workdir: str,
+             runtime: RuntimeOptions) -> tuple[dict, str]:
     """The end-of-run table (MSIT vs bicubic) and side-by-side PNG; prints the table."""
     e, d = config.eval, config.demo
     up = evaluation.Upscaler(model_cfg, variables, chunk=e.chunk or None, method=e.method,
-                             runtime=RuntimeOptions.from_config(config.runtime))
+                             runtime=runtime)
     res = evaluation.evaluate(up, source, d.scales, max_images=e.max_images,
                               max_side=e.max_side, shave_extra=e.shave_extra,
                               y_channel=e.y_channel, bicubic=True)
@@ -468,7 +468,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                             "batch_stats": state.batch_stats, "opt_state": state.opt_state})
     if step == config.total_steps and config.demo.enabled and is_main:
         result.demo, result.demo_png = run_demo(config, model_cfg, _host_variables(state),
-                                                eval_source, workdir)
+                                                eval_source, workdir, runtime)
         with open(os.path.join(workdir, "demo.json"), "w") as f:
             import json
 
