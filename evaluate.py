@@ -16,7 +16,7 @@ the exit codes of `msit_jax.errors`: 1 if images failed for different reasons
 (otherwise the code of their cause, e.g. 6 for a non-finite model output, 4 for
 unreadable files), 2 for flags, 5 for the checkpoint, 7 for outputs;
 --verbose adds tracebacks. The protocol is documented in
-`msit_jax/evaluation.py` and docs/evaluation.md.
+`msit_jax/eval/evaluation.py` and docs/evaluation.md.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ import sys
 
 from absl import app, flags
 
-from msit_jax import errors, evaluation
+from msit_jax import errors
+from msit_jax.eval import evaluation
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("checkpoint", None, "msit-jax checkpoint dir or official MSIT .pth.")

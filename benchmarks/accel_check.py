@@ -67,11 +67,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import compare_torch  # noqa: E402  (its official-model helpers and timing loop)
 
-from msit_jax import model_config, reparam, tiny_model_config  # noqa: E402
+from msit_jax import model_config, tiny_model_config
+from msit_jax.models import reparam  # noqa: E402
 from msit_jax.inference import Upscaler, default_chunk, grid_min_queries  # noqa: E402
-from msit_jax.model import MSIT, build_model  # noqa: E402
-from msit_jax.runtime import RuntimeOptions  # noqa: E402
-from msit_jax.testing import random_variables  # noqa: E402
+from msit_jax.models.model import MSIT, build_model  # noqa: E402
+from msit_jax.ops.runtime import RuntimeOptions  # noqa: E402
+from msit_jax.models.random_init import random_variables  # noqa: E402
 from msit_jax.training.step import MODEL_INPUTS, l1_loss  # noqa: E402
 
 # --- tolerances -------------------------------------------------------------------
@@ -399,7 +400,7 @@ class Run:
             return {"skipped": "no --reference"}
         import torch
         import yaml
-        from msit_jax.pretrained import config_from_official_args
+        from msit_jax.io.pretrained import config_from_official_args
 
         # compare_torch.official_model builds the official EDSR-baseline RIM
         # training YAML: the weights must have exactly that architecture.
@@ -408,7 +409,7 @@ class Run:
         if self.cfg.to_dict() != official_cfg.to_dict():
             return {"skipped": f"the official model is built from {compare_torch.OFFICIAL_YAML}"
                                "; these weights have another architecture"}
-        from msit_jax.torch_io import variables_to_state_dict
+        from msit_jax.io.torch_io import variables_to_state_dict
 
         gpu = self.backend == "gpu" and torch.cuda.is_available()
         tdev = "cuda" if gpu else "cpu"
@@ -481,7 +482,7 @@ def load_weights(args: argparse.Namespace):
     if args.checkpoint:
         if args.tiny:
             raise SystemExit("--tiny and --checkpoint exclude each other")
-        from msit_jax import pretrained
+        from msit_jax.io import pretrained
 
         cfg, variables = pretrained.load(args.checkpoint)
         return cfg, variables, f"checkpoint {os.path.abspath(args.checkpoint)}"

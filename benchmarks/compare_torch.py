@@ -56,10 +56,11 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import flops as flop_model  # noqa: E402
 
-from msit_jax import geometry, inference, model_config, reparam  # noqa: E402
-from msit_jax.runtime import DTYPES, PRECISIONS, RuntimeOptions  # noqa: E402
-from msit_jax.testing import random_variables  # noqa: E402
-from msit_jax.torch_io import variables_to_state_dict  # noqa: E402
+from msit_jax import geometry, inference, model_config
+from msit_jax.models import reparam  # noqa: E402
+from msit_jax.ops.runtime import DTYPES, PRECISIONS, RuntimeOptions  # noqa: E402
+from msit_jax.models.random_init import random_variables  # noqa: E402
+from msit_jax.io.torch_io import variables_to_state_dict  # noqa: E402
 
 INFER_CASES = [("x4 64->256", 64, 256), ("x12 32->384", 32, 384), ("x2.5 96->240", 96, 240)]
 TRAIN = dict(batch=4, lr_size=48, queries=2304)
@@ -241,7 +242,7 @@ def ours_train_step(cfg, variables: dict, runtime: Optional[RuntimeOptions] = No
                     ) -> tuple[Callable, Any]:
     """A jitted Adam step on our model, as train.py runs it: (step, initial state).
     The batch passed to step must be a multiple of jax.device_count()."""
-    from msit_jax.model import build_model
+    from msit_jax.models.model import build_model
     from msit_jax.training.state import create_state
     from msit_jax.training.step import jit_train_step, make_mesh, replicated
     import optax

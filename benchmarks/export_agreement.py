@@ -36,8 +36,9 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from msit_jax import (api, export, exported, geometry, inference, model_config,  # noqa: E402
-                      onnx_graph, pretrained, reparam)
+from msit_jax import api, export, exported, geometry, inference, model_config, onnx_graph  # noqa: E402,E501
+from msit_jax.io import pretrained  # noqa: E402
+from msit_jax.models import reparam  # noqa: E402
 
 CASES = [("x3.5 24x20->84x70", (24, 20), (84, 70)), ("x4 64->256", (64, 64), (256, 256))]
 SPEED_CASE = ("x4 64->256", (64, 64), (256, 256))

@@ -16,8 +16,9 @@ import time
 import jax
 import numpy as np
 
-from msit_jax import inference, model_config, reparam
-from msit_jax.testing import random_variables
+from msit_jax import inference, model_config
+from msit_jax.models import reparam
+from msit_jax.models.random_init import random_variables
 
 
 def median_time(fn, repeats: int) -> float:

@@ -668,12 +668,12 @@ def build_report(args: argparse.Namespace) -> tuple[dict, str]:
     must already see `args.devices` devices)."""
     import jax
 
-    from msit_jax.config import model_config, tiny_model_config
-    from msit_jax.grid_decoder import plan_axis
+    from msit_jax.models.config import model_config, tiny_model_config
+    from msit_jax.models.grid_decoder import plan_axis
     from msit_jax.lowering import (Shapes, abstract_variables, analyse, compute_ops,
                                    default_backend_reporting, lower_program, program_and_args,
                                    stage_config)
-    from msit_jax.runtime import RuntimeOptions
+    from msit_jax.ops.runtime import RuntimeOptions
 
     if jax.device_count() != args.devices:
         raise SystemExit(f"jax sees {jax.device_count()} devices, --devices {args.devices}: "

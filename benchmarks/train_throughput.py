@@ -29,12 +29,12 @@ def main() -> None:
     ap.add_argument("--precision", default="highest", choices=("highest", "high", "default"))
     args = ap.parse_args()
 
-    from msit_jax.config import model_config
+    from msit_jax.models.config import model_config
     from msit_jax.data.pipeline import to_global
     from msit_jax.data.protocol import BatchPlanner, Protocol, collate, make_example
     from msit_jax.data.sources import EmbeddedSource
-    from msit_jax.model import build_model
-    from msit_jax.runtime import RuntimeOptions
+    from msit_jax.models.model import build_model
+    from msit_jax.ops.runtime import RuntimeOptions
     from msit_jax.training.config import base_config
     from msit_jax.training.loop import _state_maker
     from msit_jax.training.state import dummy_inputs, init_variables, make_optimizer, param_count

@@ -10,7 +10,7 @@ ends with a PSNR table, MSIT vs bicubic at x2, x3, x4 and x6 on the held-out
 images, and a side-by-side PNG (WORKDIR/demo_x4.png).
 """
 
-from msit_jax.config import tiny_model_config
+from msit_jax.models.config import tiny_model_config
 from msit_jax.training.config import base_config, source_config
 
 

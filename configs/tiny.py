@@ -3,7 +3,7 @@
     python train.py --config configs/tiny.py --workdir /tmp/msit_tiny
 """
 
-from msit_jax.config import tiny_model_config
+from msit_jax.models.config import tiny_model_config
 from msit_jax.training.config import base_config, source_config
 
 

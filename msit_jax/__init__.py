@@ -11,10 +11,10 @@ import importlib
 from typing import Any
 
 _LAZY = {
-    "MSIT": "msit_jax.model",
-    "build_model": "msit_jax.model",
-    "model_config": "msit_jax.config",
-    "tiny_model_config": "msit_jax.config",
+    "MSIT": "msit_jax.models.model",
+    "build_model": "msit_jax.models.model",
+    "model_config": "msit_jax.models.config",
+    "tiny_model_config": "msit_jax.models.config",
     "Upscaler": "msit_jax.api",
 }
 

@@ -8,7 +8,7 @@
     flt = up(float_array, scale=(2, 3), progress=True)  # float in, float out; a progress bar
 
 `from_pretrained` folds RIMs and BatchNorms into plain convolutions
-(`msit_jax.reparam.fold`): the deployment model, same outputs.
+(`msit_jax.models.reparam.fold`): the deployment model, same outputs.
 """
 
 from __future__ import annotations
@@ -18,8 +18,10 @@ from typing import Any, Optional
 import ml_collections
 import numpy as np
 
-from msit_jax import inference, pretrained, reparam
-from msit_jax.runtime import RuntimeOptions
+from msit_jax import inference
+from msit_jax.io import pretrained
+from msit_jax.models import reparam
+from msit_jax.ops.runtime import RuntimeOptions
 from msit_jax.serving import ImageUpscaler, Progress
 
 

@@ -40,8 +40,9 @@ from typing import Any, Optional, Sequence
 import ml_collections
 import numpy as np
 
-from msit_jax import checkpoint, pretrained, reparam
-from msit_jax.torch_io import variables_to_state_dict
+from msit_jax.io import checkpoint, pretrained
+from msit_jax.models import reparam
+from msit_jax.io.torch_io import variables_to_state_dict
 
 FORMATS = ("stablehlo", "onnx", "pth", "safetensors")
 DEFAULT_FOLD = {"stablehlo": True, "onnx": True, "pth": False, "safetensors": False}
@@ -211,8 +212,8 @@ def write_stablehlo(out: str, model_cfg: ml_collections.ConfigDict, variables: A
     from jax import export
 
     from msit_jax import exported
-    from msit_jax.model import MSIT, build_model
-    from msit_jax.runtime import RuntimeOptions
+    from msit_jax.models.model import MSIT, build_model
+    from msit_jax.ops.runtime import RuntimeOptions
 
     # FFT sizes need concrete image sizes and these programs take any size, so the
     # multi-scale convs stay direct convolutions (same function; FFT is a CPU speed-up).

@@ -19,9 +19,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from msit_jax import geometry, grid_decoder
-from msit_jax.model import MSIT, build_model
-from msit_jax.runtime import RuntimeOptions
+from msit_jax import geometry
+from msit_jax.models import grid_decoder
+from msit_jax.models.model import MSIT, build_model
+from msit_jax.ops.runtime import RuntimeOptions
 from msit_jax.serving import (Progress, check_image, check_out_hw, denormalize,  # noqa: F401
                               normalize, track)
 
@@ -74,12 +75,12 @@ class Upscaler:
     """Holds a model and its device-resident variables; call it per image.
 
     method: 'grid' decodes queries grouped by their nearest LR centre
-    (`msit_jax.grid_decoder`, several times fewer FLOPs at large scales);
+    (`msit_jax.models.grid_decoder`, several times fewer FLOPs at large scales);
     'query' runs the per-query decoder, the reference formulation; 'auto'
     (default) picks grid from `grid_min_queries()` output pixels per input
     pixel (9 on CPU). All give the same result to float32 re-association error.
     chunk: queries per decoder call (None: `default_chunk()` of the platform).
-    runtime: precision, compute dtype, FFT threshold (`msit_jax.runtime`).
+    runtime: precision, compute dtype, FFT threshold (`msit_jax.ops.runtime`).
     """
 
     def __init__(self, model_cfg: ml_collections.ConfigDict, variables: Any,

@@ -24,9 +24,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from msit_jax import geometry, grid_decoder
-from msit_jax.model import MSIT, build_model
-from msit_jax.runtime import RuntimeOptions
+from msit_jax import geometry
+from msit_jax.models import grid_decoder
+from msit_jax.models.model import MSIT, build_model
+from msit_jax.ops.runtime import RuntimeOptions
 
 PROGRAMS = ("encode", "decode", "grid", "train_stage1", "train_stage2")
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
@@ -53,7 +54,7 @@ class Shapes:
 
 def abstract_variables(model_cfg: ml_collections.ConfigDict) -> dict:
     """The model's variables as ShapeDtypeStructs (no values computed)."""
-    from msit_jax.torch_io import variable_shapes
+    from msit_jax.models.model import variable_shapes
 
     return jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s, jnp.float32),
                                   variable_shapes(model_cfg),

@@ -110,7 +110,7 @@ def _wrap_pad(b: _Builder, x: str, axis: int) -> str:
 def _lem(b: _Builder, x: str, dim: int) -> str:
     """LEM pixel shift: a depthwise 3x3 conv with the fixed 0/1 mask on the circularly
     padded map (each output is a sum of one or two inputs, exact as msno.lem_shift)."""
-    from msit_jax.msno import lem_mask
+    from msit_jax.models.msno import lem_mask
 
     xp = _wrap_pad(b, _wrap_pad(b, x, 2), 3)
     w = b.const(lem_mask(dim)[:, None], "lem")
@@ -207,7 +207,7 @@ class _Axis:
         return b.op("Max", b.op("Min", idx, self.last), b.i(0))
 
     def taps(self, b: _Builder, c: str, border: bool) -> tuple[list[str], list[str]]:
-        """Bilinear taps of coordinates c (Q,) as sampling._axis_taps: clipped int64
+        """Bilinear taps of coordinates c (Q,) as sampling.axis_taps: clipped int64
         indices and weights (zero for taps outside the image), two each."""
         u = self.unnormalize(b, c)
         if border:
@@ -255,7 +255,7 @@ def _check_folded(model_cfg) -> None:
     if model_cfg.conv != "plain" or model_cfg.batch_norm:
         raise ValueError("the ONNX graph is built from a folded model (conv='plain', "
                          f"batch_norm=False), got conv={model_cfg.conv!r}, batch_norm="
-                         f"{model_cfg.batch_norm}: call msit_jax.reparam.fold first")
+                         f"{model_cfg.batch_norm}: call msit_jax.models.reparam.fold first")
 
 
 class _Ctx:
@@ -263,7 +263,7 @@ class _Ctx:
     the decoder weights (as initialiser names) and sizes."""
 
     def __init__(self, b: _Builder, cfg, p: dict, fq: str, fv: str, inp: str, chunk: int):
-        from msit_jax.decoder import posenc_frequencies
+        from msit_jax.models.decoder import posenc_frequencies
 
         self.cfg, self.chunk = cfg, chunk
         self.dim, self.heads, self.r = cfg.dim, cfg.heads, cfg.radius
@@ -446,7 +446,7 @@ def _grid_block(g: _Builder, table: str, gy: _GridAxis, gx: _GridAxis, ry: str, 
 
 
 def _grid_decoder(b: _Builder, c: _Ctx) -> str:
-    """Grid decoder (msit_jax.grid_decoder): HR pixels grouped by their nearest LR centre;
+    """Grid decoder (msit_jax.models.grid_decoder): HR pixels grouped by their nearest LR centre;
     the first MLP layer runs once per centre on its 49 values (Z = W1 V) and each query
     only mixes Z with its attention weights. A Loop over chunks of P centres, P * Gy * Gx
     ~ `chunk` queries -> raw predictions (out_h * out_w, 3)."""

@@ -42,7 +42,7 @@ import numpy as np
 from msit_jax import geometry
 from msit_jax.inference import Upscaler, check_image, check_out_hw, denormalize
 from msit_jax.serving import Progress
-from msit_jax.runtime import RuntimeOptions
+from msit_jax.ops.runtime import RuntimeOptions
 
 f32 = np.float32
 
@@ -72,14 +72,14 @@ def halo(cfg: ml_collections.ConfigDict) -> int:
 
 @functools.partial(jax.jit, static_argnums=0)
 def _encode(model, variables, inp):
-    from msit_jax.model import MSIT
+    from msit_jax.models.model import MSIT
 
     return model.apply(variables, inp, method=MSIT.encode)
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def _decode(model, variables, feats, inp, coord, key_idx, rel, rel_cell):
-    from msit_jax.model import MSIT
+    from msit_jax.models.model import MSIT
 
     return model.apply(variables, feats, inp, coord, key_idx, rel, rel_cell, method=MSIT.decode)
 

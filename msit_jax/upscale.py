@@ -38,7 +38,7 @@ from PIL import Image, UnidentifiedImageError
 
 from msit_jax import errors, images
 from msit_jax.errors import NonFiniteError, OutputError, ResourceError, UsageError
-from msit_jax.runtime import DTYPES, PRECISIONS, RuntimeOptions
+from msit_jax.ops.runtime import DTYPES, PRECISIONS, RuntimeOptions
 
 ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 
@@ -205,7 +205,9 @@ def _gb(x: float) -> str:
 def build_upscaler(checkpoint: str, fold: bool, chunk: Optional[int], tile: int,
                    method: str = "auto", runtime: Optional[RuntimeOptions] = None):
     """Load weights (official .pth or msit-jax checkpoint) -> an Upscaler (tiled if tile > 0)."""
-    from msit_jax import pretrained, reparam, tiling
+    from msit_jax.io import pretrained
+    from msit_jax.models import reparam
+    from msit_jax import tiling
 
     model_cfg, variables = pretrained.load(checkpoint)
     if fold:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from msit_jax import tiny_model_config
-from msit_jax.testing import random_variables
+from msit_jax.models.random_init import random_variables
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_DATA = os.path.join(os.path.dirname(REPO), "shared", "data")

@@ -7,7 +7,9 @@ import pytest
 from PIL import Image
 
 import msit_jax
-from msit_jax import checkpoint, inference, reparam, serving, tiny_model_config
+from msit_jax.io import checkpoint
+from msit_jax import inference, serving, tiny_model_config
+from msit_jax.models import reparam
 from tests.conftest import init_variables
 
 

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from msit_jax import checkpoint, pretrained, tiny_model_config
-from msit_jax.torch_io import StateDictError, variables_to_state_dict
+from msit_jax.io import checkpoint, pretrained
+from msit_jax import tiny_model_config
+from msit_jax.io.torch_io import StateDictError, variables_to_state_dict
 from tests.conftest import REPO, init_variables
 from tests.torch_reference import TorchMSIT, randomize_
 
@@ -82,7 +83,7 @@ def test_bare_state_dict_needs_config(tmp_path, edsr_tiny):
 
 
 def test_errors_name_the_keys(edsr_tiny):
-    from msit_jax.torch_io import state_dict_to_variables
+    from msit_jax.io.torch_io import state_dict_to_variables
 
     sd = variables_to_state_dict(init_variables(edsr_tiny), edsr_tiny)
     broken = dict(sd)

@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from msit_jax import checkpoint, evaluation, images, inference, metrics, tiny_model_config
-from msit_jax.matlab_resize import imresize
+from msit_jax.io import checkpoint
+from msit_jax.eval import evaluation, metrics
+from msit_jax import images, inference, tiny_model_config
+from msit_jax.eval.matlab_resize import imresize
 from tests.conftest import REPO, init_variables, shared_data
 
 # Per-image PSNR (dB) of Pillow-bicubic upsampling on Set5 under the reference protocol,
@@ -156,7 +158,7 @@ def test_div2k_preset_is_rgb_with_extra_shave(tmp_path):
 
 
 def test_msit_predictor_follows_the_protocol(tmp_path, tiny_ckpt):
-    from msit_jax import pretrained
+    from msit_jax.io import pretrained
 
     hrs = {"x.png": _rand_img(30, 27, 5), "y.png": _rand_img(26, 33, 6)}
     ds = evaluation.open_folder(_write_folder(tmp_path / "mini", hrs))

@@ -20,8 +20,9 @@ import numpy as np
 import pytest
 import torch
 
-from msit_jax import (export, exported, geometry, inference, onnx_graph, pretrained, reparam,
-                      tiny_model_config)
+from msit_jax import export, exported, geometry, inference, onnx_graph, tiny_model_config
+from msit_jax.io import pretrained
+from msit_jax.models import reparam
 from msit_jax.export import ExportError
 from tests.conftest import REPO, init_variables
 from tests.test_convert import official_args, trees_equal
@@ -107,9 +108,9 @@ def test_stablehlo_runner_needs_no_model_code(stablehlo_dir, model, tmp_path):
         import sys
         assert not [m for m in sys.modules if m.startswith("flax")]
         print("ok")
-    """, ("flax", "torch", "ml_collections", "msit_jax.model", "msit_jax.decoder",
-          "msit_jax.encoders", "msit_jax.msno", "msit_jax.layers", "msit_jax.inference",
-          "msit_jax.grid_decoder", "msit_jax.pretrained", "msit_jax.config"))
+    """, ("flax", "torch", "ml_collections", "msit_jax.models.model", "msit_jax.models.decoder",
+          "msit_jax.models.encoders", "msit_jax.models.msno", "msit_jax.models.layers", "msit_jax.inference",
+          "msit_jax.models.grid_decoder", "msit_jax.io.pretrained", "msit_jax.models.config"))
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]
     want = inference.upscale(cfg, v, lr, (84, 70), clamp=False)
     np.testing.assert_allclose(np.load(tmp_path / "sr.npy"), want, atol=1e-5, rtol=0)
@@ -277,7 +278,8 @@ def test_safetensors_hub_folder_loads_without_torch(tmp_path):
     np.save(tmp_path / "lr.npy", lr)
     r = run_blocked(f"""
         import numpy as np
-        from msit_jax import inference, pretrained
+        from msit_jax import inference
+        from msit_jax.io import pretrained
         lr = np.load({str(tmp_path / 'lr.npy')!r})
         for i, path in enumerate([{str(out)!r}, {files[0]!r}]):
             cfg, v = pretrained.load(path)

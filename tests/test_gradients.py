@@ -7,8 +7,8 @@ import optax
 import pytest
 
 from msit_jax import build_model, geometry, tiny_model_config
-from msit_jax.layers import FROZEN
-from msit_jax.runtime import RuntimeOptions
+from msit_jax.models.layers import FROZEN
+from msit_jax.ops.runtime import RuntimeOptions
 from tests.conftest import init_variables
 
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from msit_jax import inference, tiny_model_config
-from msit_jax.runtime import RuntimeOptions
+from msit_jax.ops.runtime import RuntimeOptions
 from tests.conftest import init_variables
 
 

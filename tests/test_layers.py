@@ -7,8 +7,9 @@ import torch.nn.functional as F
 import jax
 import jax.numpy as jnp
 
-from msit_jax import layers, msno, ops
-from msit_jax.decoder import Dense, posenc_frequencies, torch_linspace
+from msit_jax.models import layers, msno
+from msit_jax import ops
+from msit_jax.models.decoder import Dense, posenc_frequencies, torch_linspace
 from tests.torch_reference import LEM, RIM
 
 rng = np.random.RandomState(0)

@@ -35,7 +35,7 @@ def worker(out: str) -> None:
 
     from msit_jax import tiny_model_config
     from msit_jax.lowering import Shapes, analyse, default_backend_reporting, lower_program
-    from msit_jax.runtime import RuntimeOptions
+    from msit_jax.ops.runtime import RuntimeOptions
 
     assert jax.device_count() == 8, jax.devices()
     cfg = tiny_model_config()

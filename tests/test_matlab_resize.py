@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from msit_jax import evaluation, matlab_resize
-from msit_jax.matlab_resize import contributions, cubic, imresize, rgb2ycbcr_y
+from msit_jax.eval import evaluation, matlab_resize
+from msit_jax.eval.matlab_resize import contributions, cubic, imresize, rgb2ycbcr_y
 
 from tests.conftest import shared_data
 

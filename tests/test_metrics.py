@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from msit_jax import metrics
+from msit_jax.eval import metrics
 
 
 def _rand(shape, seed):

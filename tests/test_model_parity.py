@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from msit_jax import build_model, geometry, inference, tiny_model_config
-from msit_jax.torch_io import state_dict_to_variables
+from msit_jax.io.torch_io import state_dict_to_variables
 from tests.torch_reference import TorchMSIT, randomize_, torch_make_coord
 
 

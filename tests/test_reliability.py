@@ -29,8 +29,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from msit_jax import checkpoint, errors, evaluation, images, pretrained, tiny_model_config, upscale
-from msit_jax.testing import random_variables
+from msit_jax.io import checkpoint, pretrained
+from msit_jax import errors, images, tiny_model_config, upscale
+from msit_jax.eval import evaluation
+from msit_jax.models.random_init import random_variables
 from msit_jax.training import train_and_evaluate
 from msit_jax.training.checkpoints import (FILES_MANIFEST, REJECTED_DIR, Checkpointer,
                                            load_workdir_model)
@@ -324,7 +326,7 @@ def test_04_skipped_step_changes_nothing_but_the_counter():
     from msit_jax.data.protocol import Protocol
     from msit_jax.data.pipeline import host_dataset
     from msit_jax.data.sources import EmbeddedSource
-    from msit_jax.model import build_model
+    from msit_jax.models.model import build_model
     from msit_jax.training.state import create_state, dummy_inputs, init_variables, make_optimizer
     from msit_jax.training.step import jit_train_step, make_mesh, NONFINITE_LOSS
 
@@ -866,7 +868,7 @@ def test_14_pth_errors_are_one_line_naming_the_file(tmp_path, model_dir, capsys)
         with pytest.raises(errors.CheckpointError) as e:
             pretrained.load(path)
         assert needle in str(e.value) and path in str(e.value) and "\n" not in str(e.value)
-        from msit_jax import convert
+        from msit_jax.io import convert
 
         assert convert.main([path, str(tmp_path / f"conv_{name}")]) == errors.EXIT_CHECKPOINT
         assert_one_line_error(capsys.readouterr().err, needle, path)
@@ -883,7 +885,7 @@ def test_14_disk_full_during_convert_is_one_line(tmp_path, model_dir):
     disk): one line naming the destination, exit 7, the partial write removed."""
     import torch
 
-    from msit_jax.torch_io import variables_to_state_dict
+    from msit_jax.io.torch_io import variables_to_state_dict
     from tests.test_convert import official_args
 
     src, cfg = model_dir

@@ -6,7 +6,8 @@ import jax
 import numpy as np
 import pytest
 
-from msit_jax import inference, reparam, tiny_model_config
+from msit_jax import inference, tiny_model_config
+from msit_jax.models import reparam
 from tests.conftest import init_variables
 
 
@@ -39,7 +40,7 @@ def test_fold_is_idempotent_on_folded_models():
 
 def test_fold_kernel_shapes_match_plain_model():
     """A folded RIM model has exactly the variable tree of a plain, BatchNorm-free model."""
-    from msit_jax.torch_io import variable_shapes
+    from msit_jax.models.model import variable_shapes
 
     cfg = tiny_model_config("rdn", "rim")
     fcfg, fvars = reparam.fold(cfg, init_variables(cfg))

@@ -6,7 +6,8 @@ import torch
 import jax
 import jax.numpy as jnp
 
-from msit_jax import geometry, sampling
+from msit_jax import geometry
+from msit_jax.models import sampling
 from tests.torch_reference import grid, torch_coord_axis, torch_make_coord
 
 rng = np.random.RandomState(0)

@@ -14,7 +14,8 @@ import jax
 import numpy as np
 import pytest
 
-from msit_jax import build_model, checkpoint, geometry, pretrained
+from msit_jax import build_model, geometry
+from msit_jax.io import checkpoint, pretrained
 from msit_jax.training import train_and_evaluate
 from msit_jax.training.checkpoints import load_workdir_model
 from msit_jax.training.loop import prepare_workdir
@@ -199,7 +200,7 @@ def test_stage2_init_reproduces_stage1_outputs(stage1, rim_fresh, tmp_path):
 
 def test_stage2_init_from_official_pth(stage1, rim_fresh, tmp_path):
     import torch
-    from msit_jax.torch_io import variables_to_state_dict
+    from msit_jax.io.torch_io import variables_to_state_dict
 
     plain_cfg = stage1[0].model
     plain_vars = {k: stage1[2].state[k] for k in ("params", "batch_stats")}
@@ -327,7 +328,7 @@ def test_trains_from_a_prepared_tfds_dataset(tmp_path):
     ("msit_rdn_stage1", "rdn", "plain", 4.0),
     ("msit_rdn_stage2_rim", "rdn", "rim", 8.0)])
 def test_paper_configs_match_the_reference(name, encoder, conv, scale_max):
-    from msit_jax.config import model_config
+    from msit_jax.models.config import model_config
 
     c = load_config(name)
     want = model_config(encoder, conv)

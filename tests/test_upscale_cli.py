@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from msit_jax import checkpoint, images, inference, reparam, tiling, tiny_model_config, upscale
+from msit_jax.io import checkpoint
+from msit_jax import images, inference, tiling, tiny_model_config, upscale
+from msit_jax.models import reparam
 from tests.conftest import REPO, init_variables
 
 

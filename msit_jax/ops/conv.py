@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
-from msit_jax.runtime import CONV_IMPLS, CPU_FFT_MIN_KERNEL, FFT_AUTO
+from msit_jax.ops.runtime import CONV_IMPLS, CPU_FFT_MIN_KERNEL, FFT_AUTO
 
 Array = jax.Array
 Precision = jax.lax.Precision

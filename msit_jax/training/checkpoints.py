@@ -47,8 +47,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
-from msit_jax import checkpoint as model_checkpoint
-from msit_jax.checkpoint import quiet_orbax, short_error as _short
+from msit_jax.io import checkpoint as model_checkpoint
+from msit_jax.io.checkpoint import quiet_orbax, short_error as _short
 from msit_jax.errors import CheckpointError, NonFiniteError, OutputError, one_line
 
 log = logging.getLogger(__name__)
@@ -517,7 +517,7 @@ def load_workdir_model(workdir: str, which: str = "best"):
     fails verification is reported in one line and the newest good step is
     loaded instead; an explicit step does not fall back.
     """
-    from msit_jax.checkpoint import read_model_config
+    from msit_jax.io.checkpoint import read_model_config
 
     if not is_training_workdir(workdir):
         raise FileNotFoundError(f"{workdir} is not a msit-jax training workdir (expected "

@@ -3,9 +3,9 @@
 Every field, with `--config.<field>=value` overridable on the command line:
 
   seed                 int; model init and data order (batches are a function of (seed, step))
-  model                model config: the architecture (see `msit_jax.config`)
+  model                model config: the architecture (see `msit_jax.models.config`)
   runtime.precision, runtime.dtype, runtime.fft_min_kernel
-                       execution options (see `msit_jax.runtime`): 'highest' | 'high' |
+                       execution options (see `msit_jax.ops.runtime`): 'highest' | 'high' |
                        'default'; 'float32' | 'bfloat16'; -1 (per platform) | 0 | k
   batch_size           global batch (all devices, all hosts)
   total_steps          optimizer steps; the LR schedule ends here
@@ -57,9 +57,9 @@ from typing import Any, Iterator
 
 import ml_collections
 
-from msit_jax.config import LEGACY_RUNTIME_FIELDS, model_config, validate_model_config
+from msit_jax.models.config import LEGACY_RUNTIME_FIELDS, model_config, validate_model_config
 from msit_jax.errors import ConfigError
-from msit_jax.runtime import RuntimeOptions, runtime_config
+from msit_jax.ops.runtime import RuntimeOptions, runtime_config
 
 SOURCE_KINDS = ("embedded", "folder", "tfds")
 

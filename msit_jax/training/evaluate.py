@@ -15,10 +15,10 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from msit_jax.data.sources import ImageSource
-from msit_jax.evaluation import degrade, shave_pixels
+from msit_jax.eval.evaluation import degrade, shave_pixels
 from msit_jax.images import resize_bicubic, save_png, to_float
 from msit_jax.inference import Upscaler
-from msit_jax.metrics import psnr
+from msit_jax.eval.metrics import psnr
 
 
 def eval_pair(hr: np.ndarray, scale: float) -> tuple[np.ndarray, np.ndarray]:

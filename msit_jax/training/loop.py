@@ -41,8 +41,8 @@ from msit_jax.data.pipeline import train_dataset
 from msit_jax.data.protocol import Protocol
 from msit_jax.data.sources import ImageSource, make_source
 from msit_jax.errors import ConfigError, NonFiniteError, TrainingInterrupted
-from msit_jax.model import build_model
-from msit_jax.runtime import RuntimeOptions
+from msit_jax.models.model import build_model
+from msit_jax.ops.runtime import RuntimeOptions
 from msit_jax.training import evaluate as evaluation
 from msit_jax.training import run_config
 from msit_jax.training.checkpoints import Checkpointer, saved_steps

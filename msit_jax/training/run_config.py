@@ -28,8 +28,8 @@ from typing import Any, Optional
 import jax
 import ml_collections
 
-from msit_jax import checkpoint as model_checkpoint
-from msit_jax.config import LEGACY_RUNTIME_FIELDS
+from msit_jax.io import checkpoint as model_checkpoint
+from msit_jax.models.config import LEGACY_RUNTIME_FIELDS
 from msit_jax.errors import ConfigError, one_line
 from msit_jax.training.config import flatten
 
@@ -119,7 +119,7 @@ def _model_cfg(data: dict) -> ml_collections.ConfigDict:
 
 def _shape_change(old_model: dict, new_model: ml_collections.ConfigDict) -> Optional[str]:
     """The first parameter whose shape differs between two model configs, or None."""
-    from msit_jax.torch_io import variable_shapes
+    from msit_jax.models.model import variable_shapes
 
     try:
         a = flatten(variable_shapes(_model_cfg(old_model)))

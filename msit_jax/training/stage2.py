@@ -96,7 +96,7 @@ def init_from(path: str, model_cfg: ml_collections.ConfigDict, fresh: dict) -> d
     fresh: the new model's own initial variables (numpy), whose RIM
     convmap/scale are kept.
     """
-    from msit_jax import pretrained
+    from msit_jax.io import pretrained
 
     src_cfg, src = pretrained.load(path)
     bad = architecture_mismatch(src_cfg, model_cfg)
@@ -112,5 +112,5 @@ def init_from(path: str, model_cfg: ml_collections.ConfigDict, fresh: dict) -> d
     if src_cfg.conv == model_cfg.conv:
         return {k: _copy_tree(src.get(k, {}), v, k) for k, v in fresh.items()}
     raise ValueError(f"init_from={path}: cannot initialise a conv={model_cfg.conv!r} model "
-                     f"from a conv={src_cfg.conv!r} one (fold it with msit_jax.reparam, or "
+                     f"from a conv={src_cfg.conv!r} one (fold it with msit_jax.models.reparam, or "
                      "train stage 2 from the stage-1 checkpoint)")

@@ -18,7 +18,7 @@ import numpy as np
 import optax
 
 from msit_jax import geometry
-from msit_jax.model import MSIT
+from msit_jax.models.model import MSIT
 from msit_jax.training.schedule import lr_schedule
 
 PyTree = Any

@@ -18,7 +18,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from msit_jax.model import MSIT
+from msit_jax.models.model import MSIT
 from msit_jax.training.state import TrainState
 
 DATA_AXIS = "data"

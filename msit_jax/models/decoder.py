@@ -16,8 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from msit_jax import ops, sampling
-from msit_jax.layers import Precision, gelu, torch_default_bias_init, torch_default_kernel_init
+from msit_jax import ops
+from msit_jax.models import sampling
+from msit_jax.models.layers import Precision, gelu, torch_default_bias_init, torch_default_kernel_init
 
 Array = jax.Array
 

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from msit_jax.layers import BatchNorm, Conv, Precision, RIMConv, gelu
+from msit_jax.models.layers import BatchNorm, Conv, Precision, RIMConv, gelu
 
 Array = jax.Array
 
@@ -97,7 +97,7 @@ def scale_conv(kind: str, features: int, k: int, init: str, name: str,
 
 
 # The MixHead instances (by module name) and the conv each one's BatchNorm follows;
-# `msit_jax.reparam.fold` merges the BatchNorm into that conv.
+# `msit_jax.models.reparam.fold` merges the BatchNorm into that conv.
 BN_INPUT_CONV = {"sim": "sim0", "mix": "proj1"}
 
 

@@ -13,20 +13,22 @@ from typing import Optional
 import flax.linen as nn
 import jax
 import ml_collections
+import numpy as np
 
-from msit_jax.config import validate_model_config
-from msit_jax.decoder import BatchedDecoder
-from msit_jax.encoders import make_encoder
-from msit_jax.layers import Conv
-from msit_jax.msno import MSNO, QKBranch, scale_conv
-from msit_jax.runtime import RuntimeOptions
+from msit_jax.geometry import make_coord, query_geometry, rel_cell
+from msit_jax.models.config import validate_model_config
+from msit_jax.models.decoder import BatchedDecoder
+from msit_jax.models.encoders import make_encoder
+from msit_jax.models.layers import Conv
+from msit_jax.models.msno import MSNO, QKBranch, scale_conv
+from msit_jax.ops.runtime import RuntimeOptions
 
 Array = jax.Array
 
 
 class MSIT(nn.Module):
-    """The full model: `cfg` the architecture (see `msit_jax.config`), `runtime`
-    the execution options (see `msit_jax.runtime`)."""
+    """The full model: `cfg` the architecture (see `msit_jax.models.config`), `runtime`
+    the execution options (see `msit_jax.ops.runtime`)."""
 
     cfg: ml_collections.FrozenConfigDict
     runtime: RuntimeOptions = RuntimeOptions()
@@ -70,3 +72,16 @@ def build_model(model_cfg: ml_collections.ConfigDict,
     and execution options (default: float32, precision 'highest', per-platform FFT)."""
     validate_model_config(model_cfg)
     return MSIT(ml_collections.FrozenConfigDict(model_cfg), runtime or RuntimeOptions())
+
+
+def variable_shapes(model_cfg: ml_collections.ConfigDict) -> dict:
+    """Shapes of every variable of the configured model (no compute, no memory)."""
+    model = build_model(model_cfg)
+    h = w = 4
+    q = make_coord((8, 8)).reshape(1, -1, 2)
+    g = query_geometry(q, (h, w), model_cfg.radius)
+    rc = rel_cell((8, 8), (h, w))[None]
+    shapes = jax.eval_shape(
+        lambda: model.init(jax.random.PRNGKey(0), np.zeros((1, h, w, 3), np.float32),
+                           g.coord, g.key_idx, g.rel, rc))
+    return jax.tree_util.tree_map(lambda s: s.shape, shapes)

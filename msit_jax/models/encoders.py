@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from msit_jax.layers import Conv, Precision
+from msit_jax.models.layers import Conv, Precision
 
 Array = jax.Array
 

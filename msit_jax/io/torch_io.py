@@ -1,6 +1,6 @@
 """Mapping between official PyTorch state_dicts and this project's variables.
 
-Pure numpy: no torch import here. `msit_jax.pretrained` reads `.pth` files.
+Pure numpy: no torch import here. `msit_jax.io.pretrained` reads `.pth` files.
 
 The mapping is derived from the Flax variable tree of the configured model,
 so every variable is accounted for: a state_dict loads only when it holds
@@ -13,13 +13,12 @@ from __future__ import annotations
 import re
 from typing import Any, Iterator, Mapping
 
-import jax
 import ml_collections
 import numpy as np
 
 from msit_jax.errors import CheckpointError
-from msit_jax.geometry import make_coord, query_geometry, rel_cell
-from msit_jax.msno import lem_mask
+from msit_jax.models.model import variable_shapes
+from msit_jax.models.msno import lem_mask
 
 # Flax-only grouping modules with no counterpart in the official module tree.
 _GROUPING = {"msc", "sim", "mix", "query"}
@@ -98,21 +97,6 @@ def from_torch_array(kind: str, t: np.ndarray, flax_shape: tuple[int, ...]) -> n
         i, o = flax_shape
         return t.reshape(o, i).T
     return t
-
-
-def variable_shapes(model_cfg: ml_collections.ConfigDict) -> dict:
-    """Shapes of every variable of the configured model (no compute, no memory)."""
-    from msit_jax.model import build_model
-
-    model = build_model(model_cfg)
-    h = w = 4
-    q = make_coord((8, 8)).reshape(1, -1, 2)
-    g = query_geometry(q, (h, w), model_cfg.radius)
-    rc = rel_cell((8, 8), (h, w))[None]
-    shapes = jax.eval_shape(
-        lambda: model.init(jax.random.PRNGKey(0), np.zeros((1, h, w, 3), np.float32),
-                           g.coord, g.key_idx, g.rel, rc))
-    return jax.tree_util.tree_map(lambda s: s.shape, shapes)
 
 
 def _leaves(tree: Mapping, prefix=()) -> Iterator[tuple[tuple[str, ...], Any]]:

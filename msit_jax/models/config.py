@@ -19,7 +19,7 @@ Fields:
 
 Only the architecture lives here (and in a checkpoint's model_config.json).
 Precision, compute dtype and the FFT threshold are execution options:
-`msit_jax.runtime.RuntimeOptions`.
+`msit_jax.ops.runtime.RuntimeOptions`.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import ml_collections
 
 ENCODERS = ("edsr-baseline", "rdn")
 # Execution options that model configs (and model_config.json files) written
-# before `msit_jax.runtime` carried; reading such a file drops them.
+# before `msit_jax.ops.runtime` carried; reading such a file drops them.
 LEGACY_RUNTIME_FIELDS = ("precision", "dtype", "fft_min_kernel")
 
 

@@ -18,7 +18,7 @@ def unnormalize(c: Array, n: int) -> Array:
     return ((c + 1.0) * n - 1.0) / 2.0
 
 
-def _axis_taps(c: Array, n: int, border: bool) -> tuple[Array, Array]:
+def axis_taps(c: Array, n: int, border: bool) -> tuple[Array, Array]:
     """Two (index, weight) taps along one axis; out-of-range taps get weight 0."""
     u = unnormalize(c, n)
     if border:
@@ -37,8 +37,8 @@ def bilinear(img: Array, coord: Array, *, border: bool = False) -> Array:
     image first (padding_mode='border').
     """
     h, w = img.shape[:2]
-    iy, wy = _axis_taps(coord[0], h, border)
-    ix, wx = _axis_taps(coord[1], w, border)
+    iy, wy = axis_taps(coord[0], h, border)
+    ix, wx = axis_taps(coord[1], w, border)
     corners = img[iy[:, None], ix[None, :]]  # (2, 2, C)
     weights = (wy[:, None] * wx[None, :]).astype(img.dtype)
     # Elementwise, not a dot: a dot may run at reduced precision on GPU/TPU.

@@ -103,7 +103,7 @@ def config_from_json(text: str) -> ml_collections.ConfigDict:
     """A model config from model_config.json. Files written before execution
     options left the model config still carry precision/dtype/fft_min_kernel:
     those are ignored (they never changed the function, only how it ran)."""
-    from msit_jax.config import LEGACY_RUNTIME_FIELDS, model_config
+    from msit_jax.models.config import LEGACY_RUNTIME_FIELDS, model_config
 
     data = json.loads(text)
     if not isinstance(data, dict):
@@ -126,7 +126,7 @@ def config_from_json(text: str) -> ml_collections.ConfigDict:
 
 def read_model_config(path: str) -> ml_collections.ConfigDict:
     """A validated model config from a model_config.json; CheckpointError naming the file."""
-    from msit_jax.config import validate_model_config
+    from msit_jax.models.config import validate_model_config
 
     try:
         with open(path) as f:
@@ -155,7 +155,7 @@ def is_model_dir(path: str) -> bool:
 def check_variables(model_cfg: ml_collections.ConfigDict, variables: Any, where: str) -> None:
     """CheckpointError naming `where` unless `variables` holds exactly the config's
     variables, with their shapes, all finite."""
-    from msit_jax.torch_io import variable_shapes
+    from msit_jax.models.model import variable_shapes
 
     def flat(tree, prefix=""):
         out = {}

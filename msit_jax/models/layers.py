@@ -1,6 +1,6 @@
 """Building blocks with PyTorch semantics: conv, BatchNorm, RIM conv, GELU.
 
-Every layer is NHWC. Kernels are HWIO (flax layout); `msit_jax.torch_io` maps
+Every layer is NHWC. Kernels are HWIO (flax layout); `msit_jax.io.torch_io` maps
 PyTorch's OIHW tensors onto them. The convolution itself (and its per-platform
 gradient kernels) is `msit_jax.ops.conv2d`.
 """

@@ -30,7 +30,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 
 # MATLAB rgb2ycbcr: Y = 16 + (65.481 R + 128.553 G + 24.966 B) for R, G, B in [0, 1].
-from msit_jax.metrics import YCBCR_Y, YCBCR_Y_OFFSET
+from msit_jax.eval.metrics import YCBCR_Y, YCBCR_Y_OFFSET
 
 KERNEL_WIDTH = 4.0  # support of the cubic kernel, in input pixels (upscaling)
 

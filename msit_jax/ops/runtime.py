@@ -1,6 +1,6 @@
 """Execution options: how a model runs, as opposed to what it computes.
 
-The model config (`msit_jax.config`) is the architecture and is what a
+The model config (`msit_jax.models.config`) is the architecture and is what a
 checkpoint records. `RuntimeOptions` holds the choices that change speed and
 rounding but not the function: matmul/conv precision, compute dtype and the
 FFT threshold of the multi-scale convolutions. They come from CLI flags and

@@ -14,7 +14,7 @@ Protocol (official `test.py` with `configs/test/*.yaml`, DESIGN.md section 6):
   * Predictions are clamped to [0, 1] and not quantised. `benchmark` preset: PSNR on Y
     (weights (65.738, 129.057, 25.064) / 256), shave s; `div2k`: PSNR on RGB, shave s + 6.
     For a non-integer s (the reference evaluates integer scales only) shave = ceil(s).
-  * SSIM (not reported by the reference): the SR-table definition in `msit_jax.metrics`,
+  * SSIM (not reported by the reference): the SR-table definition in `msit_jax.eval.metrics`,
     on Y for `benchmark`/`matlab`, the mean over R, G, B for `div2k`, same shave as PSNR.
   * `matlab` preset (the published tables' way): predictions quantised to uint8, Y from
     MATLAB's rgb2ycbcr rounded to integers, PSNR/SSIM on that Y, shave s.
@@ -46,7 +46,8 @@ import numpy as np
 
 from PIL import Image
 
-from msit_jax import errors, images, matlab_resize, metrics
+from msit_jax import errors, images
+from msit_jax.eval import matlab_resize, metrics
 
 log = logging.getLogger(__name__)
 
@@ -691,8 +692,9 @@ def make_predictor(cfg: ml_collections.ConfigDict):
     if not cfg.checkpoint:
         raise ValueError("model 'msit' needs a checkpoint (a msit-jax checkpoint dir or an "
                          "official .pth); or use --model bicubic")
-    from msit_jax import pretrained, reparam
-    from msit_jax.runtime import RuntimeOptions
+    from msit_jax.io import pretrained
+    from msit_jax.models import reparam
+    from msit_jax.ops.runtime import RuntimeOptions
 
     runtime = RuntimeOptions(cfg.precision, cfg.dtype, cfg.fft_min_kernel)
     model_cfg, variables = pretrained.load(cfg.checkpoint)

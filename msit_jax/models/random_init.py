@@ -6,7 +6,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from msit_jax.torch_io import variable_shapes
+from msit_jax.models.model import variable_shapes
 
 
 def random_variables(model_cfg: ml_collections.ConfigDict, seed: int = 0) -> dict:

@@ -31,10 +31,10 @@ import ml_collections
 import numpy as np
 
 from msit_jax import geometry, ops
-from msit_jax.decoder import axis_posbias, posenc_frequencies
-from msit_jax.layers import gelu
-from msit_jax.runtime import RuntimeOptions
-from msit_jax.sampling import _axis_taps
+from msit_jax.models.decoder import axis_posbias, posenc_frequencies
+from msit_jax.models.layers import gelu
+from msit_jax.ops.runtime import RuntimeOptions
+from msit_jax.models.sampling import axis_taps
 
 
 class AxisPlan(NamedTuple):
@@ -105,8 +105,8 @@ def _gather_neighbours(feat: jax.Array, ci: jax.Array, cj: jax.Array, radius: in
 def _bilinear_grid(img: jax.Array, cy: jax.Array, cx: jax.Array, border: bool) -> jax.Array:
     """Bilinear samples of img (h, w, C) at the grid cy (P, R) x cx (P, C') -> (P, R, C', C)."""
     h, w = img.shape[:2]
-    iy, wy = jax.vmap(jax.vmap(lambda c: _axis_taps(c, h, border)))(cy)  # (P, R, 2) each
-    ix, wx = jax.vmap(jax.vmap(lambda c: _axis_taps(c, w, border)))(cx)
+    iy, wy = jax.vmap(jax.vmap(lambda c: axis_taps(c, h, border)))(cy)  # (P, R, 2) each
+    ix, wx = jax.vmap(jax.vmap(lambda c: axis_taps(c, w, border)))(cx)
     out = 0.0
     for a in range(2):
         for b in range(2):

@@ -1,0 +1,1 @@
+"""Evaluation: the reference protocol, PSNR / SSIM, MATLAB bicubic, reports."""

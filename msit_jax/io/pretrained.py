@@ -1,0 +1,292 @@
+"""Load MSIT weights: official `.pth` files or this project's checkpoints.
+
+    model_cfg, variables = msit_jax.io.pretrained.load("epoch-best.pth")
+
+Accepted sources:
+  * an official training checkpoint `{'model': {'name': 'amsit', 'args': ..., 'sd': ...}}`
+    (architecture read from `args`; RIM or plain-conv layout detected from the keys);
+  * a bare official state_dict `.pth` together with `model_cfg=`;
+  * a `.safetensors` file (official parameter names, the model config in its
+    metadata), or a model-hub folder holding `model.safetensors`
+    (`python -m msit_jax.export SRC OUT --format safetensors` writes both);
+  * this project's model checkpoint directory (`msit_jax.io.checkpoint.save_model`)
+    or a training workdir (its latest checkpoint).
+
+PyTorch is needed only for `.pth` files (`pip install -r requirements-torch.txt`);
+safetensors files load without it (`pip install -r requirements-export.txt`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Mapping, Optional
+
+import ml_collections
+import numpy as np
+
+from msit_jax.io import checkpoint
+from msit_jax.models.config import model_config, validate_model_config
+from msit_jax.errors import CheckpointError, one_line
+from msit_jax.models.encoders import RDN_PRESETS
+from msit_jax.io.torch_io import detect_conv_kind, state_dict_to_variables, strip_prefix
+
+
+def _import_torch():
+    try:
+        import torch
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "reading PyTorch .pth checkpoints needs PyTorch, an optional dependency: "
+            "pip install -r requirements-torch.txt") from e
+    return torch
+
+
+def read_pth(path: str) -> Any:
+    """torch.load a .pth on CPU, tensors only (no arbitrary pickled code).
+
+    CheckpointError (one line naming the file and the reason) when the file is
+    empty, not a PyTorch checkpoint, truncated, or holds non-tensor objects.
+    """
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot be read ({e.strerror})", path=path) from e
+    if size == 0:
+        raise CheckpointError(f"{path}: empty file (0 bytes), not a PyTorch checkpoint",
+                              path=path)
+    # torch.save writes a zip archive (PK..); older files are a bare pickle (0x80 + protocol).
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint (neither a zip archive nor a "
+                              f"pickle; it starts with {head!r})", path=path)
+    torch = _import_torch()
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # pickle-protocol notices
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - every failure becomes one line naming the file
+        msg = str(e)
+        if "Weights only load failed" in msg:
+            detail = next((ln.strip() for ln in msg.splitlines()
+                           if ln.strip() and "WeightsUnpickler error" not in ln
+                           and "Weights only" not in ln and "Please file" not in ln
+                           and "Check the documentation" not in ln), "")
+            reason = ("it holds objects other than tensors, which are not unpickled "
+                      f"(weights_only=True){': ' + detail if detail else ''}")
+        elif "central directory" in msg or "zip archive" in msg or isinstance(e, EOFError):
+            reason = "truncated or corrupt (its zip archive is incomplete)"
+        else:
+            reason = f"{type(e).__name__}: {one_line(msg, 200)}"
+        raise CheckpointError(f"{path}: cannot be read as a PyTorch checkpoint: {reason}",
+                              path=path) from e
+
+
+def official_state_dict(obj: Any, path: str) -> Mapping[str, Any]:
+    """The state_dict inside what `read_pth` returned (training checkpoint or bare)."""
+    if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping) and "sd" in obj["model"]:
+        return obj["model"]["sd"]
+    if isinstance(obj, Mapping) and obj and all(hasattr(v, "detach") for v in obj.values()):
+        return obj
+    kind = type(obj).__name__ if not isinstance(obj, Mapping) or obj else "an empty dict"
+    raise CheckpointError(f"{path}: holds {kind}, neither an official training checkpoint "
+                          "({'model': {'name', 'args', 'sd'}}) nor a state_dict of tensors",
+                          path=path)
+
+
+def _tensors_to_numpy(sd: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    out = {}
+    for k, v in sd.items():
+        if not hasattr(v, "detach"):
+            raise ValueError(f"state_dict entry {k!r} is not a tensor ({type(v).__name__})")
+        out[k] = v.detach().cpu().float().numpy() if v.is_floating_point() else v.cpu().numpy()
+    return out
+
+
+def _require(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(f"unsupported official model args: {msg}")
+
+
+def config_from_official_args(args: Mapping[str, Any], conv: str) -> ml_collections.ConfigDict:
+    """Model config from an official checkpoint's `model.args` (the training YAML's model.args)."""
+    enc = args.get("encoder_spec") or {}
+    enc_name, enc_args = enc.get("name"), dict(enc.get("args") or {})
+    _require(enc_name in ("edsr-baseline", "rdn"),
+             f"encoder {enc_name!r} (supported: 'edsr-baseline', 'rdn')")
+    _require(enc_args.get("no_upsampling", False), "encoder must have no_upsampling=True")
+    cfg = model_config(enc_name, conv)
+    if enc_name == "edsr-baseline":
+        cfg.edsr.n_resblocks = int(enc_args.get("n_resblocks", 16))
+        cfg.edsr.n_feats = int(enc_args.get("n_feats", 64))
+        cfg.edsr.res_scale = float(enc_args.get("res_scale", 1))
+    else:
+        preset = enc_args.get("RDNconfig", "B")
+        _require(preset in RDN_PRESETS, f"RDNconfig {preset!r}")
+        d, c, g = RDN_PRESETS[preset]
+        cfg.rdn.update(g0=int(enc_args.get("G0", 64)), kernel_size=int(enc_args.get("RDNkSize", 3)),
+                       n_blocks=d, n_layers=c, growth=g)
+
+    _require(args.get("imnet_num", 1) == 1 and args.get("conv_num", 1) == 1,
+             "cascaded stages (imnet_num / conv_num != 1) are not used by any released config")
+    _require(args.get("local_attn", True), "local_attn=False")
+    cfg.dim = int(args.get("base_dim", 192))
+    cfg.heads = int(args.get("head", 8))
+    cfg.radius = int(args.get("r", 3))
+    cfg.use_cell = bool(args.get("is_cell", True))
+    cfg.use_lem = bool(args.get("use_lem", True))
+    cfg.msno_heads = int(args.get("MsC_heads", 16))
+    cfg.qk_heads = int(args.get("MsSA_q", 4))
+
+    pb = args.get("pb_spec") or {}
+    pb_args = pb.get("args") or {}
+    _require(pb.get("name") == "posenc" and pb_args.get("posenc_type") == "sinusoid",
+             f"positional bias {pb!r} (only the sinusoid 'posenc' is supported)")
+    cfg.posenc_scale = float(pb_args.get("posenc_scale", 6))
+    cfg.posenc_dims = int(pb_args.get("enc_dims", 256))
+
+    im = args.get("imnet_spec") or {}
+    im_args = im.get("args") or {}
+    _require(im.get("name") == "mlp", f"imnet {im.get('name')!r}")
+    _require(str(im_args.get("act", "relu")).lower() == "gelu", f"MLP act {im_args.get('act')!r}")
+    _require(int(im_args.get("out_dim", 3)) == 3, "MLP out_dim must be 3")
+    cfg.mlp_hidden = tuple(int(h) for h in im_args.get("hidden_list", ()))
+    validate_model_config(cfg)
+    return cfg
+
+
+def official_args(model_cfg: ml_collections.ConfigDict) -> dict:
+    """The official `model.args` (the training YAML's) describing `model_cfg`; the
+    inverse of `config_from_official_args`. ValueError naming the field when the
+    official code cannot build this architecture (e.g. an RDN that is no RDNconfig
+    preset, a BatchNorm eps other than torch's default)."""
+    validate_model_config(model_cfg)
+    c = model_cfg
+
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            raise ValueError(f"the official MSIT code cannot express this model: {msg}")
+
+    need(c.bn_eps == 1e-5, f"bn_eps={c.bn_eps} (official BatchNorm2d uses 1e-5)")
+    if c.encoder == "edsr-baseline":
+        enc = {"name": "edsr-baseline",
+               "args": {"no_upsampling": True, "n_resblocks": int(c.edsr.n_resblocks),
+                        "n_feats": int(c.edsr.n_feats), "res_scale": float(c.edsr.res_scale)}}
+    else:
+        sizes = (c.rdn.n_blocks, c.rdn.n_layers, c.rdn.growth)
+        preset = [k for k, v in RDN_PRESETS.items() if tuple(v) == tuple(sizes)]
+        need(bool(preset), f"RDN blocks/layers/growth {sizes} match no RDNconfig preset "
+                           f"({', '.join(f'{k}={v}' for k, v in RDN_PRESETS.items())})")
+        enc = {"name": "rdn", "args": {"no_upsampling": True, "G0": int(c.rdn.g0),
+                                       "RDNkSize": int(c.rdn.kernel_size),
+                                       "RDNconfig": preset[0]}}
+    return {
+        "encoder_spec": enc,
+        "base_dim": int(c.dim), "head": int(c.heads), "r": int(c.radius),
+        "imnet_num": 1, "conv_num": 1, "is_cell": bool(c.use_cell), "local_attn": True,
+        "use_lem": bool(c.use_lem), "MsC_heads": int(c.msno_heads), "MsSA_q": int(c.qk_heads),
+        "pb_spec": {"name": "posenc", "args": {
+            "posenc_type": "sinusoid", "posenc_scale": float(c.posenc_scale),
+            "hidden_dims": 64, "enc_dims": int(c.posenc_dims), "gamma": 1}},
+        "imnet_spec": {"name": "mlp", "args": {
+            "out_dim": 3, "hidden_list": [int(h) for h in c.mlp_hidden], "act": "gelu"}},
+    }
+
+
+def load_pth(path: str, model_cfg: Optional[ml_collections.ConfigDict] = None
+             ) -> tuple[ml_collections.ConfigDict, dict]:
+    """An official `.pth` (training checkpoint or bare state_dict) -> (model_cfg, variables)."""
+    obj = read_pth(path)
+    sd_obj = official_state_dict(obj, path)
+    if sd_obj is not obj:  # an official training checkpoint
+        spec = obj["model"]
+        if spec.get("name") != "amsit":
+            raise CheckpointError(f"{path}: model name {spec.get('name')!r} is not MSIT "
+                                  "('amsit')", path=path)
+        if not isinstance(spec["sd"], Mapping):
+            raise CheckpointError(f"{path}: model.sd is a {type(spec['sd']).__name__}, not a "
+                                  "state_dict", path=path)
+        try:
+            sd = _tensors_to_numpy(strip_prefix(spec["sd"]))
+            if model_cfg is None:
+                model_cfg = config_from_official_args(spec.get("args") or {},
+                                                      detect_conv_kind(sd))
+        except ValueError as e:
+            raise CheckpointError(f"{path}: {one_line(str(e))}", path=path) from None
+    else:
+        sd = _tensors_to_numpy(obj)
+        if model_cfg is None:
+            raise ValueError(
+                f"{path} is a bare state_dict: pass the model config, e.g. "
+                f"load(path, model_config('edsr-baseline', conv='{detect_conv_kind(sd)}'))")
+    variables = state_dict_to_variables(sd, model_cfg)
+    for k, v in sd.items():
+        if np.issubdtype(np.asarray(v).dtype, np.inexact) and not np.isfinite(v).all():
+            raise CheckpointError(f"{path}: {k} holds non-finite values (NaN/inf): the weights "
+                                  "are corrupt", path=path)
+    return model_cfg, variables
+
+
+# safetensors: the file and its metadata keys (metadata values are strings).
+SAFETENSORS_FILE = "model.safetensors"
+HUB_CONFIG_FILE = "config.json"
+META_CONFIG = "msit_jax.model_config"  # this project's model config, JSON
+META_ARGS = "msit.official_args"  # the official `model.args`, JSON (when expressible)
+
+
+def read_safetensors(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """(tensors as numpy, metadata) of a .safetensors file; no PyTorch involved."""
+    try:
+        from safetensors import SafetensorError, safe_open
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError("reading .safetensors needs the safetensors package: "
+                          "pip install -r requirements-export.txt") from e
+    try:
+        with safe_open(path, framework="np") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"could not read {path} as safetensors: {e}") from e
+
+
+def load_safetensors(path: str, model_cfg: Optional[ml_collections.ConfigDict] = None
+                     ) -> tuple[ml_collections.ConfigDict, dict]:
+    """A .safetensors file (official names) -> (model_cfg, variables). The config
+    comes from the metadata (`model_cfg=` overrides it)."""
+    sd, meta = read_safetensors(path)
+    if model_cfg is None:
+        if META_CONFIG in meta:
+            model_cfg = checkpoint.config_from_json(meta[META_CONFIG])
+        elif META_ARGS in meta:
+            model_cfg = config_from_official_args(json.loads(meta[META_ARGS]),
+                                                  detect_conv_kind(sd))
+        else:
+            raise ValueError(f"{path}: no model config in the safetensors metadata (keys "
+                             f"{sorted(meta)}): pass one, e.g. load(path, model_config("
+                             f"'edsr-baseline', conv='{detect_conv_kind(sd)}'))")
+    return model_cfg, state_dict_to_variables(sd, model_cfg)
+
+
+def load(path: str, model_cfg: Optional[ml_collections.ConfigDict] = None
+         ) -> tuple[ml_collections.ConfigDict, dict]:
+    """Load weights from any supported source -> (model_cfg, variables as numpy)."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    if os.path.isdir(path):
+        if os.path.isfile(os.path.join(path, SAFETENSORS_FILE)):  # a model-hub folder
+            return load_safetensors(os.path.join(path, SAFETENSORS_FILE), model_cfg)
+        if checkpoint.is_model_dir(path):
+            return checkpoint.load_model(path)
+        from msit_jax.training.checkpoints import is_training_workdir, load_workdir_model
+
+        if is_training_workdir(path):  # its best (else latest) checkpoint
+            return load_workdir_model(path)
+        raise FileNotFoundError(f"{path} is a directory but neither a model folder "
+                                f"({SAFETENSORS_FILE}) nor a msit-jax model checkpoint nor a "
+                                "training workdir")
+    if path.endswith(".safetensors"):
+        return load_safetensors(path, model_cfg)
+    return load_pth(path, model_cfg)
