@@ -209,23 +209,22 @@ def import_gradio():
     return gradio
 
 
-def _readable(gr, base: type, message: Callable[[Exception, Any], str]) -> type:
-    """A template of the gradio component `base` (same frontend) whose input checks and
-    decoding failures become a gr.Error(message(exc, payload)) on the page, without a
-    traceback in the server log."""
+def _readable(gr, component: Any, message: Callable[[Exception, Any], str]) -> Any:
+    """`component` with its input checks and decoding failures turned into
+    gr.Error(message(exc, payload)) on the page, without a traceback in the server log.
 
-    class Readable(base):
-        is_template = True
+    Wraps the instance's preprocess: a subclass would make gradio write a .pyi stub
+    beside this file, and a renamed one a new frontend class."""
+    preprocess = component.preprocess
 
-        def preprocess(self, payload):
-            try:
-                return super().preprocess(payload)
-            except Exception as e:  # noqa: BLE001 - any failure here is a bad input
-                raise gr.Error(message(e, payload), print_exception=False) from None
+    def checked(payload: Any) -> Any:
+        try:
+            return preprocess(payload)
+        except Exception as e:  # noqa: BLE001 - any failure here is a bad input
+            raise gr.Error(message(e, payload), print_exception=False) from None
 
-    # The frontend tells components apart by a hash of the class name: one per base.
-    Readable.__name__ = Readable.__qualname__ = f"Readable{base.__name__}"
-    return Readable
+    component.preprocess = checked
+    return component
 
 
 def _image_message(e: Exception, payload: Any) -> str:
@@ -280,15 +279,16 @@ def build_app(up: Any, out_dir: str, *, max_memory_gb: float = 4.0):
                     "scale (or an exact output size, **H x W**), and compare with bicubic.")
         with gr.Row():
             with gr.Column(scale=1):
-                inp = _readable(gr, gr.Image, _image_message)(
-                    label="Input image", type="filepath", image_mode=None,
-                    sources=["upload", "clipboard"])
-                scale = _readable(gr, gr.Slider, _scale_message)(
-                    SCALE_MIN, SCALE_MAX, value=4.0, step=0.1, label="Scale")
-                size = _readable(gr, gr.Number, _size_message)
+                inp = _readable(gr, gr.Image(label="Input image", type="filepath",
+                                             image_mode=None, sources=["upload", "clipboard"]),
+                                _image_message)
+                scale = _readable(gr, gr.Slider(SCALE_MIN, SCALE_MAX, value=4.0, step=0.1,
+                                                label="Scale"), _scale_message)
                 with gr.Row():
-                    out_h = size(0, precision=0, minimum=0, label="Output height H (px)")
-                    out_w = size(0, precision=0, minimum=0, label="Output width W (px)")
+                    out_h, out_w = (
+                        _readable(gr, gr.Number(0, precision=0, minimum=0,
+                                                label=f"Output {name} (px)"), _size_message)
+                        for name in ("height H", "width W"))
                 gr.Markdown("Leave H and W at 0 to use the scale.")
                 go = gr.Button("Upscale", variant="primary")
             with gr.Column(scale=1):
