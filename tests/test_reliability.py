@@ -227,7 +227,7 @@ def test_02_architecture_change_on_resume_is_refused_before_any_write(base_run, 
     out = str(tmp_path / "o.png")
     save_img(tmp_path / "i.png", 14, 12)
     assert upscale.main([str(tmp_path / "i.png"), "--checkpoint", wd, "--scale", "2", "-o", out,
-                         "--no-progress"]) == 0
+                         "--noprogress"]) == 0
 
 
 @pytest.mark.slow
@@ -271,23 +271,23 @@ def test_03_output_never_overwrites_input_and_existing_needs_overwrite(tmp_path,
     ckpt, _ = model_dir
     src = save_img(tmp_path / "selfin.png", 12, 14)
     before = open(src, "rb").read()
-    rc = upscale.main([src, "--checkpoint", ckpt, "--scale", "2", "-o", src, "--no-progress"])
+    rc = upscale.main([src, "--checkpoint", ckpt, "--scale", "2", "-o", src, "--noprogress"])
     assert rc == errors.EXIT_OUTPUT
     assert_one_line_error(capsys.readouterr().err, "is the input")
     assert open(src, "rb").read() == before
     # a directory output whose file name collides with an input is caught too
     rc = upscale.main([src, "--checkpoint", ckpt, "--scale", "2", "-o", str(tmp_path),
-                       "--no-progress"])
+                       "--noprogress"])
     assert rc == errors.EXIT_OUTPUT and open(src, "rb").read() == before
     capsys.readouterr()
     out = tmp_path / "out.png"
     out.write_bytes(b"precious")
     rc = upscale.main([src, "--checkpoint", ckpt, "--scale", "2", "-o", str(out),
-                       "--no-progress"])
+                       "--noprogress"])
     assert rc == errors.EXIT_OUTPUT and out.read_bytes() == b"precious"
     assert_one_line_error(capsys.readouterr().err, "--overwrite")
     rc = upscale.main([src, "--checkpoint", ckpt, "--scale", "2", "-o", str(out),
-                       "--overwrite", "--no-progress"])
+                       "--overwrite", "--noprogress"])
     assert rc == 0 and images.read_image(str(out)).shape == (24, 28, 3)
 
 
@@ -656,13 +656,13 @@ def test_10_non_finite_output_is_an_error_in_upscale_and_evaluate(tmp_path, caps
     nan_dir = _scaled_model(str(tmp_path / "nan"), np.nan)
     src = save_img(tmp_path / "in.png", 14, 12)
     rc = upscale.main([src, "--checkpoint", nan_dir, "--scale", "2", "-o",
-                       str(tmp_path / "a.png"), "--no-progress"])
+                       str(tmp_path / "a.png"), "--noprogress"])
     assert rc == errors.EXIT_CHECKPOINT
     assert_one_line_error(capsys.readouterr().err, "non-finite", "variables")
     # finite weights whose output overflows: the image fails, nothing is written
     big = _scaled_model(str(tmp_path / "big"), 1e20)
     rc = upscale.main([src, "--checkpoint", big, "--scale", "2", "-o", str(tmp_path / "b.png"),
-                       "--no-progress"])
+                       "--noprogress"])
     err = capsys.readouterr().err
     assert rc == errors.EXIT_NONFINITE and "non-finite value" in err
     assert not (tmp_path / "b.png").exists() and "Traceback" not in err
@@ -702,7 +702,7 @@ def test_11_model_dir_is_validated_with_one_line_errors(tmp_path, model_dir, cap
         with pytest.raises(errors.CheckpointError, match=needle):
             pretrained.load(d)
         rc = upscale.main([img, "--checkpoint", d, "--scale", "2", "-o",
-                           str(tmp_path / f"o{k}.png"), "--no-progress"])
+                           str(tmp_path / f"o{k}.png"), "--noprogress"])
         assert rc == errors.EXIT_CHECKPOINT
         assert_one_line_error(capsys.readouterr().err, needle, d)
 
@@ -733,13 +733,13 @@ def test_12_each_input_fails_independently_and_bounds_are_checked_first(tmp_path
     good2 = save_img(tmp_path / "good2.png", 12, 10, seed=3)
     out = tmp_path / "out"
     rc = upscale.main([good1, bomb, str(folder), good2, "--checkpoint", ckpt, "--scale", "2",
-                       "-o", str(out), "--no-progress"])
+                       "-o", str(out), "--noprogress"])
     err = capsys.readouterr().err
     assert rc == errors.EXIT_FAILURE  # two causes: a resource limit and a non-image
     assert "bomb.png: Image size (400000000 pixels) exceeds limit" in err
     assert "adir.png: is a directory, not an image file" in err and "Traceback" not in err
     assert sorted(os.listdir(out)) == ["good1.png", "good2.png"]  # the others went on
-    base = [good1, "--checkpoint", ckpt, "--no-progress"]
+    base = [good1, "--checkpoint", ckpt, "--noprogress"]
     for extra, code, needle in [
             (["--scale", "1e6", "-o", str(tmp_path / "s.png")], errors.EXIT_RESOURCE,
              "over --max_memory_gb 4"),
@@ -873,7 +873,7 @@ def test_14_pth_errors_are_one_line_naming_the_file(tmp_path, model_dir, capsys)
         assert convert.main([path, str(tmp_path / f"conv_{name}")]) == errors.EXIT_CHECKPOINT
         assert_one_line_error(capsys.readouterr().err, needle, path)
         rc = upscale.main([img, "--checkpoint", path, "--scale", "2", "-o",
-                           str(tmp_path / f"u_{name}.png"), "--no-progress"])
+                           str(tmp_path / f"u_{name}.png"), "--noprogress"])
         assert rc == errors.EXIT_CHECKPOINT
         assert_one_line_error(capsys.readouterr().err, needle)
         assert not os.path.exists(tmp_path / f"conv_{name}")
