@@ -344,6 +344,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         state = to_state(variables)
         start = 0
     run_config.record(workdir, config, start, changes, fresh=restored is None)
+    if restored is not None and is_main:  # said once the resumed step is known
+        note = run_config.schedule_change(config, changes, start)
+        if note:
+            log.warning(note)
     log.info("model: %d trainable parameters, %d frozen", param_count(state.params),
              param_count(state.frozen))
 
