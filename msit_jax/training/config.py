@@ -175,15 +175,15 @@ def _checks(c: ml_collections.ConfigDict) -> Iterator[tuple[str, bool, str]]:
     yield "lr.base", finite(c.lr.base) and c.lr.base > 0, "must be a finite number > 0"
     yield ("lr.multiplier", finite(c.lr.multiplier) and c.lr.multiplier > 0,
            "must be a finite number > 0")
-    yield ("lr.warmup_steps", 0 <= c.lr.warmup_steps < max(c.total_steps, 1),
-           f"must be >= 0 and < total_steps ({c.total_steps})")
     yield "lr.epoch_steps", c.lr.epoch_steps >= 0, "must be >= 0"
-    if c.lr.epoch_steps > 0:
+    if c.lr.epoch_steps > 0:  # first: its hint also fixes a warm-up longer than the run
         yield ("lr.epoch_steps", c.lr.warmup_steps % c.lr.epoch_steps == 0
                and c.total_steps % c.lr.epoch_steps == 0,
                f"must divide lr.warmup_steps ({c.lr.warmup_steps}) and total_steps "
-               f"({c.total_steps}); for a run shorter than an epoch use "
+               f"({c.total_steps}); for a run that is not a whole number of epochs use "
                "--config.lr.epoch_steps=0 (the same schedule per step)")
+    yield ("lr.warmup_steps", 0 <= c.lr.warmup_steps < max(c.total_steps, 1),
+           f"must be >= 0 and < total_steps ({c.total_steps})")
     for k in ("b1", "b2"):
         v = c.adam[k]
         yield f"adam.{k}", finite(v) and 0 <= v < 1, "must be in [0, 1)"
