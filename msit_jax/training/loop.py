@@ -46,7 +46,7 @@ from msit_jax.ops.runtime import RuntimeOptions
 from msit_jax.training import evaluate as evaluation
 from msit_jax.training import run_config
 from msit_jax.training.checkpoints import Checkpointer, saved_steps
-from msit_jax.training.config import validate_config
+from msit_jax.training.config import fit_warmup, validate_config
 from msit_jax.training.metrics import MetricLogger, finite_or_none
 from msit_jax.training.stage2 import init_from
 from msit_jax.training.state import (TrainState, create_state, dummy_inputs, init_variables,
@@ -289,6 +289,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     (SIGTERM/SIGINT, after saving); see `msit_jax.errors`.
     """
     maybe_initialize_distributed(config.distributed)
+    config, clipped = fit_warmup(config)  # a short run: a copy with the warm-up clipped
+    if clipped:
+        log.warning(clipped)
     check_config(config)  # before the workdir is touched
     workdir = prepare_workdir(workdir)
     is_main = jax.process_index() == 0
@@ -341,6 +344,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         state = to_state(variables)
         start = 0
     run_config.record(workdir, config, start, changes, fresh=restored is None)
+    if restored is not None and is_main:  # said once the resumed step is known
+        note = run_config.schedule_change(config, changes, start)
+        if note:
+            log.warning(note)
     log.info("model: %d trainable parameters, %d frozen", param_count(state.params),
              param_count(state.frozen))
 
