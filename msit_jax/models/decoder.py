@@ -33,9 +33,13 @@ def torch_linspace(start: float, end: float, steps: int) -> np.ndarray:
                     np.float32(end) - step * (np.float32(steps - 1) - i)).astype(np.float32)
 
 
-def posenc_frequencies(scale: float, dims: int) -> np.ndarray:
-    """The sinusoid frequencies b_k = 2**linspace(0, scale, dims // 4) - 1: (dims // 4,)."""
-    return (np.exp2(torch_linspace(0.0, scale, dims // 4)) - np.float32(1)).astype(np.float32)
+def posenc_frequencies(posenc_scale: float, dims: int) -> np.ndarray:
+    """The sinusoid frequencies b_k = 2**linspace(0, posenc_scale, dims // 4) - 1: (dims // 4,).
+
+    posenc_scale is the log2 range of the frequencies (config `posenc_scale`), not
+    the SR factor."""
+    return (np.exp2(torch_linspace(0.0, posenc_scale, dims // 4)) - np.float32(1)
+            ).astype(np.float32)
 
 
 def axis_posbias(rel: jax.Array, pb_kernel: jax.Array, freqs: jax.Array, axis: int,

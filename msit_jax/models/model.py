@@ -20,7 +20,7 @@ from msit_jax.models.config import validate_model_config
 from msit_jax.models.decoder import BatchedDecoder
 from msit_jax.models.encoders import make_encoder
 from msit_jax.models.layers import Conv
-from msit_jax.models.msno import MSNO, QKBranch, scale_conv
+from msit_jax.models.msno import MSNO, QKBranch, rim_or_plain_conv
 from msit_jax.ops.runtime import RuntimeOptions
 
 Array = jax.Array
@@ -43,8 +43,8 @@ class MSIT(nn.Module):
         self.conv_ch = Conv(c.dim, 1, **conv_kw)
         fft = dict(fft_min_kernel=rt.fft_min_kernel)
         self.amsno = MSNO(c.dim, c.msno_heads, c.use_lem, c.conv, **bn, **conv_kw, **fft)
-        self.conv_vs_0 = scale_conv(c.conv, c.dim, 3, "torch", "conv_vs_0", prec, dtype,
-                                    impl=rt.conv_impl)
+        self.conv_vs_0 = rim_or_plain_conv(c.conv, c.dim, 3, "torch", "conv_vs_0", prec, dtype,
+                                           impl=rt.conv_impl)
         self.multi_conv_qs_0 = QKBranch(c.dim, c.qk_heads, c.conv, **bn, **conv_kw, **fft)
         self.decoder = BatchedDecoder(c.heads, c.posenc_scale, c.posenc_dims,
                                       tuple(c.mlp_hidden), c.use_cell, **kw)
