@@ -85,6 +85,7 @@ def fold(model_cfg: ml_collections.ConfigDict, variables: Mapping
     return cfg, {"params": params}
 
 
-def count_params(variables: Mapping) -> int:
-    """Number of scalars in every collection (learnable and frozen)."""
-    return int(sum(np.size(x) for x in jax.tree_util.tree_leaves(dict(variables))))
+def count_params(tree: Any) -> int:
+    """Number of scalars in a pytree of arrays: all collections of a variables dict
+    (learnable and frozen), or one collection (e.g. a train state's `params`)."""
+    return int(sum(np.size(x) for x in jax.tree_util.tree_leaves(tree)))
