@@ -45,7 +45,7 @@ from jax import export as jax_export
 
 from msit_jax import exported, onnx_graph
 from msit_jax.geometry import QueryGeometry
-from msit_jax.io import checkpoint, pretrained
+from msit_jax.io import model_dir, pretrained
 from msit_jax.io.torch_io import variables_to_state_dict
 from msit_jax.models import reparam
 from msit_jax.models.model import MSIT, build_model
@@ -130,7 +130,7 @@ def write_safetensors(out: str, model_cfg: ml_collections.ConfigDict, variables:
                           "pip install -r requirements-export.txt") from e
     sd = official_state_dict(model_cfg, variables) if model_cfg.batch_norm else \
         variables_to_state_dict(variables, model_cfg)
-    meta = {"format": "pt", pretrained.META_CONFIG: checkpoint.config_to_json(model_cfg),
+    meta = {"format": "pt", pretrained.META_CONFIG: model_dir.config_to_json(model_cfg),
             "msit.layout": layout_name(model_cfg)}
     args = None
     if model_cfg.batch_norm:  # the official code can build it: record its args too
@@ -144,7 +144,7 @@ def write_safetensors(out: str, model_cfg: ml_collections.ConfigDict, variables:
     save_file({k: np.array(v, order="C") for k, v in sd.items()}, weights, metadata=meta)
     config = os.path.join(out, pretrained.HUB_CONFIG_FILE)
     with open(config, "w") as f:
-        f.write(checkpoint.config_to_json(model_cfg))
+        f.write(model_dir.config_to_json(model_cfg))
     card = os.path.join(out, "README.md")
     with open(card, "w") as f:
         f.write(model_card(model_cfg, sd, args))
@@ -245,7 +245,7 @@ def write_stablehlo(out: str, model_cfg: ml_collections.ConfigDict, variables: A
         "format": exported.FORMAT, "version": exported.VERSION,
         "platforms": list(enc.platforms), "chunk": chunk, "radius": model_cfg.radius,
         "dim": dim, "layout": layout_name(model_cfg), "jax_version": jax.__version__,
-        "model_config": json.loads(checkpoint.config_to_json(model_cfg)),
+        "model_config": json.loads(model_dir.config_to_json(model_cfg)),
         "encoder": {"inputs": ["inp float32 (1, h, w, 3) = (lr - 0.5) / 0.5"],
                     "outputs": ["feat_q float32 (1, h, w, dim)", "feat_v float32 (1, h, w, dim)"]},
         "decoder": {"inputs": ["feat_q", "feat_v", "inp", "coord float32 (1, chunk, 2)",
