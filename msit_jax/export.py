@@ -37,12 +37,19 @@ import sys
 import tempfile
 from typing import Any, Optional, Sequence
 
+import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax import export as jax_export
 
-from msit_jax.io import checkpoint, pretrained
-from msit_jax.models import reparam
+from msit_jax import exported, onnx_graph
+from msit_jax.geometry import QueryGeometry
+from msit_jax.io import model_dir, pretrained
 from msit_jax.io.torch_io import variables_to_state_dict
+from msit_jax.models import reparam
+from msit_jax.models.model import MSIT, build_model
+from msit_jax.ops.runtime import RuntimeOptions
 
 FORMATS = ("stablehlo", "onnx", "pth", "safetensors")
 DEFAULT_FOLD = {"stablehlo": True, "onnx": True, "pth": False, "safetensors": False}
@@ -116,14 +123,14 @@ def write_pth(out: str, model_cfg: ml_collections.ConfigDict, variables: Any) ->
 def write_safetensors(out: str, model_cfg: ml_collections.ConfigDict, variables: Any
                       ) -> list[str]:
     """OUT/model.safetensors + config.json + README.md (a model-hub folder)."""
-    try:
+    try:  # an optional dependency, imported when used
         from safetensors.numpy import save_file
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError("writing .safetensors needs the safetensors package: "
                           "pip install -r requirements-export.txt") from e
     sd = official_state_dict(model_cfg, variables) if model_cfg.batch_norm else \
         variables_to_state_dict(variables, model_cfg)
-    meta = {"format": "pt", pretrained.META_CONFIG: checkpoint.config_to_json(model_cfg),
+    meta = {"format": "pt", pretrained.META_CONFIG: model_dir.config_to_json(model_cfg),
             "msit.layout": layout_name(model_cfg)}
     args = None
     if model_cfg.batch_norm:  # the official code can build it: record its args too
@@ -137,7 +144,7 @@ def write_safetensors(out: str, model_cfg: ml_collections.ConfigDict, variables:
     save_file({k: np.array(v, order="C") for k, v in sd.items()}, weights, metadata=meta)
     config = os.path.join(out, pretrained.HUB_CONFIG_FILE)
     with open(config, "w") as f:
-        f.write(checkpoint.config_to_json(model_cfg))
+        f.write(model_dir.config_to_json(model_cfg))
     card = os.path.join(out, "README.md")
     with open(card, "w") as f:
         f.write(model_card(model_cfg, sd, args))
@@ -206,29 +213,25 @@ sr = up(image, scale=3.5)                              # PIL image or array, any
 def write_stablehlo(out: str, model_cfg: ml_collections.ConfigDict, variables: Any, *,
                     chunk: int = DEFAULT_CHUNK, platforms: Sequence[str] = PLATFORMS
                     ) -> list[str]:
-    """OUT/encoder.jaxexport, decoder.jaxexport, export.json (see msit_jax.exported)."""
-    import jax
-    import jax.numpy as jnp
-    from jax import export
+    """OUT/encoder.jaxexport, decoder.jaxexport, export.json (see msit_jax.exported).
 
-    from msit_jax import exported
-    from msit_jax.models.model import MSIT, build_model
-    from msit_jax.ops.runtime import RuntimeOptions
-
+    The decoder program's inputs are flat arrays (the artifact's interface for any
+    runner); they are assembled into the model's `QueryGeometry` inside it."""
     # FFT sizes need concrete image sizes and these programs take any size, so the
     # multi-scale convs stay direct convolutions (same function; FFT is a CPU speed-up).
     runtime = RuntimeOptions(fft_min_kernel=0)
     model = build_model(model_cfg, runtime)
     variables = jax.tree_util.tree_map(np.asarray, dict(variables))
-    h, w = export.symbolic_shape("h, w")
+    h, w = jax_export.symbolic_shape("h, w")
     dim, k = model_cfg.dim, 2 * model_cfg.radius + 1
     f32 = jnp.float32
     spec = jax.ShapeDtypeStruct
-    enc = export.export(jax.jit(lambda inp: model.apply(variables, inp, method=MSIT.encode)),
+    enc = jax_export.export(jax.jit(lambda inp: model.apply(variables, inp, method=MSIT.encode)),
                         platforms=tuple(platforms))(spec((1, h, w, 3), f32))
-    dec = export.export(
+    dec = jax_export.export(
         jax.jit(lambda fq, fv, inp, coord, key_idx, rel, rc: model.apply(
-            variables, (fq, fv), inp, coord, key_idx, rel, rc, method=MSIT.decode)),
+            variables, (fq, fv), inp, QueryGeometry(coord, key_idx, rel, rc),
+            method=MSIT.decode)),
         platforms=tuple(platforms))(
         spec((1, h, w, dim), f32), spec((1, h, w, dim), f32), spec((1, h, w, 3), f32),
         spec((1, chunk, 2), f32), spec((1, chunk, 2, k), jnp.int32),
@@ -242,7 +245,7 @@ def write_stablehlo(out: str, model_cfg: ml_collections.ConfigDict, variables: A
         "format": exported.FORMAT, "version": exported.VERSION,
         "platforms": list(enc.platforms), "chunk": chunk, "radius": model_cfg.radius,
         "dim": dim, "layout": layout_name(model_cfg), "jax_version": jax.__version__,
-        "model_config": json.loads(checkpoint.config_to_json(model_cfg)),
+        "model_config": json.loads(model_dir.config_to_json(model_cfg)),
         "encoder": {"inputs": ["inp float32 (1, h, w, 3) = (lr - 0.5) / 0.5"],
                     "outputs": ["feat_q float32 (1, h, w, dim)", "feat_v float32 (1, h, w, dim)"]},
         "decoder": {"inputs": ["feat_q", "feat_v", "inp", "coord float32 (1, chunk, 2)",
@@ -261,13 +264,11 @@ def write_onnx(out: str, model_cfg: ml_collections.ConfigDict, variables: Any, *
                chunk: int = DEFAULT_CHUNK, opset: Optional[int] = None,
                decoder: str = "auto") -> list[str]:
     """OUT/model.onnx (see msit_jax.onnx_graph)."""
-    try:
+    try:  # an optional dependency, imported when used
         import onnx
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError("ONNX export needs the onnx package: "
                           "pip install -r requirements-export.txt") from e
-    from msit_jax import onnx_graph
-
     try:
         model = onnx_graph.build_graph(model_cfg, variables, chunk,
                                        opset or onnx_graph.OPSET, decoder=decoder)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from msit_jax.io import checkpoint, pretrained
+from msit_jax.io import model_dir, pretrained
 from msit_jax import tiny_model_config
 from msit_jax.io.torch_io import StateDictError, variables_to_state_dict
 from tests.conftest import REPO, init_variables
@@ -128,7 +128,7 @@ def test_convert_cli_round_trip(tmp_path, edsr_tiny):
     r = subprocess.run([sys.executable, "-m", "msit_jax.convert", str(src), str(dst)],
                        capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 0, r.stderr
-    assert checkpoint.is_model_dir(str(dst))
+    assert model_dir.is_model_dir(str(dst))
     # timed stages on stderr (the result on stdout), no third-party log records
     for stage in ("load checkpoint", "write"):
         assert re.search(rf"^{stage} \.\.\. \d+\.\d s$", r.stderr, re.M), r.stderr
@@ -177,18 +177,18 @@ def test_model_dir_written_before_runtime_options_still_loads(tmp_path, edsr_tin
     import json
 
     variables = init_variables(edsr_tiny)
-    new_dir = checkpoint.save_model(str(tmp_path / "new"), edsr_tiny, variables)
-    with open(os.path.join(new_dir, checkpoint.CONFIG_FILE)) as f:
+    new_dir = model_dir.save_model(str(tmp_path / "new"), edsr_tiny, variables)
+    with open(os.path.join(new_dir, model_dir.CONFIG_FILE)) as f:
         written = json.load(f)
     assert not {"precision", "dtype", "fft_min_kernel"} & set(written)
     legacy = dict(written, precision="highest", dtype="float32", fft_min_kernel=17)
-    with open(os.path.join(new_dir, checkpoint.CONFIG_FILE), "w") as f:
+    with open(os.path.join(new_dir, model_dir.CONFIG_FILE), "w") as f:
         json.dump(legacy, f)
     cfg, loaded = pretrained.load(new_dir)
     assert cfg.to_dict() == edsr_tiny.to_dict()
     assert trees_equal(jax.tree_util.tree_map(np.asarray, variables), loaded)
     legacy["nosuch"] = 1
-    with open(os.path.join(new_dir, checkpoint.CONFIG_FILE), "w") as f:
+    with open(os.path.join(new_dir, model_dir.CONFIG_FILE), "w") as f:
         json.dump(legacy, f)
     with pytest.raises(ValueError, match="nosuch"):
         pretrained.load(new_dir)

@@ -38,22 +38,22 @@ import ml_collections
 import numpy as np
 
 from msit_jax.data.pipeline import train_dataset
-from msit_jax.data.protocol import Protocol
+from msit_jax.data.protocol import Batch, Protocol
 from msit_jax.data.sources import ImageSource, make_source
 from msit_jax.errors import ConfigError, NonFiniteError, TrainingInterrupted
 from msit_jax.eval import predictors, reports
 from msit_jax.eval import runner as evaluation  # the one evaluation path (EvaluationAborted)
 from msit_jax.eval.datasets import EvalSet
 from msit_jax.eval.protocol import ScoringPreset, center_crop
-from msit_jax.models.model import build_model
+from msit_jax.models.model import build_model, dummy_inputs
+from msit_jax.models.reparam import count_params
 from msit_jax.ops.runtime import RuntimeOptions
 from msit_jax.training import run_config
 from msit_jax.training.checkpoints import Checkpointer, saved_steps
 from msit_jax.training.config import fit_warmup, validate_config
 from msit_jax.training.metrics import MetricLogger, finite_or_none
 from msit_jax.training.stage2 import init_from
-from msit_jax.training.state import (TrainState, create_state, dummy_inputs, init_variables,
-                                     make_optimizer, param_count)
+from msit_jax.training.state import TrainState, create_state, init_variables, make_optimizer
 from msit_jax.training.step import (batch_sharding, describe_nonfinite, jit_train_step,
                                     make_mesh, replicated, to_host)
 
@@ -347,7 +347,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     ckpt = Checkpointer(workdir, config.checkpoint.keep, config.checkpoint.keep_best,
                         config.checkpoint.async_save)
     rng = jax.random.PRNGKey(config.seed)
-    inputs = dummy_inputs(model_cfg, d.inp_size, d.sample_q)
+    inputs = dummy_inputs(model_cfg, (d.inp_size, d.inp_size), d.sample_q)
     data_state = None
     abstract_vars = jax.eval_shape(model.init, rng, *inputs)
     abstract = jax.tree_util.tree_map(
@@ -373,8 +373,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         note = run_config.schedule_change(config, changes, start)
         if note:
             log.warning(note)
-    log.info("model: %d trainable parameters, %d frozen", param_count(state.params),
-             param_count(state.frozen))
+    log.info("model: %d trainable parameters, %d frozen", count_params(state.params),
+             count_params(state.frozen))
 
     ds = train_dataset(train_source, protocol, global_batch=config.batch_size, seed=config.seed,
                        total_steps=config.total_steps, sharding=batch_sharding(mesh),
@@ -420,7 +420,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                     if got != step:
                         raise RuntimeError(f"data iterator is at step {got}, train state at "
                                            f"{step}: the checkpoint's data state does not match")
-                state, metrics = step_fn(state, batch)
+                # The pipeline's flat dict becomes the step's typed batch here, once.
+                state, metrics = step_fn(state, Batch.from_flat(batch))
                 step += 1
                 data_state = data_it.get_state()  # the stream position matching `state`
                 guard.add(step, metrics)
