@@ -14,7 +14,7 @@ from PIL import Image
 from msit_jax import errors, images, inference, tiny_model_config
 from msit_jax.eval import datasets, metrics, predictors, protocol, reports, runner
 from msit_jax.eval.matlab_resize import imresize
-from msit_jax.io import checkpoint
+from msit_jax.io import model_dir
 from tests.conftest import REPO, init_variables, shared_data
 
 # Per-image PSNR (dB) of Pillow-bicubic upsampling on Set5 under the reference protocol,
@@ -50,7 +50,7 @@ def _write_folder(path, imgs):
 def tiny_ckpt(tmp_path_factory):
     cfg = tiny_model_config()
     path = str(tmp_path_factory.mktemp("ckpt") / "tiny")
-    checkpoint.save_model(path, cfg, init_variables(cfg))
+    model_dir.save_model(path, cfg, init_variables(cfg))
     return path
 
 

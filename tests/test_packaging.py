@@ -17,7 +17,7 @@ import sys
 import pytest
 from packaging.requirements import Requirement
 
-from msit_jax.io import checkpoint
+from msit_jax.io import model_dir
 
 tomllib = pytest.importorskip("tomllib")  # Python >= 3.11 (the project runs on 3.11)
 
@@ -75,7 +75,7 @@ def _run(code: str, timeout: int = 300) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_inference_needs_no_training_or_optional_packages(tmp_path, tiny_cfg, tiny_vars):
     model = str(tmp_path / "model")
-    checkpoint.save_model(model, tiny_cfg, tiny_vars)
+    model_dir.save_model(model, tiny_cfg, tiny_vars)
     code = f"""
 import json, sys
 for name in {NOT_FOR_INFERENCE!r}:

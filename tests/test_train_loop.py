@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from msit_jax import build_model, errors, geometry
-from msit_jax.io import checkpoint, pretrained
+from msit_jax.io import model_dir, pretrained
 from msit_jax.training import train_and_evaluate
 from msit_jax.training.checkpoints import load_workdir_model
 from msit_jax.training.config import fit_warmup, validate_config
@@ -143,13 +143,13 @@ def rim_equals_plain_outputs(plain_cfg, plain_vars, rim_cfg, rim_vars):
     rs = np.random.RandomState(0)
     inp = rs.uniform(-1, 1, (2, 9, 11, 3)).astype(np.float32)
     coord = rs.uniform(-1, 1, (2, 40, 2)).astype(np.float32)
-    g = geometry.query_geometry(coord, (9, 11), plain_cfg.radius)
     rc = np.tile(geometry.rel_cell((20, 23), (9, 11)), (2, 1))
+    g = geometry.query_geometry(coord, (9, 11), plain_cfg.radius, rc)
     outs = []
     for cfg, v in ((plain_cfg, plain_vars), (rim_cfg, rim_vars)):
         m = build_model(cfg)
-        outs.append([np.asarray(m.apply(v, inp, g.coord, g.key_idx, g.rel, rc)),
-                     np.asarray(m.apply(v, inp, g.coord, g.key_idx, g.rel, rc, train=True,
+        outs.append([np.asarray(m.apply(v, inp, g)),
+                     np.asarray(m.apply(v, inp, g, train=True,
                                         mutable=["batch_stats"])[0])])
     return outs
 
@@ -164,11 +164,12 @@ def zero_rim_adapters(v):
 
 
 def fresh_rim(cfg):
-    from msit_jax.training.state import dummy_inputs, init_variables
+    from msit_jax.models.model import dummy_inputs
+    from msit_jax.training.state import init_variables
 
     m = build_model(cfg)
     return jax.tree_util.tree_map(np.asarray, init_variables(
-        m, jax.random.PRNGKey(1), dummy_inputs(cfg, 12, 32)))
+        m, jax.random.PRNGKey(1), dummy_inputs(cfg, (12, 12), 32)))
 
 
 @pytest.fixture(scope="module")
@@ -184,7 +185,7 @@ def test_stage2_init_reproduces_stage1_outputs(stage1, rim_fresh, tmp_path):
     plain_cfg = plain_cfg.model
     rim_cfg, fresh = rim_fresh
     plain_vars = {k: res1.state[k] for k in ("params", "batch_stats")}
-    mdir = checkpoint.save_model(str(tmp_path / "model"), plain_cfg, plain_vars)
+    mdir = model_dir.save_model(str(tmp_path / "model"), plain_cfg, plain_vars)
     for source in (mdir, stage1[1]):  # a model dir and a training workdir
         v = init_from(source, rim_cfg, fresh)
         fp = flat(fresh["params"])

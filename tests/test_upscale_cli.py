@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from msit_jax.io import checkpoint
+from msit_jax.io import model_dir
 from msit_jax import images, inference, tiling, tiny_model_config, upscale
 from msit_jax.models import reparam
 from msit_jax.training.checkpoints import MODEL_CONFIG_FILE, Checkpointer
@@ -32,7 +32,7 @@ def model(tmp_path_factory):
     cfg = tiny_model_config()
     variables = init_variables(cfg)
     path = str(tmp_path_factory.mktemp("ckpt") / "tiny")
-    checkpoint.save_model(path, cfg, variables)
+    model_dir.save_model(path, cfg, variables)
     return path, cfg, variables
 
 
@@ -181,7 +181,7 @@ def _micro_model(path):
     cfg.dim, cfg.heads, cfg.radius = 8, 1, 0
     cfg.msno_heads, cfg.qk_heads, cfg.mlp_hidden, cfg.posenc_dims = 1, 1, (8,), 8
     cfg.edsr.n_feats = 4
-    checkpoint.save_model(path, cfg, init_variables(cfg))
+    model_dir.save_model(path, cfg, init_variables(cfg))
 
 
 def test_output_larger_than_4096_squared_in_bounded_memory(tmp_path):
@@ -309,7 +309,7 @@ def workdir(tmp_path_factory):
     wd = str(tmp_path_factory.mktemp("run") / "wd")
     os.makedirs(wd)
     with open(os.path.join(wd, MODEL_CONFIG_FILE), "w") as f:
-        f.write(checkpoint.config_to_json(cfg))
+        f.write(model_dir.config_to_json(cfg))
     ck = Checkpointer(wd, async_save=False)
     ck.save(1, jax.tree_util.tree_map(jax.numpy.asarray, dict(init_variables(cfg))), None)
     ck.wait()

@@ -52,7 +52,7 @@ def _convert(f: flags.FlagValues, positionals: Sequence[str]) -> int:
 
 
 def _write(f: flags.FlagValues, src: str, dst: str) -> int:
-    from msit_jax.io import checkpoint, pretrained
+    from msit_jax.io import model_dir, pretrained
     from msit_jax.models import reparam
     from msit_jax.models.config import model_config
 
@@ -72,7 +72,7 @@ def _write(f: flags.FlagValues, src: str, dst: str) -> int:
         with console.stage("fold", quiet=quiet):
             cfg, variables = reparam.fold(cfg, variables)
     with console.stage("write", quiet=quiet):
-        path = checkpoint.save_model(dst, cfg, variables)
+        path = model_dir.save_model(dst, cfg, variables)
     print(f"wrote {path} (encoder={cfg.encoder}, conv={cfg.conv}, batch_norm={cfg.batch_norm}, "
           f"{reparam.count_params(variables):,} values)")
     return 0

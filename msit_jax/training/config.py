@@ -29,7 +29,7 @@ Every field, with `--config.<field>=value` overridable on the command line:
   eval.source          validation source (same fields as data.train)
   eval.every_steps     validation PSNR period (0: never during training)
   eval.scales, eval.max_images, eval.max_side, eval.shave_extra, eval.y_channel,
-  eval.chunk, eval.method   see `msit_jax.training.evaluate` (chunk 0: per platform)
+  eval.chunk, eval.method   see `msit_jax.eval.runner` (chunk 0: per platform)
   checkpoint.every_steps, checkpoint.keep, checkpoint.keep_best, checkpoint.async_save
   log_every_steps      train metrics period
   progress_bar         tqdm bar on process 0

@@ -33,7 +33,7 @@ from typing import Any, Optional
 import jax
 import ml_collections
 
-from msit_jax.io import checkpoint as model_checkpoint
+from msit_jax.io import model_dir
 from msit_jax.models.config import LEGACY_RUNTIME_FIELDS
 from msit_jax.errors import ConfigError, one_line
 from msit_jax.training.config import flatten
@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 CONFIG_FILE = "config.json"
 RESUME_CONFIG_FILE = "config.resume-{step}.json"
 HISTORY_FILE = "config_history.jsonl"
-MODEL_CONFIG_FILE = model_checkpoint.CONFIG_FILE
+MODEL_CONFIG_FILE = model_dir.CONFIG_FILE
 
 # The batch protocol: what each batch is made of (batches are a function of
 # (seed, step)); changing it mid-run silently changes the experiment. Every
@@ -134,7 +134,7 @@ def is_schedule(field: str) -> bool:
 
 
 def _model_cfg(data: dict) -> ml_collections.ConfigDict:
-    return model_checkpoint.config_from_json(json.dumps(data))
+    return model_dir.config_from_json(json.dumps(data))
 
 
 def _shape_change(old_model: dict, new_model: ml_collections.ConfigDict) -> Optional[str]:
@@ -269,7 +269,7 @@ def record(workdir: str, config: ml_collections.ConfigDict, step: int,
     model_path = os.path.join(workdir, MODEL_CONFIG_FILE)
     model_changed = any(k.startswith("model.") and is_compared(k) for k, _, _ in changes)
     if fresh or not os.path.exists(model_path) or model_changed:
-        _write_atomic(model_path, model_checkpoint.config_to_json(config.model))
+        _write_atomic(model_path, model_dir.config_to_json(config.model))
 
 
 def _write_atomic(path: str, text: str) -> None:
