@@ -5,7 +5,7 @@ coordinate: at non-integer scales many HR pixel centres sit exactly halfway
 between two LR centres, and the winner depends on the float32 rounding of the
 coordinate arithmetic. XLA fuses such chains into FMAs, which flips ties, so
 every tie-sensitive quantity is computed here in numpy float32 with exactly one
-rounding per operation, in the reference's order (DESIGN.md section 3).
+rounding per operation, in the reference's order (docs/design.md#3-query-geometry-and-tie-rules).
 
 Coordinates are pixel centres in [-1, 1], ordered (row, col).
 """

@@ -16,8 +16,9 @@ from PIL import Image
 pytest.importorskip("gradio")
 
 import msit_jax  # noqa: E402
-from msit_jax import (checkpoint, demo, images, inference, reparam, tiling,  # noqa: E402
-                      tiny_model_config)
+from msit_jax import demo, images, inference, tiling, tiny_model_config  # noqa: E402
+from msit_jax.io import model_dir  # noqa: E402
+from msit_jax.models import reparam  # noqa: E402
 from tests.conftest import REPO, init_variables, shared_data  # noqa: E402
 
 
@@ -26,7 +27,7 @@ def model(tmp_path_factory):
     """A tiny msit-jax checkpoint folder -> (path, model_cfg, variables)."""
     cfg = tiny_model_config()
     variables = init_variables(cfg, seed=3)
-    path = checkpoint.save_model(str(tmp_path_factory.mktemp("demo") / "ckpt"), cfg, variables)
+    path = model_dir.save_model(str(tmp_path_factory.mktemp("demo") / "ckpt"), cfg, variables)
     return path, cfg, variables
 
 

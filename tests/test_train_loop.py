@@ -22,7 +22,7 @@ import pytest
 from msit_jax import build_model, errors, geometry
 from msit_jax.io import model_dir, pretrained
 from msit_jax.training import train_and_evaluate
-from msit_jax.training.checkpoints import load_workdir_model
+from msit_jax.io.workdir import load_workdir_model
 from msit_jax.training.config import fit_warmup, validate_config
 from msit_jax.training.loop import prepare_workdir
 from msit_jax.training.metrics import MetricLogger, read_jsonl

@@ -17,7 +17,8 @@ from PIL import Image
 from msit_jax.io import model_dir
 from msit_jax import images, inference, tiling, tiny_model_config, upscale
 from msit_jax.models import reparam
-from msit_jax.training.checkpoints import MODEL_CONFIG_FILE, Checkpointer
+from msit_jax.io.workdir import MODEL_CONFIG_FILE
+from msit_jax.training.checkpoints import Checkpointer
 from tests.conftest import REPO, init_variables
 
 

@@ -1,4 +1,4 @@
-"""The official training batch protocol, reproduced exactly (DESIGN.md section 5).
+"""The official training batch protocol, reproduced exactly (docs/design.md#5-training-batch-protocol).
 
 Reference: `SRImplicitDownsampledCascaded` (train phase, k=1, one scale stage)
 of the official code. For one batch of B HR images:
@@ -25,7 +25,7 @@ function of its step: any worker, host or restarted run produces it
 identically.
 
 Everything here is host-side numpy; the query geometry is float32 numpy as
-DESIGN.md section 3 requires (XLA's FMA fusion would flip nearest-centre ties).
+docs/design.md#3-query-geometry-and-tie-rules requires (XLA's FMA fusion would flip nearest-centre ties).
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ Every source is a random-access sequence of HR images:
     src.sizes         (N, 2) int64 array of (H, W), known without decoding
 
 `sizes` is what the batch protocol needs to shrink the scale of a batch whose
-smallest image is too small (DESIGN.md section 5), so it is computed once, up
+smallest image is too small (docs/design.md#5-training-batch-protocol), so it is computed once, up
 front, from file headers / stored shapes. With `skip_bad_images` a folder's
 images are also fully decoded once, up front, so a file with a valid header and
 a truncated body is dropped before training; the verdicts are cached (per file

@@ -1,6 +1,6 @@
 """Cumulative training: initialise a model from an earlier stage's weights.
 
-Stage 2 (DESIGN.md section 4) builds the RIM model and takes from stage 1
+Stage 2 (docs/design.md#4-rim-and-folding) builds the RIM model and takes from stage 1
 (plain convs where the RIMs sit):
   * every plain conv kernel at a RIM position -> the RIM's frozen base kernel W,
     and its bias -> the RIM's bias;
