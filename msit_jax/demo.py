@@ -20,7 +20,6 @@ directly; gradio is imported only when the page is built.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import functools
 import logging
@@ -34,9 +33,10 @@ import warnings
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
+from absl import flags
 from PIL import Image, UnidentifiedImageError
 
-from msit_jax import images
+from msit_jax import errors, flags_util, images
 
 INSTALL_HINT = "pip install -r requirements-demo.txt"
 SCALE_MIN, SCALE_MAX = 1.0, 30.0
@@ -322,53 +322,72 @@ def quiet_logs() -> None:
     warnings.filterwarnings("ignore", category=UserWarning, module="gradio")
 
 
-def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m msit_jax.demo", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True,
-                   help="anything Upscaler.from_pretrained reads (.pth, .safetensors, a "
-                        "msit-jax checkpoint or training workdir)")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    p.add_argument("--port", type=int, default=7860, help="port to listen on")
-    p.add_argument("--max_memory_gb", type=float, default=4.0,
-                   help="memory budget per request: larger outputs are refused, and the "
-                        "encoder is tiled to fit (default 4)")
-    p.add_argument("--max_file_mb", type=float, default=50.0, help="largest upload")
-    p.add_argument("--chunk", type=int, default=None, help="HR pixels per decoder call")
-    return p.parse_args(argv)
+PROG = "python -m msit_jax.demo"
+USAGE = f"usage: {PROG} --checkpoint PATH [flags]\n\n{__doc__}"
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = parse_args(argv)
+def define_flags(fv: flags.FlagValues) -> None:
+    """The command's flags, on `fv` (a private FlagValues, see `msit_jax.flags_util`)."""
+    flags.DEFINE_string("checkpoint", None, "Anything Upscaler.from_pretrained reads (.pth, "
+                        ".safetensors, a msit-jax checkpoint or training workdir).",
+                        flag_values=fv)
+    flags.DEFINE_string("host", "127.0.0.1", "Address to listen on.", flag_values=fv)
+    flags.DEFINE_integer("port", 7860, "Port to listen on.", flag_values=fv)
+    flags.DEFINE_float("max_memory_gb", 4.0, "Memory budget per request: larger outputs are "
+                       "refused, and the encoder is tiled to fit.", flag_values=fv)
+    flags.DEFINE_float("max_file_mb", 50.0, "Largest upload.", flag_values=fv)
+    flags.DEFINE_integer("chunk", None, "HR pixels per decoder call.", flag_values=fv)
+
+
+def _serve_checkpoint(fv: flags.FlagValues, positionals: Sequence[str]) -> int:
+    """The command on parsed flags: serve the page until stopped; the exit status."""
+    if positionals:
+        return errors.report(errors.UsageError(
+            f"unexpected arguments: {' '.join(positionals)} (see --help)"))
+    if fv.checkpoint is None:
+        return errors.report(errors.UsageError("give --checkpoint PATH (see --help)"))
     quiet_logs()  # before gradio and JAX are imported
     try:
         import_gradio()
     except ImportError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return errors.EXIT_USAGE
     from msit_jax import Upscaler
 
     try:
-        up = Upscaler.from_pretrained(args.checkpoint, chunk=args.chunk)
+        up = Upscaler.from_pretrained(fv.checkpoint, chunk=fv.chunk)
     except Exception as e:  # noqa: BLE001 - one line naming the checkpoint
-        print(f"error: cannot load {args.checkpoint}: {e}", file=sys.stderr)
-        return 1
+        print(f"error: cannot load {fv.checkpoint}: {e}", file=sys.stderr)
+        return errors.EXIT_FAILURE
     # Results beside gradio's own files (GRADIO_TEMP_DIR when set), removed at exit.
     base = os.environ.get("GRADIO_TEMP_DIR") or None
     if base:
         os.makedirs(base, exist_ok=True)
     out_dir = tempfile.mkdtemp(prefix="msit-demo-", dir=base)
     try:
-        return serve(build_app(up, out_dir, max_memory_gb=args.max_memory_gb), args)
+        return serve(build_app(up, out_dir, max_memory_gb=fv.max_memory_gb), fv)
     finally:
         shutil.rmtree(out_dir, ignore_errors=True)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """`python -m msit_jax.demo`.
+
+    Without argv: absl.app.run on sys.argv, exiting with the status. With argv
+    (the arguments after the program name, for tests and scripts): the exit
+    status is returned.
+    """
+    fv = flags.FlagValues()
+    define_flags(fv)
+    return flags_util.main(fv, lambda positionals: _serve_checkpoint(fv, positionals), USAGE,
+                           argv, prog=PROG)
 
 
 def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
-def serve(app: Any, args: argparse.Namespace) -> int:
+def serve(app: Any, args: flags.FlagValues) -> int:
     """Launch the page, print where it listens, and block until Ctrl+C or SIGTERM."""
     app.queue(max_size=16)
     try:

@@ -38,18 +38,19 @@ import re
 import sys
 import time
 import traceback
-from typing import Any, Callable, NoReturn, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import numpy as np
-from absl import app, flags
-from PIL import Image, UnidentifiedImageError
+from absl import flags
+from PIL import Image
 
-from msit_jax import console, errors, images, inference, tiling
+from msit_jax import console, errors, flags_util, images, inference, tiling
 from msit_jax.errors import NonFiniteError, OutputError, ResourceError, UsageError
 from msit_jax.ops.runtime import DTYPES, PRECISIONS, RuntimeOptions
 
 PROG = "python -m msit_jax.upscale"
+USAGE = f"usage: {PROG} [flags] INPUT...\n\n{__doc__}"
 
 ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 
@@ -103,23 +104,10 @@ def output_size(in_hw: tuple[int, int], scale: Optional[tuple[float, float]],
     return max(1, round(in_hw[0] * scale[0])), max(1, round(in_hw[1] * scale[1]))
 
 
-def _check_is_file(path: str) -> None:
-    if os.path.isdir(path):
-        raise images.ImageError(f"{path}: is a directory, not an image file")
-    if not os.path.isfile(path):
-        raise images.ImageError(f"{path}: no such file")
-
-
 def input_size(path: str) -> tuple[int, int]:
     """(H, W) of an image file from its header (no pixels decoded); ImageError names it."""
-    _check_is_file(path)
-    try:
-        with Image.open(path) as img:
-            return img.size[1], img.size[0]
-    except Image.DecompressionBombError as e:
-        raise images.bomb_error(path, e) from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise images.ImageError(f"{path}: not a readable image ({e})") from e
+    with images.open_image(path) as img:
+        return img.size[1], img.size[0]
 
 
 def read_input(path: str) -> tuple[np.ndarray, Optional[np.ndarray]]:
@@ -128,20 +116,15 @@ def read_input(path: str) -> tuple[np.ndarray, Optional[np.ndarray]]:
     Raises images.ImageError naming the file when it cannot be decoded
     (ImageTooLargeError over Pillow's decompression-bomb limit).
     """
-    _check_is_file(path)
-    try:
-        with Image.open(path) as img:
+    with images.open_image(path) as img:
+        try:
             img.load()
-            rgb = images.pil_to_rgb_uint8(img, path)
-            alpha = None
-            if img.mode in ALPHA_MODES or "transparency" in img.info:
-                alpha = np.asarray(img.convert("RGBA").getchannel("A"), np.uint8).copy()
-    except images.ImageError:
-        raise
-    except Image.DecompressionBombError as e:
-        raise images.bomb_error(path, e) from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise images.ImageError(f"{path}: not a readable image ({e})") from e
+        except (OSError, SyntaxError, ValueError) as e:
+            raise images.unreadable_error(path, e) from e
+        rgb = images.pil_to_rgb_uint8(img, path)
+        alpha = None
+        if img.mode in ALPHA_MODES or "transparency" in img.info:
+            alpha = np.asarray(img.convert("RGBA").getchannel("A"), np.uint8).copy()
     return rgb, alpha
 
 
@@ -345,76 +328,7 @@ def define_flags(fv: flags.FlagValues) -> None:
                       flag_values=fv)
     flags.DEFINE_bool("quiet", False, "Print only errors (no stages, progress or per-image "
                       "lines).", flag_values=fv)
-    flags.DEFINE_bool("verbose", False, "Print tracebacks of errors and third-party logs.",
-                      flag_values=fv)
-
-
-_HELP_ARGS = ("-h", "--help", "-help", "-?", "--helpshort", "--helpfull")
-
-
-def _argparse_spelling(args: Sequence[str], fv: flags.FlagValues) -> Optional[str]:
-    """A one-line hint for the first argparse-style flag in `args`, else None.
-
-    absl alone answers `--no-progress` with "Unknown command line flag"; a user
-    who knows argparse needs the spelling: `--noprogress` (booleans), and
-    underscores in multi-word names (`--max_memory_gb`).
-    """
-    for arg in args:
-        if arg == "--":
-            break
-        if not arg.startswith("--"):
-            continue
-        name, eq, value = arg[2:].partition("=")
-        under = name.replace("-", "_")
-        if under.startswith("no_") and under[3:] in fv \
-                and isinstance(fv[under[3:]], flags.BooleanFlag):
-            return (f"{arg} is argparse style; this command takes absl flags: "
-                    f"--no{under[3:]} (or --{under[3:]})")
-        if "-" in name and under in fv:
-            return (f"{arg} is argparse style; this command takes absl flags: "
-                    f"--{under}{eq}{value}")
-    return None
-
-
-def _help(fv: flags.FlagValues, usage: str) -> str:
-    """`usage` and the flags' help (without absl's per-module headings)."""
-    lines = fv.get_help(include_special_flags=False).splitlines()
-    return f"{usage.strip()}\n\nflags:\n" + "\n".join(ln for ln in lines if ln.startswith(" "))
-
-
-def _parse(fv: flags.FlagValues, args: Sequence[str], usage: str) -> Union[int, list[str]]:
-    """Parse `args` (the arguments after the program name) into `fv` -> the positional
-    arguments, or an exit status once help (0, stdout: `usage` and the flags) or a
-    one-line usage error (2, stderr) is printed."""
-    args = list(args)
-    flag_args = args[:args.index("--")] if "--" in args else args
-    if any(a in _HELP_ARGS for a in flag_args):
-        print(_help(fv, usage))
-        return errors.EXIT_OK
-    hint = _argparse_spelling(flag_args, fv)
-    try:
-        if hint is not None:
-            raise UsageError(f"{hint} (see --help)")
-        return fv(["prog"] + args)[1:]
-    except flags.Error as e:
-        return errors.report(UsageError(f"{errors.one_line(str(e))} (see --help)"))
-    except UsageError as e:
-        return errors.report(e)
-
-
-def _run_app(fv: flags.FlagValues, run: Callable[[list[str]], int], usage: str) -> NoReturn:
-    """absl.app.run on sys.argv with our private flags: exits with run(positionals)."""
-
-    def parser(argv: list[str]) -> list[str]:
-        parsed = _parse(fv, argv[1:], usage)
-        if isinstance(parsed, int):
-            sys.exit(parsed)
-        # app.run insists that the global FLAGS are parsed; ours live in `fv`.
-        flags.FLAGS.mark_as_parsed()
-        return parsed
-
-    app.run(run, flags_parser=parser)
-    raise AssertionError("absl.app.run returned")  # it always exits
+    flags_util.define_verbose(fv)
 
 
 # ---------------------------------------------------------------------------- command
@@ -580,11 +494,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """
     fv = flags.FlagValues()
     define_flags(fv)
-    usage = f"usage: {PROG} [flags] INPUT...\n\n{__doc__}"
-    if argv is None:
-        _run_app(fv, lambda positionals: _upscale(fv, positionals), usage)
-    parsed = _parse(fv, argv, usage)
-    return parsed if isinstance(parsed, int) else _upscale(fv, parsed)
+    return flags_util.main(fv, lambda positionals: _upscale(fv, positionals), USAGE, argv)
 
 
 if __name__ == "__main__":

@@ -106,7 +106,7 @@ def test_training_without_the_train_extra_says_what_to_install(tmp_path):
 import sys
 sys.modules["grain"] = None
 from msit_jax.training.cli import main
-main(["msit-train", "--config", "configs/tiny.py", "--workdir", {wd!r}])
+sys.exit(main(["--config", "configs/tiny.py", "--workdir", {wd!r}]))
 """
     p = _run(code)
     assert p.returncode == 1, p.stderr[-3000:]

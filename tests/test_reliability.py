@@ -765,8 +765,9 @@ def test_12_each_input_fails_independently_and_bounds_are_checked_first(tmp_path
 # ---------------------------------------------------------------------------- 13. evaluate
 
 def _evaluate_main(args: list[str]) -> int:
-    """evaluate.py's command in this process (its absl flags parsed, then reset)."""
-    return evaluate_cli.run_command(["evaluate.py"] + args)
+    """evaluate.py's command in this process (its flags parsed into a FlagValues of
+    its own)."""
+    return evaluate_cli.main(args)
 
 
 @pytest.fixture

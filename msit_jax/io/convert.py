@@ -18,13 +18,14 @@ from typing import Optional, Sequence
 
 from absl import flags
 
-from msit_jax import console, errors
+from msit_jax import console, errors, flags_util
 
 PROG = "python -m msit_jax.convert"
+USAGE = f"usage: {PROG} [flags] SRC DST\n\n{__doc__}"
 
 
 def define_flags(fv: flags.FlagValues) -> None:
-    """The command's flags, on `fv` (private, as in `msit_jax.upscale`)."""
+    """The command's flags, on `fv` (a private FlagValues, see `msit_jax.flags_util`)."""
     flags.DEFINE_enum("encoder", None, ["edsr-baseline", "rdn"], "Architecture of a bare "
                       "state_dict (training checkpoints carry it).", flag_values=fv)
     flags.DEFINE_enum("conv", None, ["rim", "plain"], "Layout of a bare state_dict "
@@ -33,8 +34,7 @@ def define_flags(fv: flags.FlagValues) -> None:
                       "model.", flag_values=fv)
     flags.DEFINE_bool("quiet", False, "Print only errors and the written path (no stages).",
                       flag_values=fv)
-    flags.DEFINE_bool("verbose", False, "Print tracebacks of errors and third-party logs.",
-                      flag_values=fv)
+    flags_util.define_verbose(fv)
 
 
 def _convert(f: flags.FlagValues, positionals: Sequence[str]) -> int:
@@ -85,16 +85,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     (the arguments after the program name, for tests and scripts): the exit
     status is returned.
     """
-    # The flag parsing helpers are upscale's until a shared flags module exists.
-    from msit_jax.upscale import _parse, _run_app
-
     fv = flags.FlagValues()
     define_flags(fv)
-    usage = f"usage: {PROG} [flags] SRC DST\n\n{__doc__}"
-    if argv is None:
-        _run_app(fv, lambda positionals: _convert(fv, positionals), usage)
-    parsed = _parse(fv, argv, usage)
-    return parsed if isinstance(parsed, int) else _convert(fv, parsed)
+    return flags_util.main(fv, lambda positionals: _convert(fv, positionals), USAGE, argv)
 
 
 if __name__ == "__main__":

@@ -6,13 +6,9 @@ r"""Train MSIT (`msit-train`, or `python train.py` in a checkout).
     msit-train --config configs/msit_edsr_stage2_rim.py --workdir runs/edsr_s2 \
         --config.init_from=runs/edsr_s1
 
-Flags:
-  --config FILE           a training config (configs/*.py); any of its fields can be
-                          overridden with --config.<field>=value (after --config; see
-                          msit_jax/training/config.py for the fields)
-  --workdir DIR           checkpoints, logs and the demo output (created with its
-                          parents; an existing one is resumed)
-  --verbose / --noverbose library logs and the traceback of an error
+Any field of the config can be overridden with --config.<field>=value after
+--config (see msit_jax/training/config.py for the fields). Flags are absl flags:
+booleans are --verbose / --noverbose.
 
 Re-running a command on an existing workdir resumes from its latest good
 checkpoint; a changed config is compared with the stored one first (see
@@ -33,15 +29,15 @@ import sys
 import time
 from typing import Optional, Sequence
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from msit_jax import console, errors
+from msit_jax import console, errors, flags_util
 
-# Printed instead of absl's help, which lists only the flags of the __main__ module
-# (none: that is train.py or the console-script stub) and exits with status 1.
-HELP_FLAGS = ("--help", "-help", "--helpshort", "-helpshort", "--helpfull", "-helpfull",
-              "-?", "-h")
+PROG = "msit-train"
+USAGE = (f"usage: {PROG} --config FILE --workdir DIR [--config.<field>=value ...]\n\n"
+         f"{__doc__}")
+
 # Modules of the `train` extra (pip install 'msit-jax[train]'), by distribution name: a
 # missing one is an incomplete install, said as such instead of as a traceback.
 TRAIN_MODULES = {"grain": "grain", "tensorflow_datasets": "tensorflow-datasets",
@@ -58,13 +54,13 @@ def define_flags(argv: Sequence[str]) -> flags.FlagValues:
     fv = flags.FlagValues()
     config_flags.DEFINE_config_file(
         "config", None, "Training config file (configs/*.py); override a field with "
-        "--config.<field>=value after it.", flag_values=fv, lock_config=True,
+        "--config.<field>=value after it (see msit_jax/training/config.py for the "
+        "fields).", flag_values=fv, lock_config=True,
         sys_argv=list(argv))
     flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and the demo output "
                         "(created with its parents; an existing one is resumed).",
                         flag_values=fv)
-    flags.DEFINE_bool("verbose", False, "Show library logs and the traceback of an error.",
-                      flag_values=fv)
+    flags_util.define_verbose(fv)
     flags.mark_flags_as_required(["config", "workdir"], flag_values=fv)
     return fv
 
@@ -73,24 +69,18 @@ def _verbose_requested(argv: Sequence[str]) -> bool:
     return any(a in ("--verbose", "--verbose=true", "--verbose=True") for a in argv)
 
 
-def parse_flags(fv: flags.FlagValues, argv: Sequence[str]) -> list[str]:
-    """Parse `argv` into `fv` with one-line errors (exit 2; 3 for a config field).
-
-    What `fv` does not know goes to absl's global FLAGS: its own flags
-    (--verbosity, --only_check_args, grain's) still work, and an unknown flag is
-    an error there. `app.run` also needs FLAGS parsed.
-    """
+def parse_flags(fv: flags.FlagValues, argv: Sequence[str], *, known_only: bool = False
+                ) -> list[str]:
+    """`flags_util.parse` with training's exit codes: errors.UsageError (2), or
+    errors.ConfigError (3) for a --config.<field> flag, an unknown config field or a
+    config file that fails to load."""
     argv = list(argv)
-    if any(a in HELP_FLAGS for a in argv[1:]):
-        print(__doc__.strip())
-        sys.exit(errors.EXIT_OK)
     try:
-        return flags.FLAGS(fv(argv, known_only=True))
-    except flags.Error as e:
-        msg = errors.one_line(str(e))
-        code = errors.EXIT_CONFIG if "--config." in msg else errors.EXIT_USAGE
-        print(f"error: {msg}", file=sys.stderr)
-        sys.exit(code)
+        return flags_util.parse(fv, argv, known_only=known_only)
+    except errors.UsageError as e:
+        if "--config." in str(e):
+            raise errors.ConfigError(str(e)) from None
+        raise
     except Exception as e:  # noqa: BLE001 - the config file or an override failed
         if _verbose_requested(argv):
             raise
@@ -100,11 +90,9 @@ def parse_flags(fv: flags.FlagValues, argv: Sequence[str]) -> list[str]:
                                                          r"(=|$)", a)), None)
         if override is not None and isinstance(e, (AttributeError, KeyError)):
             field = override.split("=", 1)[0][len("--config."):]
-            print(f"error: unknown config field {field!r} in {override}; see "
-                  "msit_jax/training/config.py for the fields", file=sys.stderr)
-            sys.exit(errors.EXIT_CONFIG)
-        print(f"error: --config: {errors.describe(e)}", file=sys.stderr)
-        sys.exit(errors.EXIT_CONFIG)
+            raise errors.ConfigError(f"unknown config field {field!r} in {override}; see "
+                                     "msit_jax/training/config.py for the fields") from None
+        raise errors.ConfigError(f"--config: {errors.describe(e)}") from None
 
 
 def _missing_train_module(exc: BaseException) -> Optional[str]:
@@ -114,12 +102,12 @@ def _missing_train_module(exc: BaseException) -> Optional[str]:
     return None
 
 
-def run(fv: flags.FlagValues, argv: Sequence[str]) -> int:
+def run(fv: flags.FlagValues, positionals: Sequence[str]) -> int:
     """Train per the parsed flags; the exit status."""
     console.quiet_logs(fv.verbose)  # before jax, orbax and grain are imported
-    if len(argv) > 1:
-        print(f"error: unexpected arguments: {' '.join(argv[1:])}", file=sys.stderr)
-        return errors.EXIT_USAGE
+    if positionals:
+        return errors.report(errors.UsageError(
+            f"unexpected arguments: {' '.join(positionals)} (see --help)"))
     t0 = time.perf_counter()
     try:
         # Imported here: flag and config errors come back without importing jax.
@@ -139,15 +127,17 @@ def run(fv: flags.FlagValues, argv: Sequence[str]) -> int:
     return errors.EXIT_OK
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
-    """The `msit-train` console script: parse `argv` (default sys.argv), train, exit.
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """The `msit-train` console script and `python train.py`.
 
-    Always ends with SystemExit carrying the exit status (absl.app.run).
+    Without argv: absl.app.run on sys.argv, exiting with the status. With argv
+    (the arguments after the program name, for tests and scripts): the exit
+    status is returned.
     """
-    argv = list(sys.argv if argv is None else argv)
-    fv = define_flags(argv)
-    app.run(lambda rest: run(fv, rest), argv=argv,
-            flags_parser=lambda args: parse_flags(fv, args))
+    full = list(sys.argv) if argv is None else [PROG] + list(argv)
+    fv = define_flags(full)
+    return flags_util.main(fv, lambda positionals: run(fv, positionals), USAGE, argv,
+                           parser=parse_flags, prog=PROG)
 
 
 if __name__ == "__main__":
