@@ -36,7 +36,8 @@ import numpy as np
 from absl import flags
 from PIL import Image, UnidentifiedImageError
 
-from msit_jax import errors, flags_util, images
+from msit_jax import errors, flags_util, images, tiling
+from msit_jax.api import Upscaler
 
 INSTALL_HINT = "pip install -r requirements-demo.txt"
 SCALE_MIN, SCALE_MAX = 1.0, 30.0
@@ -124,7 +125,6 @@ def check_memory(in_hw: tuple[int, int], out_hw: tuple[int, int], max_memory_gb:
 @functools.lru_cache(maxsize=4)
 def tiled_engine(up: Any):
     """A `tiling.TiledUpscaler` sharing `up.engine`'s model and weights (built once per `up`)."""
-    from msit_jax import tiling
 
     e = up.engine
     return tiling.TiledUpscaler(e.model_cfg, e.variables, chunk=e.chunk, tile=0,
@@ -144,7 +144,6 @@ def upscale_pair(up: Any, image: Any, scale: float = 4.0, out_h: Optional[float]
     The encoder is tiled as the CLI's `--tile auto` does, to stay within
     max_memory_gb. progress(done, total) is called per decoded chunk.
     """
-    from msit_jax import tiling
 
     rgb = images.pil_to_rgb_uint8(image) if isinstance(image, Image.Image) else np.asarray(image)
     if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[-1] != 3 or min(rgb.shape[:2]) < 1:
@@ -352,7 +351,6 @@ def _serve_checkpoint(fv: flags.FlagValues, positionals: Sequence[str]) -> int:
     except ImportError as e:
         print(f"error: {e}", file=sys.stderr)
         return errors.EXIT_USAGE
-    from msit_jax import Upscaler
 
     try:
         up = Upscaler.from_pretrained(fv.checkpoint, chunk=fv.chunk)

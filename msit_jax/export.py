@@ -112,7 +112,7 @@ def write_pth(out: str, model_cfg: ml_collections.ConfigDict, variables: Any) ->
         args = pretrained.official_args(model_cfg)
     except ValueError as e:
         raise ExportError(f"pth: {e}") from None
-    torch = pretrained._import_torch()
+    torch = pretrained.import_torch()
     sd = {k: torch.from_numpy(np.array(v)) for k, v in
           official_state_dict(model_cfg, variables).items()}
     path = os.path.join(out, PTH_FILE)

@@ -46,6 +46,8 @@ from absl import flags
 from PIL import Image
 
 from msit_jax import console, errors, flags_util, images, inference, tiling
+from msit_jax.io import pretrained
+from msit_jax.models import reparam
 from msit_jax.errors import NonFiniteError, OutputError, ResourceError, UsageError
 from msit_jax.ops.runtime import DTYPES, PRECISIONS, RuntimeOptions
 
@@ -193,7 +195,6 @@ def memory_estimate(model_cfg, in_hw: tuple[int, int], out_hw: tuple[int, int], 
                     tile: int) -> dict[str, float]:
     """Estimated peak bytes of one image: {'output', 'input', 'decoder', 'encoder'}
     (the encoder estimate is `tiling.auto_tile`'s: 64 bytes x dim per window pixel)."""
-    from msit_jax import tiling
 
     n = (2 * model_cfg.radius + 1) ** 2
     enc_hw = in_hw if tile <= 0 else tuple(min(s, tile + 2 * tiling.halo(model_cfg))
@@ -240,8 +241,6 @@ def build_upscaler(checkpoint: str, fold: bool, chunk: Optional[int], tile: int,
 
     Loading and folding are timed stages on stderr unless `quiet`.
     """
-    from msit_jax.io import pretrained
-    from msit_jax.models import reparam
 
     with console.stage("load checkpoint", quiet=quiet):
         model_cfg, variables = pretrained.load(checkpoint)

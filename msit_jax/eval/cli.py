@@ -34,6 +34,7 @@ from typing import Iterator, Optional, Sequence
 from absl import flags
 
 from msit_jax import console, errors, flags_util
+from msit_jax.eval import reports, runner
 from msit_jax.eval.datasets import BENCHMARK_FLAGS, DATA_ENV
 from msit_jax.eval.predictors import MODELS
 from msit_jax.eval.protocol import DEGRADATIONS, LR_SOURCES
@@ -114,7 +115,6 @@ METHOD_NAMES = {"msit": "MSIT", "bicubic": "Bicubic", "bicubic_y": "Bicubic (Y, 
 def config_from_flags(fv: flags.FlagValues):
     """The evaluation config (`runner.default_config`) from the parsed flags; UsageError for
     flag values that cannot work."""
-    from msit_jax.eval import runner
 
     cfg = runner.default_config()
     model = fv.model or ("msit" if fv.checkpoint else None)
@@ -190,7 +190,6 @@ def evaluate(fv: flags.FlagValues, positionals: Sequence[str]) -> int:
             f"unexpected arguments: {' '.join(positionals)} (see --help)"))
     console.quiet_logs(fv.verbose)  # before Orbax / JAX / TFDS are imported
     try:
-        from msit_jax.eval import reports, runner
 
         cfg = config_from_flags(fv)
         with _plain_logs():

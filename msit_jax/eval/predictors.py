@@ -18,8 +18,12 @@ from typing import Any, Optional
 import ml_collections
 import numpy as np
 
-from msit_jax import errors, images
+from msit_jax import console, errors, images
 from msit_jax.eval import matlab_resize
+from msit_jax.inference import Upscaler
+from msit_jax.io import pretrained
+from msit_jax.models import reparam
+from msit_jax.ops.runtime import RuntimeOptions
 from msit_jax.eval.protocol import DEGRADATIONS
 
 MODELS = ("msit", "bicubic", "bicubic_y")
@@ -92,7 +96,6 @@ class MSITPredictor(Predictor):
     def __init__(self, model_cfg: ml_collections.ConfigDict, variables: Any,
                  chunk: Optional[int] = None, name: str = "MSIT", method: str = "auto",
                  runtime: Optional[Any] = None, check_finite: bool = True):
-        from msit_jax.inference import Upscaler
 
         self.up = Upscaler(model_cfg, variables, chunk=chunk, method=method, runtime=runtime)
         self.name = name
@@ -122,10 +125,6 @@ def load_msit(checkpoint: str, *, fold: bool = True, chunk: Optional[int] = None
               fft_min_kernel: int = -1, quiet: bool = True) -> MSITPredictor:
     """An MSITPredictor from a msit-jax checkpoint dir or an official .pth; the load and
     the fold are timed on stderr unless `quiet` (`msit_jax.console.stage`)."""
-    from msit_jax import console
-    from msit_jax.io import pretrained
-    from msit_jax.models import reparam
-    from msit_jax.ops.runtime import RuntimeOptions
 
     runtime = RuntimeOptions(precision, dtype, fft_min_kernel)
     with console.stage(f"load {checkpoint}", quiet=quiet):

@@ -31,7 +31,7 @@ from typing import Any, Callable, Optional, Sequence
 import ml_collections
 import numpy as np
 
-from msit_jax import errors, images
+from msit_jax import console, errors, images
 from msit_jax.eval import datasets, predictors, protocol, reports
 from msit_jax.eval.datasets import EvalSet
 from msit_jax.eval.protocol import ScoringPreset, format_scale
@@ -300,7 +300,6 @@ def run(cfg: ml_collections.ConfigDict, *, verbose_progress: bool = False
     the stages (load, fold) and print a line per (dataset, scale) and the paths
     written on stderr (`msit_jax.console`), as the command line does.
     """
-    from msit_jax import console
 
     quiet = not verbose_progress
     scales = _check_config(cfg)

@@ -19,6 +19,10 @@ from typing import Optional, Sequence
 from absl import flags
 
 from msit_jax import console, errors, flags_util
+from msit_jax.io import model_dir, pretrained
+from msit_jax.io.torch_io import detect_conv_kind
+from msit_jax.models import reparam
+from msit_jax.models.config import model_config
 
 PROG = "python -m msit_jax.convert"
 USAGE = f"usage: {PROG} [flags] SRC DST\n\n{__doc__}"
@@ -52,9 +56,6 @@ def _convert(f: flags.FlagValues, positionals: Sequence[str]) -> int:
 
 
 def _write(f: flags.FlagValues, src: str, dst: str) -> int:
-    from msit_jax.io import model_dir, pretrained
-    from msit_jax.models import reparam
-    from msit_jax.models.config import model_config
 
     quiet = f.quiet
     with console.stage("load checkpoint", quiet=quiet):
@@ -62,7 +63,6 @@ def _write(f: flags.FlagValues, src: str, dst: str) -> int:
         if f.encoder:
             conv = f.conv
             if conv is None:
-                from msit_jax.io.torch_io import detect_conv_kind
 
                 sd = pretrained.official_state_dict(pretrained.read_pth(src), src)
                 conv = detect_conv_kind(sd)

@@ -34,7 +34,8 @@ from msit_jax.models.config import model_config, validate_model_config
 from msit_jax.models.encoders import RDN_PRESETS
 
 
-def _import_torch():
+def import_torch():
+    """The torch module, or an ImportError naming requirements-torch.txt."""
     try:  # an optional dependency, imported when a .pth is read or written
         import torch
     except ImportError as e:  # pragma: no cover - depends on the environment
@@ -63,7 +64,7 @@ def read_pth(path: str) -> Any:
     if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
         raise CheckpointError(f"{path}: not a PyTorch checkpoint (neither a zip archive nor a "
                               f"pickle; it starts with {head!r})", path=path)
-    torch = _import_torch()
+    torch = import_torch()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # pickle-protocol notices

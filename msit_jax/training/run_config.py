@@ -33,10 +33,12 @@ from typing import Any, Optional
 import jax
 import ml_collections
 
+from msit_jax.errors import ConfigError, one_line
 from msit_jax.io import model_dir
 from msit_jax.models.config import LEGACY_RUNTIME_FIELDS
-from msit_jax.errors import ConfigError, one_line
+from msit_jax.models.model import variable_shapes
 from msit_jax.training.config import flatten
+from msit_jax.training.schedule import lr_schedule
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +141,6 @@ def _model_cfg(data: dict) -> ml_collections.ConfigDict:
 
 def _shape_change(old_model: dict, new_model: ml_collections.ConfigDict) -> Optional[str]:
     """The first parameter whose shape differs between two model configs, or None."""
-    from msit_jax.models.model import variable_shapes
 
     try:
         a = flatten(variable_shapes(_model_cfg(old_model)))
@@ -216,7 +217,6 @@ def schedule_change(config: ml_collections.ConfigDict, changes: list[tuple[str, 
     fields = [(k, a) for k, a, _ in changes if is_schedule(k)]
     if not fields:
         return None
-    from msit_jax.training.schedule import lr_schedule
 
     def rate(lr: dict, total: Any) -> Optional[float]:
         try:
