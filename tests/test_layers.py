@@ -1,12 +1,13 @@
 """Each building block against torch.nn.functional on random tensors."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.signal
-import torch
-import torch.nn.functional as F
-import jax
-import jax.numpy as jnp
+
+torch = pytest.importorskip("torch")  # the PyTorch reference (requirements-torch.txt)
+import torch.nn.functional as F  # noqa: E402
 
 from msit_jax.models import layers, msno
 from msit_jax import ops

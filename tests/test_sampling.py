@@ -1,10 +1,11 @@
 """grid_sample semantics (nearest / bilinear / border, out of range, ties) and host geometry."""
 
 import numpy as np
-import pytest
-import torch
 import jax
 import jax.numpy as jnp
+import pytest
+
+torch = pytest.importorskip("torch")  # the PyTorch reference (requirements-torch.txt)
 
 from msit_jax import geometry
 from msit_jax.models import sampling
