@@ -55,6 +55,133 @@ def pytest_unconfigure(config):
         shutil.rmtree(cache_dir, ignore_errors=True)
 
 
+# --- test tiers ---------------------------------------------------------------------------
+# `pytest` runs everything; `pytest -m "not slow"` is the quick tier (under 90 s on 2 CPU
+# cores). Slow: subprocess CLIs, multi-process training, big decodes, TFDS preparation,
+# lowering whole programs, anything over ~3 s. A module that is slow throughout says so
+# itself (`pytestmark = pytest.mark.slow`); a test of a mixed module can carry the mark
+# itself, or be listed here, where each entry names the case the quick tier keeps instead.
+# Keys: "file::test" (every parametrization) or "file::test[id]" (one).
+SLOW_TESTS: dict[str, str] = {
+    # subprocess CLIs and scripts
+    "test_accel_check.py::test_accel_check_tiny_passes_and_writes_every_section": "script",
+    "test_accel_check.py::test_accel_check_failing_tolerance_exits_1": "script",
+    "test_accel_check.py::test_accel_check_rejects_cpu_without_allow_cpu": "script",
+    "test_accel_check.py::test_compare_torch_quick_ours_alone": "script",
+    "test_convert.py::test_convert_cli_round_trip":
+        "CLI; test_official_training_checkpoint_loads_with_args stays",
+    "test_evaluate.py::test_evaluate_cli_bicubic_reference_figures": "CLI",
+    "test_evaluate.py::test_evaluate_cli_published_matlab_figures": "CLI",
+    "test_evaluate.py::test_evaluate_cli_msit_outputs_and_failures": "CLI",
+    "test_evaluate.py::test_evaluate_cli_usage_errors": "CLI",
+    "test_export.py::test_stablehlo_runner_needs_no_model_code": "subprocess",
+    "test_export.py::test_safetensors_hub_folder_loads_without_torch":
+        "subprocess; test_safetensors_folded stays",
+    "test_export.py::test_cli_and_its_errors": "CLI",
+    "test_lower_script.py::test_train_step_report": "script",
+    "test_lower_script.py::test_inference_report": "script",
+    "test_lower_script.py::test_bad_flags_are_refused": "script",
+    "test_upscale_cli.py::test_output_larger_than_4096_squared_in_bounded_memory":
+        "CLI, a 4100 x 4100 decode",
+    # TFDS preparation
+    "test_data_sources.py::test_tfds_source_reads_prepared_dataset": "TFDS preparation",
+    "test_evaluate.py::test_tfds_source_matches_folder": "TFDS preparation",
+    "test_train_loop.py::test_trains_from_a_prepared_tfds_dataset": "TFDS preparation",
+    # more training runs; the quick tier keeps a run, its checkpoints and a bit-exact resume
+    "test_train_loop.py::test_stage2_from_stage1_workdir_keeps_w_frozen": "two more runs",
+    "test_train_loop.py::test_stage2_init_reproduces_stage1_outputs": "stage-2 compiles",
+    "test_train_loop.py::test_init_from_rejects_other_architectures": "a dim-64 init",
+    "test_train_loop.py::test_stage2_init_from_official_pth":
+        "stage-2 compiles; test_convert's official .pth loading stays",
+    "test_reliability.py::test_12_each_input_fails_independently_and_bounds_are_checked_first":
+        "decodes",
+    # further cases of a parity already in the quick tier
+    "test_evaluate.py::test_dtype_override_runs_the_model_in_bfloat16": "bfloat16",
+    "test_export.py::test_stablehlo_matches_upscale_on_every_platform_export":
+        "test_stablehlo_unfolded_export stays",
+    "test_export.py::test_onnx_agrees_with_jax[rdn-auto]": "edsr-baseline query/grid stay",
+    "test_export.py::test_pth_round_trip_official_to_official[rim]": "[plain] stays",
+    "test_gradients.py::test_forward_mode_through_the_model":
+        "test_ops forward-mode cases stay",
+    "test_gradients.py::test_adam_step_updates_params_not_frozen[plain]": "[rim] stays",
+    "test_gradients.py::test_cpu_kernels_match_the_accelerator_program":
+        "whole-model gradients twice; test_ops compares each CPU method to XLA's rule",
+    "test_inference.py::test_chunk_size_invariance[auto]": "[grid] stays",
+    "test_inference.py::test_chunk_size_invariance[query]": "[grid] stays",
+    "test_inference.py::test_grid_decoder_matches_per_query_decoder[edsr-baseline]":
+        "[rdn] stays",
+    "test_inference.py::test_bfloat16_compute_is_close_to_float32": "bfloat16",
+    "test_inference.py::test_bfloat16_grid_decoder_runs_on_cpu_within_stated_db": "bfloat16",
+    "test_inference.py::test_fft_multiscale_convs_match_direct":
+        "test_ops FFT conv parity stays",
+    "test_model_parity.py::test_random_queries_match_torch[edsr-baseline-rim-False]":
+        "[edsr-baseline-plain-True] stays",
+    "test_model_parity.py::test_random_queries_match_torch[edsr-baseline-rim-True]":
+        "[edsr-baseline-plain-True] stays",
+    "test_model_parity.py::test_random_queries_match_torch[edsr-baseline-plain-False]":
+        "[edsr-baseline-plain-True] stays",
+    "test_model_parity.py::test_random_queries_match_torch[rdn-rim-False]":
+        "[edsr-baseline-plain-True] stays",
+    "test_model_parity.py::test_random_queries_match_torch[rdn-rim-True]":
+        "[edsr-baseline-plain-True] stays",
+    "test_model_parity.py::test_random_queries_match_torch[rdn-plain-False]":
+        "[edsr-baseline-plain-True] stays",
+    "test_model_parity.py::test_random_queries_match_torch[rdn-plain-True]":
+        "[edsr-baseline-plain-True] stays",
+    "test_ops.py::test_kernel_gradient_methods_match_reference_autodiff[shape3-shifts]":
+        "shape4-shifts stays",
+    "test_ops.py::test_kernel_gradient_methods_match_reference_autodiff[shape5-shifts]":
+        "shape4-shifts stays",
+    "test_ops.py::test_kernel_gradient_methods_match_reference_autodiff[shape6-fft]":
+        "shape8-fft stays",
+    "test_ops.py::test_kernel_gradient_methods_match_reference_autodiff[shape7-fft]":
+        "shape8-fft stays",
+    "test_ops.py::test_kernel_gradient_methods_match_reference_autodiff[shape1-dense]":
+        "shape0-dense stays",
+    "test_ops.py::test_kernel_gradient_methods_match_reference_autodiff[shape2-dense]":
+        "shape0-dense stays",
+    "test_ops.py::test_kernel_gradient_methods_match_reference_autodiff[shape10-xla]":
+        "shape9-xla stays",
+    "test_ops.py::test_forward_mode_through_conv[shape0-dense]": "shape1-dense stays",
+    "test_ops.py::test_forward_mode_through_conv[shape5-xla]":
+        "XLA's own rule; the CPU methods' cases stay",
+    "test_ops.py::test_forward_mode_through_conv[shape3-fft]": "shape4-fft stays",
+    "test_ops.py::test_fft_conv_matches_torch_and_direct[5]": "[33] stays",
+    "test_ops.py::test_fft_conv_matches_torch_and_direct[13]": "[33] stays",
+    "test_matlab_resize.py::test_published_set14_bicubic_figures[3-27.55]":
+        "Set5 x2-x4 and Set14 x2 stay",
+    "test_matlab_resize.py::test_published_set14_bicubic_figures[4-26.0]":
+        "Set5 x2-x4 and Set14 x2 stay",
+    "test_reparam.py::test_fold_equivalence[rdn-rim]": "edsr-baseline cases stay",
+    "test_reparam.py::test_fold_equivalence[rdn-plain]": "edsr-baseline cases stay",
+    "test_upscale_cli.py::test_tiled_equals_untiled_away_from_the_wrap_border":
+        "test_cli_tiled_matches_tiled_api stays",
+}
+
+
+def _slow_key(item) -> tuple[str, str]:
+    """("file::test", "file::test[id]") for a collected test."""
+    file = os.path.basename(str(item.path))
+    name = getattr(item, "originalname", item.name)
+    return f"{file}::{name}", f"{file}::{item.name}"
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if any(key in SLOW_TESTS for key in _slow_key(item)):
+            item.add_marker(pytest.mark.slow)
+    # An entry whose test was renamed would silently move it to the quick tier: an entry
+    # naming a collected module must name one of its tests.
+    modules = {os.path.basename(str(item.path)): item.module for item in items
+               if getattr(item, "module", None) is not None}
+    stale = [key for key in SLOW_TESTS if key.split("::")[0] in modules
+             and not hasattr(modules[key.split("::")[0]], key.split("::")[1].split("[")[0])]
+    if stale:
+        raise pytest.UsageError("tests/conftest.py SLOW_TESTS names no such test: "
+                                + ", ".join(stale))
+
+
 def init_variables(model_cfg, seed: int = 0):
     return random_variables(model_cfg, seed)
 
