@@ -212,7 +212,8 @@ CLEAN = {
     "ops/__init__.py": "",
     "ops/conv.py": "import numpy as np\n\ndef public():\n    return np.zeros(1)\n",
     "io/__init__.py": "",
-    "io/pretrained.py": "from msit_jax.models import model\nfrom msit_jax.geometry import public\n",
+    "io/pretrained.py": ("from msit_jax.models import model\n"
+                         "from msit_jax.geometry import public\n"),
     "training/__init__.py": "",
     "training/loop.py": ("from msit_jax.io import pretrained\nfrom msit_jax import geometry as g\n"
                          "x = g.public()\n"),
