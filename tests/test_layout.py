@@ -17,7 +17,6 @@ from __future__ import annotations
 import ast
 import dataclasses
 import os
-import textwrap
 
 import pytest
 
@@ -224,7 +223,7 @@ def _write(root, files: dict[str, str]) -> str:
     for rel, text in files.items():
         path = root / "msit_jax" / rel
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(textwrap.dedent(text))
+        path.write_text(text)
     return str(root)
 
 
