@@ -2,16 +2,18 @@
 model configs.
 
 Compile time is most of a test's time on CPU, so `pytest_configure` sets, for this
-pytest process only (the library keeps no caches or settings for the tests' sake):
+pytest session only (the library keeps no caches or settings for the tests' sake):
   * jax_disable_most_optimizations: XLA:CPU compiles without backend optimisation,
     3-4x faster for gradient programs of the whole model, with values that pass
     the same tolerances (the torch parity tests compare to 1e-6). The programs
-    run slower, which tiny configs do not notice;
+    run slower, which tiny configs do not notice. Subprocesses (CLI, script and
+    multi-process tests) inherit it through JAX_DISABLE_MOST_OPTIMIZATIONS, so a
+    test and the command it starts compile the same programs (some compare their
+    outputs bit for bit);
   * XLA's persistent compilation cache in a directory for this session: tests
     compile the same programs again (each training run builds its train step
     afresh, as a real run does once), and now each compiles once per session.
-Subprocesses (the CLI, script and multi-process tests) inherit neither: they run
-the optimised programs a user runs.
+    Subprocesses do not share it.
 """
 
 from __future__ import annotations
@@ -34,25 +36,34 @@ SHARED_DATA = os.path.join(os.path.dirname(REPO), "shared", "data")
 CACHE_MIN_COMPILE_S = 0.2
 _TEST_OPTIONS = ("jax_disable_most_optimizations", "jax_compilation_cache_dir",
                  "jax_persistent_cache_min_compile_time_secs")
-_SAVED_OPTIONS = pytest.StashKey[dict]()
+_NO_OPT_ENV = "JAX_DISABLE_MOST_OPTIMIZATIONS"  # read by JAX at import: for subprocesses
+_SAVED = pytest.StashKey[tuple]()  # (jax options, the environment variable) before
 
 
 def pytest_configure(config):
-    # Before collection, so both hold from the first compilation on (JAX decides
-    # once per process whether to use the cache).
-    config.stash[_SAVED_OPTIONS] = {k: jax.config.values[k] for k in _TEST_OPTIONS}
+    # Before collection, so all of it holds from the first compilation on (JAX
+    # decides once per process whether to use the cache).
+    config.stash[_SAVED] = ({k: jax.config.values[k] for k in _TEST_OPTIONS},
+                            os.environ.get(_NO_OPT_ENV))
     jax.config.update("jax_disable_most_optimizations", True)
+    os.environ[_NO_OPT_ENV] = "1"
     jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="msit-jax-xla-"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", CACHE_MIN_COMPILE_S)
 
 
 def pytest_unconfigure(config):
-    saved = config.stash.get(_SAVED_OPTIONS, None)
-    if saved is not None:
-        cache_dir = jax.config.values["jax_compilation_cache_dir"]
-        for k, v in saved.items():
-            jax.config.update(k, v)
-        shutil.rmtree(cache_dir, ignore_errors=True)
+    saved = config.stash.get(_SAVED, None)
+    if saved is None:
+        return
+    options, env = saved
+    cache_dir = jax.config.values["jax_compilation_cache_dir"]
+    for k, v in options.items():
+        jax.config.update(k, v)
+    if env is None:
+        os.environ.pop(_NO_OPT_ENV, None)
+    else:
+        os.environ[_NO_OPT_ENV] = env
+    shutil.rmtree(cache_dir, ignore_errors=True)
 
 
 # --- test tiers ---------------------------------------------------------------------------
