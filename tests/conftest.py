@@ -94,6 +94,9 @@ SLOW_TESTS: dict[str, str] = {
     "test_lower_script.py::test_bad_flags_are_refused": "script",
     "test_upscale_cli.py::test_output_larger_than_4096_squared_in_bounded_memory":
         "CLI, a 4100 x 4100 decode",
+    # worker processes
+    "test_data_sources.py::test_pipeline_deterministic_across_workers_hosts_and_restore":
+        "grain workers; the training runs' pipeline and test_data_protocol stay",
     # TFDS preparation
     "test_data_sources.py::test_tfds_source_reads_prepared_dataset": "TFDS preparation",
     "test_evaluate.py::test_tfds_source_matches_folder": "TFDS preparation",
@@ -110,17 +113,15 @@ SLOW_TESTS: dict[str, str] = {
     "test_evaluate.py::test_dtype_override_runs_the_model_in_bfloat16": "bfloat16",
     "test_export.py::test_stablehlo_matches_upscale_on_every_platform_export":
         "test_stablehlo_unfolded_export stays",
-    "test_export.py::test_onnx_agrees_with_jax[rdn-auto]": "edsr-baseline query/grid stay",
+    "test_export.py::test_onnx_agrees_with_jax[rdn-auto]": "[edsr-baseline-grid] stays",
+    "test_export.py::test_onnx_agrees_with_jax[edsr-baseline-query]":
+        "[edsr-baseline-grid] stays",
     "test_export.py::test_pth_round_trip_official_to_official[rim]": "[plain] stays",
-    "test_gradients.py::test_forward_mode_through_the_model":
-        "test_ops forward-mode cases stay",
-    "test_gradients.py::test_adam_step_updates_params_not_frozen[plain]": "[rim] stays",
-    "test_gradients.py::test_cpu_kernels_match_the_accelerator_program":
-        "whole-model gradients twice; test_ops compares each CPU method to XLA's rule",
-    "test_inference.py::test_chunk_size_invariance[auto]": "[grid] stays",
-    "test_inference.py::test_chunk_size_invariance[query]": "[grid] stays",
-    "test_inference.py::test_grid_decoder_matches_per_query_decoder[edsr-baseline]":
-        "[rdn] stays",
+    "test_inference.py::test_chunk_size_invariance":
+        "test_model_parity's full-grid upscale (3 chunks, the last padded) vs torch stays",
+    "test_inference.py::test_grid_decoder_matches_per_query_decoder":
+        "test_model_parity's full-grid upscale ('auto' runs the grid decoder at x3.5) vs "
+        "torch stays",
     "test_inference.py::test_bfloat16_compute_is_close_to_float32": "bfloat16",
     "test_inference.py::test_bfloat16_grid_decoder_runs_on_cpu_within_stated_db": "bfloat16",
     "test_inference.py::test_fft_multiscale_convs_match_direct":
@@ -139,6 +140,10 @@ SLOW_TESTS: dict[str, str] = {
         "[edsr-baseline-plain-True] stays",
     "test_model_parity.py::test_random_queries_match_torch[rdn-plain-True]":
         "[edsr-baseline-plain-True] stays",
+    "test_ops.py::test_kernel_gradient_methods_match_reference_autodiff[shape1-dense]":
+        "shape0-dense stays",
+    "test_ops.py::test_kernel_gradient_methods_match_reference_autodiff[shape2-dense]":
+        "shape0-dense stays",
     "test_ops.py::test_kernel_gradient_methods_match_reference_autodiff[shape3-shifts]":
         "shape4-shifts stays",
     "test_ops.py::test_kernel_gradient_methods_match_reference_autodiff[shape5-shifts]":
@@ -147,24 +152,22 @@ SLOW_TESTS: dict[str, str] = {
         "shape8-fft stays",
     "test_ops.py::test_kernel_gradient_methods_match_reference_autodiff[shape7-fft]":
         "shape8-fft stays",
-    "test_ops.py::test_kernel_gradient_methods_match_reference_autodiff[shape1-dense]":
-        "shape0-dense stays",
-    "test_ops.py::test_kernel_gradient_methods_match_reference_autodiff[shape2-dense]":
-        "shape0-dense stays",
     "test_ops.py::test_kernel_gradient_methods_match_reference_autodiff[shape10-xla]":
         "shape9-xla stays",
-    "test_ops.py::test_forward_mode_through_conv[shape0-dense]": "shape1-dense stays",
+    "test_ops.py::test_forward_mode_through_conv[shape0-dense]":
+        "shape2-shifts and shape4-fft stay",
+    "test_ops.py::test_forward_mode_through_conv[shape1-dense]":
+        "shape2-shifts and shape4-fft stay",
+    "test_ops.py::test_forward_mode_through_conv[shape3-fft]":
+        "shape2-shifts and shape4-fft stay",
     "test_ops.py::test_forward_mode_through_conv[shape5-xla]":
         "XLA's own rule; the CPU methods' cases stay",
-    "test_ops.py::test_forward_mode_through_conv[shape3-fft]": "shape4-fft stays",
     "test_ops.py::test_fft_conv_matches_torch_and_direct[5]": "[33] stays",
     "test_ops.py::test_fft_conv_matches_torch_and_direct[13]": "[33] stays",
-    "test_matlab_resize.py::test_published_set14_bicubic_figures[3-27.55]":
-        "Set5 x2-x4 and Set14 x2 stay",
-    "test_matlab_resize.py::test_published_set14_bicubic_figures[4-26.0]":
-        "Set5 x2-x4 and Set14 x2 stay",
-    "test_reparam.py::test_fold_equivalence[rdn-rim]": "edsr-baseline cases stay",
-    "test_reparam.py::test_fold_equivalence[rdn-plain]": "edsr-baseline cases stay",
+    "test_matlab_resize.py::test_published_set14_bicubic_figures": "Set5 x2-x4 stay",
+    "test_reparam.py::test_fold_equivalence[rdn-rim]": "[edsr-baseline-rim] stays",
+    "test_reparam.py::test_fold_equivalence[rdn-plain]": "[edsr-baseline-rim] stays",
+    "test_reparam.py::test_fold_equivalence[edsr-baseline-plain]": "[edsr-baseline-rim] stays",
     "test_upscale_cli.py::test_tiled_equals_untiled_away_from_the_wrap_border":
         "test_cli_tiled_matches_tiled_api stays",
 }
