@@ -73,7 +73,8 @@ from msit_jax.inference import Upscaler, default_chunk, grid_min_queries  # noqa
 from msit_jax.models.model import MSIT, build_model  # noqa: E402
 from msit_jax.ops.runtime import RuntimeOptions  # noqa: E402
 from msit_jax.models.random_init import random_variables  # noqa: E402
-from msit_jax.training.step import MODEL_INPUTS, l1_loss  # noqa: E402
+from msit_jax.data.protocol import Batch  # noqa: E402
+from msit_jax.training.step import l1_loss  # noqa: E402
 
 # --- tolerances -------------------------------------------------------------------
 # name: (value, 'max' (the figure must be <= value) | 'min' (>= value), what it bounds)
@@ -272,7 +273,7 @@ class Run:
     def agreement_grad(self, deadline: float) -> dict:
         g = self.sizes["grad"]
         batch = compare_torch.train_batch(self.cfg, seed=3, **g)
-        batch = {k: batch[k] for k in MODEL_INPUTS + ("gt",)}
+        batch = Batch.from_flat(batch)
         params = self.variables["params"]
         rest = {k: v for k, v in self.variables.items() if k != "params"}
 
@@ -281,10 +282,9 @@ class Run:
             mutable = ["batch_stats"] if "batch_stats" in rest else []
 
             def loss(params, rest, batch):
-                pred, _ = model.apply({"params": params, **rest},
-                                      *(batch[k] for k in MODEL_INPUTS), train=True,
-                                      mutable=mutable)
-                return l1_loss(pred, batch["gt"])
+                pred, _ = model.apply({"params": params, **rest}, batch.inp, batch.geometry,
+                                      train=True, mutable=mutable)
+                return l1_loss(pred, batch.gt)
 
             return jax.jit(jax.value_and_grad(loss))
 

@@ -57,6 +57,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import flops as flop_model  # noqa: E402
 
 from msit_jax import geometry, inference, model_config
+from msit_jax.data.protocol import Batch  # noqa: E402
 from msit_jax.models import reparam  # noqa: E402
 from msit_jax.ops.runtime import DTYPES, PRECISIONS, RuntimeOptions  # noqa: E402
 from msit_jax.models.random_init import random_variables  # noqa: E402
@@ -259,9 +260,10 @@ def ours_train_step(cfg, variables: dict, runtime: Optional[RuntimeOptions] = No
 
 def train_batch(cfg, seed: int = 0, batch: Optional[int] = None,
                 lr_size: Optional[int] = None, queries: Optional[int] = None) -> dict:
-    """A random training batch (numpy): inp (B, n, n, 3) and `queries` random HR
-    pixels of an x2 target, with their geometry, rel_cell/cell (B, 2) and gt (B, Q, 3).
-    Sizes default to `train_sizes()`."""
+    """A random training batch (numpy), flat (`Batch.to_flat`): inp (B, n, n, 3) and
+    `queries` random HR pixels of an x2 target, with their geometry, rel_cell (B, 2)
+    and gt (B, Q, 3); plus cell (B, 2), the official model's input. Sizes default to
+    `train_sizes()`."""
     sizes = train_sizes()
     b = sizes["batch"] if batch is None else batch
     n = sizes["lr_size"] if lr_size is None else lr_size
@@ -270,11 +272,11 @@ def train_batch(cfg, seed: int = 0, batch: Optional[int] = None,
     hr = 2 * n
     coord = np.stack([geometry.make_coord((hr, hr)).reshape(-1, 2)[rs.choice(hr * hr, q, False)]
                       for _ in range(b)])
-    g = geometry.query_geometry(coord, (n, n), cfg.radius)
     cell = np.tile(np.array([[2.0 / hr, 2.0 / hr]], np.float32), (b, 1))
-    return dict(inp=rs.uniform(-1, 1, (b, n, n, 3)).astype(np.float32), coord=g.coord,
-                key_idx=g.key_idx, rel=g.rel, rel_cell=cell * np.float32(n), cell=cell,
-                gt=rs.uniform(-1, 1, (b, q, 3)).astype(np.float32))
+    g = geometry.query_geometry(coord, (n, n), cfg.radius, cell * np.float32(n))
+    inp = rs.uniform(-1, 1, (b, n, n, 3)).astype(np.float32)
+    gt = rs.uniform(-1, 1, (b, q, 3)).astype(np.float32)
+    return dict(Batch(inp, g, gt).to_flat(), cell=cell)
 
 
 # --- measurement helpers --------------------------------------------------------
@@ -437,8 +439,7 @@ def main() -> int:
                   f"(a multiple of the {jax.device_count()} devices)")
         batch = train_batch(cfg)
         step, state = ours_train_step(cfg, variables, runtime)
-        dev_batch = {k: jnp.asarray(batch[k]) for k in ("inp", "coord", "key_idx", "rel",
-                                                       "rel_cell", "gt")}
+        dev_batch = jax.tree_util.tree_map(jnp.asarray, Batch.from_flat(batch))
         holder = {"state": state}
 
         def ours_step():

@@ -32,13 +32,14 @@ def main() -> None:
     from msit_jax import console
     from msit_jax.models.config import model_config
     from msit_jax.data.pipeline import to_global
-    from msit_jax.data.protocol import BatchPlanner, Protocol, collate, make_example
+    from msit_jax.data.protocol import Batch, BatchPlanner, Protocol, collate, make_example
     from msit_jax.data.sources import EmbeddedSource
-    from msit_jax.models.model import build_model
+    from msit_jax.models.model import build_model, dummy_inputs
+    from msit_jax.models.reparam import count_params
     from msit_jax.ops.runtime import RuntimeOptions
     from msit_jax.training.config import base_config
     from msit_jax.training.loop import jit_create_state
-    from msit_jax.training.state import dummy_inputs, init_variables, make_optimizer, param_count
+    from msit_jax.training.state import init_variables, make_optimizer
     from msit_jax.training.step import batch_sharding, jit_train_step, make_mesh, to_host
 
     cfg = base_config()
@@ -61,11 +62,12 @@ def main() -> None:
     t = time.perf_counter()
     host = [host_batch(s) for s in range(args.steps + 1)]
     t_host = (time.perf_counter() - t) / len(host)
-    batches = [to_global(b, batch_sharding(mesh)) for b in host]
+    batches = [Batch.from_flat(to_global(b, batch_sharding(mesh))) for b in host]
 
     t = time.perf_counter()
     variables = to_host(init_variables(model, jax.random.PRNGKey(0),
-                                       dummy_inputs(cfg.model, args.inp_size, args.sample_q)))
+                                       dummy_inputs(cfg.model, (args.inp_size, args.inp_size),
+                                                    args.sample_q)))
     state = jit_create_state(tx, mesh)(variables)
     t_init = time.perf_counter() - t
     step_fn = jit_train_step(model, tx, schedule, mesh)
@@ -82,8 +84,8 @@ def main() -> None:
 
     sps = args.steps / dt
     dev = jax.devices()[0]
-    print(f"model: MSIT {args.encoder} conv={args.conv} ({param_count(state.params):,} "
-          f"trainable, {param_count(state.frozen):,} frozen), precision={args.precision}")
+    print(f"model: MSIT {args.encoder} conv={args.conv} ({count_params(state.params):,} "
+          f"trainable, {count_params(state.frozen):,} frozen), precision={args.precision}")
     print(f"devices: {jax.device_count()} x {dev.platform} ({dev.device_kind})")
     print(f"batch {args.batch} x {args.sample_q} queries, LR "
           f"{console.format_hw((args.inp_size, args.inp_size))} (H x W)")

@@ -2,7 +2,7 @@
 
     from msit_jax import console
 
-    console.quiet_logs(verbose=FLAGS.verbose)      # before importing jax / orbax / tfds
+    console.quiet_logs(verbose=verbose)            # before importing jax / orbax / tfds
     with console.stage("load checkpoint"):         # "load checkpoint ... 1.3 s"
         cfg, variables = pretrained.load(path)
 

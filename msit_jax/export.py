@@ -1,6 +1,6 @@
 """Export MSIT weights to serve them anywhere.
 
-    python -m msit_jax.export SRC OUT --format stablehlo|onnx|pth|safetensors [--fold/--no-fold]
+    python -m msit_jax.export SRC OUT --format stablehlo|onnx|pth|safetensors [--fold|--nofold]
 
 SRC is anything `msit_jax.pretrained.load` reads (official .pth, .safetensors, a
 model folder, a msit-jax checkpoint or training workdir). OUT is a new
@@ -22,14 +22,13 @@ directory (an existing non-empty one is refused):
                without PyTorch.
 
 --fold (default for stablehlo and onnx) exports the re-parameterised model
-(RIM and BatchNorm merged into plain convs, same outputs); --no-fold (default
+(RIM and BatchNorm merged into plain convs, same outputs); --nofold (default
 for pth and safetensors) keeps the trained layout. The official .pth layout
 always has BatchNorm, so a folded model cannot be written as pth.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -37,12 +36,20 @@ import sys
 import tempfile
 from typing import Any, Optional, Sequence
 
+import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import flags
+from jax import export as jax_export
 
-from msit_jax.io import checkpoint, pretrained
-from msit_jax.models import reparam
+from msit_jax import errors, exported, flags_util, onnx_graph
+from msit_jax.geometry import QueryGeometry
+from msit_jax.io import model_dir, pretrained
 from msit_jax.io.torch_io import variables_to_state_dict
+from msit_jax.models import reparam
+from msit_jax.models.model import MSIT, build_model
+from msit_jax.ops.runtime import RuntimeOptions
 
 FORMATS = ("stablehlo", "onnx", "pth", "safetensors")
 DEFAULT_FOLD = {"stablehlo": True, "onnx": True, "pth": False, "safetensors": False}
@@ -100,7 +107,7 @@ def write_pth(out: str, model_cfg: ml_collections.ConfigDict, variables: Any) ->
     if not model_cfg.batch_norm:
         raise ExportError("pth cannot express a folded model (BatchNorm merged into convs): "
                           "the official layout has BatchNorm; export the unfolded "
-                          "checkpoint with --no-fold, or use --format safetensors")
+                          "checkpoint with --nofold, or use --format safetensors")
     try:
         args = pretrained.official_args(model_cfg)
     except ValueError as e:
@@ -116,14 +123,14 @@ def write_pth(out: str, model_cfg: ml_collections.ConfigDict, variables: Any) ->
 def write_safetensors(out: str, model_cfg: ml_collections.ConfigDict, variables: Any
                       ) -> list[str]:
     """OUT/model.safetensors + config.json + README.md (a model-hub folder)."""
-    try:
+    try:  # an optional dependency, imported when used
         from safetensors.numpy import save_file
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError("writing .safetensors needs the safetensors package: "
                           "pip install -r requirements-export.txt") from e
     sd = official_state_dict(model_cfg, variables) if model_cfg.batch_norm else \
         variables_to_state_dict(variables, model_cfg)
-    meta = {"format": "pt", pretrained.META_CONFIG: checkpoint.config_to_json(model_cfg),
+    meta = {"format": "pt", pretrained.META_CONFIG: model_dir.config_to_json(model_cfg),
             "msit.layout": layout_name(model_cfg)}
     args = None
     if model_cfg.batch_norm:  # the official code can build it: record its args too
@@ -137,7 +144,7 @@ def write_safetensors(out: str, model_cfg: ml_collections.ConfigDict, variables:
     save_file({k: np.array(v, order="C") for k, v in sd.items()}, weights, metadata=meta)
     config = os.path.join(out, pretrained.HUB_CONFIG_FILE)
     with open(config, "w") as f:
-        f.write(checkpoint.config_to_json(model_cfg))
+        f.write(model_dir.config_to_json(model_cfg))
     card = os.path.join(out, "README.md")
     with open(card, "w") as f:
         f.write(model_card(model_cfg, sd, args))
@@ -206,29 +213,25 @@ sr = up(image, scale=3.5)                              # PIL image or array, any
 def write_stablehlo(out: str, model_cfg: ml_collections.ConfigDict, variables: Any, *,
                     chunk: int = DEFAULT_CHUNK, platforms: Sequence[str] = PLATFORMS
                     ) -> list[str]:
-    """OUT/encoder.jaxexport, decoder.jaxexport, export.json (see msit_jax.exported)."""
-    import jax
-    import jax.numpy as jnp
-    from jax import export
+    """OUT/encoder.jaxexport, decoder.jaxexport, export.json (see msit_jax.exported).
 
-    from msit_jax import exported
-    from msit_jax.models.model import MSIT, build_model
-    from msit_jax.ops.runtime import RuntimeOptions
-
+    The decoder program's inputs are flat arrays (the artifact's interface for any
+    runner); they are assembled into the model's `QueryGeometry` inside it."""
     # FFT sizes need concrete image sizes and these programs take any size, so the
     # multi-scale convs stay direct convolutions (same function; FFT is a CPU speed-up).
     runtime = RuntimeOptions(fft_min_kernel=0)
     model = build_model(model_cfg, runtime)
     variables = jax.tree_util.tree_map(np.asarray, dict(variables))
-    h, w = export.symbolic_shape("h, w")
+    h, w = jax_export.symbolic_shape("h, w")
     dim, k = model_cfg.dim, 2 * model_cfg.radius + 1
     f32 = jnp.float32
     spec = jax.ShapeDtypeStruct
-    enc = export.export(jax.jit(lambda inp: model.apply(variables, inp, method=MSIT.encode)),
+    enc = jax_export.export(jax.jit(lambda inp: model.apply(variables, inp, method=MSIT.encode)),
                         platforms=tuple(platforms))(spec((1, h, w, 3), f32))
-    dec = export.export(
+    dec = jax_export.export(
         jax.jit(lambda fq, fv, inp, coord, key_idx, rel, rc: model.apply(
-            variables, (fq, fv), inp, coord, key_idx, rel, rc, method=MSIT.decode)),
+            variables, (fq, fv), inp, QueryGeometry(coord, key_idx, rel, rc),
+            method=MSIT.decode)),
         platforms=tuple(platforms))(
         spec((1, h, w, dim), f32), spec((1, h, w, dim), f32), spec((1, h, w, 3), f32),
         spec((1, chunk, 2), f32), spec((1, chunk, 2, k), jnp.int32),
@@ -242,7 +245,7 @@ def write_stablehlo(out: str, model_cfg: ml_collections.ConfigDict, variables: A
         "format": exported.FORMAT, "version": exported.VERSION,
         "platforms": list(enc.platforms), "chunk": chunk, "radius": model_cfg.radius,
         "dim": dim, "layout": layout_name(model_cfg), "jax_version": jax.__version__,
-        "model_config": json.loads(checkpoint.config_to_json(model_cfg)),
+        "model_config": json.loads(model_dir.config_to_json(model_cfg)),
         "encoder": {"inputs": ["inp float32 (1, h, w, 3) = (lr - 0.5) / 0.5"],
                     "outputs": ["feat_q float32 (1, h, w, dim)", "feat_v float32 (1, h, w, dim)"]},
         "decoder": {"inputs": ["feat_q", "feat_v", "inp", "coord float32 (1, chunk, 2)",
@@ -261,13 +264,11 @@ def write_onnx(out: str, model_cfg: ml_collections.ConfigDict, variables: Any, *
                chunk: int = DEFAULT_CHUNK, opset: Optional[int] = None,
                decoder: str = "auto") -> list[str]:
     """OUT/model.onnx (see msit_jax.onnx_graph)."""
-    try:
+    try:  # an optional dependency, imported when used
         import onnx
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError("ONNX export needs the onnx package: "
                           "pip install -r requirements-export.txt") from e
-    from msit_jax import onnx_graph
-
     try:
         model = onnx_graph.build_graph(model_cfg, variables, chunk,
                                        opset or onnx_graph.OPSET, decoder=decoder)
@@ -304,7 +305,7 @@ def export_variables(model_cfg: ml_collections.ConfigDict, variables: Any, out: 
                           "safetensors")
     if fmt == "onnx" and not fold:
         raise ExportError("onnx exports the folded model only (RIM and BatchNorm merged into "
-                          "the convs, same outputs): drop --no-fold")
+                          "the convs, same outputs): drop --nofold")
     if fold:
         model_cfg, variables = reparam.fold(model_cfg, variables)
     parent = os.path.dirname(out)
@@ -342,42 +343,66 @@ def export(src: str, out: str, fmt: str, *, fold: Optional[bool] = None,
                             platforms=platforms, opset=opset, decoder=decoder)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m msit_jax.export", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("src", help="weights: official .pth, .safetensors, a model folder, a "
-                               "msit-jax checkpoint or training workdir")
-    p.add_argument("out", help="output directory (new, or empty)")
-    p.add_argument("--format", required=True, help=f"one of {', '.join(FORMATS)}")
-    p.add_argument("--fold", action=argparse.BooleanOptionalAction, default=None,
-                   help="export the folded model (default: on for stablehlo/onnx, off for "
-                        "pth/safetensors)")
-    p.add_argument("--chunk", type=int, default=DEFAULT_CHUNK,
-                   help=f"queries per decoder call in stablehlo/onnx (default {DEFAULT_CHUNK})")
-    p.add_argument("--platforms", default=",".join(PLATFORMS),
-                   help="stablehlo: platforms lowered together (default cpu,cuda,tpu)")
-    p.add_argument("--opset", type=int, default=None, help="onnx: opset (default 17)")
-    p.add_argument("--decoder", choices=("auto", "grid", "query"), default="auto",
-                   help="onnx: decoder formulation in the graph (auto: grid from x2, chosen "
-                        "in the graph per call)")
-    args = p.parse_args(argv)
+# ---------------------------------------------------------------- command line
+
+PROG = "python -m msit_jax.export"
+USAGE = f"usage: {PROG} SRC OUT --format FORMAT [flags]\n\n{__doc__}"
+
+
+def define_flags(fv: flags.FlagValues) -> None:
+    """The command's flags, on `fv` (a private FlagValues, see `msit_jax.flags_util`)."""
+    flags.DEFINE_string("format", None, f"One of {', '.join(FORMATS)}.", flag_values=fv)
+    flags.DEFINE_bool("fold", None, "Export the folded model (default: --fold for stablehlo "
+                      "and onnx, --nofold for pth and safetensors).", flag_values=fv)
+    flags.DEFINE_integer("chunk", DEFAULT_CHUNK, "Queries per decoder call in stablehlo and "
+                         "onnx.", flag_values=fv)
+    flags.DEFINE_list("platforms", list(PLATFORMS), "stablehlo: platforms lowered together.",
+                      flag_values=fv)
+    flags.DEFINE_integer("opset", None, "onnx: opset (default 17).", flag_values=fv)
+    flags.DEFINE_enum("decoder", "auto", ["auto", "grid", "query"], "onnx: decoder "
+                      "formulation in the graph (auto: grid from x2, chosen in the graph per "
+                      "call).", flag_values=fv)
+
+
+def _export(fv: flags.FlagValues, positionals: Sequence[str]) -> int:
+    """The command on parsed flags: SRC OUT -> the exit status."""
+    if len(positionals) != 2:
+        return errors.report(errors.UsageError(
+            f"give SRC (the weights) and OUT (a new directory), got {len(positionals)} "
+            f"argument(s){': ' + ' '.join(positionals) if positionals else ''} (see --help)"))
+    src, out = positionals
+    if fv.format is None:
+        return errors.report(errors.UsageError(f"give --format: one of {', '.join(FORMATS)}"))
     try:
-        check_format(args.format)
-        check_output(args.out)
+        check_format(fv.format)
+        check_output(out)
     except ExportError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    platforms = tuple(s.strip() for s in args.platforms.split(",") if s.strip())
+        return errors.EXIT_USAGE
+    platforms = tuple(s.strip() for s in fv.platforms if s.strip())
     try:
-        files = export(args.src, args.out, args.format, fold=args.fold, chunk=args.chunk,
-                       platforms=platforms, opset=args.opset, decoder=args.decoder)
+        files = export(src, out, fv.format, fold=fv.fold, chunk=fv.chunk,
+                       platforms=platforms, opset=fv.opset, decoder=fv.decoder)
     except (ValueError, FileNotFoundError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return errors.EXIT_FAILURE
     size = sum(os.path.getsize(f) for f in files)
-    print(f"wrote {args.format} to {os.path.abspath(args.out)}: "
+    print(f"wrote {fv.format} to {os.path.abspath(out)}: "
           f"{', '.join(os.path.basename(f) for f in files)} ({size / 2 ** 20:.1f} MiB)")
-    return 0
+    return errors.EXIT_OK
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """`python -m msit_jax.export`.
+
+    Without argv: absl.app.run on sys.argv, exiting with the status. With argv
+    (the arguments after the program name, for tests and scripts): the exit
+    status is returned.
+    """
+    fv = flags.FlagValues()
+    define_flags(fv)
+    return flags_util.main(fv, lambda positionals: _export(fv, positionals), USAGE, argv,
+                           prog=PROG)
 
 
 if __name__ == "__main__":

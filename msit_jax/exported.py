@@ -23,7 +23,9 @@ import json
 import os
 from typing import Any
 
+import jax
 import numpy as np
+from jax import export
 
 from msit_jax import geometry
 from msit_jax.serving import ImageUpscaler, Progress, check_image, denormalize, normalize, track
@@ -56,9 +58,6 @@ class ExportedUpscaler(ImageUpscaler):
     decoder per LR size). `up(image, scale=... | size=...)`; see msit_jax.serving."""
 
     def __init__(self, folder: str):
-        import jax
-        from jax import export
-
         self.folder = folder
         self.meta = read_meta(folder)
         with open(os.path.join(folder, ENCODER_FILE), "rb") as f:
@@ -77,13 +76,12 @@ class ExportedUpscaler(ImageUpscaler):
         lr_hw = lr.shape[:2]
         inp = normalize(lr)[None]
         feat_q, feat_v = self._encode(inp)
-        rc = geometry.rel_cell(out_hw, lr_hw)[None]
         out = np.empty((out_hw[0] * out_hw[1], 3), np.float32)
         chunks = geometry.query_chunks(out_hw, lr_hw, self.radius, self.chunk)
         pending = None  # one chunk in flight while the host prepares the next
         for start, count, g in track(chunks, -(-out.shape[0] // self.chunk), progress):
-            pred = self._decode(feat_q, feat_v, inp, g.coord[None], g.key_idx[None],
-                                g.rel[None], rc)
+            g = g.add_batch_axis()  # the program's inputs are the flat fields, batch of 1
+            pred = self._decode(feat_q, feat_v, inp, g.coord, g.key_idx, g.rel, g.rel_cell)
             if pending is not None:
                 out[pending[0]:pending[0] + pending[1]] = np.asarray(pending[2][0, :pending[1]])
             pending = (start, count, pred)

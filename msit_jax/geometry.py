@@ -5,14 +5,14 @@ coordinate: at non-integer scales many HR pixel centres sit exactly halfway
 between two LR centres, and the winner depends on the float32 rounding of the
 coordinate arithmetic. XLA fuses such chains into FMAs, which flips ties, so
 every tie-sensitive quantity is computed here in numpy float32 with exactly one
-rounding per operation, in the reference's order (DESIGN.md section 3).
+rounding per operation, in the reference's order (docs/design.md#3-query-geometry-and-tie-rules).
 
 Coordinates are pixel centres in [-1, 1], ordered (row, col).
 """
 
 from __future__ import annotations
 
-from typing import Iterator, NamedTuple
+from typing import Iterator, NamedTuple, Optional
 
 import numpy as np
 
@@ -57,22 +57,40 @@ def neighbour_offsets(n: int, r: int) -> np.ndarray:
 
 
 class QueryGeometry(NamedTuple):
-    """Per-query geometry for the local decoder; leading dims (...) are queries.
+    """The decoder's query input: where each query sits and which LR keys it reads.
 
-    coord:   (..., 2) float32 query coordinate (row, col).
-    key_idx: (..., 2, 2r+1) int32 LR row / col index of each neighbour slot
-             (outside [0, n) means a zero key/value).
-    rel:     (..., 2, 2r+1) float32 (query - key) in units where one LR pixel
-             is 2, per axis.
+    One type for every consumer (the model, the decoders, inference, tiling,
+    training batches, lowered programs). It is a NamedTuple, so it is a JAX
+    pytree: it passes through `jax.jit`, `jax.vmap` and shardings as it is, and
+    numpy-only code (this module, the exported-artifact runners) needs no JAX.
+
+    Shapes, for B images of Q queries each and n = 2r+1 neighbour slots per axis
+    (host code also uses one image, without the leading B):
+      coord:    (B, Q, 2) float32 query coordinate (row, col) in [-1, 1].
+      key_idx:  (B, Q, 2, n) int32 LR row / col index of each neighbour slot
+                (outside [0, H) / [0, W) means a zero key and value).
+      rel:      (B, Q, 2, n) float32 (query - key) per axis, in units where one
+                LR pixel is 2.
+      rel_cell: (B, 2) float32 the decoder's cell input, one per image:
+                cell * (H_lr, W_lr) with cell = 2 / (H_hr, W_hr) (see `rel_cell`).
     """
 
     coord: np.ndarray
     key_idx: np.ndarray
     rel: np.ndarray
+    rel_cell: np.ndarray
+
+    def add_batch_axis(self) -> "QueryGeometry":
+        """The geometry of one image as a batch of one: every field gets a leading axis 1."""
+        return QueryGeometry(*(np.asarray(x)[None] for x in self))
 
 
-def query_geometry(coord: np.ndarray, lr_hw: tuple[int, int], r: int) -> QueryGeometry:
-    """Neighbourhood geometry of queries `coord` (..., 2) on an LR grid (H, W).
+def query_geometry(coord: np.ndarray, lr_hw: tuple[int, int], radius: int,
+                   rel_cell: np.ndarray) -> QueryGeometry:
+    """Neighbourhood geometry of queries `coord` (..., Q, 2) on an LR grid (H, W).
+
+    rel_cell: (..., 2), the cell input of each image (usually `rel_cell(out_hw,
+    lr_hw)`); its leading dims are those of `coord` without the query axis.
 
     Mirrors the reference step by step: nearest LR centre c_q (zero when the
     nearest lookup falls outside the image, as grid_sample's zero padding
@@ -80,8 +98,12 @@ def query_geometry(coord: np.ndarray, lr_hw: tuple[int, int], r: int) -> QueryGe
     rel = (x_q - key) * n.
     """
     coord = np.asarray(coord, f32)
-    if coord.shape[-1] != 2:
-        raise ValueError(f"coord must end in 2 (row, col), got shape {coord.shape}")
+    rel_cell = np.asarray(rel_cell, f32)
+    if coord.ndim < 2 or coord.shape[-1] != 2:
+        raise ValueError(f"coord must be (..., Q, 2) (row, col), got shape {coord.shape}")
+    if rel_cell.shape != coord.shape[:-2] + (2,):
+        raise ValueError(f"rel_cell must be {coord.shape[:-2] + (2,)} for coord "
+                         f"{coord.shape}, got {rel_cell.shape}")
     h, w = lr_hw
     iy = nearest_index(coord[..., 0], h)
     ix = nearest_index(coord[..., 1], w)
@@ -90,13 +112,13 @@ def query_geometry(coord: np.ndarray, lr_hw: tuple[int, int], r: int) -> QueryGe
     cy = np.where(inside, ys[np.clip(iy, 0, h - 1)], f32(0))
     cx = np.where(inside, xs[np.clip(ix, 0, w - 1)], f32(0))
 
-    key_idx = np.empty(coord.shape[:-1] + (2, 2 * r + 1), np.int32)
-    rel = np.empty(coord.shape[:-1] + (2, 2 * r + 1), f32)
+    key_idx = np.empty(coord.shape[:-1] + (2, 2 * radius + 1), np.int32)
+    rel = np.empty(coord.shape[:-1] + (2, 2 * radius + 1), f32)
     for axis, (c, n) in enumerate(((cy, h), (cx, w))):
-        keys = c[..., None] + neighbour_offsets(n, r)
+        keys = c[..., None] + neighbour_offsets(n, radius)
         key_idx[..., axis, :] = nearest_index(keys, n)
         rel[..., axis, :] = (coord[..., axis, None] - keys) * f32(n)
-    return QueryGeometry(coord, key_idx, rel)
+    return QueryGeometry(coord, key_idx, rel, rel_cell)
 
 
 def rel_cell(out_hw: tuple[int, int], lr_hw: tuple[int, int]) -> np.ndarray:
@@ -105,22 +127,29 @@ def rel_cell(out_hw: tuple[int, int], lr_hw: tuple[int, int]) -> np.ndarray:
     return cell * np.array(lr_hw, f32)
 
 
-def query_chunks(out_hw: tuple[int, int], lr_hw: tuple[int, int], radius: int, chunk: int
+def query_chunks(out_hw: tuple[int, int], lr_hw: tuple[int, int], radius: int, chunk: int,
+                 region: Optional[tuple[tuple[int, int], tuple[int, int]]] = None
                  ) -> Iterator[tuple[int, int, QueryGeometry]]:
-    """(start, count, geometry padded to `chunk` queries) for the HR grid in raster order.
+    """(start, count, geometry of `chunk` queries) over an HR grid (H, W) in raster order.
 
+    region: ((y0, y1), (x0, x1)), the HR rows [y0, y1) and columns [x0, x1) to
+    cover (default: all of them); `start` counts queries in the region's raster
+    order, so query k of the region is pixel (y0 + k // (x1 - x0), x0 + k % (x1 - x0)).
     The last chunk is padded by repeating its last real query (its outputs are
-    dropped), so every chunk has the same shape and one compiled decoder serves all.
+    dropped), so every chunk has the same shape and one compiled decoder serves
+    all. Each geometry is one image's (coord (chunk, 2), ..., rel_cell (2,)).
     """
-    h, w = out_hw
-    ys, xs = coord_axis(h), coord_axis(w)
-    total = h * w
+    (y0, y1), (x0, x1) = region if region is not None else ((0, out_hw[0]), (0, out_hw[1]))
+    ys, xs = coord_axis(out_hw[0])[y0:y1], coord_axis(out_hw[1])[x0:x1]
+    w = len(xs)
+    total = len(ys) * w
+    cell = rel_cell(out_hw, lr_hw)
     for start in range(0, total, chunk):
         idx = np.arange(start, start + chunk)
         count = min(chunk, total - start)
         idx[count:] = idx[count - 1]
         coord = np.stack([ys[idx // w], xs[idx % w]], axis=-1)
-        yield start, count, query_geometry(coord, lr_hw, radius)
+        yield start, count, query_geometry(coord, lr_hw, radius, cell)
 
 
 def tie_mask(out_hw: tuple[int, int], lr_hw: tuple[int, int]) -> np.ndarray:

@@ -10,7 +10,7 @@ import os
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from msit_jax.errors import EXIT_RESOURCE, InputError, ResourceError
+from msit_jax.errors import EXIT_RESOURCE, InputError, ResourceError, one_line
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -48,22 +48,48 @@ def pil_to_rgb_uint8(img: Image.Image, name: str = "image") -> np.ndarray:
     return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
 
 
-def read_image(path: str) -> np.ndarray:
-    """Decode an image file to (H, W, 3) uint8 RGB; ImageError names a bad file."""
+def unreadable_error(path: str, e: BaseException) -> ImageError:
+    """The one-line error for a file Pillow cannot identify or decode."""
+    return ImageError(f"{path}: not a readable image ({one_line(str(e))})")
+
+
+def open_image(path: str, *, max_pixels: int | None = None) -> Image.Image:
+    """Open an image file lazily (header read, no pixels decoded); the caller closes it.
+
+    Raises ImageError with a one-line reason naming the file: a directory, a
+    missing file, a file Pillow cannot identify; ImageTooLargeError when the
+    image exceeds Pillow's decompression-bomb limit (`Image.MAX_IMAGE_PIXELS`,
+    Pillow's own check) or has more than `max_pixels` pixels (checked from the
+    header, before any decoding). Decoding errors (`img.load()` on a truncated
+    body) surface later, in the caller: wrap them with `unreadable_error`.
+    """
     if os.path.isdir(path):
         raise ImageError(f"{path}: is a directory, not an image file")
     if not os.path.isfile(path):
         raise ImageError(f"{path}: no such file")
     try:
-        with Image.open(path) as img:
-            img.load()
-            return pil_to_rgb_uint8(img, path)
+        img = Image.open(path)
     except Image.DecompressionBombError as e:
         raise bomb_error(path, e) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        if isinstance(e, ImageError):
-            raise
-        raise ImageError(f"{path}: not a readable image ({e})") from e
+        raise unreadable_error(path, e) from e
+    if max_pixels is not None and img.size[0] * img.size[1] > max_pixels:
+        w, h = img.size
+        img.close()
+        raise ImageTooLargeError(f"{path}: {h} x {w} = {h * w} pixels is over the limit of "
+                                 f"{max_pixels} pixels")
+    return img
+
+
+def read_image(path: str, *, max_pixels: int | None = None) -> np.ndarray:
+    """Decode an image file to (H, W, 3) uint8 RGB; ImageError names a bad file
+    (see `open_image` for the checks and `pil_to_rgb_uint8` for the conversion)."""
+    with open_image(path, max_pixels=max_pixels) as img:
+        try:
+            img.load()
+        except (OSError, SyntaxError, ValueError) as e:
+            raise unreadable_error(path, e) from e
+        return pil_to_rgb_uint8(img, path)
 
 
 def list_images(folder: str) -> list[str]:
@@ -90,7 +116,13 @@ def to_float(img: np.ndarray) -> np.ndarray:
 
 
 def to_uint8(img: np.ndarray) -> np.ndarray:
-    """float in [0, 1] -> uint8, rounded to nearest."""
+    """float in [0, 1] -> uint8: x * 255 in float64, rounded half to even (numpy), clipped.
+
+    For float32 input (model outputs) this equals MATLAB's half-away rounding
+    (`msit_jax.eval.matlab_resize.im2uint8`): x * 255 is exact in float64 and
+    the only tie in [0, 1] is x = 0.5, which both round to 128. Float64 input
+    can land on other ties (e.g. 0.5 / 255 * 255); MATLAB pipelines use im2uint8.
+    """
     return np.clip(np.round(np.asarray(img, np.float64) * 255.0), 0, 255).astype(np.uint8)
 
 

@@ -40,13 +40,18 @@ def default_chunk(platform: Optional[str] = None) -> int:
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _encode(model: MSIT, variables, inp):
+def encode(model: MSIT, variables: Any, inp: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Jitted `MSIT.encode`: inp (B, H, W, 3) -> (feat_q, feat_v), each (B, H, W, dim).
+    Shared by `Upscaler` and `msit_jax.tiling` so they compile one encoder per input size."""
     return model.apply(variables, inp, method=MSIT.encode)
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _decode(model: MSIT, variables, feats, inp, coord, key_idx, rel, rel_cell):
-    return model.apply(variables, feats, inp, coord, key_idx, rel, rel_cell, method=MSIT.decode)
+def decode(model: MSIT, variables: Any, feats: tuple[jax.Array, jax.Array], inp: jax.Array,
+           geom: geometry.QueryGeometry) -> jax.Array:
+    """Jitted `MSIT.decode`: feats (B, H, W, dim) x 2, inp (B, H, W, 3) and geom
+    (coord (B, Q, 2), ...) -> (B, Q, 3). One compilation per chunk shape."""
+    return model.apply(variables, feats, inp, geom, method=MSIT.decode)
 
 
 query_chunks = geometry.query_chunks  # re-exported: it lives with the geometry
@@ -104,7 +109,7 @@ class Upscaler:
     def features(self, lr: np.ndarray):
         """Encoder output for one [0, 1] image: (inp, (feat_q, feat_v)), batch of 1."""
         inp = jnp.asarray(normalize(check_image(lr))[None])
-        return inp, _encode(self.model, self.variables, inp)
+        return inp, encode(self.model, self.variables, inp)
 
     def __call__(self, lr: Any, out_hw: Any, *, clamp: bool = True,
                  progress: Progress = False) -> np.ndarray:
@@ -132,15 +137,13 @@ class Upscaler:
 
     def _decode_queries(self, inp, feats, out_hw, progress: Progress) -> np.ndarray:
         lr_hw = inp.shape[1:3]
-        rc = jnp.asarray(geometry.rel_cell(out_hw, lr_hw)[None])
         out = np.empty((out_hw[0] * out_hw[1], 3), np.float32)
 
         chunks = query_chunks(out_hw, lr_hw, self.model_cfg.radius, self.chunk)
         chunks = self._progress(chunks, -(-out.shape[0] // self.chunk), progress)
         pending = None  # keep one chunk in flight while the host prepares the next
         for start, count, g in chunks:
-            pred = _decode(self.model, self.variables, feats, inp, g.coord[None],
-                           g.key_idx[None], g.rel[None], rc)
+            pred = decode(self.model, self.variables, feats, inp, g.add_batch_axis())
             if pending is not None:
                 self._store(out, *pending)
             pending = (start, count, pred)

@@ -23,11 +23,15 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 
 from msit_jax import geometry
+from msit_jax.data.protocol import Batch
 from msit_jax.models import grid_decoder
-from msit_jax.models.model import MSIT, build_model
+from msit_jax.models.model import MSIT, build_model, variable_shapes
 from msit_jax.ops.runtime import RuntimeOptions
+from msit_jax.training.state import create_state
+from msit_jax.training.step import batch_sharding, make_mesh, replicated, train_step
 
 PROGRAMS = ("encode", "decode", "grid", "train_stage1", "train_stage2")
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
@@ -54,22 +58,20 @@ class Shapes:
 
 def abstract_variables(model_cfg: ml_collections.ConfigDict) -> dict:
     """The model's variables as ShapeDtypeStructs (no values computed)."""
-    from msit_jax.models.model import variable_shapes
-
     return jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s, jnp.float32),
                                   variable_shapes(model_cfg),
                                   is_leaf=lambda x: isinstance(x, tuple))
 
 
-def _query_batch(model_cfg, shapes: Shapes, batch: int) -> dict[str, np.ndarray]:
-    """Query geometry of a training-like batch (the values only set shapes and dtypes)."""
+def _query_batch(model_cfg, shapes: Shapes, batch: int) -> Batch:
+    """A training-like batch of x2 queries (the values only set shapes and dtypes)."""
     n, q = shapes.lr_size, shapes.sample_q
     coord = np.resize(geometry.make_coord((2 * n, 2 * n)).reshape(-1, 2), (q, 2))
-    g = geometry.query_geometry(coord, (n, n), model_cfg.radius)
-    tile = lambda a: np.broadcast_to(a[None], (batch,) + a.shape)
-    return dict(inp=np.zeros((batch, n, n, 3), np.float32), coord=tile(g.coord),
-                key_idx=tile(g.key_idx), rel=tile(g.rel),
-                rel_cell=np.ones((batch, 2), np.float32), gt=np.zeros((batch, q, 3), np.float32))
+    g = geometry.query_geometry(coord, (n, n), model_cfg.radius,
+                                geometry.rel_cell((2 * n, 2 * n), (n, n)))
+    geom = jax.tree_util.tree_map(lambda a: np.broadcast_to(a[None], (batch,) + a.shape), g)
+    return Batch(np.zeros((batch, n, n, 3), np.float32), geom,
+                 np.zeros((batch, q, 3), np.float32))
 
 
 def _spec(x: Any, sharding=None) -> jax.ShapeDtypeStruct:
@@ -105,14 +107,14 @@ def program_and_args(program: str, model_cfg: ml_collections.ConfigDict,
     batch = _query_batch(cfg, shapes, shapes.batch)
     if program == "encode":
         fn = jax.jit(lambda v, inp: model.apply(v, inp, method=MSIT.encode))
-        return fn, (variables, _spec(batch["inp"]))
+        return fn, (variables, _spec(batch.inp))
     feat = jax.ShapeDtypeStruct((shapes.batch, shapes.lr_size, shapes.lr_size, cfg.dim),
                                 runtime.compute_dtype)
     if program == "decode":
-        fn = jax.jit(lambda v, feats, inp, coord, key_idx, rel, rc: model.apply(
-            v, feats, inp, coord, key_idx, rel, rc, method=MSIT.decode))
-        return fn, (variables, (feat, feat), _spec(batch["inp"]),
-                    *(_spec(batch[k]) for k in ("coord", "key_idx", "rel", "rel_cell")))
+        fn = jax.jit(lambda v, feats, inp, geom: model.apply(v, feats, inp, geom,
+                                                             method=MSIT.decode))
+        return fn, (variables, (feat, feat), _spec(batch.inp),
+                    jax.tree_util.tree_map(_spec, batch.geometry))
     return _grid_program(cfg, runtime, variables, shapes)
 
 
@@ -136,11 +138,6 @@ def _grid_program(cfg, runtime, variables, shapes: Shapes) -> tuple[Callable, tu
 
 
 def _train_program(model, cfg, variables, shapes: Shapes, devices) -> tuple[Callable, tuple]:
-    import optax
-
-    from msit_jax.training.state import create_state
-    from msit_jax.training.step import batch_sharding, make_mesh, replicated, train_step
-
     mesh = make_mesh(devices)
     if shapes.batch % mesh.size:
         raise ValueError(f"global batch {shapes.batch} is not a multiple of the {mesh.size} "
@@ -151,7 +148,8 @@ def _train_program(model, cfg, variables, shapes: Shapes, devices) -> tuple[Call
     state = jax.eval_shape(lambda v: create_state(v, tx), variables)
     state = jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep),
                                    state)
-    batch = {k: _spec(v, data) for k, v in _query_batch(cfg, shapes, shapes.batch).items()}
+    batch = jax.tree_util.tree_map(lambda a: _spec(a, data),
+                                   _query_batch(cfg, shapes, shapes.batch))
     fn = jax.jit(lambda st, b: train_step(model, tx, schedule, st, b),
                  in_shardings=(rep, data), out_shardings=(rep, rep), donate_argnums=(0,))
     return fn, (state, batch)

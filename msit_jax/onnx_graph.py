@@ -29,10 +29,15 @@ Written with the `onnx` helper API: the model's operations are few (Conv,
 Gather, MatMul, Softmax, Erf, elementwise), and the chunk loop and the
 value-dependent output size need ONNX's own `Loop` and shape ops, which JAX
 traces cannot express.
+
+Imports: `onnx` and `onnxruntime` are optional dependencies, imported where they
+are used; the model modules (Flax) only where a graph is built, so the runner
+(`load`) needs numpy, Pillow and onnxruntime alone.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any, Optional
 
 import numpy as np
@@ -110,7 +115,7 @@ def _wrap_pad(b: _Builder, x: str, axis: int) -> str:
 def _lem(b: _Builder, x: str, dim: int) -> str:
     """LEM pixel shift: a depthwise 3x3 conv with the fixed 0/1 mask on the circularly
     padded map (each output is a sum of one or two inputs, exact as msno.lem_shift)."""
-    from msit_jax.models.msno import lem_mask
+    from msit_jax.models.msno import lem_mask  # graph building only: the runner needs no Flax
 
     xp = _wrap_pad(b, _wrap_pad(b, x, 2), 3)
     w = b.const(lem_mask(dim)[:, None], "lem")
@@ -263,6 +268,7 @@ class _Ctx:
     the decoder weights (as initialiser names) and sizes."""
 
     def __init__(self, b: _Builder, cfg, p: dict, fq: str, fv: str, inp: str, chunk: int):
+        # graph building only: the runner needs no Flax
         from msit_jax.models.decoder import posenc_frequencies
 
         self.cfg, self.chunk = cfg, chunk
@@ -639,8 +645,6 @@ class OnnxUpscaler(ImageUpscaler):
 def load(path: str, providers: Optional[list] = None, threads: Optional[int] = None
          ) -> OnnxUpscaler:
     """An `OnnxUpscaler` for an exported `model.onnx` (or the export folder holding it)."""
-    import os
-
     if os.path.isdir(path):
         path = os.path.join(path, "model.onnx")
     if not os.path.isfile(path):

@@ -3,7 +3,7 @@
     up(image, scale=3.5)            # or per axis: scale=(2, 3)
     up(image, size=(1080, 1920))    # output (height, width)
 
-Numpy and Pillow only: no JAX model import, so the exported-artifact runners
+Numpy, Pillow and tqdm only: no JAX model import, so the exported-artifact runners
 (`msit_jax.exported`, `msit_jax.onnx_graph`) use it as well as
 `msit_jax.Upscaler`. A subclass implements `upscale_array` on a float32
 (H, W, 3) image in [0, 1]; this module converts inputs and outputs:
@@ -21,8 +21,10 @@ import math
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 
 import numpy as np
+from PIL import Image
+from tqdm.auto import tqdm
 
-from msit_jax.images import to_uint8
+from msit_jax.images import pil_to_rgb_uint8, to_uint8
 
 f32 = np.float32
 
@@ -85,20 +87,11 @@ def output_size(in_hw: tuple[int, int], scale: Any = None, size: Any = None) -> 
     return max(1, round(in_hw[0] * sy)), max(1, round(in_hw[1] * sx))
 
 
-def _pil_image_class():
-    try:
-        from PIL import Image
-    except ImportError:  # pragma: no cover - Pillow is a core dependency
-        return None
-    return Image
-
-
 def read_input(image: Any) -> tuple[np.ndarray, Callable[[np.ndarray], Any]]:
     """Any supported input -> (float32 (H, W, 3) in [0, 1], a function that turns a
     float32 (h, w, 3) result in [0, 1] back into the input's type)."""
-    Image = _pil_image_class()
-    if Image is not None and isinstance(image, Image.Image):
-        return _read_pil(image, Image)
+    if isinstance(image, Image.Image):
+        return _read_pil(image)
     if hasattr(image, "__array__") or isinstance(image, (list, tuple)):
         arr = np.asarray(image)
         if arr.ndim != 3 or arr.shape[-1] != 3:
@@ -115,9 +108,7 @@ def read_input(image: Any) -> tuple[np.ndarray, Callable[[np.ndarray], Any]]:
     raise TypeError(f"image must be a PIL image or a numpy array, got {type(image).__name__}")
 
 
-def _read_pil(img, Image) -> tuple[np.ndarray, Callable[[np.ndarray], Any]]:
-    from msit_jax.images import pil_to_rgb_uint8
-
+def _read_pil(img: Image.Image) -> tuple[np.ndarray, Callable[[np.ndarray], Any]]:
     rgb = pil_to_rgb_uint8(img, "image")
     alpha = None
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
@@ -148,8 +139,6 @@ def track(items: Iterable, total: int, progress: Progress, desc: str = "decode")
             done += 1
             progress(done, total)
         return
-    from tqdm.auto import tqdm
-
     yield from tqdm(items, total=total, desc=desc, unit="chunk", leave=False)
 
 

@@ -23,26 +23,26 @@ image border along an axis split into several tiles; there they are close
 approximations (the reference has no tiling; use tile >= the image size, or
 the untiled `msit_jax.inference.Upscaler`, where that matters).
 
-Decoding uses the public model API (`MSIT.encode` / `MSIT.decode`) with query
-geometry from `msit_jax.geometry` computed for the full image (tie-exact) and
-shifted by integers into each window.
+Encoding and decoding use the untiled path's jitted `inference.encode` /
+`inference.decode` (one compilation per window size), with query geometry from
+`msit_jax.geometry.query_chunks` computed for the full image (tie-exact) and
+moved into each window (`window_geometry`).
 """
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any, Iterator, Optional
 
-import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from tqdm.auto import tqdm
 
-from msit_jax import geometry
-from msit_jax.inference import Upscaler, check_image, check_out_hw, denormalize
-from msit_jax.serving import Progress
+from msit_jax import geometry, inference
+from msit_jax.inference import Upscaler
 from msit_jax.ops.runtime import RuntimeOptions
+from msit_jax.serving import Progress, check_image, check_out_hw, denormalize, normalize
 
 f32 = np.float32
 
@@ -70,20 +70,6 @@ def halo(cfg: ml_collections.ConfigDict) -> int:
     return receptive_radius(cfg) + cfg.radius + 1
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _encode(model, variables, inp):
-    from msit_jax.models.model import MSIT
-
-    return model.apply(variables, inp, method=MSIT.encode)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _decode(model, variables, feats, inp, coord, key_idx, rel, rel_cell):
-    from msit_jax.models.model import MSIT
-
-    return model.apply(variables, feats, inp, coord, key_idx, rel, rel_cell, method=MSIT.decode)
-
-
 def axis_tiles(n: int, tile: int) -> list[tuple[int, int]]:
     """[start, stop) cores covering 0..n in steps of `tile`."""
     return [(s, min(s + tile, n)) for s in range(0, n, tile)]
@@ -103,6 +89,17 @@ def window_coord(c: np.ndarray, n: int, origin: int, n_win: int) -> np.ndarray:
     [origin, origin + n_win): keeps u = ((c + 1) n - 1) / 2 - origin (float64, then float32)."""
     u = ((c.astype(np.float64) + 1.0) * n - 1.0) / 2.0 - origin
     return ((2.0 * u + 1.0) / n_win - 1.0).astype(f32)
+
+
+def window_geometry(geom: geometry.QueryGeometry, lr_hw: tuple[int, int],
+                    origin: tuple[int, int], win_hw: tuple[int, int]) -> geometry.QueryGeometry:
+    """Full-image query geometry (one image: coord (Q, 2), ...) -> the same queries in
+    the window of size win_hw at `origin` (row, col) of an lr_hw image: coordinates
+    re-expressed by `window_coord`, key indices shifted; rel and rel_cell unchanged."""
+    coord = np.stack([window_coord(geom.coord[:, a], lr_hw[a], origin[a], win_hw[a])
+                      for a in range(2)], axis=-1)
+    key_idx = geom.key_idx - np.asarray(origin, np.int32)[:, None]
+    return geom._replace(coord=coord, key_idx=key_idx)
 
 
 def window(core: tuple[int, int], margin: int, n: int, tile: int) -> tuple[int, int]:
@@ -125,8 +122,6 @@ class _Counter:
         self.callback = progress if callable(progress) else None
         self.bar = None
         if self.callback is None:
-            from tqdm.auto import tqdm
-
             self.bar = tqdm(total=total, desc="decode (tiled)", unit="chunk", leave=False)
 
     def update(self, n: int) -> None:
@@ -167,12 +162,11 @@ class TiledUpscaler(Upscaler):
             total = sum(-(-(ys[1] - ys[0]) * (xs[1] - xs[0]) // self.chunk)
                         for _, _, ys, xs in jobs)
             bar = _Counter(progress, total)
-        inp_full = (lr - f32(0.5)) / f32(0.5)
-        rc = jnp.asarray(geometry.rel_cell(out_hw, lr.shape[:2])[None])
+        inp_full = normalize(lr)
         for core_y, core_x, hr_y, hr_x in jobs:
             if hr_y[1] <= hr_y[0] or hr_x[1] <= hr_x[0]:
                 continue
-            self._tile(inp_full, out, out_hw, core_y, core_x, hr_y, hr_x, rc, bar)
+            self._tile(inp_full, out, out_hw, core_y, core_x, hr_y, hr_x, bar)
         if bar is not None:
             bar.close()
         out = denormalize(out)
@@ -184,7 +178,7 @@ class TiledUpscaler(Upscaler):
             for cx in axis_tiles(lr_hw[1], self.tile):
                 yield cy, cx, hy, hr_span(out_hw[1], lr_hw[1], cx)
 
-    def _tile(self, inp_full, out, out_hw, core_y, core_x, hr_y, hr_x, rc, bar) -> None:
+    def _tile(self, inp_full, out, out_hw, core_y, core_x, hr_y, hr_x, bar) -> None:
         h, w = inp_full.shape[:2]
         r = self.model_cfg.radius
         pad, reach = halo(self.model_cfg), r + 1
@@ -192,35 +186,23 @@ class TiledUpscaler(Upscaler):
         ey, ex = window(core_y, pad, h, self.tile), window(core_x, pad, w, self.tile)
         dy, dx = window(core_y, reach, h, self.tile), window(core_x, reach, w, self.tile)
         inp_enc = jnp.asarray(inp_full[ey[0]:ey[1], ex[0]:ex[1]][None])
-        fq, fv = _encode(self.model, self.variables, inp_enc)
+        fq, fv = inference.encode(self.model, self.variables, inp_enc)
         crop = (slice(None), slice(dy[0] - ey[0], dy[1] - ey[0]),
                 slice(dx[0] - ex[0], dx[1] - ex[0]))
         feats = (fq[crop], fv[crop])
         inp_dec = jnp.asarray(inp_full[dy[0]:dy[1], dx[0]:dx[1]][None])
         del inp_enc, fq, fv
 
-        ys = geometry.coord_axis(out_hw[0])[hr_y[0]:hr_y[1]]
-        xs = geometry.coord_axis(out_hw[1])[hr_x[0]:hr_x[1]]
-        n_y, n_x = dy[1] - dy[0], dx[1] - dx[0]
-        ys_w = window_coord(ys, h, dy[0], n_y)
-        xs_w = window_coord(xs, w, dx[0], n_x)
-        th, tw = len(ys), len(xs)
-        total = th * tw
-        for start in range(0, total, self.chunk):
-            count = min(self.chunk, total - start)
-            idx = np.arange(start, start + self.chunk)
-            idx[count:] = idx[count - 1]  # pad with a real query; its output is dropped
-            iy, ix = idx // tw, idx % tw
-            # Tie-exact geometry on the full image, then shifted into the window by integers.
-            g = geometry.query_geometry(np.stack([ys[iy], xs[ix]], -1), (h, w), r)
-            key_idx = g.key_idx.copy()
-            key_idx[:, 0, :] -= dy[0]
-            key_idx[:, 1, :] -= dx[0]
-            coord = np.stack([ys_w[iy], xs_w[ix]], -1)
-            pred = _decode(self.model, self.variables, feats, inp_dec, coord[None],
-                           key_idx[None], g.rel[None], rc)
-            pred = np.asarray(pred[0, :count])
-            out[hr_y[0] + iy[:count], hr_x[0] + ix[:count]] = pred
+        tw = hr_x[1] - hr_x[0]
+        # Tie-exact geometry on the full image (and its rel_cell), then moved into the
+        # decoder window: coordinates re-expressed, key indices shifted by integers.
+        for start, count, g in geometry.query_chunks(out_hw, (h, w), r, self.chunk,
+                                                     region=(hr_y, hr_x)):
+            g = window_geometry(g, (h, w), (dy[0], dx[0]), (dy[1] - dy[0], dx[1] - dx[0]))
+            pred = inference.decode(self.model, self.variables, feats, inp_dec,
+                                    g.add_batch_axis())
+            k = np.arange(start, start + count)  # the chunk's real queries (the rest pad)
+            out[hr_y[0] + k // tw, hr_x[0] + k % tw] = np.asarray(pred[0, :count])
             if bar is not None:
                 bar.update(1)
 

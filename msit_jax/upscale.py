@@ -3,12 +3,16 @@
     python -m msit_jax.upscale photo.jpg --checkpoint epoch-best.pth --scale 3.5 --output out/
     python -m msit_jax.upscale a.png b.png --checkpoint ckpt/ --scale 2,3 --output out/
     python -m msit_jax.upscale icon.png --checkpoint ckpt/ --size 4100x4100 --output big.png
+    python -m msit_jax.upscale --input a.png --model epoch-best.pth --resolution 300,400 \\
+        --output b.png                                   # the official demo's flags
 
-Scales are any numbers >= 1 (per axis with "SY,SX"; the output is round(H * SY) x
-round(W * SX)), or give the output size with --size HxW. Memory stays bounded:
-the encoder runs once per image (or per LR tile with --tile, for inputs whose
-encoder activations don't fit) and the HR pixels are decoded in fixed-size
-chunks. Inputs: anything Pillow reads (PNG, JPEG, ...). Grayscale is
+Sizes are H x W, height first, everywhere: --size 300x400 (or --resolution
+300,400) is 300 pixels high and 400 wide, and the log prints sizes the same
+way. Scales are any numbers >= 1 (per axis with "SY,SX"; the output is
+round(H * SY) x round(W * SX)). Memory stays bounded: the encoder runs once
+per image (or per LR tile with --tile, for inputs whose encoder activations
+don't fit) and the HR pixels are decoded in fixed-size chunks. Inputs:
+anything Pillow reads (PNG, JPEG, ...), as arguments or --input. Grayscale is
 replicated to RGB; 16-bit images are reduced to 8 bits; an alpha channel is
 upscaled separately with bicubic interpolation and kept (--alpha drop removes
 it). Outputs are 8-bit PNG, written atomically; an output never replaces an
@@ -18,27 +22,35 @@ Before any work the output sizes, the decoder chunk and the encoder tile are
 checked against --max_memory_gb. Each input is processed independently: one
 that fails (unreadable, over Pillow's decompression-bomb limit, over the memory
 budget, a non-finite model output) is reported in one line and skipped, and the
-others go on. Errors are one line with the exit codes of `msit_jax.errors`
-(1 when inputs failed with different causes); --verbose adds tracebacks.
+others go on. Progress (timed stages: load checkpoint, fold, compile+encode,
+decode) goes to stderr; --quiet leaves only errors. Errors are one line with
+the exit codes of `msit_jax.errors` (1 when inputs failed with different
+causes); --verbose adds tracebacks and third-party logs. Flags are absl flags:
+booleans are --fold / --nofold, --progress / --noprogress.
 """
 
 from __future__ import annotations
 
-import argparse
+import contextlib
 import math
 import os
 import re
 import sys
 import time
 import traceback
-from typing import Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
+import jax
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from absl import flags
+from PIL import Image
 
-from msit_jax import errors, images
+from msit_jax import console, errors, flags_util, images, inference, tiling
 from msit_jax.errors import NonFiniteError, OutputError, ResourceError, UsageError
 from msit_jax.ops.runtime import DTYPES, PRECISIONS, RuntimeOptions
+
+PROG = "python -m msit_jax.upscale"
+USAGE = f"usage: {PROG} [flags] INPUT...\n\n{__doc__}"
 
 ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 
@@ -69,42 +81,33 @@ def parse_scale(text: str) -> tuple[float, float]:
     return vals[0], vals[1]
 
 
-def parse_size(text: str) -> tuple[int, int]:
-    """'HxW' -> (H, W), positive integers."""
+def parse_size(text: str, flag: str = "--size") -> tuple[int, int]:
+    """'HxW' or 'H,W' -> (H, W), positive integers, height first (`flag` names it in errors)."""
     m = re.fullmatch(r"\s*(\d+)\s*[x,]\s*(\d+)\s*", text.lower())
     if not m or min(int(m.group(1)), int(m.group(2))) < 1:
-        raise UsageError(f"--size must be HEIGHTxWIDTH in pixels, e.g. 2048x3072, got {text!r}")
+        raise UsageError(f"{flag} must be the output size H x W in pixels, height first, "
+                         f"e.g. 2048x3072 or 2048,3072, got {text!r}")
     return int(m.group(1)), int(m.group(2))
 
 
 def output_size(in_hw: tuple[int, int], scale: Optional[tuple[float, float]],
-                size: Optional[tuple[int, int]], name: str = "input") -> tuple[int, int]:
-    """The HR size: round(H * sy), round(W * sx), or `size` (never smaller than the input)."""
+                size: Optional[tuple[int, int]], name: str = "input",
+                flag: str = "--size") -> tuple[int, int]:
+    """The HR size (H, W): round(H * sy), round(W * sx), or `size` (never smaller than
+    the input; `flag` names the size's flag in the error)."""
     if size is not None:
         if size[0] < in_hw[0] or size[1] < in_hw[1]:
-            raise UsageError(f"{name}: --size {size[0]}x{size[1]} is smaller than the input "
-                             f"{in_hw[0]}x{in_hw[1]} (scale < 1; MSIT upsamples only)")
+            raise UsageError(f"{name}: {flag} {console.format_hw(size)} is smaller than the "
+                             f"input {console.format_hw(in_hw)} (H x W; scale < 1, MSIT "
+                             "upsamples only)")
         return size
     return max(1, round(in_hw[0] * scale[0])), max(1, round(in_hw[1] * scale[1]))
 
 
-def _check_is_file(path: str) -> None:
-    if os.path.isdir(path):
-        raise images.ImageError(f"{path}: is a directory, not an image file")
-    if not os.path.isfile(path):
-        raise images.ImageError(f"{path}: no such file")
-
-
 def input_size(path: str) -> tuple[int, int]:
     """(H, W) of an image file from its header (no pixels decoded); ImageError names it."""
-    _check_is_file(path)
-    try:
-        with Image.open(path) as img:
-            return img.size[1], img.size[0]
-    except Image.DecompressionBombError as e:
-        raise images.bomb_error(path, e) from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise images.ImageError(f"{path}: not a readable image ({e})") from e
+    with images.open_image(path) as img:
+        return img.size[1], img.size[0]
 
 
 def read_input(path: str) -> tuple[np.ndarray, Optional[np.ndarray]]:
@@ -113,20 +116,15 @@ def read_input(path: str) -> tuple[np.ndarray, Optional[np.ndarray]]:
     Raises images.ImageError naming the file when it cannot be decoded
     (ImageTooLargeError over Pillow's decompression-bomb limit).
     """
-    _check_is_file(path)
-    try:
-        with Image.open(path) as img:
+    with images.open_image(path) as img:
+        try:
             img.load()
-            rgb = images.pil_to_rgb_uint8(img, path)
-            alpha = None
-            if img.mode in ALPHA_MODES or "transparency" in img.info:
-                alpha = np.asarray(img.convert("RGBA").getchannel("A"), np.uint8).copy()
-    except images.ImageError:
-        raise
-    except Image.DecompressionBombError as e:
-        raise images.bomb_error(path, e) from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise images.ImageError(f"{path}: not a readable image ({e})") from e
+        except (OSError, SyntaxError, ValueError) as e:
+            raise images.unreadable_error(path, e) from e
+        rgb = images.pil_to_rgb_uint8(img, path)
+        alpha = None
+        if img.mode in ALPHA_MODES or "transparency" in img.info:
+            alpha = np.asarray(img.convert("RGBA").getchannel("A"), np.uint8).copy()
     return rgb, alpha
 
 
@@ -140,16 +138,24 @@ def _blocking_file(path: str) -> Optional[str]:
 
 
 def output_paths(inputs: Sequence[str], output: str) -> list[str]:
-    """One PNG path per input: `output` itself for one input and a .png name, else output/stem.png."""
+    """One PNG path per input: `output` itself for one input and a .png name, else
+    output/STEM.png; UsageError when `output` cannot hold them (several inputs, one file)."""
     if len(inputs) == 1 and output.lower().endswith(".png") and not os.path.isdir(output):
         paths = [output]
     else:
-        if os.path.splitext(output)[1] and not os.path.isdir(output):
+        is_dir = os.path.isdir(output)
+        # A name with an extension, or an existing file, is one file: with several
+        # inputs that is the problem to report, whatever the extension.
+        if not is_dir and len(inputs) > 1 and (os.path.splitext(output)[1]
+                                               or os.path.exists(output)):
+            raise UsageError(f"{len(inputs)} inputs but --output {output} is a single file; "
+                             "give a directory")
+        if not is_dir and os.path.splitext(output)[1]:
             raise UsageError(f"--output {output}: outputs are PNG; give a .png file (one "
                              "input) or a directory")
-        if os.path.exists(output) and not os.path.isdir(output):
-            raise UsageError(f"--output {output}: is a file; give a directory for "
-                             f"{len(inputs)} inputs")
+        if os.path.exists(output) and not is_dir:
+            raise UsageError(f"--output {output}: is a file, not a .png name; give a .png "
+                             "file or a directory")
         paths = [os.path.join(output, os.path.splitext(os.path.basename(p))[0] + ".png")
                  for p in inputs]
     block = _blocking_file(paths[0])
@@ -202,139 +208,203 @@ def _gb(x: float) -> str:
     return f"{x / 2 ** 30:.3g} GB"
 
 
+class StagedUpscaler(tiling.TiledUpscaler):
+    """A `TiledUpscaler` that reports the untiled encoder as a timed stage on stderr.
+
+    `Upscaler.__call__` encodes through `features`; the result is waited for
+    inside the stage because JAX dispatch is asynchronous (otherwise the
+    encoder's time would show up in the first decoder chunk). `label` prefixes
+    the stage line (the image being processed); `on_encoded` is called when the
+    encoder is done (the caller starts its decode stage there); quiet: no line.
+    """
+
+    def __init__(self, *args: Any, quiet: bool = True, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.quiet, self.label = quiet, ""
+        self.on_encoded: Optional[Callable[[], Any]] = None
+
+    def features(self, lr: np.ndarray):
+        """Encoder output of one (H, W, 3) [0, 1] image: (inp (1, H, W, 3), features)."""
+        with console.stage(f"{self.label}compile+encode", quiet=self.quiet):
+            inp, feats = super().features(lr)
+            jax.block_until_ready(feats)
+        if self.on_encoded is not None:
+            self.on_encoded()
+        return inp, feats
+
+
 def build_upscaler(checkpoint: str, fold: bool, chunk: Optional[int], tile: int,
-                   method: str = "auto", runtime: Optional[RuntimeOptions] = None):
-    """Load weights (official .pth or msit-jax checkpoint) -> an Upscaler (tiled if tile > 0)."""
+                   method: str = "auto", runtime: Optional[RuntimeOptions] = None, *,
+                   quiet: bool = True) -> StagedUpscaler:
+    """Load weights (official .pth or msit-jax checkpoint) -> an Upscaler (tiled if tile > 0).
+
+    Loading and folding are timed stages on stderr unless `quiet`.
+    """
     from msit_jax.io import pretrained
     from msit_jax.models import reparam
-    from msit_jax import tiling
 
-    model_cfg, variables = pretrained.load(checkpoint)
+    with console.stage("load checkpoint", quiet=quiet):
+        model_cfg, variables = pretrained.load(checkpoint)
     if fold:
-        model_cfg, variables = reparam.fold(model_cfg, variables)
-    return tiling.TiledUpscaler(model_cfg, variables, chunk=chunk, tile=tile, method=method,
-                                runtime=runtime)
+        with console.stage("fold", quiet=quiet):
+            model_cfg, variables = reparam.fold(model_cfg, variables)
+    return StagedUpscaler(model_cfg, variables, chunk=chunk, tile=tile, method=method,
+                          runtime=runtime, quiet=quiet)
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse with one-line errors (exit 2)."""
+class _DecodeBar:
+    """progress(done, total) for an Upscaler call: a tqdm bar over decoder chunks on
+    stderr, opened at the first report (only then is the number of chunks known)."""
 
-    def error(self, message: str):
-        print(f"error: {message} (see --help)", file=sys.stderr)
-        raise SystemExit(errors.EXIT_USAGE)
+    def __init__(self, desc: str):
+        self.desc, self.bar = desc, None
 
+    def __call__(self, done: int, total: int) -> None:
+        if self.bar is None:
+            from tqdm.auto import tqdm
 
-def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
-    p = _Parser(prog="python -m msit_jax.upscale", description=__doc__,
-                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files (PNG, JPEG, ...)")
-    p.add_argument("--checkpoint", required=True,
-                   help="official MSIT .pth or a msit-jax checkpoint directory")
-    g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--scale", help="scale factor >= 1, e.g. 3.5, or per axis 'SY,SX'")
-    g.add_argument("--size", help="output size HEIGHTxWIDTH, e.g. 4100x4100")
-    p.add_argument("--output", "-o", required=True,
-                   help="output .png (one input) or directory (written as STEM.png)")
-    p.add_argument("--fold", action=argparse.BooleanOptionalAction, default=True,
-                   help="fold RIMs/BatchNorms into plain convs first (faster; default on)")
-    p.add_argument("--chunk", type=int, default=None,
-                   help="HR pixels per decoder call: memory vs. speed (default: 4096 on CPU, "
-                        "16384 on GPU/TPU)")
-    p.add_argument("--decoder", choices=("auto", "grid", "query"), default="auto",
-                   help="decoder formulation: grid (queries grouped by LR centre, fast at "
-                        "large scales), query (the reference's per-query form) or auto (grid "
-                        "from 9 output pixels per input pixel, i.e. x3, on CPU; from 4 on "
-                        "GPU/TPU); equal to float32 round-off")
-    p.add_argument("--precision", choices=PRECISIONS, default="highest",
-                   help="matmul/conv precision: highest (float32, the reference numerics), "
-                        "high or default (TF32 / bf16 passes on GPU and TPU)")
-    p.add_argument("--dtype", choices=DTYPES, default="float32",
-                   help="compute dtype (bfloat16: float32 weights and accumulation)")
-    p.add_argument("--fft_min_kernel", type=int, default=-1,
-                   help="multi-scale convs with kernels at least this large run as FFT "
-                        "products; 0 never; -1 (default) per platform (17 on CPU, never on "
-                        "GPU/TPU)")
-    p.add_argument("--tile", default="auto",
-                   help="LR tile size for the encoder (0: whole image; 'auto': tile only when "
-                        "the estimated encoder memory exceeds --max_memory_gb)")
-    p.add_argument("--max_memory_gb", type=float, default=4.0,
-                   help="memory budget per image (default 4): outputs, --chunk and --tile are "
-                        "checked against it before any work, and --tile auto tiles the "
-                        "encoder to fit it")
-    p.add_argument("--alpha", choices=("keep", "drop"), default="keep",
-                   help="alpha channel: upscale bicubically and keep (default), or drop")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
-                   help="progress bars")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace existing output files (never an input)")
-    p.add_argument("--verbose", action="store_true", help="print tracebacks of errors")
-    return p.parse_args(argv)
+            self.bar = tqdm(total=total, desc=self.desc, unit="chunk", file=sys.stderr)
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
-def _check_flags(args: argparse.Namespace):
-    """Validated (scale, size, outputs, runtime); UsageError / OutputError / ResourceError."""
-    scale = parse_scale(args.scale) if args.scale is not None else None
-    size = parse_size(args.size) if args.size is not None else None
-    if args.chunk is not None and args.chunk < 1:
-        raise UsageError(f"--chunk must be >= 1, got {args.chunk}")
-    if not (math.isfinite(args.max_memory_gb) and args.max_memory_gb > 0):
+# ---------------------------------------------------------------------------- flags
+
+def _decoder_help() -> str:
+    # Built from msit_jax.inference so the help cannot drift from the thresholds
+    # 'auto' uses (per platform; explicit platforms keep --help from starting JAX).
+    cpu, accel = inference.grid_min_queries("cpu"), inference.grid_min_queries("gpu")
+    return ("Decoder formulation: grid (queries grouped by LR centre, fast at large "
+            "scales), query (the reference's per-query form) or auto: grid when the output "
+            "has at least msit_jax.inference.grid_min_queries() pixels per input pixel, "
+            f"{cpu:g} (x{math.sqrt(cpu):g}) on CPU and {accel:g} (x{math.sqrt(accel):g}) on "
+            "GPU/TPU. All agree to float32 round-off.")
+
+
+def define_flags(fv: flags.FlagValues) -> None:
+    """The command's flags, on `fv` (a private FlagValues: the global absl FLAGS would
+    clash with evaluate.py's flags of the same names in one process)."""
+    flags.DEFINE_multi_string("input", [], "Input image (the official demo's flag); repeat "
+                              "it, or give the images as arguments.", flag_values=fv)
+    flags.DEFINE_string("checkpoint", None, "Weights: official MSIT .pth or a msit-jax "
+                        "checkpoint directory.", flag_values=fv)
+    flags.DEFINE_alias("model", "checkpoint", flag_values=fv)
+    flags.DEFINE_string("scale", None, "Scale factor >= 1, e.g. 3.5, or per axis 'SY,SX' "
+                        "(height first).", flag_values=fv)
+    flags.DEFINE_string("size", None, "Output size H x W in pixels, height first, e.g. "
+                        "4100x4100 or 300x400 (300 high, 400 wide).", flag_values=fv)
+    flags.DEFINE_string("resolution", None, "Output size 'H,W', height first (the official "
+                        "demo's flag; same as --size H x W).", flag_values=fv)
+    flags.DEFINE_string("output", None, "Output .png (one input) or directory (written as "
+                        "STEM.png).", short_name="o", flag_values=fv)
+    flags.DEFINE_bool("fold", True, "Fold RIMs/BatchNorms into plain convs first (faster; "
+                      "--nofold keeps the training form).", flag_values=fv)
+    flags.DEFINE_integer("chunk", None, "HR pixels per decoder call: memory vs. speed "
+                         "(default: 4096 on CPU, 16384 on GPU/TPU).", flag_values=fv)
+    flags.DEFINE_enum("decoder", "auto", ["auto", "grid", "query"], _decoder_help(),
+                      flag_values=fv)
+    flags.DEFINE_enum("precision", "highest", list(PRECISIONS), "Matmul/conv precision: "
+                      "highest (float32, the reference numerics), high or default (TF32 / "
+                      "bf16 passes on GPU and TPU).", flag_values=fv)
+    flags.DEFINE_enum("dtype", "float32", list(DTYPES), "Compute dtype (bfloat16: float32 "
+                      "weights and accumulation).", flag_values=fv)
+    flags.DEFINE_integer("fft_min_kernel", -1, "Multi-scale convs with kernels at least this "
+                         "large run as FFT products; 0 never; -1 per platform (17 on CPU, "
+                         "never on GPU/TPU).", flag_values=fv)
+    flags.DEFINE_string("tile", "auto", "LR tile size for the encoder (0: whole image; "
+                        "'auto': tile only when the estimated encoder memory exceeds "
+                        "--max_memory_gb).", flag_values=fv)
+    flags.DEFINE_float("max_memory_gb", 4.0, "Memory budget per image: outputs, --chunk and "
+                       "--tile are checked against it before any work, and --tile auto "
+                       "tiles the encoder to fit it.", flag_values=fv)
+    flags.DEFINE_enum("alpha", "keep", ["keep", "drop"], "Alpha channel: upscale "
+                      "bicubically and keep, or drop.", flag_values=fv)
+    flags.DEFINE_bool("progress", True, "Progress bar over the decoder chunks (--noprogress: "
+                      "a timed 'decode' line instead).", flag_values=fv)
+    flags.DEFINE_bool("overwrite", False, "Replace existing output files (never an input).",
+                      flag_values=fv)
+    flags.DEFINE_bool("quiet", False, "Print only errors (no stages, progress or per-image "
+                      "lines).", flag_values=fv)
+    flags_util.define_verbose(fv)
+
+
+# ---------------------------------------------------------------------------- command
+
+def _check_flags(f: flags.FlagValues, inputs: Sequence[str]):
+    """Validated (scale, size, size flag, outputs, runtime); UsageError / OutputError /
+    ResourceError."""
+    if not inputs:
+        raise UsageError("give at least one input image (as arguments or --input)")
+    if f.checkpoint is None:
+        raise UsageError("give the weights: --checkpoint PATH (or --model PATH): an official "
+                         ".pth or a msit-jax checkpoint directory")
+    if f.output is None:
+        raise UsageError("give --output: a .png file (one input) or a directory")
+    given = [n for n in ("scale", "size", "resolution") if f[n].value is not None]
+    if len(given) != 1:
+        raise UsageError("give one of --scale S, --size HxW or --resolution H,W" +
+                         (f", not {' and '.join('--' + n for n in given)}" if given else ""))
+    scale = parse_scale(f.scale) if f.scale is not None else None
+    size_flag = "--" + given[0]
+    size = parse_size(f[given[0]].value, size_flag) if scale is None else None
+    if f.chunk is not None and f.chunk < 1:
+        raise UsageError(f"--chunk must be >= 1, got {f.chunk}")
+    if not (math.isfinite(f.max_memory_gb) and f.max_memory_gb > 0):
         raise UsageError(f"--max_memory_gb must be a finite number > 0, got "
-                         f"{args.max_memory_gb}")
+                         f"{f.max_memory_gb}")
     try:
-        runtime = RuntimeOptions(args.precision, args.dtype, args.fft_min_kernel)
+        runtime = RuntimeOptions(f.precision, f.dtype, f.fft_min_kernel)
     except ValueError as e:
         raise UsageError(f"--fft_min_kernel: {e}") from None
-    if args.tile != "auto" and not re.fullmatch(r"\d+", args.tile):
-        raise UsageError(f"--tile must be a non-negative integer or 'auto', got {args.tile}")
-    outs = output_paths(args.inputs, args.output)
-    check_outputs(args.inputs, outs, args.overwrite)
-    budget = args.max_memory_gb * 2 ** 30
+    if f.tile != "auto" and not re.fullmatch(r"\d+", f.tile):
+        raise UsageError(f"--tile must be a non-negative integer or 'auto', got {f.tile}")
+    outs = output_paths(inputs, f.output)
+    check_outputs(inputs, outs, f.overwrite)
+    budget = f.max_memory_gb * 2 ** 30
     if size is not None and size[0] * size[1] * OUTPUT_BYTES_PER_PIXEL > budget:
         raise ResourceError(
-            f"--size {size[0]}x{size[1]} needs ~{_gb(size[0] * size[1] * OUTPUT_BYTES_PER_PIXEL)}"
-            f" for the output alone, over --max_memory_gb {args.max_memory_gb:g}")
-    return scale, size, outs, runtime
+            f"{size_flag} {f[given[0]].value} needs "
+            f"~{_gb(size[0] * size[1] * OUTPUT_BYTES_PER_PIXEL)} for the "
+            f"{console.format_hw(size)} output alone, over --max_memory_gb "
+            f"{f.max_memory_gb:g}")
+    return scale, size, size_flag, outs, runtime
 
 
-def _say(msg: str, bar) -> None:
-    print(msg, file=sys.stderr) if bar is None else bar.write(msg, file=sys.stderr)
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = parse_args(argv)
+def _upscale(f: flags.FlagValues, positionals: Sequence[str]) -> int:
+    """The command on parsed flags: upscale every input; the exit status."""
+    console.quiet_logs(f.verbose)
+    inputs = list(positionals) + list(f.input)
+    quiet = f.quiet
     try:
-        scale, size, outs, runtime = _check_flags(args)
+        scale, size, size_flag, outs, runtime = _check_flags(f, inputs)
     except (errors.MsitError, ValueError) as e:
-        return errors.report(e, args.verbose)
+        return errors.report(e, f.verbose)
     try:
-        up = build_upscaler(args.checkpoint, args.fold, args.chunk,
-                            0 if args.tile == "auto" else int(args.tile), args.decoder,
-                            runtime)
+        up = build_upscaler(f.checkpoint, f.fold, f.chunk,
+                            0 if f.tile == "auto" else int(f.tile), f.decoder, runtime,
+                            quiet=quiet)
     except Exception as e:  # noqa: BLE001 - one line naming the checkpoint
-        return errors.report(e, args.verbose)
-    budget = args.max_memory_gb * 2 ** 30
+        return errors.report(e, f.verbose)
+    budget = f.max_memory_gb * 2 ** 30
     dec = memory_estimate(up.model_cfg, (1, 1), (1, 1), up.chunk, 0)["decoder"]
     if dec > budget:
-        flag = f"--chunk {args.chunk}" if args.chunk else f"the default chunk {up.chunk}"
+        flag = f"--chunk {f.chunk}" if f.chunk else f"the default chunk {up.chunk}"
         return errors.report(ResourceError(
             f"{flag} needs ~{_gb(dec)} of decoder memory (dim {up.model_cfg.dim}, radius "
-            f"{up.model_cfg.radius}), over --max_memory_gb {args.max_memory_gb:g}"),
-            args.verbose)
-
-    from msit_jax import tiling
+            f"{up.model_cfg.radius}), over --max_memory_gb {f.max_memory_gb:g}"), f.verbose)
 
     failed: list[tuple[str, int]] = []
-    bar = None
-    pairs = list(zip(args.inputs, outs))
-    if args.progress and len(pairs) > 1:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(pairs), desc="images", unit="img")
-    for path, out in pairs:
+    pairs = list(zip(inputs, outs))
+    for i, (path, out) in enumerate(pairs):
+        # Per-image lines name the image; with several, also how far along the run is.
+        tag = f"[{i + 1}/{len(pairs)}] {path}: " if len(pairs) > 1 else f"{path}: "
         try:
             in_hw = input_size(path)
-            hw = output_size(in_hw, scale, size, path)
-            if args.tile == "auto":
+            hw = output_size(in_hw, scale, size, path, size_flag)
+            if f.tile == "auto":
                 up.tile = tiling.auto_tile(up.model_cfg, in_hw, budget)
             # Each part against the budget: the image buffers (set by --scale/--size),
             # the encoder (set by --tile; 'auto' tiles it to fit), the decoder (--chunk,
@@ -342,27 +412,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             est = memory_estimate(up.model_cfg, in_hw, hw, up.chunk, up.tile)
             buffers = est["output"] + est["input"]
             if buffers > budget:
-                what = f"--scale {args.scale}" if scale is not None else f"--size {args.size}"
+                what = (f"--scale {f.scale}" if scale is not None
+                        else f"{size_flag} {f[size_flag[2:]].value}")
                 raise ResourceError(
-                    f"{path}: {in_hw[1]}x{in_hw[0]} -> {hw[1]}x{hw[0]} ({what}) needs "
-                    f"~{_gb(buffers)} for the image buffers, over --max_memory_gb "
-                    f"{args.max_memory_gb:g}")
-            if est["encoder"] > budget and args.tile != "auto":
+                    f"{path}: {console.format_hw(in_hw)} -> {console.format_hw(hw)} (H x W, "
+                    f"{what}) needs ~{_gb(buffers)} for the image buffers, over "
+                    f"--max_memory_gb {f.max_memory_gb:g}")
+            if est["encoder"] > budget and f.tile != "auto":
                 raise ResourceError(
-                    f"{path}: --tile {args.tile} on a {in_hw[1]}x{in_hw[0]} input needs "
+                    f"{path}: --tile {f.tile} on a {console.format_hw(in_hw)} input needs "
                     f"~{_gb(est['encoder'])} of encoder memory, over --max_memory_gb "
-                    f"{args.max_memory_gb:g}; use --tile auto or a smaller tile")
+                    f"{f.max_memory_gb:g}; use --tile auto or a smaller tile")
             rgb, alpha = read_input(path)
             t0 = time.perf_counter()
-            sr = up(images.to_float(rgb), hw, clamp=False, progress=args.progress)
+            sr = _decode(up, images.to_float(rgb), hw, tag, quiet, f.progress)
             finite = np.isfinite(sr)
             if not finite.all():
                 raise NonFiniteError(
                     f"{path}: the model output has {int(finite.size - finite.sum())} non-finite "
                     f"value(s) of {finite.size}; nothing written (are the weights in "
-                    f"{args.checkpoint} corrupt?)")
+                    f"{f.checkpoint} corrupt?)")
             sr = np.clip(sr, 0.0, 1.0)
-            if alpha is not None and args.alpha == "keep":
+            if alpha is not None and f.alpha == "keep":
                 alpha = np.asarray(Image.fromarray(alpha).resize((hw[1], hw[0]), Image.BICUBIC))
             else:
                 alpha = None
@@ -370,26 +441,60 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 save_output(out, sr, alpha)
             except OSError as e:
                 raise OutputError(f"{out}: cannot be written ({e.strerror or e})") from e
-            _say(f"{path}: {rgb.shape[1]}x{rgb.shape[0]} -> {hw[1]}x{hw[0]} {out} "
-                 f"({time.perf_counter() - t0:.1f}s)", bar)
+            console.note(f"{tag}{console.format_hw(rgb.shape[:2])} -> {console.format_hw(hw)} "
+                         f"(H x W), wrote {out} ({time.perf_counter() - t0:.1f} s)",
+                         quiet=quiet)
         except Exception as e:  # noqa: BLE001 - each input fails on its own
-            if args.verbose:
+            if f.verbose:
                 traceback.print_exception(type(e), e, e.__traceback__, file=sys.stderr)
             msg = errors.describe(e)
             if isinstance(e, MemoryError):
                 msg = f"{path}: out of memory ({msg}); lower --chunk or --max_memory_gb"
             failed.append((path, errors.exit_code_for(e)))
-            _say(f"error: {msg}", bar)
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
+            print(f"error: {msg}", file=sys.stderr, flush=True)
     if failed:
         print(f"error: {len(failed)} of {len(pairs)} input(s) failed: "
               f"{', '.join(p for p, _ in failed)}", file=sys.stderr)
         codes = {c for _, c in failed}
         return codes.pop() if len(codes) == 1 else errors.EXIT_FAILURE
     return 0
+
+
+def _decode(up: StagedUpscaler, lr: np.ndarray, hw: tuple[int, int], tag: str, quiet: bool,
+            progress: bool) -> np.ndarray:
+    """up(lr (H, W, 3), hw) -> (hw[0], hw[1], 3) float32, unclamped, with its stages:
+    'compile+encode' (untiled; timed by `up`), then 'decode' (with the encoder when
+    tiled) as a bar over chunks (progress) or one timed line."""
+    tiled = 0 < up.tile < max(lr.shape[:2])  # as TiledUpscaler decides
+    label = f"{tag}{'encode+decode (tiled)' if tiled else 'decode'}"
+    bar = _DecodeBar(label) if progress and not quiet else None
+    with contextlib.ExitStack() as stages:
+        def decode_stage() -> None:
+            # A stage line and a bar would share one terminal line: one or the other.
+            if bar is None:
+                stages.enter_context(console.stage(label, quiet=quiet))
+
+        up.label, up.on_encoded = tag, decode_stage
+        if tiled:
+            decode_stage()
+        try:
+            return up(lr, hw, clamp=False, progress=bar if bar is not None else False)
+        finally:
+            up.on_encoded = None
+            if bar is not None:
+                bar.close()
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """The msit-upscale console script and `python -m msit_jax.upscale`.
+
+    Without argv: absl.app.run on sys.argv, exiting with the status. With argv
+    (the arguments after the program name, for tests and scripts): the exit
+    status is returned.
+    """
+    fv = flags.FlagValues()
+    define_flags(fv)
+    return flags_util.main(fv, lambda positionals: _upscale(fv, positionals), USAGE, argv)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 import msit_jax
-from msit_jax.io import checkpoint
+from msit_jax.io import model_dir
 from msit_jax import inference, serving, tiny_model_config
 from msit_jax.models import reparam
 from tests.conftest import init_variables
@@ -17,7 +17,7 @@ from tests.conftest import init_variables
 def folder(tmp_path_factory):
     cfg = tiny_model_config("edsr-baseline", "rim")
     v = init_variables(cfg, seed=7)
-    path = checkpoint.save_model(str(tmp_path_factory.mktemp("api") / "ckpt"), cfg, v)
+    path = model_dir.save_model(str(tmp_path_factory.mktemp("api") / "ckpt"), cfg, v)
     return path, cfg, v
 
 

@@ -1,6 +1,7 @@
 """Checkpoint import: official .pth layouts, errors that name keys, convert CLI round trip."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -10,7 +11,7 @@ import pytest
 
 torch = pytest.importorskip("torch")  # the PyTorch reference (requirements-torch.txt)
 
-from msit_jax.io import checkpoint, pretrained
+from msit_jax.io import model_dir, pretrained
 from msit_jax import tiny_model_config
 from msit_jax.io.torch_io import StateDictError, variables_to_state_dict
 from tests.conftest import REPO, init_variables
@@ -128,7 +129,11 @@ def test_convert_cli_round_trip(tmp_path, edsr_tiny):
     r = subprocess.run([sys.executable, "-m", "msit_jax.convert", str(src), str(dst)],
                        capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 0, r.stderr
-    assert checkpoint.is_model_dir(str(dst))
+    assert model_dir.is_model_dir(str(dst))
+    # timed stages on stderr (the result on stdout), no third-party log records
+    for stage in ("load checkpoint", "write"):
+        assert re.search(rf"^{stage} \.\.\. \d+\.\d s$", r.stderr, re.M), r.stderr
+    assert "WARNING:absl" not in r.stderr and r.stdout.startswith(f"wrote {dst}")
     cfg_a, var_a = pretrained.load(str(src))
     cfg_b, var_b = pretrained.load(str(dst))
     assert cfg_a.to_dict() == cfg_b.to_dict()
@@ -140,6 +145,32 @@ def test_convert_cli_round_trip(tmp_path, edsr_tiny):
     assert r.returncode == 7 and "already holds" in r.stderr  # errors.EXIT_OUTPUT
 
 
+def test_convert_flags_are_absl_style(tmp_path, edsr_tiny, capsys):
+    """--fold (absl boolean) stores the folded model; argparse spellings and a missing
+    argument are one-line usage errors (exit 2) that name the fix."""
+    from msit_jax.io import convert
+    from msit_jax.models import reparam
+
+    torch.manual_seed(2)
+    src = tmp_path / "ckpt.pth"
+    torch.save({"model": {"name": "amsit", "args": official_args(edsr_tiny),
+                          "sd": randomize_(TorchMSIT(edsr_tiny)).state_dict()}}, src)
+    dst = str(tmp_path / "folded")
+    assert convert.main([str(src), dst, "--fold", "--quiet"]) == 0
+    cap = capsys.readouterr()
+    assert cap.err == "" and cap.out.startswith(f"wrote {dst}")
+    want_cfg, want = reparam.fold(*pretrained.load(str(src)))
+    got_cfg, got = pretrained.load(dst)
+    assert got_cfg.to_dict() == want_cfg.to_dict() and got_cfg.conv == "plain"
+    assert trees_equal(jax.tree_util.tree_map(np.asarray, want), got)
+    for args, needle in [([str(src), dst + "2", "--no-fold"], "--nofold (or --fold)"),
+                         ([str(src)], "give SRC (.pth) and DST (a new directory), got 1")]:
+        assert convert.main(args) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and needle in err and "\n" not in err
+    assert not os.path.exists(dst + "2")
+
+
 def test_model_dir_written_before_runtime_options_still_loads(tmp_path, edsr_tiny):
     """model_config.json files written before execution options left the model
     config carry precision/dtype/fft_min_kernel: they load (those fields dropped),
@@ -147,18 +178,18 @@ def test_model_dir_written_before_runtime_options_still_loads(tmp_path, edsr_tin
     import json
 
     variables = init_variables(edsr_tiny)
-    new_dir = checkpoint.save_model(str(tmp_path / "new"), edsr_tiny, variables)
-    with open(os.path.join(new_dir, checkpoint.CONFIG_FILE)) as f:
+    new_dir = model_dir.save_model(str(tmp_path / "new"), edsr_tiny, variables)
+    with open(os.path.join(new_dir, model_dir.CONFIG_FILE)) as f:
         written = json.load(f)
     assert not {"precision", "dtype", "fft_min_kernel"} & set(written)
     legacy = dict(written, precision="highest", dtype="float32", fft_min_kernel=17)
-    with open(os.path.join(new_dir, checkpoint.CONFIG_FILE), "w") as f:
+    with open(os.path.join(new_dir, model_dir.CONFIG_FILE), "w") as f:
         json.dump(legacy, f)
     cfg, loaded = pretrained.load(new_dir)
     assert cfg.to_dict() == edsr_tiny.to_dict()
     assert trees_equal(jax.tree_util.tree_map(np.asarray, variables), loaded)
     legacy["nosuch"] = 1
-    with open(os.path.join(new_dir, checkpoint.CONFIG_FILE), "w") as f:
+    with open(os.path.join(new_dir, model_dir.CONFIG_FILE), "w") as f:
         json.dump(legacy, f)
     with pytest.raises(ValueError, match="nosuch"):
         pretrained.load(new_dir)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from msit_jax import geometry
-from msit_jax.data.protocol import (BatchPlanner, Protocol, augment_view, batch_scale,
+from msit_jax.data.protocol import (Batch, BatchPlanner, Protocol, augment_view, batch_scale,
                                     collate, crop_size, make_example, normalize_uint8,
                                     shrink_scale)
 from msit_jax.images import resize_bicubic
@@ -97,7 +97,7 @@ def test_example_coordinates_cell_and_targets_align(hr):
     np.testing.assert_array_equal(gt[:, 0], rows)
     np.testing.assert_array_equal(gt[:, 1], cols)
     # geometry: as geometry.query_geometry on the LR grid
-    g = geometry.query_geometry(ex["coord"], (inp, inp), 1)
+    g = geometry.query_geometry(ex["coord"], (inp, inp), 1, ex["rel_cell"])
     np.testing.assert_array_equal(ex["key_idx"], g.key_idx)
     np.testing.assert_array_equal(ex["rel"], g.rel)
     assert int(ex["hr"]) == hr
@@ -172,3 +172,19 @@ def test_collate_stacks():
     exs = [{"a": np.full((2, 3), i, np.float32), "b": np.int32(i)} for i in range(4)]
     out = collate(exs)
     assert out["a"].shape == (4, 2, 3) and out["b"].tolist() == [0, 1, 2, 3]
+
+
+def test_pipeline_batch_becomes_the_typed_batch():
+    """Flat examples (as grain stacks them) -> Batch: fields in their places, extras dropped."""
+    p = Protocol(inp_size=8, sample_q=20, augment=True, radius=1)
+    exs = [make_example(position_image(30, 40), hr, p, np.random.default_rng(i))
+           for i, hr in enumerate((12, 12, 12))]
+    flat = dict(collate(exs), step=np.zeros(3, np.int32))
+    batch = Batch.from_flat(flat)
+    assert batch.inp.shape == (3, 8, 8, 3) and batch.gt.shape == (3, 20, 3)
+    g = batch.geometry
+    assert g.coord.shape == (3, 20, 2) and g.key_idx.shape == (3, 20, 2, 3)
+    assert g.rel.shape == (3, 20, 2, 3) and g.rel_cell.shape == (3, 2)
+    for k, v in batch.to_flat().items():
+        np.testing.assert_array_equal(v, flat[k], err_msg=k)
+    assert set(batch.to_flat()) == set(flat) - {"hr", "step"}

@@ -14,7 +14,8 @@ from msit_jax.data import sources
 from msit_jax.data.pipeline import host_dataset
 from msit_jax.data.protocol import Protocol
 from msit_jax.data.sources import EmbeddedSource, FolderSource, TFDSSource, make_source
-from msit_jax.images import ImageError
+from msit_jax import images
+from msit_jax.images import ImageError, ImageTooLargeError
 from msit_jax.training.config import source_config
 
 
@@ -69,6 +70,59 @@ def test_skip_bad_images_counts_and_logs(folder, caplog):
     assert len(src) == 5 and len(src.skipped) == 2
     assert "skipped 2 of 7 images" in caplog.text
     assert "broken.png" in caplog.text and "small.png" in caplog.text
+
+
+def test_skip_bad_quiet_keeps_the_errors_and_logs_nothing(folder, caplog):
+    (folder / "broken.png").write_bytes(b"this is not a png")
+    with caplog.at_level(logging.DEBUG, logger="msit_jax.data.sources"):
+        src = FolderSource(str(folder), skip_bad=True, quiet=True)
+    assert caplog.text == "" and len(src) == 5
+    [err] = src.skipped_errors
+    assert isinstance(err, ImageError) and "broken.png: not a readable image" in str(err)
+    assert src.skipped == [str(err)]
+
+
+def test_keys_and_single_channel_images(folder):
+    Image.fromarray(np.dstack([rgb(20, 20, 5)[..., 0]] * 3)).save(folder / "f_rgb_gray.png")
+    src = FolderSource(str(folder))
+    keys = [src.key(i) for i in range(len(src))]
+    assert keys == ["a.png", "b.jpg", "c_gray.png", "d_rgba.png", "e_16bit.png",
+                    "f_rgb_gray.png"]
+    # From the stored mode, as MATLAB reads the file: an RGB file of equal channels is RGB.
+    assert [src.is_gray(i) for i in range(len(src))] == [False, False, True, False, True, False]
+    emb = EmbeddedSource("val")
+    assert [emb.key(i) for i in range(len(emb))] == ["astronaut", "chelsea"]
+    assert not emb.is_gray(0)  # default: from the decoded channels
+
+
+def test_open_image_one_line_errors(tmp_path, monkeypatch):
+    with pytest.raises(ImageError, match=r"is a directory, not an image file$"):
+        images.open_image(str(tmp_path))
+    with pytest.raises(ImageError, match=r"nope.png: no such file$"):
+        images.open_image(str(tmp_path / "nope.png"))
+    (tmp_path / "junk.png").write_bytes(b"not an image")
+    with pytest.raises(ImageError, match=r"junk.png: not a readable image \(") as e:
+        images.open_image(str(tmp_path / "junk.png"))
+    assert "\n" not in str(e.value)
+    Image.fromarray(rgb(30, 40)).save(tmp_path / "ok.png")
+    with images.open_image(str(tmp_path / "ok.png"), max_pixels=1200) as img:
+        assert img.size == (40, 30)  # header only: (W, H)
+    with pytest.raises(ImageTooLargeError, match=r"ok.png: 30 x 40 = 1200 pixels is over the "
+                                                 r"limit of 1199 pixels"):
+        images.open_image(str(tmp_path / "ok.png"), max_pixels=1199)
+    # Pillow's decompression-bomb limit (an error above twice MAX_IMAGE_PIXELS) stays.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)
+    with pytest.raises(ImageTooLargeError, match="decompression-bomb limit"):
+        images.open_image(str(tmp_path / "ok.png"))
+    with pytest.raises(ImageTooLargeError):
+        images.read_image(str(tmp_path / "ok.png"))
+    monkeypatch.undo()
+    # A truncated body passes the header and fails the decode, naming the file.
+    data = (tmp_path / "ok.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[:len(data) // 2])
+    images.open_image(str(tmp_path / "cut.png")).close()
+    with pytest.raises(ImageError, match=r"cut.png: not a readable image"):
+        images.read_image(str(tmp_path / "cut.png"))
 
 
 def test_image_smaller_than_the_patch_is_an_error(folder):
@@ -151,6 +205,12 @@ def test_tfds_source_reads_prepared_dataset(tfds_dir):
     val = make_source(source_config("tfds", name="msit_images", split="validation",
                                     data_dir=tfds_dir))
     assert len(val) == 2
+    # Record names from the 'name' feature; the image feature found when not given.
+    auto = TFDSSource("msit_images", "train", data_dir=tfds_dir, image_key=None)
+    assert auto.image_key == "hr"
+    for i in range(3):
+        k = (int(src.sizes[i][0]) - 50) // 3
+        assert auto.key(i) == f"{k}.png" and not auto.is_gray(i)
     with pytest.raises(FileNotFoundError, match="not prepared"):
         TFDSSource("msit_images", "train", data_dir=os.path.join(tfds_dir, "elsewhere"))
     with pytest.raises(KeyError, match="no feature 'lr'"):

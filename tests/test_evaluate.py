@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from msit_jax.io import checkpoint
-from msit_jax.eval import evaluation, metrics
-from msit_jax import images, inference, tiny_model_config
+from msit_jax import errors, images, inference, tiny_model_config
+from msit_jax.eval import datasets, metrics, predictors, protocol, reports, runner
 from msit_jax.eval.matlab_resize import imresize
+from msit_jax.io import model_dir
 from tests.conftest import REPO, init_variables, shared_data
 
 # Per-image PSNR (dB) of Pillow-bicubic upsampling on Set5 under the reference protocol,
@@ -50,43 +50,43 @@ def _write_folder(path, imgs):
 def tiny_ckpt(tmp_path_factory):
     cfg = tiny_model_config()
     path = str(tmp_path_factory.mktemp("ckpt") / "tiny")
-    checkpoint.save_model(path, cfg, init_variables(cfg))
+    model_dir.save_model(path, cfg, init_variables(cfg))
     return path
 
 
 def test_lr_size_hand_computed():
-    assert evaluation.lr_size((100, 75), 3.5) == (28, 21)
-    assert evaluation.hr_size((28, 21), 3.5) == (98, 74)  # round(73.5) -> 74 (half to even)
-    assert evaluation.hr_size((5, 7), 2.5) == (12, 18)  # round(12.5) -> 12, round(17.5) -> 18
+    assert protocol.lr_size((100, 75), 3.5) == (28, 21)
+    assert protocol.hr_size((28, 21), 3.5) == (98, 74)  # round(73.5) -> 74 (half to even)
+    assert protocol.hr_size((5, 7), 2.5) == (12, 18)  # round(12.5) -> 12, round(17.5) -> 18
     # 33 / 1.1 = 29.999999999999996 in float64: the reference's + 1e-9 makes it 30.
-    assert evaluation.lr_size((33, 33), 1.1) == (30, 30)
-    assert evaluation.hr_size((30, 30), 1.1) == (33, 33)
+    assert protocol.lr_size((33, 33), 1.1) == (30, 30)
+    assert protocol.hr_size((30, 30), 1.1) == (33, 33)
 
 
 def test_degrade_is_top_left_crop_then_pillow_bicubic():
     hr = _rand_img(100, 75, 0)
-    lr, gt = evaluation.degrade(hr, 3.5)
+    lr, gt = protocol.degrade(hr, 3.5)
     np.testing.assert_array_equal(gt, hr[:98, :74])
     np.testing.assert_array_equal(lr, images.resize_bicubic(hr[:98, :74], (28, 21)))
     with pytest.raises(ValueError, match="too small"):
-        evaluation.degrade(hr[:5], 6)
+        protocol.degrade(hr[:5], 6)
 
 
 def test_shave_and_presets():
-    bench, div2k = evaluation.PROTOCOLS["benchmark"], evaluation.PROTOCOLS["div2k"]
-    assert evaluation.shave_for(4, bench) == 4
-    assert evaluation.shave_for(2.5, bench) == 3
-    assert evaluation.shave_for(4, div2k) == 10
-    assert evaluation.default_protocol("Set14") == "benchmark"
-    assert evaluation.default_protocol("DIV2K_valid_HR") == "div2k"
-    assert evaluation.canonical_name("BSD100") == "b100"
+    bench, div2k = protocol.PRESETS["benchmark"], protocol.PRESETS["div2k"]
+    assert protocol.shave_for(4, bench) == 4
+    assert protocol.shave_for(2.5, bench) == 3
+    assert protocol.shave_for(4, div2k) == 10
+    assert protocol.default_preset("Set14") == "benchmark"
+    assert protocol.default_preset("DIV2K_valid_HR") == "div2k"
+    assert protocol.canonical_name("BSD100") == "b100"
 
 
 def test_bicubic_set5_matches_reference_code():
-    ds = evaluation.open_folder(shared_data("Set5"))
+    ds = datasets.open_eval_set(shared_data("Set5"))
     for scale, want in REFERENCE_SET5_BICUBIC.items():
-        r = evaluation.evaluate_scale(evaluation.BicubicPredictor(), ds, scale,
-                                      evaluation.PROTOCOLS["benchmark"], progress=False)
+        r = runner.evaluate_scale(predictors.BicubicPredictor(), ds, scale,
+                                  protocol.PRESETS["benchmark"])
         assert r.lr_source == "downsample" and r.shave == scale
         got = {os.path.splitext(k)[0]: v["psnr"] for k, v in r.per_image.items()}
         assert got == pytest.approx(want, abs=1e-4)
@@ -108,23 +108,24 @@ def _benchmark_tree(tmp_path, name, hrs, scale, lr_name="{stem}x{s}.png"):
 def test_paired_lr_folder_is_used_for_set14_and_matches_on_the_fly(tmp_path):
     hrs = {"a.png": _rand_img(41, 30, 1), "b.png": _rand_img(36, 44, 2)}
     root = _benchmark_tree(tmp_path, "Set14", hrs, 2)
-    ds = evaluation.open_folder(root)
-    assert ds.name == "Set14" and ds.names == ["a.png", "b.png"]
-    bench = evaluation.PROTOCOLS["benchmark"]
-    paired = evaluation.evaluate_scale(evaluation.BicubicPredictor(), ds, 2, bench, progress=False)
+    ds = datasets.open_eval_set(root)
+    assert ds.name == "Set14" and ds.hr_dir == os.path.join(root, "HR")
+    assert [ds.source.key(i) for i in range(len(ds))] == ["a.png", "b.png"]
+    bench = protocol.PRESETS["benchmark"]
+    paired = runner.evaluate_scale(predictors.BicubicPredictor(), ds, 2, bench)
     assert paired.lr_source == "paired" and paired.degradation == "file"
     # The files hold MATLAB imresize of the modcropped HR: the same LR as making it on the fly.
-    fly = evaluation.evaluate_scale(evaluation.BicubicPredictor(), ds, 2, bench,
-                                    lr_source="downsample", degradation="matlab", progress=False)
+    fly = runner.evaluate_scale(predictors.BicubicPredictor(), ds, 2, bench,
+                                lr_source="downsample", degradation="matlab")
     assert fly.lr_source == "downsample"
     for k in hrs:
         assert paired.per_image[k]["psnr"] == pytest.approx(fly.per_image[k]["psnr"], abs=1e-12)
         assert paired.per_image[k]["ssim"] == pytest.approx(fly.per_image[k]["ssim"], abs=1e-12)
     assert paired.per_image["a.png"]["hr_hw"] == [40, 30]  # HR cropped to round(h * s)
     # Scale 3 is not paired here: the auto choice falls back and says so.
-    r3 = evaluation.evaluate_scale(evaluation.BicubicPredictor(), ds, 3, bench, progress=False)
+    r3 = runner.evaluate_scale(predictors.BicubicPredictor(), ds, 3, bench)
     assert "not found" in r3.lr_source
-    table = evaluation.markdown_table([("Bicubic", {"Set14": {2.0: paired, 3.0: r3}})], [2, 3])
+    table = reports.markdown_table([("Bicubic", {"Set14": {2.0: paired, 3.0: r3}})], [2, 3])
     assert "†" in table.splitlines()[2] and "not found" in table
 
 
@@ -135,20 +136,19 @@ def test_paired_scale_mismatch_names_the_file(tmp_path):
     Image.fromarray(imresize(hrs["a.png"], 0.25)).save(
         os.path.join(root, "LR_bicubic", "X2", "ax2.png"))
     failures = []
-    r = evaluation.evaluate_scale(evaluation.BicubicPredictor(), evaluation.open_folder(root), 2,
-                                  evaluation.PROTOCOLS["benchmark"], progress=False,
-                                  failures=failures)
+    r = runner.evaluate_scale(predictors.BicubicPredictor(), datasets.open_eval_set(root), 2,
+                              protocol.PRESETS["benchmark"], failures=failures)
     assert r is None and len(failures) == 1 and "a.png" in failures[0] and "scale 4" in failures[0]
 
 
 def test_div2k_preset_is_rgb_with_extra_shave(tmp_path):
     hr = _rand_img(60, 52, 4)
     root = _write_folder(tmp_path / "DIV2K_valid_HR", {"0801.png": hr})
-    ds = evaluation.open_folder(root)
-    proto = evaluation.get_protocol(evaluation.default_protocol(ds.name))
-    r = evaluation.evaluate_scale(evaluation.BicubicPredictor(), ds, 2, proto, progress=False)
+    ds = datasets.open_eval_set(root)
+    proto = protocol.get_preset(protocol.default_preset(ds.name))
+    r = runner.evaluate_scale(predictors.BicubicPredictor(), ds, 2, proto)
     assert r.protocol == "div2k" and r.shave == 8
-    lr, gt = evaluation.degrade(hr, 2)
+    lr, gt = protocol.degrade(hr, 2)
     pred = images.to_float(images.resize_bicubic(lr, gt.shape[:2]))
     g = images.to_float(gt)
     assert r.per_image["0801.png"]["psnr"] == pytest.approx(
@@ -161,12 +161,12 @@ def test_msit_predictor_follows_the_protocol(tmp_path, tiny_ckpt):
     from msit_jax.io import pretrained
 
     hrs = {"x.png": _rand_img(30, 27, 5), "y.png": _rand_img(26, 33, 6)}
-    ds = evaluation.open_folder(_write_folder(tmp_path / "mini", hrs))
+    ds = datasets.open_eval_set(_write_folder(tmp_path / "mini", hrs))
     cfg, variables = pretrained.load(tiny_ckpt)
-    pred = evaluation.MSITPredictor(cfg, variables, chunk=300)
-    r = evaluation.evaluate_scale(pred, ds, 3.5, evaluation.PROTOCOLS["benchmark"], progress=False)
+    pred = predictors.MSITPredictor(cfg, variables, chunk=300)
+    r = runner.evaluate_scale(pred, ds, 3.5, protocol.PRESETS["benchmark"])
     for name, hr in hrs.items():
-        lr, gt = evaluation.degrade(hr, 3.5)
+        lr, gt = protocol.degrade(hr, 3.5)
         sr = inference.upscale(cfg, variables, images.to_float(lr), gt.shape[:2], chunk=300)
         want = metrics.psnr(sr, images.to_float(gt), shave=4, y_channel=True)
         assert r.per_image[name]["psnr"] == pytest.approx(want, abs=1e-9)
@@ -174,9 +174,10 @@ def test_msit_predictor_follows_the_protocol(tmp_path, tiny_ckpt):
         assert r.per_image[name]["time_s"] > 0
 
 
-def _run_evaluate(args, timeout=300):
+def _run_evaluate(args, timeout=300, env=None):
     return subprocess.run([sys.executable, os.path.join(REPO, "evaluate.py"), "--noprogress",
-                           *args], capture_output=True, text=True, timeout=timeout, cwd=REPO)
+                           *args], capture_output=True, text=True, timeout=timeout, cwd=REPO,
+                          env=env)
 
 
 def test_evaluate_cli_bicubic_reference_figures():
@@ -219,12 +220,15 @@ def test_evaluate_cli_msit_outputs_and_failures(tmp_path, tiny_ckpt):
         assert all(v["time_s"] > 0 for v in e["per_image"].values())
         assert "bicubic" in e and set(e["bicubic"]["per_image"]) == {"p.png", "q.png"}
         for name, hr in hrs.items():
-            _, gt = evaluation.degrade(hr, scale)
+            _, gt = protocol.degrade(hr, scale)
             saved = images.read_image(str(out_img / "Mini" / f"x{key}" / name))
             assert saved.shape == gt.shape
     assert "| MSIT | Mini |" in p.stdout and "| Bicubic | Mini |" in p.stdout
     with Image.open(out_plot) as im:
         assert im.format == "PNG" and im.size[0] > 100
+    # The paths written are printed; the failure is listed once at the end, too.
+    assert f"wrote {out_plot}" in p.stderr and f"wrote {out_json}" in p.stderr
+    assert "MSIT Mini x2: PSNR" in p.stderr and "s/image" in p.stderr  # per (dataset, scale)
 
 
 def test_evaluate_cli_usage_errors():
@@ -271,38 +275,39 @@ def _make_tfds(src_folder, data_dir):
 
 def test_tfds_source_matches_folder(tmp_path):
     hrs = {"m.png": _rand_img(30, 34, 9), "n.png": _rand_img(28, 28, 10)}
-    folder = evaluation.open_folder(_write_folder(tmp_path / "same", hrs))
-    _make_tfds(folder.root, str(tmp_path / "tfds"))
-    ds = evaluation.open_dataset("tfds:msit_eval_test_sr:validation", str(tmp_path / "tfds"))
-    assert sorted(ds.names) == ["m.png", "n.png"]
-    bench = evaluation.PROTOCOLS["benchmark"]
-    a = evaluation.evaluate_scale(evaluation.BicubicPredictor(), ds, 2, bench, progress=False)
-    b = evaluation.evaluate_scale(evaluation.BicubicPredictor(), folder, 2, bench, progress=False)
+    folder = datasets.open_eval_set(_write_folder(tmp_path / "same", hrs))
+    _make_tfds(folder.hr_dir, str(tmp_path / "tfds"))
+    ds = datasets.open_eval_set("tfds:msit_eval_test_sr:validation",
+                                tfds_data_dir=str(tmp_path / "tfds"))
+    assert sorted(ds.source.key(i) for i in range(len(ds))) == ["m.png", "n.png"]
+    bench = protocol.PRESETS["benchmark"]
+    a = runner.evaluate_scale(predictors.BicubicPredictor(), ds, 2, bench)
+    b = runner.evaluate_scale(predictors.BicubicPredictor(), folder, 2, bench)
     for k in hrs:
         assert a.per_image[k]["psnr"] == b.per_image[k]["psnr"]
 
 
 def test_run_rejects_bad_configs(tmp_path):
-    cfg = evaluation.default_config()
+    cfg = runner.default_config()
     cfg.model, cfg.data = "bicubic_y", [shared_data("Set5")]
     cfg.scales, cfg.progress = [2.0], False
     with pytest.raises(ValueError, match="protocol 'matlab'"):
-        evaluation.run(cfg)
+        runner.run(cfg)
     cfg.model, cfg.protocol = "bicubic", ["benchmark", "div2k"]
     with pytest.raises(ValueError, match="one per dataset"):
-        evaluation.run(cfg)
+        runner.run(cfg)
     cfg.protocol, cfg.model = ["auto"], "msit"
     with pytest.raises(ValueError, match="needs a checkpoint"):
-        evaluation.run(cfg)
+        runner.run(cfg)
 
 
 def test_dtype_override_runs_the_model_in_bfloat16(tiny_ckpt):
-    cfg = evaluation.default_config()
+    cfg = runner.default_config()
     cfg.model, cfg.checkpoint, cfg.chunk = "msit", tiny_ckpt, 300
     lr = _rand_img(9, 8, 7)
-    full = evaluation.make_predictor(cfg)
+    full = predictors.make_predictor(cfg)
     cfg.dtype = "bfloat16"
-    low = evaluation.make_predictor(cfg)
+    low = predictors.make_predictor(cfg)
     assert full.up.runtime.dtype == "float32" and low.up.runtime.dtype == "bfloat16"
     a, b = full(lr, (20, 17)), low(lr, (20, 17))
     assert b.dtype == np.float32 and b.shape == a.shape
@@ -310,4 +315,162 @@ def test_dtype_override_runs_the_model_in_bfloat16(tiny_ckpt):
     assert 0 < diff.max() < 0.05  # bf16 rounding, not a different model
     cfg.dtype = "float16"
     with pytest.raises(ValueError, match="dtype"):
-        evaluation.make_predictor(cfg)
+        predictors.make_predictor(cfg)
+
+
+# ---------------------------------------------------------------------------- benchmark names
+
+def _bench_root(tmp_path):
+    root = tmp_path / "sr-data"
+    _write_folder(root / "Set5", {"baby.png": _rand_img(30, 28, 11)})
+    _write_folder(root / "BSD100" / "HR", {"3096.png": _rand_img(28, 30, 12)})
+    _write_folder(root / "DIV2K" / "DIV2K_valid_HR", {"0801.png": _rand_img(40, 36, 13)})
+    return root
+
+
+def test_benchmark_names_resolve_under_data_root_and_msit_data(tmp_path):
+    root = _bench_root(tmp_path)
+    assert datasets.resolve("set5", str(root), environ={}) == (None, str(root / "Set5"))
+    assert datasets.resolve("Set5", None, environ={"MSIT_DATA": str(root)}) == (
+        None, str(root / "Set5"))
+    # --data_root wins over MSIT_DATA; aliases and other spellings of a name.
+    assert datasets.resolve("bsd100", str(root), environ={"MSIT_DATA": "/nowhere"})[1] == str(
+        root / "BSD100")
+    assert datasets.resolve("b100", str(root), environ={})[1] == str(root / "BSD100")
+    assert datasets.resolve("div2k-valid", str(root), environ={})[1] == str(
+        root / "DIV2K" / "DIV2K_valid_HR")
+    ds = datasets.open_eval_set("b100", root_flag=str(root), environ={})
+    assert ds.name == "BSD100" and ds.hr_dir == str(root / "BSD100" / "HR")
+    assert protocol.canonical_name(ds.name) == "b100"  # the reference's Set14/B100 defaults
+    div2k = datasets.open_eval_set("div2k-valid", root_flag=str(root), environ={})
+    assert protocol.default_preset(div2k.name) == "div2k"
+    # A path still works as given, and NAME=PATH names it.
+    assert datasets.resolve(str(root / "Set5"), None, environ={}) == (None, str(root / "Set5"))
+    assert datasets.resolve(f"Mine={root / 'Set5'}", None, environ={}) == (
+        "Mine", str(root / "Set5"))
+
+
+def test_missing_benchmark_is_one_line_saying_what_to_put_where(tmp_path):
+    root = _bench_root(tmp_path)
+    with pytest.raises(errors.InputError) as e:
+        datasets.resolve("set14", None, environ={"MSIT_DATA": str(root)})
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert msg.startswith(f"--data set14: no folder Set14 under MSIT_DATA={root}; download "
+                          "Set14 (see docs/evaluation.md#benchmark-data)")
+    assert msg.endswith(f"put its HR images in {root / 'Set14'}")
+    with pytest.raises(errors.InputError, match="not a benchmark name"):
+        datasets.resolve("set6", str(root), environ={})
+    # The docs section the message points at exists.
+    with open(os.path.join(REPO, "docs", "evaluation.md")) as f:
+        assert "\n## Benchmark data\n" in f.read()
+
+
+def test_evaluate_cli_data_by_name(tmp_path):
+    root = _bench_root(tmp_path)
+    env = {**os.environ, "MSIT_DATA": str(root)}
+    p = _run_evaluate(["--model", "bicubic", "--data", "set5", "--scales", "2"], env=env)
+    assert p.returncode == 0, p.stderr
+    assert "| Bicubic | Set5 |" in p.stdout
+    p = _run_evaluate(["--model", "bicubic", "--data", "set5", "--data_root", str(root),
+                       "--scales", "2"], env={**os.environ, "MSIT_DATA": "/nowhere"})
+    assert p.returncode == 0, p.stderr
+    p = _run_evaluate(["--model", "bicubic", "--data", "urban100", "--scales", "2"], env=env)
+    assert p.returncode == errors.EXIT_INPUT and p.stdout == ""
+    assert p.stderr.splitlines() == [
+        f"error: --data urban100: no folder Urban100 under MSIT_DATA={root}; download Urban100 "
+        f"(see docs/evaluation.md#benchmark-data) and put its HR images in "
+        f"{root / 'Urban100'}"]
+
+
+# ---------------------------------------------------------------------------- CLI behaviour
+
+def test_plot_without_matplotlib_fails_before_any_work(tmp_path):
+    data = _write_folder(tmp_path / "Mini", {"p.png": _rand_img(30, 26, 14)})
+    out = tmp_path / "plot.png"
+    no_mpl = ("import sys; sys.modules['matplotlib'] = None; "  # `import matplotlib` fails
+              "sys.argv = ['evaluate.py'] + sys.argv[1:]; "
+              "from msit_jax.eval.cli import main; main()")
+    p = subprocess.run([sys.executable, "-c", no_mpl, "--model", "bicubic", "--data", data,
+                        "--scales", "2", "--noprogress", "--plot", str(out)],
+                       capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert p.returncode == errors.EXIT_USAGE
+    assert p.stderr.splitlines() == ["error: --plot needs matplotlib, an optional dependency: "
+                                     "pip install -r requirements-plot.txt"]
+    assert p.stdout == "" and not out.exists()  # nothing opened, scored or written
+
+
+def test_argparse_style_boolean_gets_the_absl_spelling():
+    p = _run_evaluate(["--no-fold", "--model", "bicubic", "--data", "data/Set5"])
+    assert p.returncode == errors.EXIT_USAGE
+    assert p.stderr.splitlines() == ["error: --no-fold is argparse style; this command takes "
+                                     "absl flags: --nofold (or --fold)"]
+
+
+def test_decoder_help_states_the_per_platform_threshold():
+    import math
+
+    from absl import flags
+
+    from msit_jax.eval import cli
+
+    fv = flags.FlagValues()
+    cli.define_flags(fv)
+    text = " ".join(fv["decoder"].help.split())
+    for platform, where in (("cpu", "on CPU"), ("gpu", "on GPU/TPU"), ("tpu", "on GPU/TPU")):
+        q = inference.grid_min_queries(platform)
+        assert f"{q:g}, i.e. x{math.sqrt(q):g}, {where}" in text
+    assert "grid_min_queries()" in text and "2.2" not in text
+
+
+@pytest.fixture(scope="module")
+def tiny_workdir(tmp_path_factory):
+    """A 3-step tiny training workdir (an Orbax CheckpointManager directory)."""
+    import importlib.util
+
+    from msit_jax.training import train_and_evaluate
+
+    spec = importlib.util.spec_from_file_location("cfg_tiny", os.path.join(REPO, "configs",
+                                                                          "tiny.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    cfg = mod.get_config()
+    cfg.total_steps = 3  # > lr.warmup_steps (2)
+    wd = str(tmp_path_factory.mktemp("runs") / "tiny")
+    train_and_evaluate(cfg, wd)
+    return cfg, wd
+
+
+def test_one_evaluation_path_quiet_cli(tmp_path, tiny_workdir):
+    """evaluate.py on a training workdir prints no library logs, and training validation
+    and the end-of-run demo give the PSNRs evaluate.py gives (same model, images, scales)."""
+    from msit_jax.data.sources import FolderSource
+    from msit_jax.io import pretrained
+    from msit_jax.training import loop
+
+    cfg, wd = tiny_workdir
+    hrs = {"p.png": _rand_img(36, 30, 15), "q.png": _rand_img(36, 30, 16)}
+    data = _write_folder(tmp_path / "Mini", hrs)
+    out_json = tmp_path / "r.json"
+    p = _run_evaluate(["--checkpoint", wd, "--data", data, "--scales", "2,3", "--nofold",
+                       "--with_bicubic", "--json", str(out_json)])
+    assert p.returncode == 0, p.stderr
+    for noise in ("orbax", "CheckpointManager", "WARNING:absl", "read only", "W1", "I1"):
+        assert noise not in p.stderr, (noise, p.stderr)
+    assert f"load {wd} ... " in p.stderr  # the timed stage instead
+    res = json.loads(out_json.read_text())["Mini"]
+
+    model_cfg, variables = pretrained.load(wd)
+    ecfg = cfg.eval.copy_and_resolve_references()
+    ecfg.update(scales=(2.0, 3.0), max_images=0, max_side=0, y_channel=True, shave_extra=0)
+    source = FolderSource(data)
+    val = loop.validation_metrics(model_cfg, variables, source, ecfg)
+    assert val["psnr_x2"] == res["2"]["psnr"] and val["psnr_x3"] == res["3"]["psnr"]
+    run_cfg = cfg.copy_and_resolve_references()
+    run_cfg.eval = ecfg
+    run_cfg.demo.update(enabled=True, scales=(2.0, 3.0), png_scale=2.0, window=16)
+    demo, png = loop.run_demo(run_cfg, model_cfg, variables, source, str(tmp_path), None)
+    for key, scale in (("2", 2.0), ("3", 3.0)):
+        assert demo[scale] == {"msit": res[key]["psnr"], "bicubic": res[key]["bicubic"]["psnr"]}
+    with Image.open(png) as im:
+        assert im.size == (4 * 16 + 3 * 4, 16 + 16)  # four 16 x 16 panels, gaps, labels

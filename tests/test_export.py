@@ -330,7 +330,7 @@ def test_cli_and_its_errors(tmp_path):
     assert os.listdir(tmp_path / "full") == ["keep.txt"]
     r = cli(src, tmp_path / "p", "--format", "pth", "--fold")
     assert r.returncode == 1 and "pth cannot express a folded model" in r.stderr
-    r = cli(src, tmp_path / "o", "--format", "onnx", "--no-fold")
+    r = cli(src, tmp_path / "o", "--format", "onnx", "--nofold")
     assert r.returncode == 1 and "onnx exports the folded model only" in r.stderr
     r = cli(tmp_path / "missing.pth", tmp_path / "m", "--format", "pth")
     assert r.returncode == 1 and "no checkpoint at" in r.stderr
@@ -340,6 +340,25 @@ def test_cli_and_its_errors(tmp_path):
     r = cli(src, tmp_path / "empty", "--format", "onnx", "--chunk", "300")
     assert r.returncode == 0, r.stderr
     assert "wrote onnx" in r.stdout and os.listdir(tmp_path / "empty") == ["model.onnx"]
+
+
+def test_cli_flags_are_absl_style(tmp_path, capsys):
+    """--fold / --nofold are absl booleans: argparse's --no-fold and a missing SRC/OUT or
+    --format are one-line usage errors (exit 2) naming the fix; --help shows the flags."""
+    src = str(tmp_path / "official.pth")
+    for args, needle in [([src, str(tmp_path / "o"), "--format", "pth", "--no-fold"],
+                          "--no-fold is argparse style; this command takes absl flags: "
+                          "--nofold (or --fold)"),
+                         ([src, "--format", "pth"], "give SRC (the weights) and OUT"),
+                         ([src, str(tmp_path / "o")], "give --format: one of stablehlo")]:
+        assert export.main(args) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and needle in err and err.count("\n") == 1, err
+    assert export.main(["--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert out.startswith("usage: python -m msit_jax.export SRC OUT --format FORMAT")
+    assert "--[no]fold: Export the folded model" in out and "--format: One of stablehlo" in out
+    assert not os.listdir(tmp_path)
 
 
 def test_export_api_errors(tmp_path, model):

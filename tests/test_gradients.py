@@ -21,10 +21,10 @@ def batch(cfg, seed=0):
     b, h, w, q = 2, 8, 9, 64
     inp = rs.uniform(-1, 1, (b, h, w, 3)).astype(np.float32)
     coord = rs.uniform(-1, 1, (b, q, 2)).astype(np.float32)
-    g = geometry.query_geometry(coord, (h, w), cfg.radius)
-    rc = np.tile(geometry.rel_cell((24, 27), (h, w)), (b, 1))
+    g = geometry.query_geometry(coord, (h, w), cfg.radius,
+                                np.tile(geometry.rel_cell((24, 27), (h, w)), (b, 1)))
     gt = rs.uniform(-1, 1, (b, q, 3)).astype(np.float32)
-    return inp, g, rc, gt
+    return inp, g, gt
 
 
 @pytest.mark.parametrize("conv", ["rim", "plain"])
@@ -32,12 +32,11 @@ def test_adam_step_updates_params_not_frozen(conv):
     cfg = tiny_model_config("edsr-baseline", conv)
     model = build_model(cfg)
     v = init_variables(cfg)
-    inp, g, rc, gt = batch(cfg)
+    inp, g, gt = batch(cfg)
 
     def loss_fn(params, frozen):
         out, upd = model.apply({"params": params, FROZEN: frozen, "batch_stats": v["batch_stats"]},
-                               inp, g.coord, g.key_idx, g.rel, rc, train=True,
-                               mutable=["batch_stats"])
+                               inp, g, train=True, mutable=["batch_stats"])
         return jnp.mean(jnp.abs(out - gt))
 
     frozen = v.get(FROZEN, {})
@@ -67,10 +66,10 @@ def test_adam_step_updates_params_not_frozen(conv):
     jax.tree_util.tree_map(np.testing.assert_array_equal, new_vars[FROZEN], v.get(FROZEN, {}))
 
 
-def _loss(model, v, inp, g, rc, gt):
+def _loss(model, v, inp, g, gt):
     def loss_fn(params, inp):
-        out, _ = model.apply({**v, "params": params}, inp, g.coord, g.key_idx, g.rel, rc,
-                             train=True, mutable=["batch_stats"])
+        out, _ = model.apply({**v, "params": params}, inp, g, train=True,
+                             mutable=["batch_stats"])
         return jnp.mean(jnp.abs(out - gt))
     return loss_fn
 
@@ -82,11 +81,11 @@ def test_cpu_kernels_match_the_accelerator_program(encoder):
     reference autodiff), for the whole RIM model in train mode."""
     cfg = tiny_model_config(encoder, "rim")
     v = init_variables(cfg)
-    inp, g, rc, gt = batch(cfg)
+    inp, g, gt = batch(cfg)
     grads = {}
     for impl in ("auto", "xla"):
         model = build_model(cfg, RuntimeOptions(conv_impl=impl))
-        grads[impl] = jax.jit(jax.grad(_loss(model, v, inp, g, rc, gt)))(v["params"], inp)
+        grads[impl] = jax.jit(jax.grad(_loss(model, v, inp, g, gt)))(v["params"], inp)
     for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(grads["auto"])[0],
                             jax.tree_util.tree_leaves(grads["xla"])):
         scale = float(np.abs(b).max())
@@ -100,11 +99,11 @@ def test_forward_mode_through_the_model():
     cfg = tiny_model_config("edsr-baseline", "rim")
     model = build_model(cfg)
     v = init_variables(cfg)
-    inp, g, rc, gt = batch(cfg)
+    inp, g, gt = batch(cfg)
     rs = np.random.RandomState(3)
 
     def f(params, inp):
-        return model.apply({**v, "params": params}, inp, g.coord, g.key_idx, g.rel, rc)
+        return model.apply({**v, "params": params}, inp, g)
 
     u_p = jax.tree_util.tree_map(lambda x: jnp.asarray(rs.randn(*x.shape), jnp.float32),
                                  v["params"])

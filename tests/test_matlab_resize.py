@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from msit_jax.eval import evaluation, matlab_resize
+from msit_jax import images
+from msit_jax.eval import datasets, matlab_resize, predictors, protocol, runner
 from msit_jax.eval.matlab_resize import contributions, cubic, imresize, rgb2ycbcr_y
 
 from tests.conftest import shared_data
@@ -68,9 +69,21 @@ def test_output_size_and_types():
         imresize(img.astype(np.int32), 2)
 
 
-def test_uint8_rounds_half_away_from_zero():
-    np.testing.assert_array_equal(matlab_resize.to_uint8(np.array([0.5 / 255, 1.5 / 255, 1.2, -1])),
-                                  [1, 2, 255, 0])
+def test_im2uint8_rounds_half_away_from_zero():
+    x = np.array([0.5 / 255, 1.5 / 255, 2.5 / 255, 1.2, -1])
+    np.testing.assert_array_equal(matlab_resize.im2uint8(x), [1, 2, 3, 255, 0])
+    # images.to_uint8 rounds half to even: the float64 ties differ, hence two names.
+    np.testing.assert_array_equal(images.to_uint8(x), [0, 2, 2, 255, 0])
+
+
+def test_im2uint8_equals_to_uint8_on_float32():
+    # x * 255 is exact in float64 for float32 x, and its only tie in [0, 1] is x = 0.5
+    # (-> 127.5, 128 both ways), so model outputs quantise identically either way.
+    rs = np.random.RandomState(0)
+    ties = (np.arange(256, dtype=np.float64) + 0.5) / 255  # nearest float32s of the ties
+    x = np.concatenate([rs.rand(200_000), ties, np.nextafter(ties, 0), np.nextafter(ties, 1),
+                        [0.0, 0.5, 1.0, -0.1, 1.1]]).astype(np.float32)
+    np.testing.assert_array_equal(matlab_resize.im2uint8(x), images.to_uint8(x))
 
 
 def test_rgb2ycbcr_y_hand_values():
@@ -86,10 +99,9 @@ def test_published_set5_bicubic_figures(scale, psnr, ssim):
     """The bicubic rows of the SR tables (SRCNN/VDSR onwards): Set5 33.66/30.39/28.42 dB,
     SSIM 0.9299/0.8682/0.8104, computed as those tables were: MATLAB-degraded and
     MATLAB-upsampled, uint8 results, Y from MATLAB's rgb2ycbcr, shave = scale."""
-    ds = evaluation.open_folder(shared_data("Set5"))
-    r = evaluation.evaluate_scale(evaluation.BicubicYPredictor(), ds, scale,
-                                  evaluation.PROTOCOLS["matlab"], degradation="matlab",
-                                  progress=False)
+    ds = datasets.open_eval_set(shared_data("Set5"))
+    r = runner.evaluate_scale(predictors.BicubicYPredictor(), ds, scale,
+                              protocol.PRESETS["matlab"], degradation="matlab")
     assert len(r.per_image) == 5
     assert abs(r.psnr - psnr) <= 0.02
     assert abs(r.ssim - ssim) <= 0.0005
@@ -99,11 +111,10 @@ def test_published_set5_bicubic_figures(scale, psnr, ssim):
 def test_published_set14_bicubic_figures(scale, psnr):
     """Set14's published bicubic PSNR (30.24/27.55/26.00); bridge.png is single-channel and
     is scored on its own values, as MATLAB reads it (no rgb2ycbcr)."""
-    ds = evaluation.open_folder(shared_data("Set14"))
-    assert [ds.names[i] for i in range(len(ds)) if ds.is_gray(i)] == ["bridge.png"]
-    r = evaluation.evaluate_scale(evaluation.BicubicYPredictor(), ds, scale,
-                                  evaluation.PROTOCOLS["matlab"], degradation="matlab",
-                                  progress=False)
+    ds = datasets.open_eval_set(shared_data("Set14"))
+    assert [ds.source.key(i) for i in range(len(ds)) if ds.source.is_gray(i)] == ["bridge.png"]
+    r = runner.evaluate_scale(predictors.BicubicYPredictor(), ds, scale,
+                              protocol.PRESETS["matlab"], degradation="matlab")
     assert len(r.per_image) == 14
     assert abs(r.psnr - psnr) <= 0.02
 
@@ -111,6 +122,6 @@ def test_published_set14_bicubic_figures(scale, psnr):
 def test_matlab_degradation_matches_modcrop_imresize():
     # For integer scales the reference crop (floor(H/s) * s) is MATLAB's modcrop.
     hr = (np.random.RandomState(0).rand(23, 31, 3) * 255).astype(np.uint8)
-    lr, gt = evaluation.degrade(hr, 3, "matlab")
+    lr, gt = protocol.degrade(hr, 3, "matlab")
     np.testing.assert_array_equal(gt, matlab_resize.modcrop(hr, 3))
     np.testing.assert_array_equal(lr, imresize(matlab_resize.modcrop(hr, 3), 1 / 3))

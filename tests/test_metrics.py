@@ -1,4 +1,5 @@
-"""PSNR / SSIM: hand-computed values and scikit-image where the definitions agree."""
+"""PSNR / SSIM: hand-computed values, scikit-image's PSNR, and MATLAB's `ssim_index.m`
+definition of SSIM written out here (valid windows of an 11x11 Gaussian)."""
 
 from __future__ import annotations
 
@@ -6,9 +7,9 @@ import math
 
 import numpy as np
 import pytest
-from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+from skimage.metrics import peak_signal_noise_ratio
 
-from msit_jax.eval import metrics
+from msit_jax.eval import color, metrics
 
 
 def _rand(shape, seed):
@@ -48,7 +49,7 @@ def test_psnr_matches_skimage():
         peak_signal_noise_ratio(gt.astype(np.float64), pred.astype(np.float64), data_range=1.0),
         abs=1e-9)
     # Y: the reference weights the difference, i.e. PSNR of the (offset-free) Y images.
-    yg, yp = gt.astype(np.float64) @ metrics.Y_WEIGHTS, pred.astype(np.float64) @ metrics.Y_WEIGHTS
+    yg, yp = gt.astype(np.float64) @ color.Y_WEIGHTS, pred.astype(np.float64) @ color.Y_WEIGHTS
     assert metrics.psnr(pred, gt, y_channel=True, shave=3) == pytest.approx(
         peak_signal_noise_ratio(yg[3:-3, 3:-3], yp[3:-3, 3:-3], data_range=1.0), abs=1e-9)
 
@@ -69,15 +70,6 @@ def test_psnr_gray_hand_computed():
     assert metrics.psnr_gray(a + 5, a, data_range=1.0) == pytest.approx(10 * math.log10(1 / 25))
 
 
-def test_gaussian_window_is_fspecial():
-    g = metrics.gaussian_window()
-    assert g.shape == (11,) and g.sum() == pytest.approx(1.0, abs=1e-15)
-    np.testing.assert_allclose(g, g[::-1])
-    # Neighbouring taps differ by exp(-(k^2 - (k-1)^2) / (2 * 1.5^2)).
-    assert g[6] / g[5] == pytest.approx(math.exp(-1 / 4.5))
-    assert g[10] / g[5] == pytest.approx(math.exp(-25 / 4.5))
-
-
 def test_ssim_hand_computed():
     x = np.random.RandomState(0).rand(20, 23) * 255
     assert metrics.ssim_gray(x, x) == pytest.approx(1.0, abs=1e-12)
@@ -90,33 +82,52 @@ def test_ssim_hand_computed():
         metrics.ssim_gray(np.zeros((14, 30)), np.zeros((14, 30)), shave=2)
 
 
-def _sk_ssim(a, b, **kw):
-    return structural_similarity(a, b, data_range=255, gaussian_weights=True, sigma=1.5,
-                                 use_sample_covariance=False, **kw)
+def _ssim_index_m(x, y, data_range=255.0):
+    """MATLAB ssim_index.m: fspecial('gaussian', 11, 1.5), filter2(..., 'valid'),
+    K = (0.01, 0.03), mean of the SSIM map; an independent reference."""
+    t = np.arange(11, dtype=np.float64) - 5.0
+    g = np.exp(-t * t / (2 * 1.5 ** 2))
+    g /= g.sum()
+
+    def valid(a):  # separable 'valid' correlation with g x g
+        h, w = a.shape
+        rows = sum(g[i] * a[i:h - 10 + i, :] for i in range(11))
+        return sum(g[i] * rows[:, i:w - 10 + i] for i in range(11))
+
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    mx, my = valid(x), valid(y)
+    sxx, syy, sxy = valid(x * x) - mx * mx, valid(y * y) - my * my, valid(x * y) - mx * my
+    return float(np.mean((2 * mx * my + c1) * (2 * sxy + c2)
+                         / ((mx * mx + my * my + c1) * (sxx + syy + c2))))
 
 
 @pytest.mark.parametrize("shave", [0, 4])
-def test_ssim_matches_skimage_on_y(shave):
-    # skimage with Gaussian weights (sigma 1.5, truncate 3.5 -> 11 taps), population
-    # covariance and L = 255 averages the same windows as the valid-window MATLAB SSIM.
+def test_ssim_on_y_is_the_valid_window_definition(shave):
     gt = _rand((37, 45, 3), 2)
     pred = np.clip(gt + 0.1 * _rand((37, 45, 3), 3) - 0.05, 0, 1)
-    yg, yp = metrics.rgb_to_y(gt), metrics.rgb_to_y(pred)
+    yg, yp = color.rgb_to_y(gt), color.rgb_to_y(pred)
     assert yg.min() >= 16 and yg.max() <= 235
     sl = slice(shave, -shave) if shave else slice(None)
-    want = _sk_ssim(yg[sl, sl], yp[sl, sl])
+    want = _ssim_index_m(yp[sl, sl], yg[sl, sl])
+    assert 0.3 < want < 0.999  # a discriminating case: neither identical nor unrelated
     assert metrics.ssim(pred, gt, shave=shave) == pytest.approx(want, abs=1e-9)
+    assert metrics.ssim_gray(yp, yg, shave=shave) == pytest.approx(want, abs=1e-9)
 
 
-def test_ssim_rgb_matches_skimage_channel_mean():
+def test_ssim_rgb_is_the_channel_mean():
     gt = _rand((30, 33, 3), 4)
     pred = np.clip(gt + 0.2 * _rand((30, 33, 3), 5) - 0.1, 0, 1)
-    want = _sk_ssim(gt.astype(np.float64) * 255, pred.astype(np.float64) * 255, channel_axis=-1)
+    want = np.mean([_ssim_index_m(pred[..., c].astype(np.float64) * 255,
+                                  gt[..., c].astype(np.float64) * 255) for c in range(3)])
     assert metrics.ssim(pred, gt, y_channel=False) == pytest.approx(want, abs=1e-9)
+    assert metrics.ssim(pred, gt, y_channel=False, shave=3) == pytest.approx(np.mean(
+        [_ssim_index_m(pred[3:-3, 3:-3, c].astype(np.float64) * 255,
+                       gt[3:-3, 3:-3, c].astype(np.float64) * 255) for c in range(3)]),
+        abs=1e-9)
 
 
 def test_rgb_to_y_matches_matlab_formula():
     # MATLAB rgb2ycbcr for doubles: Y = 16/255 + (65.481 R + 128.553 G + 24.966 B) / 255.
     px = np.array([[[0.2, 0.5, 0.9]]])
-    assert metrics.rgb_to_y(px)[0, 0] == pytest.approx(16 + 65.481 * 0.2 + 128.553 * 0.5
+    assert color.rgb_to_y(px)[0, 0] == pytest.approx(16 + 65.481 * 0.2 + 128.553 * 0.5
                                                        + 24.966 * 0.9)

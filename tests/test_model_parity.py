@@ -63,17 +63,15 @@ def test_random_queries_match_torch(pair, train):
     with torch.no_grad():
         ref = tm(torch.from_numpy(inp).permute(0, 3, 1, 2), torch.from_numpy(coord),
                  torch.from_numpy(cell)).numpy()
-    g = geometry.query_geometry(coord, (h, w), cfg.radius)
-    rel_cell = cell * np.array([h, w], np.float32)
+    g = geometry.query_geometry(coord, (h, w), cfg.radius, cell * np.array([h, w], np.float32))
     model = build_model(cfg)
     apply = jax.jit(model.apply, static_argnames=("train", "mutable"))
     if train:
-        out, upd = apply(variables, inp, g.coord, g.key_idx, g.rel, rel_cell, train=True,
-                         mutable=("batch_stats",))
+        out, upd = apply(variables, inp, g, train=True, mutable=("batch_stats",))
         # running statistics after one step: torch momentum, unbiased variance
         updated_ref = state_dict_to_variables(sd_numpy(tm), cfg)["batch_stats"]
         jax.tree_util.tree_map(lambda a, r: np.testing.assert_allclose(a, r, atol=1e-5),
                                upd["batch_stats"], updated_ref)
     else:
-        out = apply(variables, inp, g.coord, g.key_idx, g.rel, rel_cell)
+        out = apply(variables, inp, g)
     np.testing.assert_allclose(np.asarray(out), ref, atol=2e-5, rtol=0)

@@ -29,9 +29,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from msit_jax.io import checkpoint, pretrained
+from msit_jax.io import model_dir as mdir, pretrained
 from msit_jax import errors, images, tiny_model_config, upscale
-from msit_jax.eval import evaluation
+from msit_jax.eval import cli as evaluate_cli, protocol, reports, runner
 from msit_jax.models.random_init import random_variables
 from msit_jax.training import train_and_evaluate
 from msit_jax.training.checkpoints import (FILES_MANIFEST, REJECTED_DIR, Checkpointer,
@@ -145,7 +145,7 @@ def copy_run(base_run, tmp_path) -> str:
 def model_dir(tmp_path_factory):
     cfg = tiny_model_config()
     path = str(tmp_path_factory.mktemp("model") / "tiny")
-    checkpoint.save_model(path, cfg, random_variables(cfg, 0))
+    mdir.save_model(path, cfg, random_variables(cfg, 0))
     return path, cfg
 
 
@@ -227,7 +227,7 @@ def test_02_architecture_change_on_resume_is_refused_before_any_write(base_run, 
     out = str(tmp_path / "o.png")
     save_img(tmp_path / "i.png", 14, 12)
     assert upscale.main([str(tmp_path / "i.png"), "--checkpoint", wd, "--scale", "2", "-o", out,
-                         "--no-progress"]) == 0
+                         "--noprogress"]) == 0
 
 
 @pytest.mark.slow
@@ -271,23 +271,23 @@ def test_03_output_never_overwrites_input_and_existing_needs_overwrite(tmp_path,
     ckpt, _ = model_dir
     src = save_img(tmp_path / "selfin.png", 12, 14)
     before = open(src, "rb").read()
-    rc = upscale.main([src, "--checkpoint", ckpt, "--scale", "2", "-o", src, "--no-progress"])
+    rc = upscale.main([src, "--checkpoint", ckpt, "--scale", "2", "-o", src, "--noprogress"])
     assert rc == errors.EXIT_OUTPUT
     assert_one_line_error(capsys.readouterr().err, "is the input")
     assert open(src, "rb").read() == before
     # a directory output whose file name collides with an input is caught too
     rc = upscale.main([src, "--checkpoint", ckpt, "--scale", "2", "-o", str(tmp_path),
-                       "--no-progress"])
+                       "--noprogress"])
     assert rc == errors.EXIT_OUTPUT and open(src, "rb").read() == before
     capsys.readouterr()
     out = tmp_path / "out.png"
     out.write_bytes(b"precious")
     rc = upscale.main([src, "--checkpoint", ckpt, "--scale", "2", "-o", str(out),
-                       "--no-progress"])
+                       "--noprogress"])
     assert rc == errors.EXIT_OUTPUT and out.read_bytes() == b"precious"
     assert_one_line_error(capsys.readouterr().err, "--overwrite")
     rc = upscale.main([src, "--checkpoint", ckpt, "--scale", "2", "-o", str(out),
-                       "--overwrite", "--no-progress"])
+                       "--overwrite", "--noprogress"])
     assert rc == 0 and images.read_image(str(out)).shape == (24, 28, 3)
 
 
@@ -323,11 +323,11 @@ def test_04_divergence_stops_at_the_first_non_finite_step(tmp_path):
 
 @pytest.mark.slow
 def test_04_skipped_step_changes_nothing_but_the_counter():
-    from msit_jax.data.protocol import Protocol
+    from msit_jax.data.protocol import Batch, Protocol
     from msit_jax.data.pipeline import host_dataset
     from msit_jax.data.sources import EmbeddedSource
-    from msit_jax.models.model import build_model
-    from msit_jax.training.state import create_state, dummy_inputs, init_variables, make_optimizer
+    from msit_jax.models.model import build_model, dummy_inputs
+    from msit_jax.training.state import create_state, init_variables, make_optimizer
     from msit_jax.training.step import jit_train_step, make_mesh, NONFINITE_LOSS
 
     cfg = load_config()
@@ -335,7 +335,7 @@ def test_04_skipped_step_changes_nothing_but_the_counter():
     model = build_model(cfg.model)
     tx, schedule = make_optimizer(cfg)
     d = cfg.data
-    v = init_variables(model, jax.random.PRNGKey(0), dummy_inputs(cfg.model, d.inp_size,
+    v = init_variables(model, jax.random.PRNGKey(0), dummy_inputs(cfg.model, (d.inp_size, d.inp_size),
                                                                   d.sample_q))
     step = jit_train_step(model, tx, schedule, make_mesh(), skip_nonfinite=True)
     batch = next(iter(host_dataset(EmbeddedSource("train"), Protocol(
@@ -344,11 +344,11 @@ def test_04_skipped_step_changes_nothing_but_the_counter():
     state = create_state(v, tx)
     before = jax.device_get(state)
     bad = dict(batch, inp=np.full_like(batch["inp"], np.nan))
-    s1, m1 = step(create_state(v, tx), bad)
+    s1, m1 = step(create_state(v, tx), Batch.from_flat(bad))
     assert int(m1["nonfinite"]) & NONFINITE_LOSS and int(s1.step) == 1
     for k in ("params", "batch_stats", "opt_state"):
         assert_trees_equal(getattr(s1, k), getattr(before, k))
-    s2, m2 = step(s1, batch)
+    s2, m2 = step(s1, Batch.from_flat(batch))
     assert int(m2["nonfinite"]) == 0 and int(s2.step) == 2
     assert any(not np.array_equal(a, b) for a, b in
                zip(flat(s2.params).values(), flat(before.params).values()))
@@ -645,7 +645,7 @@ def _scaled_model(path: str, factor) -> str:
     cfg = tiny_model_config()
     v = jax.tree_util.tree_map(lambda x: np.asarray(x) * np.float32(factor),
                                random_variables(cfg, 0))
-    checkpoint.save_model(path, cfg, v)
+    mdir.save_model(path, cfg, v)
     return path
 
 
@@ -656,13 +656,13 @@ def test_10_non_finite_output_is_an_error_in_upscale_and_evaluate(tmp_path, caps
     nan_dir = _scaled_model(str(tmp_path / "nan"), np.nan)
     src = save_img(tmp_path / "in.png", 14, 12)
     rc = upscale.main([src, "--checkpoint", nan_dir, "--scale", "2", "-o",
-                       str(tmp_path / "a.png"), "--no-progress"])
+                       str(tmp_path / "a.png"), "--noprogress"])
     assert rc == errors.EXIT_CHECKPOINT
     assert_one_line_error(capsys.readouterr().err, "non-finite", "variables")
     # finite weights whose output overflows: the image fails, nothing is written
     big = _scaled_model(str(tmp_path / "big"), 1e20)
     rc = upscale.main([src, "--checkpoint", big, "--scale", "2", "-o", str(tmp_path / "b.png"),
-                       "--no-progress"])
+                       "--noprogress"])
     err = capsys.readouterr().err
     assert rc == errors.EXIT_NONFINITE and "non-finite value" in err
     assert not (tmp_path / "b.png").exists() and "Traceback" not in err
@@ -685,7 +685,7 @@ def test_11_model_dir_is_validated_with_one_line_errors(tmp_path, model_dir, cap
     shutil.copytree(src, d)
     c = cfg.copy_and_resolve_references()
     c.dim = 64
-    open(os.path.join(d, "model_config.json"), "w").write(checkpoint.config_to_json(c))
+    open(os.path.join(d, "model_config.json"), "w").write(mdir.config_to_json(c))
     cases[d] = "do not match its model_config.json"
     d = str(tmp_path / "heads0")
     shutil.copytree(src, d)
@@ -702,7 +702,7 @@ def test_11_model_dir_is_validated_with_one_line_errors(tmp_path, model_dir, cap
         with pytest.raises(errors.CheckpointError, match=needle):
             pretrained.load(d)
         rc = upscale.main([img, "--checkpoint", d, "--scale", "2", "-o",
-                           str(tmp_path / f"o{k}.png"), "--no-progress"])
+                           str(tmp_path / f"o{k}.png"), "--noprogress"])
         assert rc == errors.EXIT_CHECKPOINT
         assert_one_line_error(capsys.readouterr().err, needle, d)
 
@@ -733,13 +733,13 @@ def test_12_each_input_fails_independently_and_bounds_are_checked_first(tmp_path
     good2 = save_img(tmp_path / "good2.png", 12, 10, seed=3)
     out = tmp_path / "out"
     rc = upscale.main([good1, bomb, str(folder), good2, "--checkpoint", ckpt, "--scale", "2",
-                       "-o", str(out), "--no-progress"])
+                       "-o", str(out), "--noprogress"])
     err = capsys.readouterr().err
     assert rc == errors.EXIT_FAILURE  # two causes: a resource limit and a non-image
     assert "bomb.png: Image size (400000000 pixels) exceeds limit" in err
     assert "adir.png: is a directory, not an image file" in err and "Traceback" not in err
     assert sorted(os.listdir(out)) == ["good1.png", "good2.png"]  # the others went on
-    base = [good1, "--checkpoint", ckpt, "--no-progress"]
+    base = [good1, "--checkpoint", ckpt, "--noprogress"]
     for extra, code, needle in [
             (["--scale", "1e6", "-o", str(tmp_path / "s.png")], errors.EXIT_RESOURCE,
              "over --max_memory_gb 4"),
@@ -765,19 +765,9 @@ def test_12_each_input_fails_independently_and_bounds_are_checked_first(tmp_path
 # ---------------------------------------------------------------------------- 13. evaluate
 
 def _evaluate_main(args: list[str]) -> int:
-    """evaluate.py's main in this process (its absl flags parsed, then reset)."""
-    spec = importlib.util.spec_from_file_location("evaluate_cli", os.path.join(REPO,
-                                                                               "evaluate.py"))
-    mod = sys.modules.get("evaluate_cli")
-    if mod is None:
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules["evaluate_cli"] = mod
-        spec.loader.exec_module(mod)
-    argv = mod.FLAGS(["evaluate.py"] + args)
-    try:
-        return mod.main(argv)
-    finally:
-        mod.FLAGS.unparse_flags()
+    """evaluate.py's command in this process (its flags parsed into a FlagValues of
+    its own)."""
+    return evaluate_cli.main(args)
 
 
 @pytest.fixture
@@ -808,7 +798,7 @@ def test_13_a_late_write_failure_keeps_the_table(tmp_path, mini, capsys, monkeyp
     def full_disk(*a, **kw):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(evaluation, "write_json", full_disk)
+    monkeypatch.setattr(reports, "write_json", full_disk)
     rc = _evaluate_main(["--model", "bicubic", "--data", mini, "--scales", "2",
                          "--noprogress", "--json", str(tmp_path / "r.json")])
     cap = capsys.readouterr()
@@ -820,22 +810,22 @@ def test_13_a_late_write_failure_keeps_the_table(tmp_path, mini, capsys, monkeyp
 def test_13_paired_lr_is_checked_in_both_dimensions():
     hr = np.zeros((60, 48, 3), np.uint8)
     with pytest.raises(errors.InputError, match=r"scale 2 \(height\) and 4 \(width\)"):
-        evaluation.pair(hr, np.zeros((30, 10, 3), np.uint8), 2, "x.png")
-    gt, hw = evaluation.pair(hr, np.zeros((30, 24, 3), np.uint8), 2, "x.png")
+        protocol.pair(hr, np.zeros((30, 10, 3), np.uint8), 2, "x.png")
+    gt, hw = protocol.pair(hr, np.zeros((30, 24, 3), np.uint8), 2, "x.png")
     assert gt.shape == (60, 48, 3) and hw == (60, 48)
 
 
 def test_13_dataset_names_cannot_escape_the_output_folder(tmp_path, mini):
     out = tmp_path / "deep" / "OUT"
-    cfg = evaluation.default_config()
+    cfg = runner.default_config()
     cfg.model, cfg.data, cfg.scales, cfg.progress = "bicubic", [f"../../x={mini}"], [2.0], False
     cfg.save_images = str(out)
-    evaluation.run(cfg)
+    runner.run(cfg)
     written = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path) for f in fs
                if f.endswith(".png") and "Mini" not in d]
     assert written and all(w.startswith(str(out) + os.sep) for w in written)
-    assert evaluation.safe_component("../../x") == "x"
-    assert evaluation.safe_component("div2k/bicubic_x4") == "div2k_bicubic_x4"
+    assert reports.safe_component("../../x") == "x"
+    assert reports.safe_component("div2k/bicubic_x4") == "div2k_bicubic_x4"
 
 
 # ---------------------------------------------------------------------------- 14. convert / load
@@ -873,7 +863,7 @@ def test_14_pth_errors_are_one_line_naming_the_file(tmp_path, model_dir, capsys)
         assert convert.main([path, str(tmp_path / f"conv_{name}")]) == errors.EXIT_CHECKPOINT
         assert_one_line_error(capsys.readouterr().err, needle, path)
         rc = upscale.main([img, "--checkpoint", path, "--scale", "2", "-o",
-                           str(tmp_path / f"u_{name}.png"), "--no-progress"])
+                           str(tmp_path / f"u_{name}.png"), "--noprogress"])
         assert rc == errors.EXIT_CHECKPOINT
         assert_one_line_error(capsys.readouterr().err, needle)
         assert not os.path.exists(tmp_path / f"conv_{name}")

@@ -90,7 +90,7 @@ def test_query_geometry_matches_torch_reference_keys():
     h, w, r = 24, 20, 3
     coords = _sample_coords()
     coords = coords[(np.abs(coords) <= 1).all(-1)]
-    g = geometry.query_geometry(coords, (h, w), r)
+    g = geometry.query_geometry(coords, (h, w), r, geometry.rel_cell((3 * h, 3 * w), (h, w)))
 
     lr = torch_make_coord(h, w).permute(2, 0, 1)[None]
     c_q = grid(lr, torch.from_numpy(coords)[None], "nearest")[0]  # (N, 2)
@@ -121,4 +121,26 @@ def test_rel_cell():
 
 def test_query_geometry_rejects_bad_shape():
     with pytest.raises(ValueError, match="coord"):
-        geometry.query_geometry(np.zeros((5, 3), np.float32), (4, 4), 1)
+        geometry.query_geometry(np.zeros((5, 3), np.float32), (4, 4), 1, np.ones(2, np.float32))
+    with pytest.raises(ValueError, match="rel_cell"):  # one cell per image, not per query
+        geometry.query_geometry(np.zeros((2, 5, 2), np.float32), (4, 4), 1,
+                                np.ones((2, 5, 2), np.float32))
+
+
+def test_query_chunks_region_is_the_full_grid_restricted():
+    """Chunks of an HR region: the region's pixels in raster order, each with the
+    geometry (and rel_cell) it has in the full grid; padding repeats the last query."""
+    out_hw, lr_hw, region, chunk = (23, 17), (7, 5), ((4, 15), (3, 11)), 13
+    (_, _, whole), = geometry.query_chunks(out_hw, lr_hw, 2, out_hw[0] * out_hw[1])
+    tw = region[1][1] - region[1][0]
+    seen = 0
+    for start, count, g in geometry.query_chunks(out_hw, lr_hw, 2, chunk, region=region):
+        assert start == seen and g.coord.shape == (chunk, 2)
+        k = np.arange(start, start + chunk)
+        k[count:] = k[count - 1]
+        flat = (region[0][0] + k // tw) * out_hw[1] + region[1][0] + k % tw
+        for name in ("coord", "key_idx", "rel"):
+            np.testing.assert_array_equal(getattr(g, name), getattr(whole, name)[flat])
+        np.testing.assert_array_equal(g.rel_cell, geometry.rel_cell(out_hw, lr_hw))
+        seen += count
+    assert seen == (region[0][1] - region[0][0]) * tw

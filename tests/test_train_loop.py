@@ -7,19 +7,25 @@ settings (its train step compiles once per process and is reused).
 from __future__ import annotations
 
 import importlib.util
+import json
+import logging
 import os
+import struct
+import subprocess
+import sys
 
 import flax.traverse_util as tu
 import jax
 import numpy as np
 import pytest
 
-from msit_jax import build_model, geometry
-from msit_jax.io import checkpoint, pretrained
+from msit_jax import build_model, errors, geometry
+from msit_jax.io import model_dir, pretrained
 from msit_jax.training import train_and_evaluate
-from msit_jax.training.checkpoints import load_workdir_model
+from msit_jax.io.workdir import load_workdir_model
+from msit_jax.training.config import fit_warmup, validate_config
 from msit_jax.training.loop import prepare_workdir
-from msit_jax.training.metrics import read_jsonl
+from msit_jax.training.metrics import MetricLogger, read_jsonl
 from msit_jax.training.schedule import lr_schedule
 from msit_jax.training.stage2 import init_from
 from msit_jax.training.state import make_optimizer
@@ -137,13 +143,13 @@ def rim_equals_plain_outputs(plain_cfg, plain_vars, rim_cfg, rim_vars):
     rs = np.random.RandomState(0)
     inp = rs.uniform(-1, 1, (2, 9, 11, 3)).astype(np.float32)
     coord = rs.uniform(-1, 1, (2, 40, 2)).astype(np.float32)
-    g = geometry.query_geometry(coord, (9, 11), plain_cfg.radius)
     rc = np.tile(geometry.rel_cell((20, 23), (9, 11)), (2, 1))
+    g = geometry.query_geometry(coord, (9, 11), plain_cfg.radius, rc)
     outs = []
     for cfg, v in ((plain_cfg, plain_vars), (rim_cfg, rim_vars)):
         m = build_model(cfg)
-        outs.append([np.asarray(m.apply(v, inp, g.coord, g.key_idx, g.rel, rc)),
-                     np.asarray(m.apply(v, inp, g.coord, g.key_idx, g.rel, rc, train=True,
+        outs.append([np.asarray(m.apply(v, inp, g)),
+                     np.asarray(m.apply(v, inp, g, train=True,
                                         mutable=["batch_stats"])[0])])
     return outs
 
@@ -158,11 +164,12 @@ def zero_rim_adapters(v):
 
 
 def fresh_rim(cfg):
-    from msit_jax.training.state import dummy_inputs, init_variables
+    from msit_jax.models.model import dummy_inputs
+    from msit_jax.training.state import init_variables
 
     m = build_model(cfg)
     return jax.tree_util.tree_map(np.asarray, init_variables(
-        m, jax.random.PRNGKey(1), dummy_inputs(cfg, 12, 32)))
+        m, jax.random.PRNGKey(1), dummy_inputs(cfg, (12, 12), 32)))
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +185,7 @@ def test_stage2_init_reproduces_stage1_outputs(stage1, rim_fresh, tmp_path):
     plain_cfg = plain_cfg.model
     rim_cfg, fresh = rim_fresh
     plain_vars = {k: res1.state[k] for k in ("params", "batch_stats")}
-    mdir = checkpoint.save_model(str(tmp_path / "model"), plain_cfg, plain_vars)
+    mdir = model_dir.save_model(str(tmp_path / "model"), plain_cfg, plain_vars)
     for source in (mdir, stage1[1]):  # a model dir and a training workdir
         v = init_from(source, rim_cfg, fresh)
         fp = flat(fresh["params"])
@@ -281,6 +288,121 @@ def test_reference_schedule_per_epoch():
                                [1e-3, 5.5e-3, 1e-2, 5e-3, 0.0], atol=1e-9)
     with pytest.raises(ValueError, match="multiples of lr.epoch_steps"):
         lr_schedule(1e-5, 10.0, 50, 1000, epoch_steps=7)
+
+
+def test_a_warmup_longer_than_the_run_is_clipped_to_a_tenth():
+    cfg = load_config("default")  # 100 warm-up steps
+    cfg.total_steps = 50
+    fitted, warning = fit_warmup(cfg)
+    assert fitted.lr.warmup_steps == 5 and cfg.lr.warmup_steps == 100  # a copy; input kept
+    assert "lr.warmup_steps=100 is not shorter than total_steps=50" in warning
+    assert "warming up for 5 steps" in warning and "\n" not in warning
+    validate_config(fitted)
+    with pytest.raises(errors.ConfigError, match=r"lr\.warmup_steps=100 must be >= 0 and < "
+                       r"total_steps \(50\)"):
+        validate_config(cfg)  # what train.py said (as a traceback) before the clip
+    # the schedule keeps its shape: a ramp to the peak, then the cosine to 0 at the end
+    sched = lr_schedule(cfg.lr.base, cfg.lr.multiplier, 5, 50)
+    assert float(sched(5)) == pytest.approx(cfg.lr.base * cfg.lr.multiplier)
+    assert float(sched(49)) < 0.01 * float(sched(5))
+    cfg.total_steps = 100  # warm-up == total_steps is as invalid
+    assert fit_warmup(cfg)[0].lr.warmup_steps == 10
+    # per-epoch schedules clip to whole epochs
+    paper = load_config("msit_edsr_stage1")
+    paper.total_steps = 20_000
+    fitted, _ = fit_warmup(paper)
+    assert fitted.lr.warmup_steps == 2000 and fitted.lr.epoch_steps == 1000
+    paper.total_steps = 5000
+    assert fit_warmup(paper)[0].lr.warmup_steps == 0  # less than an epoch: no warm-up
+    validate_config(fit_warmup(paper)[0])
+    # valid values are left alone (the same object)
+    tiny = load_config("tiny")
+    assert fit_warmup(tiny) == (tiny, None)
+
+
+@pytest.mark.parametrize("field,value,needle", [
+    ("lr.warmup_steps", -1, "lr.warmup_steps=-1 must be >= 0"),
+    ("total_steps", 0, "total_steps=0 must be >= 1"),
+    ("total_steps", 500, "--config.lr.epoch_steps=0")])  # not a whole number of epochs
+def test_a_warmup_that_cannot_be_fixed_stays_a_config_error(field, value, needle):
+    cfg = load_config("msit_edsr_stage1" if field == "total_steps" and value else "tiny")
+    *parents, leaf = field.split(".")
+    node = cfg
+    for p in parents:
+        node = node[p]
+    node[leaf] = value
+    fitted, warning = fit_warmup(cfg)
+    assert fitted is cfg and warning is None
+    with pytest.raises(errors.ConfigError) as e:
+        validate_config(fitted)
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.slow
+def test_short_run_on_the_command_line_warns_once_and_trains(tmp_path):
+    """`train.py ... --config.total_steps=50` on a config with a 100-step warm-up."""
+    wd = str(tmp_path / "short")
+    env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    p = subprocess.run([sys.executable, "train.py", "--config", "configs/tiny.py", "--workdir",
+                        wd, "--config.total_steps=50", "--config.lr.warmup_steps=100",
+                        "--config.checkpoint.every_steps=25"],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "Traceback" not in p.stderr
+    mentions = [ln for ln in p.stderr.splitlines() if "warmup" in ln]
+    assert len(mentions) == 1 and mentions[0].startswith("W"), mentions  # absl WARNING line
+    assert "lr.warmup_steps=100 is not shorter than total_steps=50" in mentions[0]
+    with open(os.path.join(wd, "config.json")) as f:
+        assert json.load(f)["lr"]["warmup_steps"] == 5  # the warm-up actually used
+    cfg = load_config("tiny")
+    sched = lr_schedule(cfg.lr.base, cfg.lr.multiplier, 5, 50)
+    train = [r for r in read_jsonl(os.path.join(wd, "metrics.jsonl")) if r["split"] == "train"]
+    assert [r["step"] for r in train] == list(range(1, 51))
+    np.testing.assert_allclose([r["lr"] for r in train], [float(sched(s)) for s in range(50)],
+                               rtol=1e-6)
+    assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == ["25", "50"]
+
+
+def _tb_scalars(logdir: str) -> dict[str, list[tuple[int, float]]]:
+    """{tag: [(step, value)]} of the event files under logdir (TFRecord framing)."""
+    from tensorboardX.proto import event_pb2
+
+    out: dict[str, list[tuple[int, float]]] = {}
+    for name in sorted(os.listdir(logdir)):
+        with open(os.path.join(logdir, name), "rb") as f:
+            data = f.read()
+        pos = 0
+        while pos < len(data):  # u64 length, u32 crc, payload, u32 crc
+            (n,) = struct.unpack("<Q", data[pos:pos + 8])
+            event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + n])
+            pos += 12 + n + 4
+            for v in event.summary.value:
+                out.setdefault(v.tag, []).append((event.step, v.simple_value))
+    return out
+
+
+def test_tensorboard_files_hold_the_logged_scalars(tmp_path):
+    logger = MetricLogger(str(tmp_path), tensorboard=True)
+    logger.write(1, "train", {"loss": 0.5, "lr": 1e-4})
+    logger.write(2, "train", {"loss": 0.25, "lr": float("nan")})  # non-finite: jsonl null only
+    logger.write(2, "val", {"val_psnr": 30.0})
+    logger.close()
+    scalars = _tb_scalars(str(tmp_path / "tensorboard"))
+    assert scalars == {"train/loss": [(1, 0.5), (2, 0.25)], "train/lr": [(1, pytest.approx(1e-4))],
+                       "val/val_psnr": [(2, 30.0)]}
+
+
+def test_training_logs_without_tensorboardx(tmp_path, monkeypatch, caplog):
+    monkeypatch.setitem(sys.modules, "tensorboardX", None)  # not installed
+    with caplog.at_level(logging.INFO, logger="msit_jax"):
+        logger = MetricLogger(str(tmp_path), tensorboard=True)
+    logger.write(1, "train", {"loss": 0.5})
+    logger.close()
+    assert "tensorboardX is not installed" in caplog.text
+    assert not (tmp_path / "tensorboard").exists()
+    assert read_jsonl(str(tmp_path / "metrics.jsonl")) == [{"step": 1, "split": "train",
+                                                            "loss": 0.5}]
 
 
 def test_gradient_clipping_is_applied_before_adam():

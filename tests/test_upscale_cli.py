@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import math
 import os
+import re
 import resource
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
 
-from msit_jax.io import checkpoint
+from msit_jax.io import model_dir
 from msit_jax import images, inference, tiling, tiny_model_config, upscale
 from msit_jax.models import reparam
+from msit_jax.io.workdir import MODEL_CONFIG_FILE
+from msit_jax.training.checkpoints import Checkpointer
 from tests.conftest import REPO, init_variables
 
 
@@ -28,7 +33,7 @@ def model(tmp_path_factory):
     cfg = tiny_model_config()
     variables = init_variables(cfg)
     path = str(tmp_path_factory.mktemp("ckpt") / "tiny")
-    checkpoint.save_model(path, cfg, variables)
+    model_dir.save_model(path, cfg, variables)
     return path, cfg, variables
 
 
@@ -69,7 +74,7 @@ def test_non_integer_anisotropic_scale_and_formats(tmp_path, model, capsys):
     rc = upscale.main([str(tmp_path / n) for n in ("rgb.png", "photo.jpg", "gray.png",
                                                     "alpha.png", "g16.png")]
                       + ["--checkpoint", ckpt, "--scale", "2.5,3.3", "--output", str(out),
-                         "--no-progress"])
+                         "--noprogress"])
     assert rc == 0, capsys.readouterr().err
     hw = (50, 86)  # round(20 * 2.5), round(26 * 3.3) = round(85.8)
     want = _expected(cfg, variables, rgb, hw)
@@ -99,7 +104,7 @@ def test_corrupt_input_is_reported_and_others_processed(tmp_path, model, capsys)
     rc = upscale.main([str(tmp_path / "good1.png"), str(tmp_path / "bad.png"),
                        str(tmp_path / "good2.png"), str(tmp_path / "missing.png"),
                        "--checkpoint", ckpt, "--scale", "2", "--output", str(out),
-                       "--no-progress"])
+                       "--noprogress"])
     err = capsys.readouterr().err
     assert rc == 4  # both failures are unreadable inputs (errors.EXIT_INPUT)
     assert "bad.png: not a readable image" in err and "missing.png: no such file" in err
@@ -114,7 +119,7 @@ def test_usage_errors(tmp_path, model, capsys):
                        "--output", str(tmp_path / "o")])
     assert rc == 2 and "must be >= 1" in capsys.readouterr().err
     rc = upscale.main([str(tmp_path / "a.png"), "--checkpoint", ckpt, "--size", "8x100",
-                       "--output", str(tmp_path / "o"), "--no-progress"])
+                       "--output", str(tmp_path / "o"), "--noprogress"])
     assert rc == 2 and "smaller than the input" in capsys.readouterr().err
     rc = upscale.main([str(tmp_path / "a.png"), "--checkpoint", ckpt, "--scale", "2",
                        "--output", str(tmp_path / "o.jpg")])
@@ -163,7 +168,7 @@ def test_cli_tiled_matches_tiled_api(tmp_path, model):
     rgb = _img(30, 34, 5)
     Image.fromarray(rgb).save(tmp_path / "t.png")
     rc = upscale.main([str(tmp_path / "t.png"), "--checkpoint", ckpt, "--scale", "2.2",
-                       "--tile", "16", "--output", str(tmp_path / "t_out.png"), "--no-progress"])
+                       "--tile", "16", "--output", str(tmp_path / "t_out.png"), "--noprogress"])
     assert rc == 0
     fcfg, fvars = reparam.fold(cfg, variables)
     want = tiling.TiledUpscaler(fcfg, fvars, tile=16)(images.to_float(rgb), (66, 75))
@@ -177,7 +182,7 @@ def _micro_model(path):
     cfg.dim, cfg.heads, cfg.radius = 8, 1, 0
     cfg.msno_heads, cfg.qk_heads, cfg.mlp_hidden, cfg.posenc_dims = 1, 1, (8,), 8
     cfg.edsr.n_feats = 4
-    checkpoint.save_model(path, cfg, init_variables(cfg))
+    model_dir.save_model(path, cfg, init_variables(cfg))
 
 
 def test_output_larger_than_4096_squared_in_bounded_memory(tmp_path):
@@ -188,7 +193,7 @@ def test_output_larger_than_4096_squared_in_bounded_memory(tmp_path):
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     p = subprocess.run([sys.executable, "-m", "msit_jax.upscale", str(tmp_path / "in.png"),
                         "--checkpoint", ckpt, "--size", "4100x4100", "--chunk", "262144",
-                        "--output", str(out), "--no-progress"],
+                        "--output", str(out), "--noprogress"],
                        capture_output=True, text=True, timeout=600, cwd=REPO)
     assert p.returncode == 0, p.stderr
     peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
@@ -198,3 +203,137 @@ def test_output_larger_than_4096_squared_in_bounded_memory(tmp_path):
         assert im.size == (4100, 4100) and im.mode == "RGB"
         px = np.asarray(im.crop((0, 0, 64, 64)))
     assert px.std() > 0  # a real prediction, not a blank canvas
+
+
+def _stage_line(err: str, label: str) -> bool:
+    """Whether stderr holds a finished `console.stage` line: 'LABEL ... 1.2 s'."""
+    return re.search(rf"^{re.escape(label)} \.\.\. \d+\.\d s$", err, re.M) is not None
+
+
+def test_official_demo_flags(tmp_path, model, capsys):
+    """The official demo's command line works as is: --input, --model, --resolution H,W
+    (height first) and --output."""
+    ckpt, cfg, variables = model
+    rgb = _img(20, 26, 7)
+    Image.fromarray(rgb).save(tmp_path / "a.png")
+    rc = upscale.main(["--input", str(tmp_path / "a.png"), "--model", ckpt,
+                       "--resolution", "300,400", "--output", str(tmp_path / "b.png")])
+    assert rc == 0, capsys.readouterr().err
+    got = images.read_image(str(tmp_path / "b.png"))
+    assert got.shape == (300, 400, 3)
+    np.testing.assert_array_equal(got, _expected(cfg, variables, rgb, (300, 400)))
+
+
+def test_sizes_are_read_and_logged_height_first(tmp_path, model, capsys):
+    """96 wide, 80 high -> --size 100x300: 100 high, 300 wide, logged as H x W; --nofold
+    (absl spelling) runs the unfolded model; the stages are timed lines on stderr."""
+    ckpt, cfg, variables = model
+    rgb = _img(80, 96, 8)
+    src, out = str(tmp_path / "wide.png"), str(tmp_path / "o.png")
+    Image.fromarray(rgb).save(src)
+    rc = upscale.main([src, "--checkpoint", ckpt, "--size", "100x300", "-o", out,
+                       "--nofold", "--noprogress"])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert f"{src}: 80 x 96 -> 100 x 300 (H x W), wrote {out}" in err
+    with Image.open(out) as im:
+        assert im.size == (300, 100)  # PIL: (width, height)
+    want = inference.upscale(cfg, variables, images.to_float(rgb), (100, 300))
+    np.testing.assert_array_equal(images.read_image(out), images.to_uint8(want))
+    assert _stage_line(err, "load checkpoint")
+    assert _stage_line(err, f"{src}: compile+encode") and _stage_line(err, f"{src}: decode")
+    assert not re.search(r"^fold \.\.\.", err, re.M)  # --nofold
+    # A size smaller than the input is named height first too.
+    rc = upscale.main([src, "--checkpoint", ckpt, "--size", "90x60", "-o", out, "--overwrite"])
+    assert rc == 2
+    assert "--size 90 x 60 is smaller than the input 80 x 96 (H x W" in capsys.readouterr().err
+
+
+def test_quiet_prints_nothing_on_success(tmp_path, model, capsys):
+    ckpt, _, _ = model
+    Image.fromarray(_img(12, 14, 10)).save(tmp_path / "q.png")
+    rc = upscale.main([str(tmp_path / "q.png"), "--checkpoint", ckpt, "--scale", "2",
+                       "-o", str(tmp_path / "q_out.png"), "--quiet"])
+    cap = capsys.readouterr()
+    assert rc == 0 and (cap.out, cap.err) == ("", "")
+    assert images.read_image(str(tmp_path / "q_out.png")).shape == (24, 28, 3)
+
+
+def test_several_inputs_need_a_directory(tmp_path, model, capsys):
+    """The error names the number of inputs, not the extension, whatever the file name."""
+    ckpt, _, _ = model
+    a, b = str(tmp_path / "a.png"), str(tmp_path / "b.png")
+    Image.fromarray(_img(12, 14, 11)).save(a)
+    Image.fromarray(_img(12, 14, 12)).save(b)
+    (tmp_path / "existing").write_bytes(b"x")
+    for name in ("one.png", "one.jpg", "existing"):
+        out = str(tmp_path / name)
+        rc = upscale.main([a, b, "--checkpoint", ckpt, "--scale", "2", "--output", out])
+        err = capsys.readouterr().err
+        assert rc == 2, err
+        assert err.strip() == (f"error: 2 inputs but --output {out} is a single file; give a "
+                               "directory")
+    assert not (tmp_path / "one.png").exists() and not (tmp_path / "one.jpg").exists()
+
+
+@pytest.mark.parametrize("arg, spelling", [("--no-progress", "--noprogress (or --progress)"),
+                                           ("--no-fold", "--nofold (or --fold)"),
+                                           ("--no_overwrite", "--nooverwrite"),
+                                           ("--max-memory-gb=3", "--max_memory_gb=3")])
+def test_argparse_spellings_name_the_absl_one(tmp_path, model, capsys, arg, spelling):
+    ckpt, _, _ = model
+    rc = upscale.main([str(tmp_path / "a.png"), "--checkpoint", ckpt, "--scale", "2",
+                       "-o", str(tmp_path / "o.png"), arg])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert err.startswith(f"error: {arg} is argparse style") and spelling in err
+    assert "\n" not in err
+
+
+def test_help_says_height_first_and_the_decoder_threshold_per_platform(capsys):
+    assert upscale.main(["--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())  # absl wraps the help
+    for flag in ("--[no]progress", "--[no]fold", "--[no]quiet", "--input", "--model",
+                 "--resolution", "-o,--output"):
+        assert flag in text
+    assert "Output size H x W in pixels, height first" in text
+    cpu, gpu = inference.grid_min_queries("cpu"), inference.grid_min_queries("gpu")
+    assert (f"grid_min_queries() pixels per input pixel, {cpu:g} (x{math.sqrt(cpu):g}) on "
+            f"CPU and {gpu:g} (x{math.sqrt(gpu):g}) on GPU/TPU") in text
+    assert "2.2" not in text
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A one-checkpoint training workdir: loading it makes Orbax log absl warnings."""
+    cfg = tiny_model_config()
+    wd = str(tmp_path_factory.mktemp("run") / "wd")
+    os.makedirs(wd)
+    with open(os.path.join(wd, MODEL_CONFIG_FILE), "w") as f:
+        f.write(model_dir.config_to_json(cfg))
+    ck = Checkpointer(wd, async_save=False)
+    ck.save(1, jax.tree_util.tree_map(jax.numpy.asarray, dict(init_variables(cfg))), None)
+    ck.wait()
+    ck.close()
+    return wd
+
+
+def test_console_script_shows_stages_and_no_library_noise(tmp_path, workdir):
+    """`python -m msit_jax.upscale` (absl.app.run, as the msit-upscale script): timed stages
+    and a decode bar on stderr; Orbax's absl warnings only with --verbose."""
+    Image.fromarray(_img(80, 96, 13)).save(tmp_path / "in.png")
+    cmd = [sys.executable, "-m", "msit_jax.upscale", str(tmp_path / "in.png"), "--checkpoint",
+           workdir, "--scale", "2", "-o", str(tmp_path / "o.png")]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
+    err = p.stderr
+    assert p.returncode == 0, err
+    assert "WARNING:absl" not in err and "read only" not in err, err
+    assert not re.search(r"^[IWE]\d{4} ", err, re.M), err  # nor absl-formatted records
+    assert _stage_line(err, "load checkpoint") and _stage_line(err, "fold"), err
+    tag = f"{tmp_path / 'in.png'}: "
+    assert _stage_line(err, tag + "compile+encode"), err
+    assert re.search(rf"{re.escape(tag)}decode: 100%.* (\d+)/\1 ", err), err  # the bar, done
+    assert f"{tag}80 x 96 -> 160 x 192 (H x W), wrote" in err
+    p = subprocess.run(cmd + ["--overwrite", "--verbose"], capture_output=True, text=True,
+                       timeout=300, cwd=REPO)
+    assert p.returncode == 0 and "Given directory is read only" in p.stderr  # what was hidden

@@ -1,4 +1,4 @@
-"""The official training batch protocol, reproduced exactly (DESIGN.md section 5).
+"""The official training batch protocol, reproduced exactly (docs/design.md#5-training-batch-protocol).
 
 Reference: `SRImplicitDownsampledCascaded` (train phase, k=1, one scale stage)
 of the official code. For one batch of B HR images:
@@ -14,6 +14,9 @@ of the official code. For one batch of B HR images:
    coordinates are the queries and their values the targets;
 7. cell = 2 / hr per axis; the model's input is rel_cell = cell * inp_size.
 
+A batch is a `Batch` (inp, geometry: QueryGeometry, gt); see its docstring for
+where it is flat and where typed.
+
 The reference flips the whole image before cropping; here the flips are numpy
 views and only the crop is copied, which is the same operation without the
 full-image copies. Randomness comes from numpy Generators seeded by
@@ -22,13 +25,13 @@ function of its step: any worker, host or restarted run produces it
 identically.
 
 Everything here is host-side numpy; the query geometry is float32 numpy as
-DESIGN.md section 3 requires (XLA's FMA fusion would flip nearest-centre ties).
+docs/design.md#3-query-geometry-and-tie-rules requires (XLA's FMA fusion would flip nearest-centre ties).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
@@ -103,18 +106,46 @@ def augment_view(img: np.ndarray, hflip: bool, vflip: bool, dflip: bool) -> np.n
     return img
 
 
+class Batch(NamedTuple):
+    """A training batch, the train step's input (`msit_jax.training.step.train_step`).
+
+    Shapes (Q = sample_q, h = inp_size, n = 2 * radius + 1); one example has
+    the same fields without the leading B:
+      inp       (B, h, h, 3) float32  normalised LR patches
+      geometry  QueryGeometry: coord (B, Q, 2) float32 query coordinates (row, col)
+                in [-1, 1] of the crop, key_idx (B, Q, 2, n) int32, rel (B, Q, 2, n)
+                float32, rel_cell (B, 2) float32 = cell * (h, h), cell = 2 / hr
+      gt        (B, Q, 3) float32     normalised HR values at the queries
+
+    Inside the grain pipeline examples and batches travel as flat dicts of
+    arrays (`to_flat`): grain stacks them, its workers pickle them, and the
+    pipeline adds its own keys (the step). `Batch.from_flat` turns a pipeline
+    batch into this typed batch, once, where the training loop hands it to the
+    train step.
+    """
+
+    inp: np.ndarray
+    geometry: geometry.QueryGeometry
+    gt: np.ndarray
+
+    def to_flat(self) -> dict[str, np.ndarray]:
+        """{'inp', 'coord', 'key_idx', 'rel', 'rel_cell', 'gt'}: arrays, no nesting."""
+        return dict(inp=self.inp, **self.geometry._asdict(), gt=self.gt)
+
+    @classmethod
+    def from_flat(cls, arrays: Mapping[str, Any]) -> "Batch":
+        """The typed batch from a flat dict of `to_flat`'s keys (others, e.g. 'hr' and
+        the pipeline's 'step', are left out)."""
+        geom = geometry.QueryGeometry(*(arrays[k] for k in geometry.QueryGeometry._fields))
+        return cls(arrays["inp"], geom, arrays["gt"])
+
+
 def make_example(img: np.ndarray, hr: int, p: Protocol, rng: np.random.Generator
                  ) -> dict[str, np.ndarray]:
     """One training example from an HR image (H, W, 3) uint8 and the batch's crop side hr.
 
-    Returns (Q = p.sample_q, n = 2 * p.radius + 1, h = p.inp_size):
-      inp      (h, h, 3) float32  normalised LR patch
-      coord    (Q, 2) float32     query coordinates (row, col) in [-1, 1] of the crop
-      key_idx  (Q, 2, n) int32    neighbour LR indices   } geometry.query_geometry
-      rel      (Q, 2, n) float32  query - key offsets    }
-      rel_cell (2,) float32       cell * (h, h), cell = 2 / hr
-      gt       (Q, 3) float32     normalised HR values at the queries
-      hr       () int32           the crop side (scale = hr / h)
+    Returns the example's `Batch` fields flattened (`Batch.to_flat`, shapes
+    without B) and hr () int32, the crop side (scale = hr / inp_size).
     """
     if img.ndim != 3 or img.shape[-1] != 3 or img.dtype != np.uint8:
         raise ValueError(f"expected an (H, W, 3) uint8 image, got {img.shape} {img.dtype}")
@@ -126,19 +157,13 @@ def make_example(img: np.ndarray, hr: int, p: Protocol, rng: np.random.Generator
     y0 = int(rng.integers(0, h - hr + 1))
     x0 = int(rng.integers(0, w - hr + 1))
     crop = np.ascontiguousarray(view[y0:y0 + hr, x0:x0 + hr])
-    lr = resize_bicubic(crop, (p.inp_size, p.inp_size))
+    lr_hw = (p.inp_size, p.inp_size)
+    lr = resize_bicubic(crop, lr_hw)
     idx = rng.choice(hr * hr, p.sample_q, replace=False)
     coord = geometry.make_coord((hr, hr)).reshape(-1, 2)[idx]
-    g = geometry.query_geometry(coord, (p.inp_size, p.inp_size), p.radius)
-    return dict(
-        inp=normalize_uint8(lr),
-        coord=g.coord,
-        key_idx=g.key_idx,
-        rel=g.rel,
-        rel_cell=geometry.rel_cell((hr, hr), (p.inp_size, p.inp_size)),
-        gt=normalize_uint8(crop.reshape(-1, 3)[idx]),
-        hr=np.int32(hr),
-    )
+    geom = geometry.query_geometry(coord, lr_hw, p.radius, geometry.rel_cell((hr, hr), lr_hw))
+    example = Batch(normalize_uint8(lr), geom, normalize_uint8(crop.reshape(-1, 3)[idx]))
+    return dict(example.to_flat(), hr=np.int32(hr))
 
 
 class BatchPlanner:
@@ -190,5 +215,5 @@ class BatchPlanner:
 
 
 def collate(examples: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """Stack examples into a batch (leading axis B)."""
+    """Stack flat examples into a flat batch (leading axis B); `Batch.from_flat` types it."""
     return {k: np.stack([e[k] for e in examples]) for k in examples[0]}

@@ -5,10 +5,13 @@ Every source is a random-access sequence of HR images:
     len(src)          number of images
     src[i]            (H, W, 3) uint8 RGB
     src.name(i)       a human-readable name (file path, TFDS record, skimage name)
+    src.key(i)        a short name, unique in the source (file name, TFDS record id,
+                      skimage name): per-image keys of evaluation results and files
+    src.is_gray(i)    whether the stored image is single-channel
     src.sizes         (N, 2) int64 array of (H, W), known without decoding
 
 `sizes` is what the batch protocol needs to shrink the scale of a batch whose
-smallest image is too small (DESIGN.md section 5), so it is computed once, up
+smallest image is too small (docs/design.md#5-training-batch-protocol), so it is computed once, up
 front, from file headers / stored shapes. With `skip_bad_images` a folder's
 images are also fully decoded once, up front, so a file with a valid header and
 a truncated body is dropped before training; the verdicts are cached (per file
@@ -31,10 +34,15 @@ import ml_collections
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from msit_jax.images import (IMAGE_EXTENSIONS, ImageError, bomb_error, list_images,
-                             read_image)
+from msit_jax.images import IMAGE_EXTENSIONS, ImageError, list_images, open_image, read_image
 
 log = logging.getLogger(__name__)
+
+# Pillow modes of single-channel images (MATLAB reads such a file as 2-D).
+GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N")
+# TFDS features tried, in order, for the HR image and for a record's name.
+TFDS_IMAGE_KEYS = ("hr", "image", "hr_image")
+TFDS_NAME_KEYS = ("id", "name", "file_name", "filename")
 
 # The colour photographs scikit-image ships (no download), split once and for all.
 # Held out: a portrait with skin/hair/fabric and a cat with fur and whiskers; the
@@ -83,20 +91,23 @@ class ImageSource:
     def name(self, i: int) -> str:
         raise NotImplementedError
 
+    def key(self, i: int) -> str:
+        """A short per-image name, unique in the source (default: the index, 4 digits)."""
+        return f"{int(i):04d}"
+
+    def is_gray(self, i: int) -> bool:
+        """Whether image i is single-channel (default: its three channels are equal)."""
+        img = self[i]
+        return bool(np.array_equal(img[..., 0], img[..., 1])
+                    and np.array_equal(img[..., 1], img[..., 2]))
+
 
 def _header_size(path: str) -> tuple[int, int]:
     """(H, W) from the file header (Pillow decodes no pixels here)."""
-    try:
-        with Image.open(path) as img:
-            w, h = img.size
-            if img.mode == "F":
-                raise ImageError(f"{path}: floating-point images (mode F) are not supported")
-    except Image.DecompressionBombError as e:
-        raise bomb_error(path, e) from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        if isinstance(e, ImageError):
-            raise
-        raise ImageError(f"{path}: not a readable image ({e})") from e
+    with open_image(path) as img:
+        w, h = img.size
+        if img.mode == "F":
+            raise ImageError(f"{path}: floating-point images (mode F) are not supported")
     return h, w
 
 
@@ -167,6 +178,8 @@ class FolderSource(ImageSource):
       once, up front (in threads), and files that fail (header, truncated body,
       size) are dropped, counted and logged.
     check_cache: optional JSON file caching the full-decode verdicts (skip_bad).
+    quiet: log nothing (the up-front decode, the skipped files): for a caller that
+      reports `skipped_errors` itself, as evaluation does.
     cache_dir: optional folder for decoded `.npy` copies, memory-mapped at load
       time so a random crop reads only its rows instead of decoding a 2K PNG
       (what the reference's `cache: bin` is for). Created on first use; with
@@ -175,7 +188,7 @@ class FolderSource(ImageSource):
 
     def __init__(self, root: str, meta_info: Optional[str] = None, first_k: Optional[int] = None,
                  min_side: int = 1, skip_bad: bool = False, cache_dir: Optional[str] = None,
-                 check_cache: Optional[str] = None):
+                 check_cache: Optional[str] = None, quiet: bool = False):
         root = os.fspath(root)
         files = read_file_list(meta_info, root) if meta_info else list_images(root)
         if first_k:
@@ -184,9 +197,9 @@ class FolderSource(ImageSource):
             raise FileNotFoundError(f"{root}: no image files (looked for "
                                     f"{', '.join(IMAGE_EXTENSIONS)})")
         self.cache_dir = cache_dir
-        sizes_or_errors = (self._decode_all(files, check_cache) if skip_bad
+        sizes_or_errors = (self._decode_all(files, check_cache, quiet) if skip_bad
                            else [self._header(p) for p in files])
-        kept, sizes, skipped = [], [], []
+        kept, sizes, skipped = [], [], []  # skipped: the ImageError of each dropped file
         for path, hw in zip(files, sizes_or_errors):
             try:
                 if isinstance(hw, ImageError):
@@ -198,25 +211,28 @@ class FolderSource(ImageSource):
             except ImageError as e:
                 if not skip_bad:
                     raise
-                skipped.append(str(e))
+                skipped.append(e)
                 continue
             kept.append(path)
             sizes.append((h, w))
-        if skipped:
+        if skipped and not quiet:
             log.warning("skipped %d of %d images in %s (skip_bad_images=True):\n  %s",
-                        len(skipped), len(files), root, "\n  ".join(skipped))
+                        len(skipped), len(files), root, "\n  ".join(map(str, skipped)))
         if not kept:
-            raise FileNotFoundError(f"{root}: none of the {len(files)} images is usable")
+            raise FileNotFoundError(f"{root}: none of the {len(files)} images is usable"
+                                    + (f" ({skipped[0]})" if skipped else ""))
         self.root = root
         self.files = kept
-        self.skipped = skipped
+        self.skipped_errors: list[ImageError] = skipped
+        self.skipped = [str(e) for e in skipped]
         self.sizes = np.asarray(sizes, np.int64)
 
     @staticmethod
     def _header(path: str):
         return _header_size(path)
 
-    def _decode_all(self, files: Sequence[str], check_cache: Optional[str]) -> list:
+    def _decode_all(self, files: Sequence[str], check_cache: Optional[str],
+                    quiet: bool = False) -> list:
         """(H, W) or the ImageError of each file, from a full decode (cached verdicts)."""
         cache = _CheckCache(check_cache)
         out: list = [None] * len(files)
@@ -238,8 +254,9 @@ class FolderSource(ImageSource):
             return img.shape[:2]
 
         if todo:
-            log.info("decoding %d images once to check them (skip_bad_images=True)",
-                     len(todo))
+            if not quiet:
+                log.info("decoding %d images once to check them (skip_bad_images=True)",
+                         len(todo))
             workers = min(len(todo), os.cpu_count() or 1, 8)
             with concurrent.futures.ThreadPoolExecutor(workers) as pool:
                 for i, res in zip(todo, pool.map(check, [files[i] for i in todo])):
@@ -253,6 +270,14 @@ class FolderSource(ImageSource):
 
     def name(self, i: int) -> str:
         return self.files[i]
+
+    def key(self, i: int) -> str:
+        return os.path.basename(self.files[i])
+
+    def is_gray(self, i: int) -> bool:
+        """From the file header: a single-channel mode (an RGB file of equal channels is not)."""
+        with open_image(self.files[i]) as img:
+            return img.mode in GRAY_MODES
 
     def _npy_path(self, file: str) -> str:
         path = os.path.abspath(file)
@@ -297,16 +322,19 @@ class TFDSSource(ImageSource):
 
     name: TFDS name (e.g. 'div2k/bicubic_x4' or this project's 'msit_images');
     split: e.g. 'train'; data_dir: TFDS data dir (None: TFDS's default);
-    image_key: the HR image feature ('hr' for both div2k and msit_images).
+    image_key: the HR image feature ('hr' for both div2k and msit_images; None: the
+    first of TFDS_IMAGE_KEYS the dataset has). `key(i)` is the record's 'id' /
+    'file_name' / 'filename' feature when it has one.
     The dataset must already be prepared; see `msit_jax.data.tfds_builder` to
     prepare one from an image folder without TensorFlow.
     """
 
     def __init__(self, name: str, split: str, data_dir: Optional[str] = None,
-                 image_key: str = "hr", first_k: Optional[int] = None, min_side: int = 1):
+                 image_key: Optional[str] = "hr", first_k: Optional[int] = None,
+                 min_side: int = 1):
         import tensorflow_datasets as tfds
 
-        self.tfds_name, self.split, self.data_dir, self.image_key = name, split, data_dir, image_key
+        self.tfds_name, self.split, self.data_dir = name, split, data_dir
         try:
             self._ds = tfds.data_source(name, split=split, data_dir=data_dir)
         except Exception as e:
@@ -315,9 +343,17 @@ class TFDSSource(ImageSource):
                 f"{data_dir or 'the default TFDS data dir'} ({type(e).__name__}: "
                 f"{str(e).splitlines()[0]})") from e
         features = self._ds.dataset_info.features
+        if image_key is None:
+            image_key = next((k for k in TFDS_IMAGE_KEYS if k in features), None)
+            if image_key is None:
+                raise KeyError(f"TFDS dataset {name!r} has none of the image features "
+                               f"{TFDS_IMAGE_KEYS} (features: {sorted(features.keys())})")
         if image_key not in features:
             raise KeyError(f"TFDS dataset {name!r} has no feature {image_key!r} "
                            f"(features: {sorted(features.keys())})")
+        self.image_key = image_key
+        self.name_key = next((k for k in TFDS_NAME_KEYS if k in features), None)
+        self._keys: Optional[list[str]] = None  # read on first use
         n = len(self._ds) if not first_k else min(first_k, len(self._ds))
         if n == 0:
             raise FileNotFoundError(f"TFDS dataset {name!r} split {split!r} is empty")
@@ -328,10 +364,14 @@ class TFDSSource(ImageSource):
                              f"smaller than the {min_side}-pixel minimum side a training "
                              f"crop needs ({len(small)} such records)")
 
+    def _undecoded(self, tfds):
+        """The records with the image feature left encoded (cheap to read)."""
+        return tfds.data_source(self.tfds_name, split=self.split, data_dir=self.data_dir,
+                                decoders={self.image_key: tfds.decode.SkipDecoding()})
+
     def _read_sizes(self, tfds, n: int) -> list[tuple[int, int]]:
         try:  # shapes / headers without decoding pixels
-            raw = tfds.data_source(self.tfds_name, split=self.split, data_dir=self.data_dir,
-                                   decoders={self.image_key: tfds.decode.SkipDecoding()})
+            raw = self._undecoded(tfds)
             sizes = [_raw_size(raw[i][self.image_key], self.name(i)) for i in range(n)]
             if all(s is not None for s in sizes):
                 return sizes
@@ -343,6 +383,17 @@ class TFDSSource(ImageSource):
 
     def name(self, i: int) -> str:
         return f"tfds:{self.tfds_name}/{self.split}[{i}]"
+
+    def key(self, i: int) -> str:
+        if self.name_key is None:
+            return super().key(i)
+        if self._keys is None:
+            import tensorflow_datasets as tfds
+
+            raw = self._undecoded(tfds)
+            vals = [raw[j][self.name_key] for j in range(len(self))]
+            self._keys = [v.decode() if isinstance(v, bytes) else str(v) for v in vals]
+        return self._keys[i]
 
     def _load(self, i: int) -> np.ndarray:
         return array_to_rgb_uint8(self._ds[i][self.image_key], self.name(i))
@@ -363,6 +414,9 @@ class EmbeddedSource(ImageSource):
 
     def name(self, i: int) -> str:
         return f"skimage.data.{self.names[i]}"
+
+    def key(self, i: int) -> str:
+        return self.names[i]
 
     def _load(self, i: int) -> np.ndarray:
         if i not in self._cache:  # a few MB in all: keep them

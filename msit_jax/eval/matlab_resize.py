@@ -30,10 +30,9 @@ from typing import Optional, Sequence, Union
 import numpy as np
 
 # MATLAB rgb2ycbcr: Y = 16 + (65.481 R + 128.553 G + 24.966 B) for R, G, B in [0, 1].
-from msit_jax.eval.metrics import YCBCR_Y, YCBCR_Y_OFFSET
+from msit_jax.eval.color import YCBCR_Y, YCBCR_Y_OFFSET
 
 KERNEL_WIDTH = 4.0  # support of the cubic kernel, in input pixels (upscaling)
-
 
 
 def cubic(x: np.ndarray) -> np.ndarray:
@@ -160,6 +159,12 @@ def modcrop(img: np.ndarray, scale: int) -> np.ndarray:
     return img[:h - h % scale, :w - w % scale]
 
 
-def to_uint8(img: np.ndarray) -> np.ndarray:
-    """MATLAB's `uint8(x * 255)` / im2uint8 for a float image in [0, 1]: round half away, saturate."""
+def im2uint8(img: np.ndarray) -> np.ndarray:
+    """MATLAB's `im2uint8` / `uint8(x * 255)` for a float image in [0, 1]: x * 255 in
+    float64, rounded half away from zero, saturated.
+
+    Not `msit_jax.images.to_uint8` (half to even): the two agree on float32
+    input, but the published tables' float64 Y pipeline (`BicubicYPredictor`)
+    lands on exact ties, which MATLAB rounds up.
+    """
     return _round_uint8(np.asarray(img, np.float64) * 255.0)

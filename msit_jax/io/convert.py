@@ -4,58 +4,90 @@
     python -m msit_jax.convert bare_state_dict.pth out/ --encoder rdn --conv rim
     python -m msit_jax.convert epoch-best.pth out_folded/ --fold
 
-The result loads with `msit_jax.io.pretrained.load(DST_DIR)`. Errors are one line
-naming the file, with the exit codes of `msit_jax.errors` (--verbose: traceback).
+The result loads with `msit_jax.io.pretrained.load(DST_DIR)`. Progress (timed
+stages: load checkpoint, fold, write) goes to stderr, the written path to
+stdout; --quiet leaves only errors. Errors are one line naming the file, with
+the exit codes of `msit_jax.errors`; --verbose adds tracebacks and third-party
+logs. Flags are absl flags: booleans are --fold / --nofold.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
+from typing import Optional, Sequence
 
-from msit_jax import errors
+from absl import flags
+
+from msit_jax import console, errors, flags_util
+
+PROG = "python -m msit_jax.convert"
+USAGE = f"usage: {PROG} [flags] SRC DST\n\n{__doc__}"
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m msit_jax.convert", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("src", help="official training checkpoint or state_dict (.pth)")
-    p.add_argument("dst", help="output directory (must not already hold a checkpoint)")
-    p.add_argument("--encoder", choices=("edsr-baseline", "rdn"),
-                   help="architecture of a bare state_dict (training checkpoints carry it)")
-    p.add_argument("--conv", choices=("rim", "plain"),
-                   help="layout of a bare state_dict (default: detected from its keys)")
-    p.add_argument("--fold", action="store_true",
-                   help="store the re-parameterised (RIM + BatchNorm folded) model")
-    p.add_argument("--verbose", action="store_true", help="print tracebacks of errors")
-    args = p.parse_args(argv)
+def define_flags(fv: flags.FlagValues) -> None:
+    """The command's flags, on `fv` (a private FlagValues, see `msit_jax.flags_util`)."""
+    flags.DEFINE_enum("encoder", None, ["edsr-baseline", "rdn"], "Architecture of a bare "
+                      "state_dict (training checkpoints carry it).", flag_values=fv)
+    flags.DEFINE_enum("conv", None, ["rim", "plain"], "Layout of a bare state_dict "
+                      "(default: detected from its keys).", flag_values=fv)
+    flags.DEFINE_bool("fold", False, "Store the re-parameterised (RIM + BatchNorm folded) "
+                      "model.", flag_values=fv)
+    flags.DEFINE_bool("quiet", False, "Print only errors and the written path (no stages).",
+                      flag_values=fv)
+    flags_util.define_verbose(fv)
+
+
+def _convert(f: flags.FlagValues, positionals: Sequence[str]) -> int:
+    """The command on parsed flags: SRC DST -> the exit status."""
+    console.quiet_logs(f.verbose)
     try:
-        return _convert(args)
+        if len(positionals) != 2:
+            raise errors.UsageError(
+                f"give SRC (.pth) and DST (a new directory), got {len(positionals)} "
+                f"argument(s){': ' + ' '.join(positionals) if positionals else ''} "
+                "(see --help)")
+        return _write(f, *positionals)
     except Exception as e:  # noqa: BLE001 - one line per error, see msit_jax.errors
-        return errors.report(e, args.verbose)
+        return errors.report(e, f.verbose)
 
 
-def _convert(args: argparse.Namespace) -> int:
-    from msit_jax.io import checkpoint, pretrained
+def _write(f: flags.FlagValues, src: str, dst: str) -> int:
+    from msit_jax.io import model_dir, pretrained
     from msit_jax.models import reparam
     from msit_jax.models.config import model_config
 
-    cfg = None
-    if args.encoder:
-        conv = args.conv
-        if conv is None:
-            from msit_jax.io.torch_io import detect_conv_kind
+    quiet = f.quiet
+    with console.stage("load checkpoint", quiet=quiet):
+        cfg = None
+        if f.encoder:
+            conv = f.conv
+            if conv is None:
+                from msit_jax.io.torch_io import detect_conv_kind
 
-            sd = pretrained.official_state_dict(pretrained.read_pth(args.src), args.src)
-            conv = detect_conv_kind(sd)
-        cfg = model_config(args.encoder, conv)
-    cfg, variables = pretrained.load(args.src, cfg)
-    if args.fold:
-        cfg, variables = reparam.fold(cfg, variables)
-    path = checkpoint.save_model(args.dst, cfg, variables)
+                sd = pretrained.official_state_dict(pretrained.read_pth(src), src)
+                conv = detect_conv_kind(sd)
+            cfg = model_config(f.encoder, conv)
+        cfg, variables = pretrained.load(src, cfg)
+    if f.fold:
+        with console.stage("fold", quiet=quiet):
+            cfg, variables = reparam.fold(cfg, variables)
+    with console.stage("write", quiet=quiet):
+        path = model_dir.save_model(dst, cfg, variables)
     print(f"wrote {path} (encoder={cfg.encoder}, conv={cfg.conv}, batch_norm={cfg.batch_norm}, "
           f"{reparam.count_params(variables):,} values)")
     return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """The msit-convert console script and `python -m msit_jax.convert`.
+
+    Without argv: absl.app.run on sys.argv, exiting with the status. With argv
+    (the arguments after the program name, for tests and scripts): the exit
+    status is returned.
+    """
+    fv = flags.FlagValues()
+    define_flags(fv)
+    return flags_util.main(fv, lambda positionals: _convert(fv, positionals), USAGE, argv)
 
 
 if __name__ == "__main__":

@@ -9,8 +9,8 @@ Accepted sources:
   * a `.safetensors` file (official parameter names, the model config in its
     metadata), or a model-hub folder holding `model.safetensors`
     (`python -m msit_jax.export SRC OUT --format safetensors` writes both);
-  * this project's model checkpoint directory (`msit_jax.io.checkpoint.save_model`)
-    or a training workdir (its latest checkpoint).
+  * this project's model checkpoint directory (`msit_jax.io.model_dir.save_model`)
+    or a training workdir (its best, else latest, checkpoint; `msit_jax.io.workdir`).
 
 PyTorch is needed only for `.pth` files (`pip install -r requirements-torch.txt`);
 safetensors files load without it (`pip install -r requirements-export.txt`).
@@ -20,20 +20,22 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from typing import Any, Mapping, Optional
 
 import ml_collections
 import numpy as np
 
-from msit_jax.io import checkpoint
-from msit_jax.models.config import model_config, validate_model_config
 from msit_jax.errors import CheckpointError, one_line
-from msit_jax.models.encoders import RDN_PRESETS
+from msit_jax.io import model_dir
 from msit_jax.io.torch_io import detect_conv_kind, state_dict_to_variables, strip_prefix
+from msit_jax.io.workdir import is_training_workdir, load_workdir_model
+from msit_jax.models.config import model_config, validate_model_config
+from msit_jax.models.encoders import RDN_PRESETS
 
 
 def _import_torch():
-    try:
+    try:  # an optional dependency, imported when a .pth is read or written
         import torch
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError(
@@ -62,8 +64,6 @@ def read_pth(path: str) -> Any:
         raise CheckpointError(f"{path}: not a PyTorch checkpoint (neither a zip archive nor a "
                               f"pickle; it starts with {head!r})", path=path)
     torch = _import_torch()
-    import warnings
-
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # pickle-protocol notices
@@ -239,7 +239,7 @@ META_ARGS = "msit.official_args"  # the official `model.args`, JSON (when expres
 
 def read_safetensors(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """(tensors as numpy, metadata) of a .safetensors file; no PyTorch involved."""
-    try:
+    try:  # an optional dependency, imported when used
         from safetensors import SafetensorError, safe_open
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError("reading .safetensors needs the safetensors package: "
@@ -258,7 +258,7 @@ def load_safetensors(path: str, model_cfg: Optional[ml_collections.ConfigDict] =
     sd, meta = read_safetensors(path)
     if model_cfg is None:
         if META_CONFIG in meta:
-            model_cfg = checkpoint.config_from_json(meta[META_CONFIG])
+            model_cfg = model_dir.config_from_json(meta[META_CONFIG])
         elif META_ARGS in meta:
             model_cfg = config_from_official_args(json.loads(meta[META_ARGS]),
                                                   detect_conv_kind(sd))
@@ -278,10 +278,8 @@ def load(path: str, model_cfg: Optional[ml_collections.ConfigDict] = None
     if os.path.isdir(path):
         if os.path.isfile(os.path.join(path, SAFETENSORS_FILE)):  # a model-hub folder
             return load_safetensors(os.path.join(path, SAFETENSORS_FILE), model_cfg)
-        if checkpoint.is_model_dir(path):
-            return checkpoint.load_model(path)
-        from msit_jax.training.checkpoints import is_training_workdir, load_workdir_model
-
+        if model_dir.is_model_dir(path):
+            return model_dir.load_model(path)
         if is_training_workdir(path):  # its best (else latest) checkpoint
             return load_workdir_model(path)
         raise FileNotFoundError(f"{path} is a directory but neither a model folder "

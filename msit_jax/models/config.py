@@ -7,11 +7,11 @@ Fields:
                  RDNconfig 'B' is 16, 8, 64)
   dim, heads     feature width and attention heads (256, 8)
   radius         neighbourhood radius r (3 -> 7x7 keys)
-  msno_heads     MSNO scale heads (16 -> kernels 3..33)
-  qk_heads       Q/K scale heads (4 -> kernels 3..9)
+  msno_heads     MSNO kernel-size heads (16 -> kernels 3..33)
+  qk_heads       Q/K kernel-size heads (4 -> kernels 3..9)
   use_lem        LEM pixel shift in MSNO
   mlp_hidden     decoder MLP hidden widths
-  posenc_scale, posenc_dims   sinusoid bias: 2**linspace(0, scale, dims/4) - 1
+  posenc_scale, posenc_dims   sinusoid bias: 2**linspace(0, posenc_scale, dims/4) - 1
   use_cell       append rel_cell to the MLP input
   conv           'rim' (stage 2, re-parameterisable) | 'plain' (stage 1 / folded)
   batch_norm     False only for folded models (BN merged into the preceding conv)

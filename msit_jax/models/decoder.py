@@ -1,6 +1,6 @@
 """Local implicit decoder (MSSA + MLP), written for one query and lifted with vmap.
 
-For a query x_q with host-computed geometry (`msit_jax.geometry`):
+For a query x_q with host-computed geometry (`msit_jax.geometry.QueryGeometry`):
   Q   = bilinear(feat_q, x_q)                          (dim,)   zero padding
   K,V = nearest(feat_q / feat_v, 7x7 keys around c_q)  (49, dim) zeros outside
   attn = softmax_49(Q.K / sqrt(dim / heads) + posbias(rel))   per head
@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from msit_jax import ops
+from msit_jax.geometry import QueryGeometry
 from msit_jax.models import sampling
 from msit_jax.models.layers import Precision, gelu, torch_default_bias_init, torch_default_kernel_init
 
@@ -33,9 +34,13 @@ def torch_linspace(start: float, end: float, steps: int) -> np.ndarray:
                     np.float32(end) - step * (np.float32(steps - 1) - i)).astype(np.float32)
 
 
-def posenc_frequencies(scale: float, dims: int) -> np.ndarray:
-    """The sinusoid frequencies b_k = 2**linspace(0, scale, dims // 4) - 1: (dims // 4,)."""
-    return (np.exp2(torch_linspace(0.0, scale, dims // 4)) - np.float32(1)).astype(np.float32)
+def posenc_frequencies(posenc_scale: float, dims: int) -> np.ndarray:
+    """The sinusoid frequencies b_k = 2**linspace(0, posenc_scale, dims // 4) - 1: (dims // 4,).
+
+    posenc_scale is the log2 range of the frequencies (config `posenc_scale`), not
+    the SR factor."""
+    return (np.exp2(torch_linspace(0.0, posenc_scale, dims // 4)) - np.float32(1)
+            ).astype(np.float32)
 
 
 def axis_posbias(rel: jax.Array, pb_kernel: jax.Array, freqs: jax.Array, axis: int,
@@ -133,7 +138,8 @@ class QueryDecoder(nn.Module):
 
     Inputs (one image's maps, one query's geometry):
       feat_q (H, W, dim), feat_v (H, W, dim), inp (H, W, 3) normalised LR,
-      coord (2,), key_idx (2, 2r+1) int32, rel (2, 2r+1), rel_cell (2,).
+      geom: QueryGeometry of one query: coord (2,), key_idx (2, 2r+1) int32,
+      rel (2, 2r+1), rel_cell (2,).
     Returns (3,) in normalised space.
     """
 
@@ -146,7 +152,8 @@ class QueryDecoder(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, feat_q, feat_v, inp, coord, key_idx, rel, rel_cell) -> Array:
+    def __call__(self, feat_q: Array, feat_v: Array, inp: Array, geom: QueryGeometry) -> Array:
+        coord, key_idx, rel = geom.coord, geom.key_idx, geom.rel
         dim = feat_q.shape[-1]
         hd = dim // self.heads
         n_keys = key_idx.shape[-1] ** 2
@@ -169,7 +176,7 @@ class QueryDecoder(nn.Module):
         attn = jnp.where(valid, attn, 0.0)
         feat_in = (v * attn[..., None].astype(v.dtype)).reshape(-1)
         if self.use_cell:
-            feat_in = (feat_in, rel_cell)
+            feat_in = (feat_in, geom.rel_cell)
         pred = MLP(tuple(self.mlp_hidden), 3, self.precision, self.dtype, name="mlp")(feat_in)
         return pred + sampling.bilinear(inp, coord, border=True)
 
@@ -177,8 +184,9 @@ class QueryDecoder(nn.Module):
 class BatchedDecoder(nn.Module):
     """QueryDecoder over (B, Q) queries: vmap over queries, then over images.
 
-    feat_q, feat_v: (B, H, W, dim); inp (B, H, W, 3); coord (B, Q, 2);
-    key_idx (B, Q, 2, 2r+1); rel (B, Q, 2, 2r+1); rel_cell (B, 2) -> (B, Q, 3).
+    feat_q, feat_v: (B, H, W, dim); inp (B, H, W, 3); geom: QueryGeometry with
+    coord (B, Q, 2), key_idx (B, Q, 2, 2r+1), rel (B, Q, 2, 2r+1), rel_cell (B, 2)
+    -> (B, Q, 3).
     """
 
     heads: int
@@ -190,11 +198,13 @@ class BatchedDecoder(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, feat_q, feat_v, inp, coord, key_idx, rel, rel_cell) -> Array:
-        per_query = nn.vmap(QueryDecoder, in_axes=(None, None, None, 0, 0, 0, None),
+    def __call__(self, feat_q: Array, feat_v: Array, inp: Array, geom: QueryGeometry) -> Array:
+        # rel_cell is per image: shared by the queries of one image.
+        query_axes = QueryGeometry(coord=0, key_idx=0, rel=0, rel_cell=None)
+        per_query = nn.vmap(QueryDecoder, in_axes=(None, None, None, query_axes),
                             variable_axes={"params": None}, split_rngs={"params": False})
-        per_image = nn.vmap(per_query, in_axes=(0, 0, 0, 0, 0, 0, 0),
+        per_image = nn.vmap(per_query, in_axes=(0, 0, 0, 0),
                             variable_axes={"params": None}, split_rngs={"params": False})
         return per_image(self.heads, self.posenc_scale, self.posenc_dims, tuple(self.mlp_hidden),
                          self.use_cell, self.precision, self.dtype, name="query")(
-            feat_q, feat_v, inp, coord, key_idx, rel, rel_cell)
+            feat_q, feat_v, inp, geom)

@@ -53,8 +53,12 @@ class AxisPlan(NamedTuple):
 
 
 def plan_axis(n_hr: int, n_lr: int, radius: int) -> AxisPlan:
+    """The plan of one HR axis of n_hr pixels over an LR axis of n_lr pixels."""
     coord = geometry.coord_axis(n_hr)
-    g = geometry.query_geometry(np.stack([coord, coord], -1), (n_lr, n_lr), radius)
+    # The axis as the diagonal of an n_hr x n_hr grid on n_lr x n_lr: row and column
+    # geometry are the same, and the row half is this axis's.
+    g = geometry.query_geometry(np.stack([coord, coord], -1), (n_lr, n_lr), radius,
+                                geometry.rel_cell((n_hr, n_hr), (n_lr, n_lr)))
     idx = geometry.nearest_index(coord, n_lr)
     # On a grid every query lies inside the image, so its nearest centre is valid
     # and key a sits at centre + a. Checked, not assumed: the keys came from the

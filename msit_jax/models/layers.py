@@ -98,13 +98,13 @@ class Conv(nn.Module):
                       impl=self.impl)
 
 
-def rim_effective_kernel(base: Array, convmap: Array, scale: Array) -> Array:
-    """RIM's re-parameterised kernel K = W + convmap(W) * (scale * W).
+def rim_effective_kernel(base: Array, convmap: Array, rim_factor: Array) -> Array:
+    """RIM's re-parameterised kernel K = W + convmap(W) * (rim_factor * W).
 
     base: (k, k, I, O) frozen kernel W; convmap: (3, 3, I, O), one 3x3 filter
     per 2-D kernel applied with zero padding 1 (cross-correlation, as torch);
-    scale: (I, O), one factor per 2-D kernel (torch's `linear` 1x1 conv).
-    Returns (k, k, I, O).
+    rim_factor: (I, O), one factor per 2-D kernel (the flax param `scale`,
+    torch's `linear` 1x1 conv). Returns (k, k, I, O).
     """
     k = base.shape[0]
     padded = jnp.pad(base, ((1, 1), (1, 1), (0, 0), (0, 0)))
@@ -113,19 +113,20 @@ def rim_effective_kernel(base: Array, convmap: Array, scale: Array) -> Array:
         for dy in range(3)
         for dx in range(3)
     )
-    return base + mapped * (scale * base)
+    return base + mapped * (rim_factor * base)
 
 
 class RIMConv(nn.Module):
     """Re-Interaction Module conv (official `RiM`, groups=1, map_k=3).
 
     The base kernel `W` lives in the FROZEN collection and gets no gradient;
-    `convmap`, `scale` (torch `linear`) and `bias` are learnable.
+    `convmap`, `scale` (the per-2-D-kernel RIM factor, torch `linear`) and `bias`
+    are learnable. Parameter names match the checkpoints and the torch mapping.
     """
 
     features: int
     kernel_size: int
-    init_scheme: str = "torch"  # init of convmap/scale, see Conv
+    init_scheme: str = "torch"  # init of convmap and the RIM factor, see Conv
     precision: Precision = Precision.HIGHEST
     dtype: Dtype = jnp.float32
     fft_min_kernel: int = 0  # see msit_jax.ops.conv2d
@@ -142,14 +143,14 @@ class RIMConv(nn.Module):
             lambda: torch_default_kernel_init()(self.make_rng("params"), (k, k, cin, cout)),
         ).value
         if self.init_scheme == "fan_out":  # N(0, sqrt(2/fan_out)), fan_out = 9 and 1
-            cm_init, sc_init = fan_out_normal_init(3, 1, 1), fan_out_normal_init(1, 1, 1)
+            cm_init, factor_init = fan_out_normal_init(3, 1, 1), fan_out_normal_init(1, 1, 1)
         else:  # torch default: fan_in = 9 and 1
             cm_init = _uniform_init(1.0 / 3.0)
-            sc_init = _uniform_init(1.0)
+            factor_init = _uniform_init(1.0)
         convmap = self.param("convmap", cm_init, (3, 3, cin, cout), jnp.float32)
-        scale = self.param("scale", sc_init, (cin, cout), jnp.float32)
+        rim_factor = self.param("scale", factor_init, (cin, cout), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros_init(), (cout,), jnp.float32)
-        kernel = rim_effective_kernel(base, convmap, scale)
+        kernel = rim_effective_kernel(base, convmap, rim_factor)
         return conv2d(x.astype(self.dtype), kernel, bias, precision=self.precision,
                       fft_min_kernel=self.fft_min_kernel, impl=self.impl)
 
@@ -166,7 +167,8 @@ class BatchNorm(nn.Module):
 
     Training normalises with the biased batch variance and updates the running
     variance with the unbiased one, as torch does (flax's BatchNorm uses the
-    biased variance for both). momentum is torch's (new-value weight).
+    biased variance for both). momentum is torch's (new-value weight). The
+    affine parameters are flax's names: `scale` is gamma, `bias` beta.
     """
 
     eps: float = 1e-5
@@ -175,8 +177,8 @@ class BatchNorm(nn.Module):
     @nn.compact
     def __call__(self, x: Array, train: bool) -> Array:
         c = x.shape[-1]
-        scale = self.param("scale", nn.initializers.ones_init(), (c,), jnp.float32)
-        bias = self.param("bias", nn.initializers.zeros_init(), (c,), jnp.float32)
+        bn_gamma = self.param("scale", nn.initializers.ones_init(), (c,), jnp.float32)
+        bn_beta = self.param("bias", nn.initializers.zeros_init(), (c,), jnp.float32)
         ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
         ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
         if train:
@@ -191,5 +193,5 @@ class BatchNorm(nn.Module):
                 ra_var.value = (1 - self.momentum) * ra_var.value + self.momentum * unbiased
         else:
             mean, var = ra_mean.value, ra_var.value
-        inv = jax.lax.rsqrt(var + self.eps) * scale
-        return ((x - mean.astype(x.dtype)) * inv.astype(x.dtype) + bias.astype(x.dtype))
+        inv = jax.lax.rsqrt(var + self.eps) * bn_gamma
+        return ((x - mean.astype(x.dtype)) * inv.astype(x.dtype) + bn_beta.astype(x.dtype))

@@ -15,12 +15,12 @@ import jax
 import ml_collections
 import numpy as np
 
-from msit_jax.geometry import make_coord, query_geometry, rel_cell
+from msit_jax.geometry import QueryGeometry, make_coord, query_geometry, rel_cell
 from msit_jax.models.config import validate_model_config
 from msit_jax.models.decoder import BatchedDecoder
 from msit_jax.models.encoders import make_encoder
 from msit_jax.models.layers import Conv
-from msit_jax.models.msno import MSNO, QKBranch, scale_conv
+from msit_jax.models.msno import MSNO, QKBranch, rim_or_plain_conv
 from msit_jax.ops.runtime import RuntimeOptions
 
 Array = jax.Array
@@ -43,8 +43,8 @@ class MSIT(nn.Module):
         self.conv_ch = Conv(c.dim, 1, **conv_kw)
         fft = dict(fft_min_kernel=rt.fft_min_kernel)
         self.amsno = MSNO(c.dim, c.msno_heads, c.use_lem, c.conv, **bn, **conv_kw, **fft)
-        self.conv_vs_0 = scale_conv(c.conv, c.dim, 3, "torch", "conv_vs_0", prec, dtype,
-                                    impl=rt.conv_impl)
+        self.conv_vs_0 = rim_or_plain_conv(c.conv, c.dim, 3, "torch", "conv_vs_0", prec, dtype,
+                                           impl=rt.conv_impl)
         self.multi_conv_qs_0 = QKBranch(c.dim, c.qk_heads, c.conv, **bn, **conv_kw, **fft)
         self.decoder = BatchedDecoder(c.heads, c.posenc_scale, c.posenc_dims,
                                       tuple(c.mlp_hidden), c.use_cell, **kw)
@@ -54,16 +54,15 @@ class MSIT(nn.Module):
         feat = self.amsno(self.conv_ch(self.encoder(inp)), train)
         return self.multi_conv_qs_0(feat, train), self.conv_vs_0(feat)
 
-    def decode(self, feats: tuple[Array, Array], inp: Array, coord: Array, key_idx: Array,
-               rel: Array, rel_cell: Array) -> Array:
-        """Predictions at queries: (B, Q, 3). Geometry as in `BatchedDecoder`."""
+    def decode(self, feats: tuple[Array, Array], inp: Array, geom: QueryGeometry) -> Array:
+        """Predictions at queries: (B, Q, 3). feats from `encode`, inp (B, H, W, 3),
+        geom with coord (B, Q, 2) ... rel_cell (B, 2) (see `QueryGeometry`)."""
         feat_q, feat_v = feats
-        return self.decoder(feat_q, feat_v, inp, coord, key_idx, rel, rel_cell)
+        return self.decoder(feat_q, feat_v, inp, geom)
 
-    def __call__(self, inp: Array, coord: Array, key_idx: Array, rel: Array, rel_cell: Array,
-                 train: bool = False) -> Array:
-        """inp (B, H, W, 3) and query geometry (B, Q, ...) -> (B, Q, 3)."""
-        return self.decode(self.encode(inp, train), inp, coord, key_idx, rel, rel_cell)
+    def __call__(self, inp: Array, geom: QueryGeometry, train: bool = False) -> Array:
+        """inp (B, H, W, 3) and its queries' geometry (coord (B, Q, 2), ...) -> (B, Q, 3)."""
+        return self.decode(self.encode(inp, train), inp, geom)
 
 
 def build_model(model_cfg: ml_collections.ConfigDict,
@@ -74,14 +73,23 @@ def build_model(model_cfg: ml_collections.ConfigDict,
     return MSIT(ml_collections.FrozenConfigDict(model_cfg), runtime or RuntimeOptions())
 
 
+def dummy_inputs(model_cfg: ml_collections.ConfigDict, inp_hw: tuple[int, int],
+                 num_queries: int) -> tuple[np.ndarray, QueryGeometry]:
+    """Model inputs of the given shapes for `model.init` / `jax.eval_shape`: (inp, geom).
+
+    A batch of one: inp (1, H, W, 3) zeros and the geometry of `num_queries`
+    pixel centres of an H x W output (identity scale). Only the shapes and dtypes
+    matter: no variable's shape or initial value depends on the input sizes.
+    """
+    h, w = inp_hw
+    coord = np.resize(make_coord((h, w)).reshape(-1, 2), (num_queries, 2))
+    geom = query_geometry(coord, (h, w), model_cfg.radius, rel_cell((h, w), (h, w)))
+    return np.zeros((1, h, w, 3), np.float32), geom.add_batch_axis()
+
+
 def variable_shapes(model_cfg: ml_collections.ConfigDict) -> dict:
     """Shapes of every variable of the configured model (no compute, no memory)."""
     model = build_model(model_cfg)
-    h = w = 4
-    q = make_coord((8, 8)).reshape(1, -1, 2)
-    g = query_geometry(q, (h, w), model_cfg.radius)
-    rc = rel_cell((8, 8), (h, w))[None]
-    shapes = jax.eval_shape(
-        lambda: model.init(jax.random.PRNGKey(0), np.zeros((1, h, w, 3), np.float32),
-                           g.coord, g.key_idx, g.rel, rc))
+    inputs = dummy_inputs(model_cfg, (4, 4), 16)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *inputs))
     return jax.tree_util.tree_map(lambda s: s.shape, shapes)

@@ -57,7 +57,8 @@ def lem_shift(x: Array) -> Array:
 
 
 class MultiScaleConv(nn.Module):
-    """Split channels into equal groups; group i gets a (3 + 2i)-sized RIM/plain conv."""
+    """Split channels into `heads` equal groups; group i gets a (3 + 2i)-sized RIM/plain conv
+    (multi-scale in the receptive-field sense: kernel sizes 3, 5, 7, ...)."""
 
     heads: int
     conv: str  # 'rim' | 'plain'
@@ -72,20 +73,21 @@ class MultiScaleConv(nn.Module):
     def __call__(self, x: Array) -> Array:
         c = x.shape[-1]
         if c % self.heads:
-            raise ValueError(f"{c} channels not divisible into {self.heads} scale heads")
+            raise ValueError(f"{c} channels not divisible into {self.heads} kernel-size heads")
         hc = c // self.heads
         outs = []
         for i, xi in enumerate(jnp.split(x, self.heads, axis=-1)):
             k = 3 + 2 * i
-            layer = scale_conv(self.conv, hc, k, self.init_scheme, self.name_fmt.format(i + 1),
-                               self.precision, self.dtype, self.fft_min_kernel, self.impl)
+            layer = rim_or_plain_conv(self.conv, hc, k, self.init_scheme,
+                                      self.name_fmt.format(i + 1), self.precision, self.dtype,
+                                      self.fft_min_kernel, self.impl)
             outs.append(layer(xi))
         return jnp.concatenate(outs, axis=-1)
 
 
-def scale_conv(kind: str, features: int, k: int, init: str, name: str,
-               precision: Precision, dtype: Any, fft_min_kernel: int = 0,
-               impl: str = "auto") -> nn.Module:
+def rim_or_plain_conv(kind: str, features: int, k: int, init: str, name: str,
+                      precision: Precision, dtype: Any, fft_min_kernel: int = 0,
+                      impl: str = "auto") -> nn.Module:
     """A conv at a RIM position: RIMConv (stage 2) or a plain Conv (stage 1 / folded)."""
     kw = dict(init_scheme=init, precision=precision, dtype=dtype, fft_min_kernel=fft_min_kernel,
               impl=impl, name=name)

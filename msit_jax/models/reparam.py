@@ -4,7 +4,8 @@
     model_cfg, variables = msit_jax.models.reparam.fold(model_cfg, variables)
 
 Every RIM conv becomes one conv with its effective kernel
-K = W + convmap(W) * (scale * W) and its bias; every BatchNorm (eval mode) is
+K = W + convmap(W) * (rim_factor * W) and its bias (rim_factor: the RIM's flax
+param `scale`); every BatchNorm (eval mode, gamma = its flax param `scale`) is
 merged into the 1x1 conv before it. The result is a `conv='plain'`,
 `batch_norm=False` model whose outputs equal the unfolded model's in eval mode.
 Pure: the inputs are not modified.
@@ -61,8 +62,9 @@ def fold(model_cfg: ml_collections.ConfigDict, variables: Mapping
     if model_cfg.conv == "rim":
         for path in _rim_paths(frozen):
             p = _subtree(params, path)
+            rim_factor = p["scale"]
             kernel = rim_effective_kernel(_subtree(frozen, path)["kernel"], p["convmap"],
-                                          p["scale"])
+                                          rim_factor)
             parent = _subtree(params, path[:-1])
             parent[path[-1]] = {"kernel": np.asarray(kernel, np.float32),
                                 "bias": p["bias"]}
@@ -71,17 +73,19 @@ def fold(model_cfg: ml_collections.ConfigDict, variables: Mapping
             mod = _subtree(params, path)
             conv_name = BN_INPUT_CONV[path[-1]]
             bn_p, bn_s = mod.pop("bn"), _subtree(stats, path)["bn"]
-            inv = bn_p["scale"].astype(np.float64) / np.sqrt(
+            bn_gamma, bn_beta = bn_p["scale"], bn_p["bias"]
+            inv = bn_gamma.astype(np.float64) / np.sqrt(
                 bn_s["var"].astype(np.float64) + model_cfg.bn_eps)
             conv = mod[conv_name]
             conv["kernel"] = (conv["kernel"] * inv).astype(np.float32)
-            conv["bias"] = ((conv["bias"] - bn_s["mean"]) * inv + bn_p["bias"]).astype(np.float32)
+            conv["bias"] = ((conv["bias"] - bn_s["mean"]) * inv + bn_beta).astype(np.float32)
     cfg = copy.deepcopy(model_cfg)
     cfg.conv = "plain"
     cfg.batch_norm = False
     return cfg, {"params": params}
 
 
-def count_params(variables: Mapping) -> int:
-    """Number of scalars in every collection (learnable and frozen)."""
-    return int(sum(np.size(x) for x in jax.tree_util.tree_leaves(dict(variables))))
+def count_params(tree: Any) -> int:
+    """Number of scalars in a pytree of arrays: all collections of a variables dict
+    (learnable and frozen), or one collection (e.g. a train state's `params`)."""
+    return int(sum(np.size(x) for x in jax.tree_util.tree_leaves(tree)))

@@ -1,16 +1,9 @@
 """Training checkpoints: Orbax CheckpointManager over (train state, data iterator state),
 with integrity checks.
 
-Layout of a training workdir:
-  WORKDIR/config.json          the run's first config; config_history.jsonl: every
-                               start's config and its changes (see `run_config`)
-  WORKDIR/model_config.json    the model config (to rebuild the model)
-  WORKDIR/checkpoints/<step>/  state/ (Orbax tree of TrainState), data/ (grain
-                               iterator state, one JSON per process), integrity/
-                               (checksums, see below), files.sha256.json
-  WORKDIR/rejected_checkpoints/<step>/   checkpoints that failed verification on
-                               resume, moved out of the way (never deleted)
-  WORKDIR/metrics.jsonl, WORKDIR/tensorboard/   logs (see `metrics`)
+The workdir layout, the integrity records and verified restores are
+`msit_jax.io.workdir` (the read side, which inference and export use too);
+this module adds saving, retention and resuming.
 
 Integrity. Every save records, inside the checkpoint (so it is committed
 atomically with it), the SHA-256 of every state leaf's bytes, its shape and
@@ -34,33 +27,32 @@ temporary directory Orbax ignores, never a half checkpoint.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import math
 import os
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import grain
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
-from msit_jax.io import checkpoint as model_checkpoint
-from msit_jax.io.checkpoint import quiet_orbax, short_error as _short
-from msit_jax.errors import CheckpointError, NonFiniteError, OutputError, one_line
+from msit_jax.errors import CheckpointError, NonFiniteError, OutputError
+from msit_jax.io.model_dir import quiet_orbax, short_error as _short
+from msit_jax.io.workdir import (
+    CHECKPOINT_DIR, DATA_ITEM, FILES_MANIFEST, INTEGRITY_FORMAT, INTEGRITY_ITEM,
+    CheckpointReader, best_metric, data_digest, file_digests, is_training_workdir,
+    leaf_records, load_workdir_model, nonfinite_leaves, saved_steps)
+
+# The workdir's read side lives in msit_jax.io.workdir; training code names it here too.
+__all__ = ["CHECKPOINT_DIR", "FILES_MANIFEST", "REJECTED_DIR", "Checkpointer",
+           "IteratorSnapshot", "is_training_workdir", "load_workdir_model", "saved_steps"]
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_DIR = "checkpoints"
 REJECTED_DIR = "rejected_checkpoints"
-MODEL_CONFIG_FILE = model_checkpoint.CONFIG_FILE
-BEST_METRIC = "val_psnr"
-STATE_ITEM, DATA_ITEM, INTEGRITY_ITEM = "state", "data", "integrity"
-FILES_MANIFEST = "files.sha256.json"
-INTEGRITY_FORMAT = 1
-VARIABLE_COLLECTIONS = ("params", "frozen", "batch_stats")
 
 
 class IteratorSnapshot:
@@ -95,138 +87,6 @@ class _NoMetricsWarningFilter(logging.Filter):
 logging.getLogger("absl").addFilter(_NoMetricsWarningFilter())
 
 
-def _best_fn(metrics: dict) -> float:
-    return float(metrics[BEST_METRIC])
-
-
-def is_training_workdir(path: str) -> bool:
-    return (os.path.isfile(os.path.join(path, MODEL_CONFIG_FILE))
-            and os.path.isdir(os.path.join(path, CHECKPOINT_DIR)))
-
-
-def saved_steps(workdir: str) -> list[int]:
-    """Finished checkpoint steps in WORKDIR/checkpoints, read from the directory names
-    (no Orbax manager, nothing created)."""
-    root = os.path.join(workdir, CHECKPOINT_DIR)
-    if not os.path.isdir(root):
-        return []
-    return sorted(int(n) for n in os.listdir(root)
-                  if n.isdigit() and os.path.isdir(os.path.join(root, n)))
-
-
-# ---------------------------------------------------------------------------- checksums
-
-def _key_name(entry: Any) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(entry, attr):
-            return str(getattr(entry, attr))
-    return str(entry)
-
-
-def _host(x: Any) -> np.ndarray:
-    """A (replicated, possibly multi-host) array on this host as numpy."""
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        return np.asarray(x.addressable_data(0))
-    return np.asarray(x)
-
-
-def leaf_records(tree: Any) -> dict[str, dict[str, Any]]:
-    """{'params/encoder/.../kernel': {sha256, shape, dtype, nonfinite}} for every leaf.
-
-    Paths join the keys with '/' whatever the container (dict, dataclass,
-    namedtuple), so a tree restored without a target names its leaves alike.
-    """
-    out = {}
-    for path, x in jax.tree_util.tree_leaves_with_path(tree):
-        a = _host(x)
-        flat = np.ascontiguousarray(a).reshape(-1)
-        rec = {"sha256": hashlib.sha256(flat.view(np.uint8)).hexdigest(),
-               "shape": list(a.shape), "dtype": str(a.dtype)}
-        if np.issubdtype(a.dtype, np.inexact):
-            rec["nonfinite"] = int(flat.size - np.count_nonzero(np.isfinite(flat)))
-        out["/".join(_key_name(p) for p in path)] = rec
-    return out
-
-
-def data_digest(data_state: Optional[dict]) -> Optional[str]:
-    if data_state is None:
-        return None
-    return hashlib.sha256(json.dumps(data_state, sort_keys=True).encode()).hexdigest()
-
-
-def nonfinite_leaves(records: dict[str, dict]) -> list[tuple[str, int]]:
-    return [(k, r["nonfinite"]) for k, r in records.items() if r.get("nonfinite")]
-
-
-def compare_records(recorded: dict[str, dict], got: dict[str, dict],
-                    prefixes: Optional[Sequence[str]] = None) -> Optional[str]:
-    """The first difference between recorded and restored leaves (None: they match).
-
-    prefixes: compare only leaves under these paths (a partial restore)."""
-    keys = [k for k in recorded if prefixes is None or k.split("/", 1)[0] in prefixes]
-    for k in keys:
-        want, have = recorded[k], got.get(k)
-        if have is None:
-            return f"leaf {k} is missing"
-        if have["shape"] != want["shape"] or have["dtype"] != want["dtype"]:
-            return (f"leaf {k} is {have['dtype']}{have['shape']}, recorded "
-                    f"{want['dtype']}{want['shape']}")
-        if have["sha256"] != want["sha256"]:
-            return f"leaf {k} differs from the checksum recorded at save"
-    return None
-
-
-def file_digests(step_dir: str) -> dict[str, str]:
-    """SHA-256 of every file of a step's items (paths relative to the step directory)."""
-    out = {}
-    for item in sorted(os.listdir(step_dir)):
-        root = os.path.join(step_dir, item)
-        if not os.path.isdir(root):
-            continue
-        for dirpath, _, files in os.walk(root):
-            for f in sorted(files):
-                path = os.path.join(dirpath, f)
-                h = hashlib.sha256()
-                with open(path, "rb") as fh:
-                    for block in iter(lambda: fh.read(1 << 22), b""):
-                        h.update(block)
-                out[os.path.relpath(path, step_dir)] = h.hexdigest()
-    return out
-
-
-def check_file_digests(step_dir: str) -> Optional[str]:
-    """The first file that is missing or differs from `files.sha256.json` (None: all match,
-    or no manifest). The message names the file."""
-    manifest = os.path.join(step_dir, FILES_MANIFEST)
-    if not os.path.isfile(manifest):
-        return None
-    try:
-        with open(manifest) as f:
-            want = json.load(f)
-    except (OSError, ValueError) as e:
-        return f"{manifest} is unreadable ({one_line(str(e), 200)})"
-    for rel, digest in sorted(want.items()):
-        path = os.path.join(step_dir, rel)
-        if not os.path.isfile(path):
-            return f"{path} is missing"
-        h = hashlib.sha256()
-        with open(path, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 22), b""):
-                h.update(block)
-        if h.hexdigest() != digest:
-            return f"{path} differs from its recorded checksum"
-    return None
-
-
-def _any_process(flag: bool) -> bool:
-    """Whether `flag` holds on any process (all processes must agree on a fallback)."""
-    if jax.process_count() == 1:
-        return flag
-    from jax.experimental import multihost_utils
-
-    return bool(np.any(multihost_utils.process_allgather(np.asarray([flag], np.int32))))
-
-
 @dataclasses.dataclass
 class _Pending:
     """A save whose read-back verification is still to do."""
@@ -248,7 +108,7 @@ class _PreserveVerified(pp.PreservationPolicy):
         return [c.step == keep for c in checkpoints]
 
 
-class Checkpointer:
+class Checkpointer(CheckpointReader):
     """Save / restore train state + data iterator state in WORKDIR/checkpoints, verified.
 
     last_verified: the newest step read back (or restored) and found to match its
@@ -259,39 +119,18 @@ class Checkpointer:
                  async_save: bool = True, read_only: bool = False):
         if keep < 1:
             raise ValueError(f"checkpoint.keep must be >= 1, got {keep}")
-        self.workdir = os.path.abspath(workdir)
-        self.directory = os.path.join(self.workdir, CHECKPOINT_DIR)
         self.last_verified: Optional[int] = None
         self._pending: Optional[_Pending] = None
         policies = [pp.LatestN(keep), _PreserveVerified(self)]
         if keep_best:
-            policies.append(pp.BestN(get_metric_fn=_best_fn, n=1,
+            policies.append(pp.BestN(get_metric_fn=best_metric, n=1,
                                      keep_checkpoints_without_metrics=False))
         options = ocp.CheckpointManagerOptions(
             preservation_policy=pp.AnyPreservationPolicy(policies),
-            best_fn=_best_fn, best_mode="max",
+            best_fn=best_metric, best_mode="max",
             enable_async_checkpointing=async_save, read_only=read_only,
             create=not read_only)
-        self.manager = ocp.CheckpointManager(self.directory, options=options)
-
-    # ------------------------------------------------------------------ queries
-
-    def step_dir(self, step: int) -> str:
-        return os.path.join(self.directory, str(step))
-
-    def all_steps(self) -> list[int]:
-        return sorted(self.manager.all_steps())
-
-    def latest_step(self) -> Optional[int]:
-        return self.manager.latest_step()
-
-    def best_step(self) -> Optional[int]:
-        """The step with the highest validation PSNR, or None when none was validated."""
-        try:
-            return self.manager.best_step()
-        except Exception as e:  # noqa: BLE001 - unreadable metrics: no best step
-            log.warning("could not read the checkpoints' validation metrics (%s)", _short(e))
-            return None
+        super().__init__(workdir, options)
 
     def last_good_step(self) -> Optional[int]:
         """The newest step known good: the last verified one, or one saved since whose
@@ -360,77 +199,27 @@ class Checkpointer:
 
     # ------------------------------------------------------------------ restore
 
-    def describe_step(self, step: Optional[int]) -> str:
-        return "none" if step is None else f"step {step} ({self.step_dir(step)})"
-
     def _restore(self, step: int, abstract_state: Any, with_data: bool,
-                 record: Optional[dict] = None,
-                 prefixes: Optional[Sequence[str]] = None) -> tuple[Any, Optional[dict]]:
-        step_dir = self.step_dir(step)
-
-        def fail(msg: str) -> CheckpointError:
-            return CheckpointError(f"checkpoint step {step}: {msg}", step=step, path=step_dir)
-
-        problem = None
-        if not os.path.isdir(step_dir):
-            problem = f"{step_dir} is missing"
-        else:
-            need = [STATE_ITEM] + ([DATA_ITEM] if with_data else [])
-            missing = [n for n in need if not os.path.isdir(os.path.join(step_dir, n))]
-            problem = (f"{os.path.join(step_dir, missing[0])}/ is missing" if missing
-                       else check_file_digests(step_dir))
-        if _any_process(problem is not None):
-            raise fail(problem or "another process found it corrupt")
-        has_record = record is not None or os.path.isdir(os.path.join(step_dir, INTEGRITY_ITEM))
-        items = dict(state=ocp.args.StandardRestore(abstract_state))
-        if record is None and has_record:
-            items[INTEGRITY_ITEM] = ocp.args.JsonRestore()
+                 record: Optional[dict] = None) -> tuple[Any, Optional[dict]]:
+        """(state, data iterator state or None), verified (`CheckpointReader.restore_step`),
+        the data iterator state against its recorded checksum too."""
+        if not with_data:
+            state, _ = self.restore_step(step, abstract_state, record)
+            return state, None
         snap = IteratorSnapshot()
-        if with_data:
-            items[DATA_ITEM] = grain.checkpoint.CheckpointRestore(snap)
-        error = None
-        out: dict = {}
-        try:
-            with quiet_orbax():
-                out = self.manager.restore(step, args=ocp.args.Composite(**items))
-        except Exception as e:  # noqa: BLE001 - any failure to read is a bad checkpoint
-            error = e
-        if _any_process(error is not None):
-            msg = (f"cannot be restored from {step_dir} ({_short(error)})" if error is not None
-                   else "another process could not restore it")
-            raise fail(msg) from error
-        state = out[STATE_ITEM]
-        record = record if record is not None else out.get(INTEGRITY_ITEM)
-        got = leaf_records(state)
-        if record is not None:
-            if not isinstance(record, dict) or record.get("format") != INTEGRITY_FORMAT:
-                problem = f"{os.path.join(step_dir, INTEGRITY_ITEM)} is not a known record"
-            else:
-                problem = compare_records(record["leaves"], got, prefixes)
-                if (problem is None and with_data and record.get("data_sha256")
-                        and jax.process_index() == 0  # the record holds process 0's
-                        and data_digest(snap.state) != record["data_sha256"]):
-                    problem = (f"{os.path.join(step_dir, DATA_ITEM)} (data iterator state) "
-                               "differs from the checksum recorded at save")
-                if problem is not None:
-                    problem += f" (in {os.path.join(step_dir, STATE_ITEM)})" \
-                        if problem.startswith("leaf") else ""
-        if problem is None:
-            bad = [(k, n) for k, n in nonfinite_leaves(got)
-                   if prefixes is None or k.split("/", 1)[0] in prefixes]
-            if bad:
-                problem = (f"{len(bad)} of {len(got)} state leaves hold non-finite values "
-                           f"(first: {bad[0][0]}) in {os.path.join(step_dir, STATE_ITEM)}")
-        if problem is None and prefixes is None and "step" in got:
-            saved = state.step if hasattr(state, "step") else state["step"]
-            if int(_host(saved)) != step:
-                problem = f"its train state holds step {int(_host(saved))}"
-        if _any_process(problem is not None):
-            raise fail(problem or "another process found it corrupt")
-        if record is None:
-            log.warning("checkpoint step %d has no checksums (written before msit-jax recorded "
-                        "them): restored unverified", step)
-        return state, (snap.state if with_data else None)
+
+        def check_data(rec: Optional[dict], _: Mapping[str, Any]) -> Optional[str]:
+            if (rec and rec.get("data_sha256")
+                    and jax.process_index() == 0  # the record holds process 0's
+                    and data_digest(snap.state) != rec["data_sha256"]):
+                return (f"{os.path.join(self.step_dir(step), DATA_ITEM)} (data iterator "
+                        "state) differs from the checksum recorded at save")
+            return None
+
+        state, _ = self.restore_step(step, abstract_state, record,
+                                     items={DATA_ITEM: grain.checkpoint.CheckpointRestore(snap)},
+                                     check=check_data)
+        return state, snap.state
 
     def restore(self, step: int, abstract_state: Any, with_data: bool = True
                 ) -> tuple[Any, Optional[dict]]:
@@ -488,79 +277,12 @@ class Checkpointer:
                             step, dst)
                 moved.append(dst)
         if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
             multihost_utils.sync_global_devices("msit_reject_checkpoints")
         self.manager.reload()
         return moved
-
-    def restore_variables(self, step: int) -> dict:
-        """The model variables of a checkpoint as saved (no optimizer state needed), verified."""
-        st, _ = self._restore(step, None, with_data=False, prefixes=VARIABLE_COLLECTIONS)
-        return {k: st[k] for k in VARIABLE_COLLECTIONS if st.get(k)}
 
     # ------------------------------------------------------------------ lifecycle
 
     def wait(self) -> None:
         """Wait for the last save and verify it (see `verify_pending`)."""
         self.verify_pending()
-
-    def close(self) -> None:
-        self.manager.close()
-
-
-def load_workdir_model(workdir: str, which: str = "best"):
-    """(model_cfg, numpy variables) of a training workdir's checkpoint.
-
-    which: 'best' (highest validation PSNR; the latest when nothing was
-    validated), 'latest', or a step number. A 'best' or 'latest' step that
-    fails verification is reported in one line and the newest good step is
-    loaded instead; an explicit step does not fall back.
-    """
-    from msit_jax.io.checkpoint import read_model_config
-
-    if not is_training_workdir(workdir):
-        raise FileNotFoundError(f"{workdir} is not a msit-jax training workdir (expected "
-                                f"{MODEL_CONFIG_FILE} and {CHECKPOINT_DIR}/ inside)")
-    model_cfg = read_model_config(os.path.join(workdir, MODEL_CONFIG_FILE))
-    ckpt = Checkpointer(workdir, read_only=True, async_save=False)
-    try:
-        steps = ckpt.all_steps()
-        if not steps:
-            raise CheckpointError(f"{workdir}: no finished checkpoint in {CHECKPOINT_DIR}/",
-                                  path=ckpt.directory)
-        if which in ("best", "latest"):
-            first = ckpt.best_step() if which == "best" else None
-            order = ([first] if first is not None else []) + \
-                [s for s in reversed(steps) if s != first]
-        else:
-            try:
-                step = int(which)
-            except ValueError:
-                raise ValueError(f"which={which!r}: expected 'best', 'latest' or a step "
-                                 "number") from None
-            if step not in steps:
-                raise CheckpointError(f"{workdir}: no checkpoint at step {step} "
-                                      f"(have {steps})", path=ckpt.directory)
-            order = [step]
-        failed = []
-        for step in order:
-            try:
-                variables = ckpt.restore_variables(step)
-            except CheckpointError as e:
-                failed.append(e)
-                if len(order) > 1:
-                    log.warning("%s; trying the previous checkpoint", e)
-                continue
-            if failed:
-                log.warning("%s: loaded checkpoint step %d instead (the newest good one)",
-                            workdir, step)
-            break
-        else:
-            if len(failed) == 1:
-                raise failed[0]
-            raise CheckpointError(f"{workdir}: no usable checkpoint: "
-                                  + "; ".join(str(e) for e in failed), path=ckpt.directory)
-    finally:
-        ckpt.close()
-    return model_cfg, jax.tree_util.tree_map(np.asarray, variables)

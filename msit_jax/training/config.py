@@ -11,7 +11,8 @@ Every field, with `--config.<field>=value` overridable on the command line:
   total_steps          optimizer steps; the LR schedule ends here
   lr.base, lr.multiplier, lr.warmup_steps, lr.epoch_steps
                        see `msit_jax.training.schedule` (reference: 1e-5, 10, 50 epochs,
-                       1000 steps per epoch)
+                       1000 steps per epoch); a warm-up not shorter than total_steps
+                       is clipped (`fit_warmup`)
   adam.b1, adam.b2, adam.eps   torch Adam defaults
   grad_clip_norm       clip by global norm when > 0 (the reference does not clip)
   init_from            '' or a stage-1 workdir / model dir / official .pth (stage 2)
@@ -28,7 +29,7 @@ Every field, with `--config.<field>=value` overridable on the command line:
   eval.source          validation source (same fields as data.train)
   eval.every_steps     validation PSNR period (0: never during training)
   eval.scales, eval.max_images, eval.max_side, eval.shave_extra, eval.y_channel,
-  eval.chunk, eval.method   see `msit_jax.training.evaluate` (chunk 0: per platform)
+  eval.chunk, eval.method   see `msit_jax.eval.runner` (chunk 0: per platform)
   checkpoint.every_steps, checkpoint.keep, checkpoint.keep_best, checkpoint.async_save
   log_every_steps      train metrics period
   progress_bar         tqdm bar on process 0
@@ -43,17 +44,18 @@ Every field, with `--config.<field>=value` overridable on the command line:
                        gradient or weight; N > 0: skip such steps instead (no update),
                        stopping after N in a row
   allow_config_change  resume even when the architecture (model.*) or the batch
-                       protocol (RESUME_PROTECTED) differs from the stored config
+                       protocol (`run_config.is_protected`) differs from the stored config
   preemption_grace_s   on SIGTERM/SIGINT the run saves and exits; if that takes longer
                        than this many seconds it exits without saving
 
-`validate_config` checks every field before a run touches its workdir.
+`fit_warmup` adapts the schedule to a short run, then `validate_config` checks
+every field, before a run touches its workdir.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import ml_collections
 
@@ -173,14 +175,15 @@ def _checks(c: ml_collections.ConfigDict) -> Iterator[tuple[str, bool, str]]:
     yield "lr.base", finite(c.lr.base) and c.lr.base > 0, "must be a finite number > 0"
     yield ("lr.multiplier", finite(c.lr.multiplier) and c.lr.multiplier > 0,
            "must be a finite number > 0")
-    yield ("lr.warmup_steps", 0 <= c.lr.warmup_steps < max(c.total_steps, 1),
-           f"must be >= 0 and < total_steps ({c.total_steps})")
     yield "lr.epoch_steps", c.lr.epoch_steps >= 0, "must be >= 0"
-    if c.lr.epoch_steps > 0:
+    if c.lr.epoch_steps > 0:  # first: its hint also fixes a warm-up longer than the run
         yield ("lr.epoch_steps", c.lr.warmup_steps % c.lr.epoch_steps == 0
                and c.total_steps % c.lr.epoch_steps == 0,
                f"must divide lr.warmup_steps ({c.lr.warmup_steps}) and total_steps "
-               f"({c.total_steps})")
+               f"({c.total_steps}); for a run that is not a whole number of epochs use "
+               "--config.lr.epoch_steps=0 (the same schedule per step)")
+    yield ("lr.warmup_steps", 0 <= c.lr.warmup_steps < max(c.total_steps, 1),
+           f"must be >= 0 and < total_steps ({c.total_steps})")
     for k in ("b1", "b2"):
         v = c.adam[k]
         yield f"adam.{k}", finite(v) and 0 <= v < 1, "must be in [0, 1)"
@@ -228,6 +231,44 @@ def _checks(c: ml_collections.ConfigDict) -> Iterator[tuple[str, bool, str]]:
            "must be >= 0 (0: stop at the first non-finite step)")
     g = c.get("preemption_grace_s", 25.0)
     yield "preemption_grace_s", finite(g) and g > 0, "must be a finite number > 0"
+
+
+# A clipped warm-up is this fraction of the run: the reference warms up for 50 of 1050
+# epochs (5%), configs/default.py for 100 of 1500 steps (7%).
+SHORT_RUN_WARMUP_DIVISOR = 10
+
+
+def fit_warmup(config: ml_collections.ConfigDict
+               ) -> tuple[ml_collections.ConfigDict, Optional[str]]:
+    """Clip a warm-up that is not shorter than the run: (config, warning or None).
+
+    `--config.total_steps=50` on a config that warms up for 100 steps would
+    otherwise be an error. The warm-up becomes total_steps // 10 (rounded down
+    to whole epochs when lr.epoch_steps > 0): the run keeps the reference's
+    shape, a short ramp then the cosine decay to 0, and ends at a low learning
+    rate like a full run. (total_steps - 1, the longest valid warm-up, would
+    make the whole run a ramp that ends at the peak rate, the worst point to
+    stop and evaluate.) Returns a copy when it changes anything; the caller
+    keeps its config. Values that cannot be fixed this way (a negative warm-up,
+    total_steps < 1, an epoch length that does not divide total_steps) are left
+    for `validate_config` to reject.
+    """
+    try:
+        total, warmup, epoch = config.total_steps, config.lr.warmup_steps, config.lr.epoch_steps
+    except (AttributeError, KeyError):
+        return config, None  # validate_config names the missing field
+    ints = all(isinstance(v, int) and not isinstance(v, bool) for v in (total, warmup, epoch))
+    if not ints or total < 1 or epoch < 0 or warmup < total or (epoch and total % epoch):
+        return config, None
+    fitted = total // SHORT_RUN_WARMUP_DIVISOR
+    if epoch:
+        fitted -= fitted % epoch
+    out = config.copy_and_resolve_references()
+    out.lr.warmup_steps = fitted
+    unit = f", rounded down to whole epochs of {epoch} steps" if epoch else ""
+    return out, (f"lr.warmup_steps={warmup} is not shorter than total_steps={total}: warming "
+                 f"up for {fitted} steps instead (total_steps // {SHORT_RUN_WARMUP_DIVISOR}"
+                 f"{unit}), then the cosine decay to 0; set --config.lr.warmup_steps to choose")
 
 
 def unknown_fields(config: ml_collections.ConfigDict) -> list[str]:

@@ -39,19 +39,22 @@ import optax
 from jax.sharding import Mesh
 
 from msit_jax.data.pipeline import train_dataset
-from msit_jax.data.protocol import Protocol
+from msit_jax.data.protocol import Batch, Protocol
 from msit_jax.data.sources import ImageSource, make_source
 from msit_jax.errors import ConfigError, NonFiniteError, TrainingInterrupted
-from msit_jax.models.model import build_model
+from msit_jax.eval import predictors, reports
+from msit_jax.eval import runner as evaluation  # the one evaluation path (EvaluationAborted)
+from msit_jax.eval.datasets import EvalSet
+from msit_jax.eval.protocol import ScoringPreset, center_crop
+from msit_jax.models.model import build_model, dummy_inputs
+from msit_jax.models.reparam import count_params
 from msit_jax.ops.runtime import RuntimeOptions
-from msit_jax.training import evaluate as evaluation
 from msit_jax.training import run_config
 from msit_jax.training.checkpoints import Checkpointer, saved_steps
-from msit_jax.training.config import validate_config
+from msit_jax.training.config import fit_warmup, validate_config
 from msit_jax.training.metrics import MetricLogger, finite_or_none
 from msit_jax.training.stage2 import init_from
-from msit_jax.training.state import (TrainState, create_state, dummy_inputs, init_variables,
-                                     make_optimizer, param_count)
+from msit_jax.training.state import TrainState, create_state, init_variables, make_optimizer
 from msit_jax.training.step import (batch_sharding, describe_nonfinite, jit_train_step,
                                     make_mesh, replicated, to_host)
 
@@ -105,17 +108,38 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                           f"of the {n} devices (data parallel)")
 
 
+def validation_preset(ecfg: ml_collections.ConfigDict) -> ScoringPreset:
+    """The scoring of `config.eval`: PSNR on RGB (or Y with y_channel), shave = ceil(s) +
+    shave_extra (benchmarks: 0; DIV2K: 6), float predictions."""
+    return ScoringPreset("validation", y_channel=bool(ecfg.y_channel),
+                         extra_shave=int(ecfg.shave_extra), quantize=False)
+
+
+def _validation_scores(predictor, source: ImageSource, scales, ecfg: ml_collections.ConfigDict,
+                       should_stop: Optional[Callable[[], bool]] = None) -> dict[float, float]:
+    """Mean PSNR per scale through the evaluation runner (evaluate.py's protocol: LR made
+    on the fly with Pillow bicubic), on central max_side crops of the first max_images
+    images; errors propagate (strict)."""
+    res = evaluation.evaluate(predictor, EvalSet("validation", source), scales,
+                              validation_preset(ecfg), lr_source="downsample",
+                              max_images=ecfg.max_images, max_side=ecfg.max_side,
+                              with_ssim=False, strict=True, should_stop=should_stop)
+    return {s: r.psnr for s, r in res.items()}
+
+
 def validation_metrics(model_cfg, variables: dict, source: ImageSource,
                        ecfg: ml_collections.ConfigDict,
                        runtime: Optional[RuntimeOptions] = None,
                        should_stop: Optional[Callable[[], bool]] = None) -> dict[str, float]:
-    """{'psnr_x2': dB, ..., 'val_psnr': mean over scales} on the validation source."""
-    up = evaluation.Upscaler(model_cfg, variables, chunk=ecfg.chunk or None,
-                             method=ecfg.method, runtime=runtime)
-    res = evaluation.evaluate(up, source, ecfg.scales, max_images=ecfg.max_images,
-                              max_side=ecfg.max_side, shave_extra=ecfg.shave_extra,
-                              y_channel=ecfg.y_channel, should_stop=should_stop)
-    out = {f"psnr_x{s:g}": r["msit"] for s, r in res.items()}
+    """{'psnr_x2': dB, ..., 'val_psnr': mean over scales} on the validation source.
+
+    A non-finite model output gives a NaN PSNR (the checkpoint is then saved
+    without a best-metric value) rather than stopping the run.
+    """
+    msit = predictors.MSITPredictor(model_cfg, variables, chunk=ecfg.chunk or None,
+                                    method=ecfg.method, runtime=runtime, check_finite=False)
+    scores = _validation_scores(msit, source, ecfg.scales, ecfg, should_stop)
+    out = {f"psnr_x{s:g}": p for s, p in scores.items()}
     out["val_psnr"] = float(np.mean(list(out.values())))
     return out
 
@@ -148,21 +172,22 @@ def run_demo(config, model_cfg, variables: dict, source: ImageSource, workdir: s
              runtime: RuntimeOptions) -> tuple[dict, str]:
     """The end-of-run table (MSIT vs bicubic) and side-by-side PNG; prints the table."""
     e, d = config.eval, config.demo
-    up = evaluation.Upscaler(model_cfg, variables, chunk=e.chunk or None, method=e.method,
-                             runtime=runtime)
-    res = evaluation.evaluate(up, source, d.scales, max_images=e.max_images,
-                              max_side=e.max_side, shave_extra=e.shave_extra,
-                              y_channel=e.y_channel, bicubic=True)
+    msit = predictors.MSITPredictor(model_cfg, variables, chunk=e.chunk or None,
+                                    method=e.method, runtime=runtime, check_finite=False)
+    bicubic = predictors.BicubicPredictor()
+    ours = _validation_scores(msit, source, d.scales, e)
+    base = _validation_scores(bicubic, source, d.scales, e)
+    res = {s: {"msit": ours[s], "bicubic": base[s]} for s in ours}
     names = ", ".join(source.name(i) for i in range(len(source) if not e.max_images
                                                     else min(e.max_images, len(source))))
-    print("\n" + evaluation.format_table(
+    print("\n" + reports.demo_table(
         res, f"PSNR ({'Y' if e.y_channel else 'RGB'}, shave = scale"
         f"{' + %d' % e.shave_extra if e.shave_extra else ''}) on held-out {names}"
         f"{' (central %dx%d crops)' % (e.max_side, e.max_side) if e.max_side else ''}"),
         flush=True)
     png = os.path.join(workdir, f"demo_x{d.png_scale:g}.png")
-    evaluation.side_by_side(up, evaluation.center_crop(source[0], e.max_side), d.png_scale, png,
-                            window=d.window)
+    reports.side_by_side(msit, bicubic, center_crop(source[0], e.max_side), d.png_scale, png,
+                         window=d.window)
     print(f"side-by-side (LR nearest | bicubic | MSIT | HR) written to {png}", flush=True)
     return res, png
 
@@ -291,6 +316,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     (SIGTERM/SIGINT, after saving); see `msit_jax.errors`.
     """
     maybe_initialize_distributed(config.distributed)
+    config, clipped = fit_warmup(config)  # a short run: a copy with the warm-up clipped
+    if clipped:
+        log.warning(clipped)
     check_config(config)  # before the workdir is touched
     workdir = prepare_workdir(workdir)
     is_main = jax.process_index() == 0
@@ -321,7 +349,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     ckpt = Checkpointer(workdir, config.checkpoint.keep, config.checkpoint.keep_best,
                         config.checkpoint.async_save)
     rng = jax.random.PRNGKey(config.seed)
-    inputs = dummy_inputs(model_cfg, d.inp_size, d.sample_q)
+    inputs = dummy_inputs(model_cfg, (d.inp_size, d.inp_size), d.sample_q)
     data_state = None
     abstract_vars = jax.eval_shape(model.init, rng, *inputs)
     abstract = jax.tree_util.tree_map(
@@ -343,8 +371,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         state = to_state(variables)
         start = 0
     run_config.record(workdir, config, start, changes, fresh=restored is None)
-    log.info("model: %d trainable parameters, %d frozen", param_count(state.params),
-             param_count(state.frozen))
+    if restored is not None and is_main:  # said once the resumed step is known
+        note = run_config.schedule_change(config, changes, start)
+        if note:
+            log.warning(note)
+    log.info("model: %d trainable parameters, %d frozen", count_params(state.params),
+             count_params(state.frozen))
 
     ds = train_dataset(train_source, protocol, global_batch=config.batch_size, seed=config.seed,
                        total_steps=config.total_steps, sharding=batch_sharding(mesh),
@@ -390,7 +422,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                     if got != step:
                         raise RuntimeError(f"data iterator is at step {got}, train state at "
                                            f"{step}: the checkpoint's data state does not match")
-                state, metrics = step_fn(state, batch)
+                # The pipeline's flat dict becomes the step's typed batch here, once.
+                state, metrics = step_fn(state, Batch.from_flat(batch))
                 step += 1
                 data_state = data_it.get_state()  # the stream position matching `state`
                 guard.add(step, metrics)

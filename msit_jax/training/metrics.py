@@ -4,9 +4,12 @@ WORKDIR/metrics.jsonl holds one JSON object per line:
   {"step": 100, "split": "train", "loss": ..., "lr": ..., "steps_per_sec": ..., ...}
   {"step": 500, "split": "val", "psnr_x2": ..., "val_psnr": ...}
 TensorBoard files go to WORKDIR/tensorboard via tensorboardX (pure Python, no
-TensorFlow); skipped with a log line if it is not installed. On resume, records
-after the restored step (written by the interrupted run past its last
-checkpoint) are dropped, so the log reads as one uninterrupted run.
+TensorFlow; skipped with a log line if it is not installed). Viewing them
+needs the `tensorboard` package, which training does not need
+(requirements-tensorboard.txt; `tensorboard --logdir WORKDIR/tensorboard`).
+On resume, records after the restored step (written by the interrupted run
+past its last checkpoint) are dropped, so the log reads as one uninterrupted
+run.
 
 Every line is strict JSON: a NaN or infinite value is written as null.
 """
@@ -87,10 +90,6 @@ class MetricLogger:
             for k, v in clean.items():
                 if v is not None:
                     self._tb.add_scalar(f"{split}/{k}", v, step)
-
-    def flush(self) -> None:
-        if self._tb is not None:
-            self._tb.flush()
 
     def close(self) -> None:
         if self._tb is not None:

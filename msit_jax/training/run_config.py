@@ -1,20 +1,25 @@
 """A run's stored config: comparison on resume, and the append-only config history.
 
 Files in the workdir (written by process 0):
-  config.json           the config the run was started with (written once)
-  config_history.jsonl  one JSON record per start: {"time", "step", "changes",
-                        "config"}; the last record is the config in effect
-  model_config.json     the model config (written once; rewritten only by an
-                        explicitly allowed architecture change)
+  config.json               the config the run was started with (written once; never
+                            rewritten by a resume)
+  config.resume-<step>.json the config of a resume at <step> that changed anything
+  config_history.jsonl      one JSON record per start: {"time", "step", "changes",
+                            "config"}; the last record is the config in effect
+  model_config.json         the model config (written once; rewritten only by an
+                            explicitly allowed architecture change)
 
 On resume (`check_resume`, called before the run writes anything) the new
-config is compared with the stored one and every difference is printed.
-Changes to the architecture (`model.*`) or the batch protocol (PROTECTED) are
-refused unless `allow_config_change=True`; a change that alters the shapes of
-the parameters is refused even then (a checkpoint cannot be resumed into
-another parameter layout: start a new workdir with `init_from`). Execution
-options (`runtime.*`) and everything else (learning rate, logging, evaluation,
-checkpoint period, ...) may change freely.
+config is compared with the stored one and every difference is printed, one
+line per field (`field: old -> new (kind)`). Changes to the architecture
+(`model.*`) or the batch protocol (`is_protected`) are refused unless
+`allow_config_change=True`; a change that alters the shapes of the parameters
+is refused even then (a checkpoint cannot be resumed into another parameter
+layout: start a new workdir with `init_from`). Changes to the learning-rate
+schedule (`total_steps`, `lr.*`) are allowed and said to change the schedule
+mid-run (`schedule_change`, once the resumed step is known). Execution options
+(`runtime.*`, data loading) and everything else (optimizer, logging,
+evaluation, checkpoint period, ...) may change freely.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from typing import Any, Optional
 import jax
 import ml_collections
 
-from msit_jax.io import checkpoint as model_checkpoint
+from msit_jax.io import model_dir
 from msit_jax.models.config import LEGACY_RUNTIME_FIELDS
 from msit_jax.errors import ConfigError, one_line
 from msit_jax.training.config import flatten
@@ -36,15 +41,22 @@ from msit_jax.training.config import flatten
 log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
+RESUME_CONFIG_FILE = "config.resume-{step}.json"
 HISTORY_FILE = "config_history.jsonl"
-MODEL_CONFIG_FILE = model_checkpoint.CONFIG_FILE
+MODEL_CONFIG_FILE = model_dir.CONFIG_FILE
 
 # The batch protocol: what each batch is made of (batches are a function of
-# (seed, step)); changing it mid-run silently changes the experiment.
-PROTECTED = ("seed", "batch_size", "data.inp_size", "data.sample_q", "data.scale_min",
-             "data.scale_max", "data.augment", "data.repeat", "data.train.kind",
-             "data.train.split", "data.train.name", "data.train.first_k",
-             "data.train.meta_info", "data.train.image_key")
+# (seed, step)); changing it mid-run silently changes the experiment. Every
+# `data.*` field is part of it except DATA_FREE, so a field added later is
+# protected until someone decides otherwise.
+PROTECTED = ("seed", "batch_size")
+# How and where the same images are read: worker and buffer counts, the folder
+# or TFDS directory (a dataset may move), the decode cache and the up-front check.
+DATA_FREE = ("data.num_workers", "data.num_threads", "data.buffer_size", "data.device_buffer",
+             "data.train.path", "data.train.data_dir", "data.train.cache_dir",
+             "data.train.skip_bad_images")
+# The learning-rate schedule (`msit_jax.training.schedule`): allowed, but it changes mid-run.
+SCHEDULE = ("total_steps", "lr.")
 # Fields that are not part of the experiment at all.
 IGNORED = ("allow_config_change",)
 
@@ -110,11 +122,19 @@ def differences(old: dict, new: dict) -> list[tuple[str, Any, Any]]:
 
 
 def is_protected(field: str) -> bool:
-    return field.startswith("model.") or field in PROTECTED
+    """The architecture (`model.*`) or the batch protocol (`seed`, `batch_size`, `data.*`
+    but DATA_FREE)."""
+    return (field.startswith("model.") or field in PROTECTED
+            or (field.startswith("data.") and field not in DATA_FREE))
+
+
+def is_schedule(field: str) -> bool:
+    """A field of the learning-rate schedule (`total_steps`, `lr.*`)."""
+    return field == SCHEDULE[0] or field.startswith(SCHEDULE[1])
 
 
 def _model_cfg(data: dict) -> ml_collections.ConfigDict:
-    return model_checkpoint.config_from_json(json.dumps(data))
+    return model_dir.config_from_json(json.dumps(data))
 
 
 def _shape_change(old_model: dict, new_model: ml_collections.ConfigDict) -> Optional[str]:
@@ -184,11 +204,51 @@ def check_resume(workdir: str, config: ml_collections.ConfigDict, resuming: bool
     return diffs
 
 
+def schedule_change(config: ml_collections.ConfigDict, changes: list[tuple[str, Any, Any]],
+                    step: int) -> Optional[str]:
+    """One sentence on a resume that changes the learning-rate schedule, or None.
+
+    `changes` are `check_resume`'s (field, stored, new); `step` is the resumed
+    step. The steps before `step` were trained on the stored schedule; from
+    `step` on the new one applies, so the rate jumps there (a longer total_steps
+    stretches the cosine, for example). States both rates at `step`.
+    """
+    fields = [(k, a) for k, a, _ in changes if is_schedule(k)]
+    if not fields:
+        return None
+    from msit_jax.training.schedule import lr_schedule
+
+    def rate(lr: dict, total: Any) -> Optional[float]:
+        try:
+            return float(lr_schedule(lr["base"], lr["multiplier"], lr["warmup_steps"], total,
+                                     lr["epoch_steps"])(step))
+        except (KeyError, TypeError, ValueError):  # an old record we cannot rebuild
+            return None
+
+    new_lr = config.lr.to_dict()
+    old_lr, old_total = dict(new_lr), config.total_steps
+    for k, a in fields:
+        if k == "total_steps":
+            old_total = a
+        else:
+            old_lr[k.split(".", 1)[1]] = a
+    before, after = rate(old_lr, old_total), rate(new_lr, config.total_steps)
+    what = ", ".join(k for k, _ in fields)
+    was = f"{before:.3g}" if before is not None else "unknown"
+    now = f"{after:.3g}" if after is not None else "unknown"
+    return (f"the learning-rate schedule changes mid-run at step {step} ({what} changed): "
+            f"steps before {step} followed the stored schedule, from {step} on the new one "
+            f"applies (warm-up {config.lr.warmup_steps} steps, cosine to 0 at step "
+            f"{config.total_steps}); the rate at step {step} goes from {was} to {now}")
+
+
 def record(workdir: str, config: ml_collections.ConfigDict, step: int,
            changes: list[tuple[str, Any, Any]], fresh: bool) -> None:
     """Append this start to config_history.jsonl; write config.json and model_config.json
-    when absent or on a fresh start (no checkpoint behind them), and model_config.json
-    after an allowed architecture change. Process 0 only; files are replaced atomically."""
+    when absent or on a fresh start (no checkpoint behind them), config.resume-<step>.json
+    on a resume that changed anything (config.json stays the run's first config), and
+    model_config.json after an allowed architecture change. Process 0 only; files are
+    replaced atomically."""
     if jax.process_index() != 0:
         return
     data = config_to_dict(config)
@@ -198,13 +258,18 @@ def record(workdir: str, config: ml_collections.ConfigDict, step: int,
              "config": data}
     with open(os.path.join(workdir, HISTORY_FILE), "a") as f:
         f.write(json.dumps(entry, sort_keys=True) + "\n")
+    text = config.to_json_best_effort(indent=2, sort_keys=True)
     cfg_path = os.path.join(workdir, CONFIG_FILE)
     if fresh or not os.path.exists(cfg_path):
-        _write_atomic(cfg_path, config.to_json_best_effort(indent=2, sort_keys=True))
+        _write_atomic(cfg_path, text)
+    elif changes:
+        # A second resume at the same step replaces the first: it is the config in effect
+        # from that step (config_history.jsonl keeps both).
+        _write_atomic(os.path.join(workdir, RESUME_CONFIG_FILE.format(step=int(step))), text)
     model_path = os.path.join(workdir, MODEL_CONFIG_FILE)
     model_changed = any(k.startswith("model.") and is_compared(k) for k, _, _ in changes)
     if fresh or not os.path.exists(model_path) or model_changed:
-        _write_atomic(model_path, model_checkpoint.config_to_json(config.model))
+        _write_atomic(model_path, model_dir.config_to_json(config.model))
 
 
 def _write_atomic(path: str, text: str) -> None:

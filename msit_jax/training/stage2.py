@@ -1,11 +1,12 @@
 """Cumulative training: initialise a model from an earlier stage's weights.
 
-Stage 2 (DESIGN.md section 4) builds the RIM model and takes from stage 1
+Stage 2 (docs/design.md#4-rim-and-folding) builds the RIM model and takes from stage 1
 (plain convs where the RIMs sit):
   * every plain conv kernel at a RIM position -> the RIM's frozen base kernel W,
     and its bias -> the RIM's bias;
   * every other parameter and the BatchNorm statistics -> copied unchanged;
-  * RIM `convmap` and `scale` (torch `linear`) -> kept fresh from `model.init`.
+  * RIM `convmap` and `scale` (the RIM factor, torch `linear`) -> kept fresh from
+    `model.init`.
 This is what the reference's `pre_train` does (`model_dict.update(stage1_sd)`).
 
 The source may be this project's training workdir or model directory, or an
@@ -20,6 +21,8 @@ from typing import Any
 import flax.traverse_util as tu
 import ml_collections
 import numpy as np
+
+from msit_jax.io import pretrained
 
 # Model fields that define the architecture apart from the conv kind; they must
 # agree between the two stages.
@@ -94,10 +97,8 @@ def init_from(path: str, model_cfg: ml_collections.ConfigDict, fresh: dict) -> d
     """Variables for `model_cfg` initialised from the checkpoint at `path`.
 
     fresh: the new model's own initial variables (numpy), whose RIM
-    convmap/scale are kept.
+    convmap and factor (`scale`) are kept.
     """
-    from msit_jax.io import pretrained
-
     src_cfg, src = pretrained.load(path)
     bad = architecture_mismatch(src_cfg, model_cfg)
     if bad:

@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from msit_jax import geometry
+from msit_jax.geometry import QueryGeometry
 from msit_jax.models.model import MSIT
 from msit_jax.training.schedule import lr_schedule
 
@@ -59,18 +59,11 @@ def make_optimizer(config: ml_collections.ConfigDict
     return adam, schedule
 
 
-def dummy_inputs(model_cfg: ml_collections.ConfigDict, inp_size: int, sample_q: int
-                 ) -> tuple[np.ndarray, ...]:
-    """A one-example batch with the training shapes, for `model.init`."""
-    coord = geometry.make_coord((inp_size, inp_size)).reshape(-1, 2)
-    coord = np.resize(coord, (sample_q, 2))[None]
-    g = geometry.query_geometry(coord, (inp_size, inp_size), model_cfg.radius)
-    rc = geometry.rel_cell((inp_size, inp_size), (inp_size, inp_size))[None]
-    return (np.zeros((1, inp_size, inp_size, 3), np.float32), g.coord, g.key_idx, g.rel, rc)
+def init_variables(model: MSIT, rng: jax.Array, inputs: tuple[np.ndarray, QueryGeometry]
+                   ) -> dict:
+    """Fresh variables {'params', 'frozen'?, 'batch_stats'?}, one jitted computation.
 
-
-def init_variables(model: MSIT, rng: jax.Array, inputs: tuple[np.ndarray, ...]) -> dict:
-    """Fresh variables {'params', 'frozen'?, 'batch_stats'?}, one jitted computation."""
+    inputs: (inp, geom), e.g. `msit_jax.models.model.dummy_inputs` of the training shapes."""
     return _jitted_init(model)(rng, *inputs)
 
 
@@ -94,6 +87,3 @@ def create_state(variables: dict, tx: optax.GradientTransformation) -> TrainStat
         opt_state=tx.init(params),
     )
 
-
-def param_count(tree: PyTree) -> int:
-    return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))

@@ -17,11 +17,11 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from msit_jax.data.protocol import Batch
 from msit_jax.models.model import MSIT
 from msit_jax.training.state import TrainState
 
 DATA_AXIS = "data"
-MODEL_INPUTS = ("inp", "coord", "key_idx", "rel", "rel_cell")
 # Bits of the step's `nonfinite` metric: which quantity was NaN or infinite.
 NONFINITE_LOSS, NONFINITE_GRADS, NONFINITE_WEIGHTS = 1, 2, 4
 NONFINITE_NAMES = ((NONFINITE_LOSS, "loss"), (NONFINITE_GRADS, "gradients"),
@@ -63,9 +63,10 @@ def l1_loss(pred: jax.Array, gt: jax.Array) -> jax.Array:
 
 
 def train_step(model: MSIT, tx: optax.GradientTransformation, schedule: optax.Schedule,
-               state: TrainState, batch: dict[str, jax.Array], skip_nonfinite: bool = False
+               state: TrainState, batch: Batch, skip_nonfinite: bool = False
                ) -> tuple[TrainState, dict]:
-    """One Adam update on a batch (see `msit_jax.data.pipeline` for its fields).
+    """One Adam update on a batch (`msit_jax.data.protocol.Batch`: inp (B, h, h, 3),
+    geometry (coord (B, Q, 2), ...), gt (B, Q, 3)).
 
     metrics: loss, lr, grad_norm (scalars) and nonfinite, an int32 bit mask of
     NONFINITE_* (0: loss, gradients and updated weights all finite). With
@@ -76,9 +77,9 @@ def train_step(model: MSIT, tx: optax.GradientTransformation, schedule: optax.Sc
     def loss_fn(params):
         variables = state.replace(params=params).variables()
         mutable = ["batch_stats"] if state.batch_stats else []
-        pred, updates = model.apply(variables, *(batch[k] for k in MODEL_INPUTS),
-                                    train=True, mutable=mutable)
-        return l1_loss(pred, batch["gt"]), updates
+        pred, updates = model.apply(variables, batch.inp, batch.geometry, train=True,
+                                    mutable=mutable)
+        return l1_loss(pred, batch.gt), updates
 
     (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     param_updates, opt_state = tx.update(grads, state.opt_state, state.params)

@@ -1,4 +1,7 @@
-"""This project's model checkpoint: a directory with the model config and an Orbax tree.
+"""Model checkpoint directories: a model config and its variables, for inference or export.
+
+    path = save_model("ckpt/", model_cfg, variables)
+    model_cfg, variables = load_model("ckpt/")
 
 Layout:
   DIR/model_config.json   the model config (ml_collections, as JSON)
@@ -7,6 +10,10 @@ Layout:
 Loading validates what it reads: the config's fields and values, every
 variable's presence and shape against the config, and that every value is
 finite; a problem raises `CheckpointError` naming the file (one line).
+
+Not to be confused with a training workdir (train state, optimizer and data
+iterator state at several steps): `msit_jax.io.workdir` reads its model,
+`msit_jax.training.checkpoints` writes and resumes it.
 """
 
 from __future__ import annotations
@@ -16,6 +23,8 @@ import json
 import logging
 import os
 import shutil
+import sys
+import time
 from typing import Any, Iterator
 
 import jax
@@ -24,6 +33,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from msit_jax.errors import CheckpointError, OutputError, one_line
+from msit_jax.models.config import LEGACY_RUNTIME_FIELDS, model_config, validate_model_config
+from msit_jax.models.model import variable_shapes
 
 CONFIG_FILE = "model_config.json"
 VARIABLES_DIR = "variables"
@@ -45,9 +56,6 @@ def quiet_orbax(settle_s: float = 0.5, max_wait_s: float = 5.0) -> Iterator[None
     `settle_s`, at most `max_wait_s`) those are dropped too. Everything is restored on
     exit: the logger levels and the previous hook.
     """
-    import sys
-    import time
-
     loggers = [logging.getLogger(n) for n in ("absl", "asyncio", "orbax", "tensorstore")]
     levels = [lg.level for lg in loggers]
     previous_hook = sys.unraisablehook
@@ -103,8 +111,6 @@ def config_from_json(text: str) -> ml_collections.ConfigDict:
     """A model config from model_config.json. Files written before execution
     options left the model config still carry precision/dtype/fft_min_kernel:
     those are ignored (they never changed the function, only how it ran)."""
-    from msit_jax.models.config import LEGACY_RUNTIME_FIELDS, model_config
-
     data = json.loads(text)
     if not isinstance(data, dict):
         raise ValueError(f"expected a JSON object, got {type(data).__name__}")
@@ -126,8 +132,6 @@ def config_from_json(text: str) -> ml_collections.ConfigDict:
 
 def read_model_config(path: str) -> ml_collections.ConfigDict:
     """A validated model config from a model_config.json; CheckpointError naming the file."""
-    from msit_jax.models.config import validate_model_config
-
     try:
         with open(path) as f:
             text = f.read()
@@ -155,7 +159,6 @@ def is_model_dir(path: str) -> bool:
 def check_variables(model_cfg: ml_collections.ConfigDict, variables: Any, where: str) -> None:
     """CheckpointError naming `where` unless `variables` holds exactly the config's
     variables, with their shapes, all finite."""
-    from msit_jax.models.model import variable_shapes
 
     def flat(tree, prefix=""):
         out = {}

@@ -1,0 +1,209 @@
+"""The one flag-handling path of every command line: absl flags on a private FlagValues.
+
+Every entry point (train.py / msit-train, evaluate.py / msit-evaluate,
+`python -m msit_jax.upscale`, `python -m msit_jax.convert`, `python -m
+msit_jax.export`, `python -m msit_jax.demo`) defines its flags on a
+`flags.FlagValues()` of its own, made per call: commands that share a flag
+name (--checkpoint, --chunk, --fold) do not clash in one process, and
+`main(argv)` starts from the defaults every time (tests call it repeatedly).
+This module parses such a FlagValues and gives every command the same
+behaviour:
+
+* errors are one line, `error: ...` on stderr, exit 2 (`errors.EXIT_USAGE`;
+  a command's own parser may raise another `errors.MsitError`, e.g. training's
+  config errors, exit 3);
+* argparse habits get the absl spelling: absl spells a false boolean `--nofold`
+  and multi-word names with underscores, and would call `--no-fold` or
+  `--max-memory-gb=3` just unknown:
+
+      error: --no-fold is argparse style; this command takes absl flags: --nofold (or --fold)
+      error: --max-memory-gb=3 is argparse style; this command takes absl flags: --max_memory_gb=3
+      error: unknown flag --progres; did you mean --progress?
+
+* `--help` (`-h`, `-?`, `--helpfull`, ...) prints the command's usage (its module
+  docstring) and its flags on stdout and exits 0;
+* `main(fv, command, usage, argv)` is the body of every command's `main`: without
+  argv it runs `absl.app.run` on sys.argv and exits with the status (a console-script
+  entry point); with argv (the arguments after the program name) it returns the status.
+
+A command module:
+
+    def _run(fv: flags.FlagValues, positionals: list[str]) -> int: ...   # exit status
+
+    def main(argv: Optional[Sequence[str]] = None) -> int:
+        fv = flags.FlagValues()
+        define_flags(fv)                  # flags.DEFINE_*(..., flag_values=fv)
+        return flags_util.main(fv, lambda pos: _run(fv, pos), USAGE, argv)
+"""
+
+from __future__ import annotations
+
+import difflib
+import sys
+from typing import Callable, NoReturn, Optional, Protocol, Sequence
+
+from absl import flags
+
+from msit_jax import errors
+
+# absl's help flags (and argparse's -h): answered with the command's own help, since
+# absl's lists only the flags of the __main__ module's global FLAGS and exits 1.
+HELP_FLAGS = ("-h", "-?", "--help", "-help", "--helpshort", "-helpshort", "--helpfull",
+              "-helpfull", "--helpxml", "-helpxml")
+
+Command = Callable[[list[str]], int]
+
+
+class Parser(Protocol):
+    """`parse`'s signature: a command with its own error mapping passes one of these."""
+
+    def __call__(self, fv: flags.FlagValues, argv: Sequence[str], *,
+                 known_only: bool = False) -> list[str]: ...
+
+
+def define_verbose(fv: flags.FlagValues) -> flags.FlagHolder:
+    """The shared --verbose flag (tracebacks, third-party logs) on `fv`; the existing
+    one when `fv` has it already (absl refuses a second definition)."""
+    if "verbose" in fv:
+        return flags.FlagHolder(fv, fv["verbose"])
+    return flags.DEFINE_bool("verbose", False, "Print the traceback of an error and the "
+                             "libraries' INFO/WARNING logs.", flag_values=fv)
+
+
+def _is_bool(fv: flags.FlagValues, name: str) -> bool:
+    return name in fv and isinstance(fv[name], flags.BooleanFlag)
+
+
+def argparse_spelling(fv: flags.FlagValues, arg: str) -> Optional[str]:
+    """The absl spelling of an argparse-style argument `arg` ('--no-fold',
+    '--no_fold', '--max-memory-gb=3'), as '--nofold (or --fold)' /
+    '--max_memory_gb=3'; None when `arg` is not one for a flag of `fv`."""
+    if not arg.startswith("--"):
+        return None
+    name, eq, value = arg[2:].partition("=")
+    under = name.replace("-", "_")
+    if under.startswith("no_") and _is_bool(fv, under[3:]):
+        return f"--no{under[3:]} (or --{under[3:]})"
+    if "-" in name and under in fv:
+        return f"--{under}{eq}{value}"
+    return None
+
+
+def suggest(fv: flags.FlagValues, name: str) -> Optional[str]:
+    """The flag absl would accept for a mistyped `name` (without dashes), or None.
+
+    'no-progress' / 'no_progress' -> '--noprogress' (absl's false boolean);
+    'save-images' -> '--save_images'; else the closest defined name, if close.
+    """
+    norm = name.replace("-", "_")
+    for prefix in ("no_", "no"):
+        rest = norm[len(prefix):]
+        if norm.startswith(prefix) and _is_bool(fv, rest):
+            return f"--no{rest}"
+    if norm in fv:
+        return f"--{norm}"
+    names = [n for n in fv if len(n) > 1]
+    names += [f"no{n}" for n in names if _is_bool(fv, n)]
+    close = difflib.get_close_matches(norm, names, n=1, cutoff=0.75)
+    return f"--{close[0]}" if close else None
+
+
+def describe_flag_error(fv: flags.FlagValues, e: flags.Error) -> str:
+    """One line for an absl flag error: the absl spelling of an argparse-style flag,
+    the closest flag of `fv` for an unknown one, else absl's message on one line."""
+    name = getattr(e, "flagname", None)
+    if isinstance(e, flags.UnrecognizedFlagError) and name:
+        arg = getattr(e, "flagvalue", None) or f"--{name}"
+        spelling = argparse_spelling(fv, arg)
+        if spelling is not None:
+            return f"{arg} is argparse style; this command takes absl flags: {spelling}"
+        hint = suggest(fv, name)
+        return f"unknown flag --{name}" + (f"; did you mean {hint}?" if hint else
+                                           " (see --help)")
+    return f"{errors.one_line(str(e))} (see --help)"
+
+
+def parse(fv: flags.FlagValues, argv: Sequence[str], *, known_only: bool = False
+          ) -> list[str]:
+    """Parse `argv` (argv[0]: the program) into `fv`: argv[0] and the arguments left over
+    (with `known_only`, the flags `fv` does not define are left over too).
+
+    Raises errors.UsageError with one line (see `describe_flag_error`).
+    """
+    try:
+        return fv(list(argv), known_only=known_only)
+    except flags.Error as e:
+        raise errors.UsageError(describe_flag_error(fv, e)) from None
+
+
+def wants_help(args: Sequence[str]) -> bool:
+    """Whether a help flag is among the flags in `args` (those before a '--')."""
+    args = list(args)
+    flag_args = args[:args.index("--")] if "--" in args else args
+    return any(a in HELP_FLAGS for a in flag_args)
+
+
+def help_text(fv: flags.FlagValues, usage: str) -> str:
+    """`usage` and the help of `fv`'s flags (without absl's per-module headings)."""
+    lines = fv.get_help(include_special_flags=False).splitlines()
+    return f"{usage.strip()}\n\nflags:\n" + "\n".join(ln for ln in lines if ln.startswith(" "))
+
+
+def run_command(fv: flags.FlagValues, command: Command, args: Sequence[str], usage: str, *,
+                parser: Parser = parse, prog: str = "prog") -> int:
+    """In this process: parse `args` (the arguments after the program name) into `fv` and
+    return command(positionals)'s exit status; 0 after printing the help, or the code of
+    the one-line parse error printed (`parser` raises it as an errors.MsitError)."""
+    args = list(args)
+    if wants_help(args):
+        print(help_text(fv, usage), flush=True)
+        return errors.EXIT_OK
+    try:
+        rest = parser(fv, [prog] + args)
+    except errors.MsitError as e:
+        return errors.report(e)
+    return command(rest[1:])
+
+
+def run_app(fv: flags.FlagValues, command: Command, usage: str, *,
+            parser: Parser = parse) -> NoReturn:
+    """`absl.app.run` on sys.argv with `fv`'s flags: exits with command(positionals)'s
+    status (0 after the help, the parse error's code after its line).
+
+    The flags `fv` does not define go on to absl's global FLAGS, which hold absl's own
+    flags (--verbosity, --only_check_args) and libraries'; an unknown flag is an error
+    there (reported with `fv`'s spelling hints). app.run insists that FLAGS are parsed,
+    and sets up absl logging as programs run by absl expect (training's absl warning
+    lines keep their format).
+    """
+    from absl import app
+
+    def flags_parser(argv: list[str]) -> list[str]:
+        if wants_help(argv[1:]):
+            print(help_text(fv, usage), flush=True)
+            sys.exit(errors.EXIT_OK)
+        try:
+            rest = parser(fv, argv, known_only=True)
+            try:
+                return flags.FLAGS(rest)
+            except flags.Error as e:
+                raise errors.UsageError(describe_flag_error(fv, e)) from None
+        except errors.MsitError as e:
+            sys.exit(errors.report(e))
+
+    app.run(lambda rest: command(list(rest[1:])), flags_parser=flags_parser)
+    raise AssertionError("absl.app.run returned")  # it always exits
+
+
+def main(fv: flags.FlagValues, command: Command, usage: str,
+         argv: Optional[Sequence[str]] = None, *, parser: Parser = parse,
+         prog: str = "prog") -> int:
+    """The body of a command's `main(argv=None)`.
+
+    Without argv: `run_app` on sys.argv (exits with the status: a console-script entry
+    point). With argv (the arguments after the program name, for tests and scripts):
+    `run_command`, returning the status.
+    """
+    if argv is None:
+        run_app(fv, command, usage, parser=parser)
+    return run_command(fv, command, argv, usage, parser=parser, prog=prog)

@@ -1,0 +1,176 @@
+"""Packaging: what `pip install msit-jax` (no extras) can do, and pyproject's declarations.
+
+The inference-only check runs in a subprocess in which the training and optional
+packages cannot be imported (their sys.modules entries are None), which is how
+an install without the `train`, `torch`, `plot` and `export` extras behaves.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+from packaging.requirements import Requirement
+
+from msit_jax.io import model_dir
+
+tomllib = pytest.importorskip("tomllib")  # Python >= 3.11 (the project runs on 3.11)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Packages that only training, the PyTorch reader, plots or TFDS bring in.
+NOT_FOR_INFERENCE = ("tensorflow_datasets", "tensorflow", "grain", "pyarrow", "array_record",
+                     "matplotlib", "torch")
+EXTRAS = {"train", "tensorboard", "torch", "plot", "demo", "export"}
+# extra -> the requirements file that pins it (core + train: requirements.txt).
+REQUIREMENT_FILES = {"tensorboard": "requirements-tensorboard.txt",
+                     "torch": "requirements-torch.txt", "plot": "requirements-plot.txt",
+                     "export": "requirements-export.txt", "demo": "requirements-demo.txt"}
+
+
+def _pyproject() -> dict:
+    with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
+        return tomllib.load(f)
+
+
+def _name(req: str) -> str:
+    return re.sub(r"[-_.]+", "-", Requirement(req).name).lower()
+
+
+def _pins(filename: str) -> dict[str, str]:
+    """{normalised name: version} of a requirements file's `name==version` lines."""
+    out = {}
+    with open(os.path.join(REPO, filename)) as f:
+        for line in f:
+            line = line.split("#", 1)[0].strip()
+            if not line or line.startswith("-"):
+                continue
+            req = Requirement(line)
+            (spec,) = req.specifier  # exact pins only
+            assert spec.operator == "==", (filename, line)
+            out[_name(line)] = spec.version
+    return out
+
+
+def _lower_bounds(reqs: list[str]) -> dict[str, str]:
+    out = {}
+    for r in reqs:
+        (spec,) = Requirement(r).specifier
+        assert spec.operator in (">=", "=="), r  # compatible ranges, or the demo's exact pin
+        out[_name(r)] = spec.version
+    return out
+
+
+def _run(code: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    return subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_inference_needs_no_training_or_optional_packages(tmp_path, tiny_cfg, tiny_vars):
+    model = str(tmp_path / "model")
+    model_dir.save_model(model, tiny_cfg, tiny_vars)
+    code = f"""
+import json, sys
+for name in {NOT_FOR_INFERENCE!r}:
+    sys.modules[name] = None  # `import name` now fails, as without the package
+import numpy as np
+from msit_jax import Upscaler
+up = Upscaler.from_pretrained({model!r})
+lr = np.random.RandomState(0).randint(0, 256, (10, 14, 3)).astype(np.uint8)
+sr = up(lr, scale=2)
+loaded = sorted(m for m in sys.modules if sys.modules[m] is not None
+                and m.split(".")[0] in {NOT_FOR_INFERENCE!r})
+light = sorted(m for m in ("msit_jax.training.loop", "msit_jax.data.pipeline",
+                           "msit_jax.training.checkpoints") if m in sys.modules)
+print(json.dumps(dict(shape=list(sr.shape), dtype=str(sr.dtype), finite=bool(np.isfinite(
+    sr.astype(np.float32)).all()), loaded=loaded, training=light)))
+"""
+    p = _run(code)
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    assert out["shape"] == [20, 28, 3] and out["dtype"] == "uint8" and out["finite"]
+    assert out["loaded"] == [] and out["training"] == []
+
+
+@pytest.mark.slow
+def test_training_without_the_train_extra_says_what_to_install(tmp_path):
+    wd = str(tmp_path / "run")
+    code = f"""
+import sys
+sys.modules["grain"] = None
+from msit_jax.training.cli import main
+sys.exit(main(["--config", "configs/tiny.py", "--workdir", {wd!r}]))
+"""
+    p = _run(code)
+    assert p.returncode == 1, p.stderr[-3000:]
+    assert "Traceback" not in p.stderr
+    errors = [ln for ln in p.stderr.splitlines() if ln.startswith("error: ")]
+    assert errors == ["error: training needs the grain package: pip install 'msit-jax[train]' "
+                      "(or pip install -r requirements.txt in a checkout)"]
+    assert not os.path.exists(wd)
+
+
+def _module_main(target: str) -> tuple[str, ast.FunctionDef | None]:
+    """(the module's file, its top-level function) for 'pkg.module:function'."""
+    module, func = target.split(":")
+    base = os.path.join(REPO, *module.split("."))
+    path = base + ".py" if os.path.isfile(base + ".py") else os.path.join(base, "__init__.py")
+    if not os.path.isfile(path):
+        return path, None
+    with open(path) as f:
+        tree = ast.parse(f.read())
+    defs = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == func]
+    return path, defs[0] if defs else None
+
+
+def test_console_scripts_point_at_zero_argument_mains():
+    scripts = _pyproject()["project"]["scripts"]
+    assert scripts == {"msit-train": "msit_jax.training.cli:main",
+                       "msit-evaluate": "msit_jax.eval.cli:main",
+                       "msit-upscale": "msit_jax.upscale:main",
+                       "msit-convert": "msit_jax.io.convert:main"}
+    found = 0
+    for name, target in scripts.items():
+        path, fn = _module_main(target)
+        if not os.path.isfile(path):  # a CLI module another change adds
+            continue
+        assert fn is not None, f"{name}: {path} has no top-level {target.split(':')[1]}()"
+        a = fn.args
+        required = len(a.posonlyargs) + len(a.args) - len(a.defaults) + sum(
+            d is None for d in a.kw_defaults)
+        assert required == 0, f"{name}: {target} must be callable without arguments"
+        found += 1
+    assert found >= 2  # training.cli (here) and upscale at least
+    # the repo-root train.py is a thin wrapper of the console script's main
+    with open(os.path.join(REPO, "train.py")) as f:
+        assert "from msit_jax.training.cli import main" in f.read()
+
+
+def test_dependencies_and_extras_match_the_pinned_requirements():
+    project = _pyproject()["project"]
+    extras = project["optional-dependencies"]
+    assert set(extras) == EXTRAS
+    core = _lower_bounds(project["dependencies"])
+    assert {"jax", "flax", "orbax-checkpoint", "ml-collections", "numpy", "pillow",
+            "absl-py"} <= set(core)
+    assert not {"grain", "tensorflow-datasets", "array-record", "torch"} & set(core)
+    assert set(_lower_bounds(extras["train"])) == {"tensorflow-datasets", "array-record",
+                                                   "grain", "tensorboardx"}
+    # requirements.txt (the README's install) pins exactly core + train, at the lower
+    # bounds, then installs the package itself.
+    assert _pins("requirements.txt") == {**core, **_lower_bounds(extras["train"])}
+    with open(os.path.join(REPO, "requirements.txt")) as f:
+        assert [ln.strip() for ln in f if ln.strip()][-1] == "-e ."
+    for extra, filename in REQUIREMENT_FILES.items():
+        bounds = _lower_bounds(extras[extra])
+        if os.path.isfile(os.path.join(REPO, filename)):
+            assert _pins(filename) == bounds, filename
+        else:  # requirements-demo.txt comes with the demo's change
+            assert extra == "demo" and bounds["gradio"] == "6.31.0"
