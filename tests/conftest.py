@@ -68,8 +68,9 @@ def pytest_unconfigure(config):
 
 # --- test tiers ---------------------------------------------------------------------------
 # `pytest` runs everything; `pytest -m "not slow"` is the quick tier (under 90 s on 2 CPU
-# cores). Slow: subprocess CLIs, multi-process training, big decodes, TFDS preparation,
-# lowering whole programs, anything over ~3 s. A module that is slow throughout says so
+# cores). Slow: subprocess CLIs (but those that stop before JAX starts, well under a
+# second), multi-process training, big decodes, TFDS preparation, lowering whole
+# programs, anything over ~3 s. A module that is slow throughout says so
 # itself (`pytestmark = pytest.mark.slow`); a test of a mixed module can carry the mark
 # itself, or be listed here, where each entry names the case the quick tier keeps instead.
 # Keys: "file::test" (every parametrization) or "file::test[id]" (one).
@@ -85,6 +86,8 @@ SLOW_TESTS: dict[str, str] = {
     "test_evaluate.py::test_evaluate_cli_published_matlab_figures": "CLI",
     "test_evaluate.py::test_evaluate_cli_msit_outputs_and_failures": "CLI",
     "test_evaluate.py::test_evaluate_cli_usage_errors": "CLI",
+    "test_evaluate.py::test_evaluate_cli_data_by_name": "CLI",
+    "test_evaluate.py::test_one_evaluation_path_quiet_cli": "a training run and the CLI",
     "test_export.py::test_stablehlo_runner_needs_no_model_code": "subprocess",
     "test_export.py::test_safetensors_hub_folder_loads_without_torch":
         "subprocess; test_safetensors_folded stays",
@@ -94,6 +97,8 @@ SLOW_TESTS: dict[str, str] = {
     "test_lower_script.py::test_bad_flags_are_refused": "script",
     "test_upscale_cli.py::test_output_larger_than_4096_squared_in_bounded_memory":
         "CLI, a 4100 x 4100 decode",
+    "test_upscale_cli.py::test_console_script_shows_stages_and_no_library_noise":
+        "a training run and the console script",
     # worker processes
     "test_data_sources.py::test_pipeline_deterministic_across_workers_hosts_and_restore":
         "grain workers; the training runs' pipeline and test_data_protocol stay",
@@ -101,7 +106,9 @@ SLOW_TESTS: dict[str, str] = {
     "test_data_sources.py::test_tfds_source_reads_prepared_dataset": "TFDS preparation",
     "test_evaluate.py::test_tfds_source_matches_folder": "TFDS preparation",
     "test_train_loop.py::test_trains_from_a_prepared_tfds_dataset": "TFDS preparation",
-    # more training runs; the quick tier keeps a run, its checkpoints and a bit-exact resume
+    # more training runs; the quick tier keeps a run and its checkpoints, loaded back
+    "test_train_loop.py::test_killed_and_resumed_run_is_bit_identical":
+        "three more runs; test_reliability's SIGINT resume is bit-exact too",
     "test_train_loop.py::test_stage2_from_stage1_workdir_keeps_w_frozen": "two more runs",
     "test_train_loop.py::test_stage2_init_reproduces_stage1_outputs": "stage-2 compiles",
     "test_train_loop.py::test_init_from_rejects_other_architectures": "a dim-64 init",
@@ -126,6 +133,10 @@ SLOW_TESTS: dict[str, str] = {
     "test_inference.py::test_bfloat16_grid_decoder_runs_on_cpu_within_stated_db": "bfloat16",
     "test_inference.py::test_fft_multiscale_convs_match_direct":
         "test_ops FFT conv parity stays",
+    "test_model_parity.py::test_full_grid_upscale_matches_torch[edsr-baseline-plain]":
+        "the RIM models stay; test_reparam checks their folded (plain) forms",
+    "test_model_parity.py::test_full_grid_upscale_matches_torch[rdn-plain]":
+        "the RIM models stay; test_reparam checks their folded (plain) forms",
     "test_model_parity.py::test_random_queries_match_torch[edsr-baseline-rim-False]":
         "[edsr-baseline-plain-True] stays",
     "test_model_parity.py::test_random_queries_match_torch[edsr-baseline-rim-True]":
@@ -162,14 +173,18 @@ SLOW_TESTS: dict[str, str] = {
         "shape2-shifts and shape4-fft stay",
     "test_ops.py::test_forward_mode_through_conv[shape5-xla]":
         "XLA's own rule; the CPU methods' cases stay",
-    "test_ops.py::test_fft_conv_matches_torch_and_direct[5]": "[33] stays",
-    "test_ops.py::test_fft_conv_matches_torch_and_direct[13]": "[33] stays",
+    "test_ops.py::test_fft_conv_matches_torch_and_direct":
+        "on CPU the k=33 convs of test_model_parity's models run as FFTs (vs torch)",
     "test_matlab_resize.py::test_published_set14_bicubic_figures": "Set5 x2-x4 stay",
     "test_reparam.py::test_fold_equivalence[rdn-rim]": "[edsr-baseline-rim] stays",
     "test_reparam.py::test_fold_equivalence[rdn-plain]": "[edsr-baseline-rim] stays",
     "test_reparam.py::test_fold_equivalence[edsr-baseline-plain]": "[edsr-baseline-rim] stays",
     "test_upscale_cli.py::test_tiled_equals_untiled_away_from_the_wrap_border":
         "test_cli_tiled_matches_tiled_api stays",
+    "test_upscale_cli.py::test_official_demo_flags":
+        "test_sizes_are_read_and_logged_height_first keeps the size flags",
+    "test_demo.py::test_large_inputs_use_the_tiled_path":
+        "test_upscale_cli's tiled tests stay",
 }
 
 
