@@ -29,6 +29,7 @@ def main() -> None:
     ap.add_argument("--precision", default="highest", choices=("highest", "high", "default"))
     args = ap.parse_args()
 
+    from msit_jax import console
     from msit_jax.models.config import model_config
     from msit_jax.data.pipeline import to_global
     from msit_jax.data.protocol import Batch, BatchPlanner, Protocol, collate, make_example
@@ -37,7 +38,7 @@ def main() -> None:
     from msit_jax.models.reparam import count_params
     from msit_jax.ops.runtime import RuntimeOptions
     from msit_jax.training.config import base_config
-    from msit_jax.training.loop import _state_maker
+    from msit_jax.training.loop import jit_create_state
     from msit_jax.training.state import init_variables, make_optimizer
     from msit_jax.training.step import batch_sharding, jit_train_step, make_mesh, to_host
 
@@ -67,7 +68,7 @@ def main() -> None:
     variables = to_host(init_variables(model, jax.random.PRNGKey(0),
                                        dummy_inputs(cfg.model, (args.inp_size, args.inp_size),
                                                     args.sample_q)))
-    state = _state_maker(tx, mesh)(variables)
+    state = jit_create_state(tx, mesh)(variables)
     t_init = time.perf_counter() - t
     step_fn = jit_train_step(model, tx, schedule, mesh)
 
@@ -86,7 +87,8 @@ def main() -> None:
     print(f"model: MSIT {args.encoder} conv={args.conv} ({count_params(state.params):,} "
           f"trainable, {count_params(state.frozen):,} frozen), precision={args.precision}")
     print(f"devices: {jax.device_count()} x {dev.platform} ({dev.device_kind})")
-    print(f"batch {args.batch} x {args.sample_q} queries, LR {args.inp_size}x{args.inp_size}")
+    print(f"batch {args.batch} x {args.sample_q} queries, LR "
+          f"{console.format_hw((args.inp_size, args.inp_size))} (H x W)")
     print(f"host batch build: {t_host * 1e3:.1f} ms/batch (one process, no workers)")
     print(f"init: {t_init:.1f} s; first step (compile + run): {t_first:.1f} s; "
           f"loss {float(m['loss']):.4f}")

@@ -1,8 +1,26 @@
-"""Shared test fixtures. Tests run on CPU with tiny model configs."""
+"""Shared test fixtures and test-only compile settings. Tests run on CPU with tiny
+model configs.
+
+Compile time is most of a test's time on CPU, so `pytest_configure` sets, for this
+pytest session only (the library keeps no caches or settings for the tests' sake):
+  * jax_disable_most_optimizations: XLA:CPU compiles without backend optimisation,
+    3-4x faster for gradient programs of the whole model, with values that pass
+    the same tolerances (the torch parity tests compare to 1e-6). The programs
+    run slower, which tiny configs do not notice. Subprocesses (CLI, script and
+    multi-process tests) inherit it through JAX_DISABLE_MOST_OPTIMIZATIONS, so a
+    test and the command it starts compile the same programs (some compare their
+    outputs bit for bit);
+  * XLA's persistent compilation cache in a directory for this session: tests
+    compile the same programs again (each training run builds its train step
+    afresh, as a real run does once), and now each compiles once per session.
+    Subprocesses do not share it.
+"""
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 
 import jax
 import numpy as np
@@ -13,6 +31,184 @@ from msit_jax.models.random_init import random_variables
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_DATA = os.path.join(os.path.dirname(REPO), "shared", "data")
+# Programs that compile faster than this are not worth a cache file (reading and
+# checking an entry costs a few ms).
+CACHE_MIN_COMPILE_S = 0.2
+_TEST_OPTIONS = ("jax_disable_most_optimizations", "jax_compilation_cache_dir",
+                 "jax_persistent_cache_min_compile_time_secs")
+_NO_OPT_ENV = "JAX_DISABLE_MOST_OPTIMIZATIONS"  # read by JAX at import: for subprocesses
+_SAVED = pytest.StashKey[tuple]()  # (jax options, the environment variable) before
+
+
+def pytest_configure(config):
+    # Before collection, so all of it holds from the first compilation on (JAX
+    # decides once per process whether to use the cache).
+    config.stash[_SAVED] = ({k: jax.config.values[k] for k in _TEST_OPTIONS},
+                            os.environ.get(_NO_OPT_ENV))
+    jax.config.update("jax_disable_most_optimizations", True)
+    os.environ[_NO_OPT_ENV] = "1"
+    jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="msit-jax-xla-"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", CACHE_MIN_COMPILE_S)
+
+
+def pytest_unconfigure(config):
+    saved = config.stash.get(_SAVED, None)
+    if saved is None:
+        return
+    options, env = saved
+    cache_dir = jax.config.values["jax_compilation_cache_dir"]
+    for k, v in options.items():
+        jax.config.update(k, v)
+    if env is None:
+        os.environ.pop(_NO_OPT_ENV, None)
+    else:
+        os.environ[_NO_OPT_ENV] = env
+    shutil.rmtree(cache_dir, ignore_errors=True)
+
+
+# --- test tiers ---------------------------------------------------------------------------
+# `pytest` runs everything; `pytest -m "not slow"` is the quick tier (under 90 s on 2 CPU
+# cores). Slow: subprocess CLIs (but those that stop before JAX starts, well under a
+# second), multi-process training, big decodes, TFDS preparation, lowering whole
+# programs, anything over ~3 s. A module that is slow throughout says so
+# itself (`pytestmark = pytest.mark.slow`); a test of a mixed module can carry the mark
+# itself, or be listed here, where each entry names the case the quick tier keeps instead.
+# Keys: "file::test" (every parametrization) or "file::test[id]" (one).
+SLOW_TESTS: dict[str, str] = {
+    # subprocess CLIs and scripts
+    "test_accel_check.py::test_accel_check_tiny_passes_and_writes_every_section": "script",
+    "test_accel_check.py::test_accel_check_failing_tolerance_exits_1": "script",
+    "test_accel_check.py::test_accel_check_rejects_cpu_without_allow_cpu": "script",
+    "test_accel_check.py::test_compare_torch_quick_ours_alone": "script",
+    "test_convert.py::test_convert_cli_round_trip":
+        "CLI; test_official_training_checkpoint_loads_with_args stays",
+    "test_evaluate.py::test_evaluate_cli_bicubic_reference_figures": "CLI",
+    "test_evaluate.py::test_evaluate_cli_published_matlab_figures": "CLI",
+    "test_evaluate.py::test_evaluate_cli_msit_outputs_and_failures": "CLI",
+    "test_evaluate.py::test_evaluate_cli_usage_errors": "CLI",
+    "test_evaluate.py::test_evaluate_cli_data_by_name": "CLI",
+    "test_evaluate.py::test_one_evaluation_path_quiet_cli": "a training run and the CLI",
+    "test_export.py::test_stablehlo_runner_needs_no_model_code": "subprocess",
+    "test_export.py::test_safetensors_hub_folder_loads_without_torch":
+        "subprocess; test_safetensors_folded stays",
+    "test_export.py::test_cli_and_its_errors": "CLI",
+    "test_lower_script.py::test_train_step_report": "script",
+    "test_lower_script.py::test_inference_report": "script",
+    "test_lower_script.py::test_bad_flags_are_refused": "script",
+    "test_upscale_cli.py::test_output_larger_than_4096_squared_in_bounded_memory":
+        "CLI, a 4100 x 4100 decode",
+    "test_upscale_cli.py::test_console_script_shows_stages_and_no_library_noise":
+        "a training run and the console script",
+    # worker processes
+    "test_data_sources.py::test_pipeline_deterministic_across_workers_hosts_and_restore":
+        "grain workers; the training runs' pipeline and test_data_protocol stay",
+    # TFDS preparation
+    "test_data_sources.py::test_tfds_source_reads_prepared_dataset": "TFDS preparation",
+    "test_evaluate.py::test_tfds_source_matches_folder": "TFDS preparation",
+    "test_train_loop.py::test_trains_from_a_prepared_tfds_dataset": "TFDS preparation",
+    # more training runs; the quick tier keeps a run and its checkpoints, loaded back
+    "test_train_loop.py::test_killed_and_resumed_run_is_bit_identical":
+        "three more runs; test_reliability's SIGINT resume is bit-exact too",
+    "test_train_loop.py::test_stage2_from_stage1_workdir_keeps_w_frozen": "two more runs",
+    "test_train_loop.py::test_stage2_init_reproduces_stage1_outputs": "stage-2 compiles",
+    "test_train_loop.py::test_init_from_rejects_other_architectures": "a dim-64 init",
+    "test_train_loop.py::test_stage2_init_from_official_pth":
+        "stage-2 compiles; test_convert's official .pth loading stays",
+    "test_reliability.py::test_12_each_input_fails_independently_and_bounds_are_checked_first":
+        "decodes",
+    # further cases of a parity already in the quick tier
+    "test_evaluate.py::test_dtype_override_runs_the_model_in_bfloat16": "bfloat16",
+    "test_export.py::test_stablehlo_matches_upscale_on_every_platform_export":
+        "test_stablehlo_unfolded_export stays",
+    "test_export.py::test_onnx_agrees_with_jax[rdn-auto]": "[edsr-baseline-grid] stays",
+    "test_export.py::test_onnx_agrees_with_jax[edsr-baseline-query]":
+        "[edsr-baseline-grid] stays",
+    "test_export.py::test_pth_round_trip_official_to_official[rim]": "[plain] stays",
+    "test_inference.py::test_chunk_size_invariance":
+        "test_model_parity's full-grid upscale (3 chunks, the last padded) vs torch stays",
+    "test_inference.py::test_grid_decoder_matches_per_query_decoder":
+        "test_model_parity's full-grid upscale ('auto' runs the grid decoder at x3.5) vs "
+        "torch stays",
+    "test_inference.py::test_bfloat16_compute_is_close_to_float32": "bfloat16",
+    "test_inference.py::test_bfloat16_grid_decoder_runs_on_cpu_within_stated_db": "bfloat16",
+    "test_inference.py::test_fft_multiscale_convs_match_direct":
+        "test_ops FFT conv parity stays",
+    "test_model_parity.py::test_full_grid_upscale_matches_torch[edsr-baseline-plain]":
+        "the RIM models stay; test_reparam checks their folded (plain) forms",
+    "test_model_parity.py::test_full_grid_upscale_matches_torch[rdn-plain]":
+        "the RIM models stay; test_reparam checks their folded (plain) forms",
+    "test_model_parity.py::test_random_queries_match_torch[edsr-baseline-rim-False]":
+        "[edsr-baseline-plain-True] stays",
+    "test_model_parity.py::test_random_queries_match_torch[edsr-baseline-rim-True]":
+        "[edsr-baseline-plain-True] stays",
+    "test_model_parity.py::test_random_queries_match_torch[edsr-baseline-plain-False]":
+        "[edsr-baseline-plain-True] stays",
+    "test_model_parity.py::test_random_queries_match_torch[rdn-rim-False]":
+        "[edsr-baseline-plain-True] stays",
+    "test_model_parity.py::test_random_queries_match_torch[rdn-rim-True]":
+        "[edsr-baseline-plain-True] stays",
+    "test_model_parity.py::test_random_queries_match_torch[rdn-plain-False]":
+        "[edsr-baseline-plain-True] stays",
+    "test_model_parity.py::test_random_queries_match_torch[rdn-plain-True]":
+        "[edsr-baseline-plain-True] stays",
+    "test_ops.py::test_kernel_gradient_methods_match_reference_autodiff[shape1-dense]":
+        "shape0-dense stays",
+    "test_ops.py::test_kernel_gradient_methods_match_reference_autodiff[shape2-dense]":
+        "shape0-dense stays",
+    "test_ops.py::test_kernel_gradient_methods_match_reference_autodiff[shape3-shifts]":
+        "shape4-shifts stays",
+    "test_ops.py::test_kernel_gradient_methods_match_reference_autodiff[shape5-shifts]":
+        "shape4-shifts stays",
+    "test_ops.py::test_kernel_gradient_methods_match_reference_autodiff[shape6-fft]":
+        "shape8-fft stays",
+    "test_ops.py::test_kernel_gradient_methods_match_reference_autodiff[shape7-fft]":
+        "shape8-fft stays",
+    "test_ops.py::test_kernel_gradient_methods_match_reference_autodiff[shape10-xla]":
+        "shape9-xla stays",
+    "test_ops.py::test_forward_mode_through_conv[shape0-dense]":
+        "shape2-shifts and shape4-fft stay",
+    "test_ops.py::test_forward_mode_through_conv[shape1-dense]":
+        "shape2-shifts and shape4-fft stay",
+    "test_ops.py::test_forward_mode_through_conv[shape3-fft]":
+        "shape2-shifts and shape4-fft stay",
+    "test_ops.py::test_forward_mode_through_conv[shape5-xla]":
+        "XLA's own rule; the CPU methods' cases stay",
+    "test_ops.py::test_fft_conv_matches_torch_and_direct":
+        "on CPU the k=33 convs of test_model_parity's models run as FFTs (vs torch)",
+    "test_matlab_resize.py::test_published_set14_bicubic_figures": "Set5 x2-x4 stay",
+    "test_reparam.py::test_fold_equivalence[rdn-rim]": "[edsr-baseline-rim] stays",
+    "test_reparam.py::test_fold_equivalence[rdn-plain]": "[edsr-baseline-rim] stays",
+    "test_reparam.py::test_fold_equivalence[edsr-baseline-plain]": "[edsr-baseline-rim] stays",
+    "test_upscale_cli.py::test_tiled_equals_untiled_away_from_the_wrap_border":
+        "test_cli_tiled_matches_tiled_api stays",
+    "test_upscale_cli.py::test_official_demo_flags":
+        "test_sizes_are_read_and_logged_height_first keeps the size flags",
+    "test_demo.py::test_large_inputs_use_the_tiled_path":
+        "test_upscale_cli's tiled tests stay",
+}
+
+
+def _slow_key(item) -> tuple[str, str]:
+    """("file::test", "file::test[id]") for a collected test."""
+    file = os.path.basename(str(item.path))
+    name = getattr(item, "originalname", item.name)
+    return f"{file}::{name}", f"{file}::{item.name}"
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if any(key in SLOW_TESTS for key in _slow_key(item)):
+            item.add_marker(pytest.mark.slow)
+    # An entry whose test was renamed would silently move it to the quick tier: an entry
+    # naming a collected module must name one of its tests.
+    modules = {os.path.basename(str(item.path)): item.module for item in items
+               if getattr(item, "module", None) is not None}
+    stale = [key for key in SLOW_TESTS if key.split("::")[0] in modules
+             and not hasattr(modules[key.split("::")[0]], key.split("::")[1].split("[")[0])]
+    if stale:
+        raise pytest.UsageError("tests/conftest.py SLOW_TESTS names no such test: "
+                                + ", ".join(stale))
 
 
 def init_variables(model_cfg, seed: int = 0):

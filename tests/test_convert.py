@@ -8,7 +8,8 @@ import sys
 import jax
 import numpy as np
 import pytest
-import torch
+
+torch = pytest.importorskip("torch")  # the PyTorch reference (requirements-torch.txt)
 
 from msit_jax.io import model_dir, pretrained
 from msit_jax import tiny_model_config

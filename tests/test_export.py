@@ -18,7 +18,12 @@ import textwrap
 
 import numpy as np
 import pytest
-import torch
+
+torch = pytest.importorskip("torch")  # the PyTorch reference (requirements-torch.txt)
+# requirements-export.txt: the ONNX graph and its runtime, safetensors weights
+pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+pytest.importorskip("safetensors")
 
 from msit_jax import export, exported, geometry, inference, onnx_graph, tiny_model_config
 from msit_jax.io import pretrained

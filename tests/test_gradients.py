@@ -11,6 +11,10 @@ from msit_jax.models.layers import FROZEN
 from msit_jax.ops.runtime import RuntimeOptions
 from tests.conftest import init_variables
 
+# Each test compiles gradients of the whole model (5-30 s). The quick tier keeps a
+# training run (test_train_loop) and each CPU conv method's gradients (test_ops).
+pytestmark = pytest.mark.slow
+
 
 def batch(cfg, seed=0):
     rs = np.random.RandomState(seed)

@@ -1,11 +1,13 @@
 """Each building block against torch.nn.functional on random tensors."""
 
-import numpy as np
-import pytest
-import torch
-import torch.nn.functional as F
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.signal
+
+torch = pytest.importorskip("torch")  # the PyTorch reference (requirements-torch.txt)
+import torch.nn.functional as F  # noqa: E402
 
 from msit_jax.models import layers, msno
 from msit_jax import ops
@@ -53,7 +55,17 @@ def test_rim_kernel_and_conv_match_torch(k, cin, cout):
     base = oihw_to_hwio(rim.weight)
     kernel = layers.rim_effective_kernel(jnp.asarray(base), jnp.asarray(convmap), jnp.asarray(scale))
     np.testing.assert_allclose(np.asarray(kernel), oihw_to_hwio(rim.kernel()), atol=1e-6, rtol=1e-6)
-    assert n == convmap.shape[2] * convmap.shape[3]
+    # Independent of both implementations: per 2-D kernel W_oi, K = W + corr(W, m) * s * W
+    # with torch's grouped channel c = o * cin + i holding m and s (correlation, zero pad).
+    m_t = rim.convmap.weight.detach().numpy()[:, 0]  # (n, 3, 3)
+    s_t = rim.linear.weight.detach().numpy()[:, 0, 0, 0]  # (n,)
+    w_t = rim.weight.numpy()  # (cout, cin, k, k)
+    want = np.empty((k, k, cin, cout), np.float64)
+    for c in range(n):
+        o, i = divmod(c, cin)
+        mapped = scipy.signal.correlate2d(w_t[o, i], m_t[c], mode="same")
+        want[:, :, i, o] = w_t[o, i] + mapped * s_t[c] * w_t[o, i]
+    np.testing.assert_allclose(np.asarray(kernel), want, atol=1e-6, rtol=1e-5)
 
     mod = layers.RIMConv(cout, k, precision=jax.lax.Precision.HIGHEST)
     variables = {"params": {"convmap": convmap, "scale": scale, "bias": rim.bias.detach().numpy()},

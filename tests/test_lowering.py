@@ -24,6 +24,8 @@ import pytest
 
 from msit_jax.lowering import compute_ops
 
+pytestmark = pytest.mark.slow  # one subprocess lowers every program for two platforms
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROGRAMS = ("encode", "decode", "grid", "train_stage1", "train_stage2")
 PLATFORMS = ("tpu", "cuda")

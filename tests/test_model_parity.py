@@ -9,7 +9,8 @@ included in the comparison.
 import jax
 import numpy as np
 import pytest
-import torch
+
+torch = pytest.importorskip("torch")  # the PyTorch reference (requirements-torch.txt)
 
 from msit_jax import build_model, geometry, inference, tiny_model_config
 from msit_jax.io.torch_io import state_dict_to_variables

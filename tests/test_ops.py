@@ -12,8 +12,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-import torch.nn.functional as F
+
+torch = pytest.importorskip("torch")  # the PyTorch reference (requirements-torch.txt)
+import torch.nn.functional as F  # noqa: E402
 
 from msit_jax import ops
 from msit_jax.ops.conv import lax_conv

@@ -1,10 +1,11 @@
 """grid_sample semantics (nearest / bilinear / border, out of range, ties) and host geometry."""
 
 import numpy as np
-import pytest
-import torch
 import jax
 import jax.numpy as jnp
+import pytest
+
+torch = pytest.importorskip("torch")  # the PyTorch reference (requirements-torch.txt)
 
 from msit_jax import geometry
 from msit_jax.models import sampling
@@ -52,8 +53,22 @@ def test_nearest_index_matches_grid_sample_including_ties():
     inside = (iy >= 0) & (iy < h) & (ix >= 0) & (ix < w)
     ours = np.where(inside[:, None], np.stack([iy + 1, ix + 1], -1), 0)
     np.testing.assert_array_equal(ours, ref)
-    # the tie points really are ties: half of the x3.5 rows sit exactly between two centres
-    assert (~inside).sum() > 0
+
+    # Exact ties inside the image: c + 1 = (k + 1) * 2 / n is dyadic for these k, so
+    # u = ((c + 1) * n - 1) / 2 = k + 0.5 with no float32 rounding anywhere. Half to
+    # even rounds down at even k and up at odd k, so half-up or half-down fails here.
+    tie_rows = np.array([2, 5, 8, 11, 14, 17, 20])  # k with 12 | 8 * (k + 1), n = 24
+    tie_cols = np.array([4, 9, 14])  # k with 10 | 8 * (k + 1), n = 20
+    even_rows = np.array([2, 6, 8, 12, 14, 18, 20])
+    even_cols = np.array([4, 10, 14])
+    ty, tx = np.meshgrid((tie_rows + 1) * 2 / h - 1, (tie_cols + 1) * 2 / w - 1, indexing="ij")
+    ties = np.stack([ty.ravel(), tx.ravel()], -1).astype(np.float32)
+    want = np.stack(np.meshgrid(even_rows, even_cols, indexing="ij"), -1).reshape(-1, 2)
+    ref_ties = grid(torch.from_numpy(idx_img.astype(np.float32).transpose(2, 0, 1))[None],
+                    torch.from_numpy(ties)[None], "nearest")[0].numpy()
+    np.testing.assert_array_equal(ref_ties - 1, want)  # the reference: half to even
+    np.testing.assert_array_equal(np.stack([geometry.nearest_index(ties[:, 0], h),
+                                            geometry.nearest_index(ties[:, 1], w)], -1), want)
 
 
 def test_nearest_gather_marks_outside_samples():

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import functools
 import logging
 import os
 import signal
@@ -36,6 +35,8 @@ from typing import Any, Callable, Optional
 import jax
 import ml_collections
 import numpy as np
+import optax
+from jax.sharding import Mesh
 
 from msit_jax.data.pipeline import train_dataset
 from msit_jax.data.protocol import Batch, Protocol
@@ -295,9 +296,10 @@ class NonFiniteGuard:
                     self.in_a_row)
 
 
-@functools.lru_cache(maxsize=8)
-def _state_maker(tx, mesh):
-    """variables -> a replicated step-0 TrainState (jitted; memoised like the step)."""
+def jit_create_state(tx: optax.GradientTransformation, mesh: Mesh
+                     ) -> Callable[[dict], TrainState]:
+    """variables -> a step-0 TrainState replicated over `mesh`, jitted (the Adam
+    state is built on the devices, not on the host)."""
     return jax.jit(lambda v: create_state(v, tx), out_shardings=replicated(mesh))
 
 
@@ -342,7 +344,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     mesh = make_mesh()
     rep = replicated(mesh)
     tx, schedule = make_optimizer(config)
-    to_state = _state_maker(tx, mesh)
+    to_state = jit_create_state(tx, mesh)
 
     ckpt = Checkpointer(workdir, config.checkpoint.keep, config.checkpoint.keep_best,
                         config.checkpoint.async_save)

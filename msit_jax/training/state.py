@@ -7,7 +7,6 @@ statistics) ride along, so the frozen kernels can never be updated.
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import flax.struct
@@ -48,18 +47,13 @@ def make_optimizer(config: ml_collections.ConfigDict
     """(Adam with the reference schedule, the schedule) for a training config.
 
     Adam as torch's defaults (b1 .9, b2 .999, eps 1e-8, no weight decay), after
-    optional global-norm clipping. Memoised on the settings, so equal configs
-    get the same objects and `step.jit_train_step` reuses its compilation.
+    optional global-norm clipping.
     """
-    return _optimizer(config.lr.base, config.lr.multiplier, config.lr.warmup_steps,
-                      config.total_steps, config.lr.epoch_steps, config.adam.b1,
-                      config.adam.b2, config.adam.eps, float(config.grad_clip_norm or 0.0))
-
-
-@functools.lru_cache(maxsize=8)
-def _optimizer(base, multiplier, warmup_steps, total_steps, epoch_steps, b1, b2, eps, clip):
-    schedule = lr_schedule(base, multiplier, warmup_steps, total_steps, epoch_steps)
-    adam = optax.adam(schedule, b1=b1, b2=b2, eps=eps)
+    lr = config.lr
+    schedule = lr_schedule(lr.base, lr.multiplier, lr.warmup_steps, config.total_steps,
+                           lr.epoch_steps)
+    adam = optax.adam(schedule, b1=config.adam.b1, b2=config.adam.b2, eps=config.adam.eps)
+    clip = float(config.grad_clip_norm or 0.0)
     if clip > 0:
         return optax.chain(optax.clip_by_global_norm(clip), adam), schedule
     return adam, schedule
@@ -73,11 +67,11 @@ def init_variables(model: MSIT, rng: jax.Array, inputs: tuple[np.ndarray, QueryG
     return _jitted_init(model)(rng, *inputs)
 
 
-@functools.lru_cache(maxsize=8)
 def _jitted_init(model: MSIT):
     # On CPU the init is compiled without backend optimisation: XLA:CPU spends
     # seconds optimising each unrolled threefry generator (40 s for the tiny
-    # model, 6 s at -O0) and the init runs once. Values agree to 1 ulp.
+    # model, 6 s at -O0) and the init runs once (so nothing is memoised here).
+    # Values agree to 1 ulp.
     opts = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
     return jax.jit(model.init, compiler_options=opts)
 

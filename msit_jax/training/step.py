@@ -9,7 +9,6 @@ beyond float round-off. No pmap.
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable
 
 import jax
@@ -105,14 +104,13 @@ def train_step(model: MSIT, tx: optax.GradientTransformation, schedule: optax.Sc
     return new_state, metrics
 
 
-@functools.lru_cache(maxsize=8)
 def jit_train_step(model: MSIT, tx: optax.GradientTransformation, schedule: optax.Schedule,
                    mesh: Mesh, skip_nonfinite: bool = False
                    ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """train_step jitted with explicit shardings; the old state's buffers are donated.
 
-    Memoised (with `state.make_optimizer`), so runs of one config in one process
-    (resume, tests) reuse the compiled step instead of compiling it again.
+    A new function each call: a run builds it once and calls it every step, so
+    it compiles once per run.
     """
 
     def step(state, batch):
