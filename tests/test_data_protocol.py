@@ -1,4 +1,4 @@
-"""The training batch protocol (DESIGN.md section 5) against hand-checked cases."""
+"""The training batch protocol (docs/design.md#5-training-batch-protocol) against hand-checked cases."""
 
 from __future__ import annotations
 

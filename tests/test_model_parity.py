@@ -1,7 +1,7 @@
 """Whole-model parity: a PyTorch MSIT module -> state_dict -> load -> same outputs.
 
 The PyTorch side (tests/torch_reference.py) is an independent implementation of
-DESIGN.md with the official module names; its decoder samples with
+docs/design.md (section 2) with the official module names; its decoder samples with
 F.grid_sample in float32 as the reference does, so exact-tie queries are
 included in the comparison.
 """

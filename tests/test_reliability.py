@@ -831,7 +831,7 @@ def test_13_dataset_names_cannot_escape_the_output_folder(tmp_path, mini):
 # ---------------------------------------------------------------------------- 14. convert / load
 
 def test_14_pth_errors_are_one_line_naming_the_file(tmp_path, model_dir, capsys):
-    import torch
+    torch = pytest.importorskip("torch")
 
     ok = tmp_path / "ok.pth"
     torch.save({"x": torch.zeros(3)}, ok)
@@ -873,7 +873,7 @@ def test_14_pth_errors_are_one_line_naming_the_file(tmp_path, model_dir, capsys)
 def test_14_disk_full_during_convert_is_one_line(tmp_path, model_dir):
     """convert under a write limit (RLIMIT_FSIZE: writes fail with EFBIG, as on a full
     disk): one line naming the destination, exit 7, the partial write removed."""
-    import torch
+    torch = pytest.importorskip("torch")
 
     from msit_jax.io.torch_io import variables_to_state_dict
     from tests.test_convert import official_args

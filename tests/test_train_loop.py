@@ -206,7 +206,7 @@ def test_stage2_init_reproduces_stage1_outputs(stage1, rim_fresh, tmp_path):
 
 
 def test_stage2_init_from_official_pth(stage1, rim_fresh, tmp_path):
-    import torch
+    torch = pytest.importorskip("torch")
     from msit_jax.io.torch_io import variables_to_state_dict
 
     plain_cfg = stage1[0].model

@@ -1,7 +1,7 @@
-"""An independent PyTorch implementation of MSIT (from DESIGN.md), for parity tests.
+"""An independent PyTorch implementation of MSIT (from docs/design.md), for parity tests.
 
 Module attribute names follow the official release so its state_dict has the
-official keys; the decoder uses `F.grid_sample` exactly as DESIGN.md section 2
+official keys; the decoder uses `F.grid_sample` exactly as docs/design.md#2-model-semantics
 describes. Only tests import this (PyTorch is an optional dependency).
 """
 
