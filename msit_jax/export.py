@@ -43,7 +43,7 @@ import numpy as np
 from absl import flags
 from jax import export as jax_export
 
-from msit_jax import errors, exported, flags_util, onnx_graph
+from msit_jax import console, errors, exported, flags_util, onnx_graph
 from msit_jax.geometry import QueryGeometry
 from msit_jax.io import model_dir, pretrained
 from msit_jax.io.torch_io import variables_to_state_dict
@@ -362,6 +362,7 @@ def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_enum("decoder", "auto", ["auto", "grid", "query"], "onnx: decoder "
                       "formulation in the graph (auto: grid from x2, chosen in the graph per "
                       "call).", flag_values=fv)
+    flags_util.define_verbose(fv)
 
 
 def _export(fv: flags.FlagValues, positionals: Sequence[str]) -> int:
@@ -371,6 +372,7 @@ def _export(fv: flags.FlagValues, positionals: Sequence[str]) -> int:
             f"give SRC (the weights) and OUT (a new directory), got {len(positionals)} "
             f"argument(s){': ' + ' '.join(positionals) if positionals else ''} (see --help)"))
     src, out = positionals
+    console.quiet_logs(fv.verbose)
     if fv.format is None:
         return errors.report(errors.UsageError(f"give --format: one of {', '.join(FORMATS)}"))
     try:
