@@ -368,17 +368,7 @@ def _serve_checkpoint(fv: flags.FlagValues, positionals: Sequence[str]) -> int:
         shutil.rmtree(out_dir, ignore_errors=True)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """`python -m msit_jax.demo`.
-
-    Without argv: absl.app.run on sys.argv, exiting with the status. With argv
-    (the arguments after the program name, for tests and scripts): the exit
-    status is returned.
-    """
-    fv = flags.FlagValues()
-    define_flags(fv)
-    return flags_util.main(fv, lambda positionals: _serve_checkpoint(fv, positionals), USAGE,
-                           argv, prog=PROG)
+main = flags_util.entry_point(define_flags, _serve_checkpoint, USAGE, prog=PROG)
 
 
 def _interrupt(signum: int, frame: Any) -> None:

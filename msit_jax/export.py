@@ -394,17 +394,7 @@ def _export(fv: flags.FlagValues, positionals: Sequence[str]) -> int:
     return errors.EXIT_OK
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """`python -m msit_jax.export`.
-
-    Without argv: absl.app.run on sys.argv, exiting with the status. With argv
-    (the arguments after the program name, for tests and scripts): the exit
-    status is returned.
-    """
-    fv = flags.FlagValues()
-    define_flags(fv)
-    return flags_util.main(fv, lambda positionals: _export(fv, positionals), USAGE, argv,
-                           prog=PROG)
+main = flags_util.entry_point(define_flags, _export, USAGE, prog=PROG)
 
 
 if __name__ == "__main__":

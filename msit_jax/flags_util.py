@@ -207,3 +207,23 @@ def main(fv: flags.FlagValues, command: Command, usage: str,
     if argv is None:
         run_app(fv, command, usage, parser=parser)
     return run_command(fv, command, argv, usage, parser=parser, prog=prog)
+
+
+def entry_point(define_flags: Callable[[flags.FlagValues], None],
+                run: Callable[[flags.FlagValues, Sequence[str]], int], usage: str, *,
+                prog: str = "prog") -> Callable[..., int]:
+    """A command's `main(argv=None)`: fresh FlagValues per call, `define_flags` on them,
+    then `run(fv, positionals)`.
+
+    Without argv: absl.app.run on sys.argv, exiting with the status (a console-script
+    entry point). With argv (the arguments after the program name, for tests and
+    scripts): the exit status is returned.
+    """
+    def command_main(argv: Optional[Sequence[str]] = None) -> int:
+        fv = flags.FlagValues()
+        define_flags(fv)
+        return main(fv, lambda positionals: run(fv, positionals), usage, argv, prog=prog)
+
+    command_main.__doc__ = ("The command line. Without argv: runs on sys.argv and exits with "
+                            "the status; with argv (after the program name): returns it.")
+    return command_main

@@ -484,16 +484,7 @@ def _decode(up: StagedUpscaler, lr: np.ndarray, hw: tuple[int, int], tag: str, q
                 bar.close()
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """The msit-upscale console script and `python -m msit_jax.upscale`.
-
-    Without argv: absl.app.run on sys.argv, exiting with the status. With argv
-    (the arguments after the program name, for tests and scripts): the exit
-    status is returned.
-    """
-    fv = flags.FlagValues()
-    define_flags(fv)
-    return flags_util.main(fv, lambda positionals: _upscale(fv, positionals), USAGE, argv)
+main = flags_util.entry_point(define_flags, _upscale, USAGE)
 
 
 if __name__ == "__main__":

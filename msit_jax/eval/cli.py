@@ -29,7 +29,7 @@ import contextlib
 import logging
 import math
 import sys
-from typing import Iterator, Optional, Sequence
+from typing import Iterator, Sequence
 
 from absl import flags
 
@@ -208,17 +208,7 @@ def evaluate(fv: flags.FlagValues, positionals: Sequence[str]) -> int:
     return errors.EXIT_OK
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """The msit-evaluate console script and `python evaluate.py`.
-
-    Without argv: absl.app.run on sys.argv, exiting with the status. With argv
-    (the arguments after the program name, for tests and scripts): the exit
-    status is returned.
-    """
-    fv = flags.FlagValues()
-    define_flags(fv)
-    return flags_util.main(fv, lambda positionals: evaluate(fv, positionals), USAGE, argv,
-                           prog=PROG)
+main = flags_util.entry_point(define_flags, evaluate, USAGE, prog=PROG)
 
 
 if __name__ == "__main__":

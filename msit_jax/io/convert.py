@@ -14,7 +14,7 @@ logs. Flags are absl flags: booleans are --fold / --nofold.
 from __future__ import annotations
 
 import sys
-from typing import Optional, Sequence
+from typing import Sequence
 
 from absl import flags
 
@@ -78,16 +78,7 @@ def _write(f: flags.FlagValues, src: str, dst: str) -> int:
     return 0
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """The msit-convert console script and `python -m msit_jax.convert`.
-
-    Without argv: absl.app.run on sys.argv, exiting with the status. With argv
-    (the arguments after the program name, for tests and scripts): the exit
-    status is returned.
-    """
-    fv = flags.FlagValues()
-    define_flags(fv)
-    return flags_util.main(fv, lambda positionals: _convert(fv, positionals), USAGE, argv)
+main = flags_util.entry_point(define_flags, _convert, USAGE)
 
 
 if __name__ == "__main__":
