@@ -127,7 +127,7 @@ def test_open_image_one_line_errors(tmp_path, monkeypatch):
 
 def test_image_smaller_than_the_patch_is_an_error(folder):
     Image.fromarray(rgb(30, 200)).save(folder / "small.png")
-    with pytest.raises(ImageError, match=r"small.png: 30x200 is smaller than the 48-pixel"):
+    with pytest.raises(ImageError, match=r"small.png: 30 x 200 \(H x W\) is smaller than the 48-pixel"):
         FolderSource(str(folder), min_side=48)
 
 

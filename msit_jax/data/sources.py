@@ -206,8 +206,8 @@ class FolderSource(ImageSource):
                     raise hw
                 h, w = hw
                 if min(h, w) < min_side:
-                    raise ImageError(f"{path}: {h}x{w} is smaller than the {min_side}-pixel "
-                                     "minimum side a training crop needs")
+                    raise ImageError(f"{path}: {h} x {w} (H x W) is smaller than the "
+                                     f"{min_side}-pixel minimum side a training crop needs")
             except ImageError as e:
                 if not skip_bad:
                     raise

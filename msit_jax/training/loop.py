@@ -180,10 +180,10 @@ def run_demo(config, model_cfg, variables: dict, source: ImageSource, workdir: s
     res = {s: {"msit": ours[s], "bicubic": base[s]} for s in ours}
     names = ", ".join(source.name(i) for i in range(len(source) if not e.max_images
                                                     else min(e.max_images, len(source))))
+    crops = f" (central crops of at most {e.max_side} x {e.max_side})" if e.max_side else ""
     print("\n" + reports.demo_table(
         res, f"PSNR ({'Y' if e.y_channel else 'RGB'}, shave = scale"
-        f"{' + %d' % e.shave_extra if e.shave_extra else ''}) on held-out {names}"
-        f"{' (central %dx%d crops)' % (e.max_side, e.max_side) if e.max_side else ''}"),
+        f"{' + %d' % e.shave_extra if e.shave_extra else ''}) on held-out {names}{crops}"),
         flush=True)
     png = os.path.join(workdir, f"demo_x{d.png_scale:g}.png")
     reports.side_by_side(msit, bicubic, center_crop(source[0], e.max_side), d.png_scale, png,
