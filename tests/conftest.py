@@ -23,7 +23,6 @@ import shutil
 import tempfile
 
 import jax
-import numpy as np
 import pytest
 
 from msit_jax import tiny_model_config
@@ -211,10 +210,6 @@ def pytest_collection_modifyitems(config, items):
                                 + ", ".join(stale))
 
 
-def init_variables(model_cfg, seed: int = 0):
-    return random_variables(model_cfg, seed)
-
-
 @pytest.fixture(params=["edsr-baseline", "rdn"])
 def encoder(request):
     return request.param
@@ -227,7 +222,7 @@ def tiny_cfg():
 
 @pytest.fixture
 def tiny_vars(tiny_cfg):
-    return init_variables(tiny_cfg)
+    return random_variables(tiny_cfg)
 
 
 def shared_data(*parts):

@@ -10,13 +10,13 @@ import msit_jax
 from msit_jax.io import model_dir
 from msit_jax import inference, serving, tiny_model_config
 from msit_jax.models import reparam
-from tests.conftest import init_variables
+from msit_jax.models.random_init import random_variables
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     cfg = tiny_model_config("edsr-baseline", "rim")
-    v = init_variables(cfg, seed=7)
+    v = random_variables(cfg, seed=7)
     path = model_dir.save_model(str(tmp_path_factory.mktemp("api") / "ckpt"), cfg, v)
     return path, cfg, v
 

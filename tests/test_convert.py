@@ -14,7 +14,8 @@ torch = pytest.importorskip("torch")  # the PyTorch reference (requirements-torc
 from msit_jax.io import model_dir, pretrained
 from msit_jax import tiny_model_config
 from msit_jax.io.torch_io import StateDictError, variables_to_state_dict
-from tests.conftest import REPO, init_variables
+from tests.conftest import REPO
+from msit_jax.models.random_init import random_variables
 from tests.torch_reference import TorchMSIT, randomize_
 
 
@@ -75,7 +76,7 @@ def test_rdn_args_map_to_presets():
 
 
 def test_bare_state_dict_needs_config(tmp_path, edsr_tiny):
-    v = init_variables(edsr_tiny)
+    v = random_variables(edsr_tiny)
     path = tmp_path / "sd.pth"
     torch.save({k: torch.tensor(x) for k, x in variables_to_state_dict(v, edsr_tiny).items()}, path)
     with pytest.raises(ValueError, match="bare state_dict"):
@@ -87,7 +88,7 @@ def test_bare_state_dict_needs_config(tmp_path, edsr_tiny):
 def test_errors_name_the_keys(edsr_tiny):
     from msit_jax.io.torch_io import state_dict_to_variables
 
-    sd = variables_to_state_dict(init_variables(edsr_tiny), edsr_tiny)
+    sd = variables_to_state_dict(random_variables(edsr_tiny), edsr_tiny)
     broken = dict(sd)
     del broken["amsno.Ms_conv_2.convmap.weight"]
     broken["amsno.extra.weight"] = np.zeros(3, np.float32)
@@ -177,7 +178,7 @@ def test_model_dir_written_before_runtime_options_still_loads(tmp_path, edsr_tin
     and new files record only the architecture."""
     import json
 
-    variables = init_variables(edsr_tiny)
+    variables = random_variables(edsr_tiny)
     new_dir = model_dir.save_model(str(tmp_path / "new"), edsr_tiny, variables)
     with open(os.path.join(new_dir, model_dir.CONFIG_FILE)) as f:
         written = json.load(f)

@@ -15,7 +15,8 @@ from msit_jax import errors, images, inference, tiny_model_config
 from msit_jax.eval import datasets, metrics, predictors, protocol, reports, runner
 from msit_jax.eval.matlab_resize import imresize
 from msit_jax.io import model_dir
-from tests.conftest import REPO, init_variables, shared_data
+from tests.conftest import REPO, shared_data
+from msit_jax.models.random_init import random_variables
 
 # Per-image PSNR (dB) of Pillow-bicubic upsampling on Set5 under the reference protocol,
 # produced by the official code outside this repository: its `image-folder` dataset and
@@ -50,7 +51,7 @@ def _write_folder(path, imgs):
 def tiny_ckpt(tmp_path_factory):
     cfg = tiny_model_config()
     path = str(tmp_path_factory.mktemp("ckpt") / "tiny")
-    model_dir.save_model(path, cfg, init_variables(cfg))
+    model_dir.save_model(path, cfg, random_variables(cfg))
     return path
 
 

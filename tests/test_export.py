@@ -29,7 +29,8 @@ from msit_jax import export, exported, geometry, inference, onnx_graph, tiny_mod
 from msit_jax.io import pretrained
 from msit_jax.models import reparam
 from msit_jax.export import ExportError
-from tests.conftest import REPO, init_variables
+from tests.conftest import REPO
+from msit_jax.models.random_init import random_variables
 from tests.test_convert import official_args, trees_equal
 from tests.torch_reference import TorchMSIT, randomize_, torch_make_coord
 
@@ -71,7 +72,7 @@ def run_blocked(code: str, blocked: tuple[str, ...]) -> subprocess.CompletedProc
 @pytest.fixture(scope="module")
 def model():
     cfg = tiny_model_config("edsr-baseline", "rim")
-    return cfg, init_variables(cfg, seed=3)
+    return cfg, random_variables(cfg, seed=3)
 
 
 # --- StableHLO -------------------------------------------------------------------------
@@ -141,7 +142,7 @@ def test_stablehlo_unfolded_export(tmp_path, model):
 def onnx_model(request, tmp_path_factory):
     encoder, decoder = request.param
     cfg = tiny_model_config(encoder, "rim")
-    v = init_variables(cfg, seed=4)
+    v = random_variables(cfg, seed=4)
     fcfg, fv = reparam.fold(cfg, v)
     import onnx
 
@@ -243,7 +244,7 @@ def test_pth_refuses_what_it_cannot_express(tmp_path, model):
     rdn = tiny_model_config("rdn")  # 2 blocks x 2 layers: no official RDNconfig preset
     with pytest.raises(ExportError, match=r"RDN blocks/layers/growth \(2, 2, 8\) match no "
                                           "RDNconfig preset"):
-        export.export_variables(rdn, init_variables(rdn), str(tmp_path / "c"), "pth")
+        export.export_variables(rdn, random_variables(rdn), str(tmp_path / "c"), "pth")
     assert not os.listdir(tmp_path)  # nothing half-written
 
 

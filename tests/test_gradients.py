@@ -9,7 +9,7 @@ import pytest
 from msit_jax import build_model, geometry, tiny_model_config
 from msit_jax.models.layers import FROZEN
 from msit_jax.ops.runtime import RuntimeOptions
-from tests.conftest import init_variables
+from msit_jax.models.random_init import random_variables
 
 # Each test compiles gradients of the whole model (5-30 s). The quick tier keeps a
 # training run (test_train_loop) and each CPU conv method's gradients (test_ops).
@@ -31,7 +31,7 @@ def batch(cfg, seed=0):
 def test_adam_step_updates_params_not_frozen(conv):
     cfg = tiny_model_config("edsr-baseline", conv)
     model = build_model(cfg)
-    v = init_variables(cfg)
+    v = random_variables(cfg)
     inp, g, gt = batch(cfg)
 
     def loss_fn(params, frozen):
@@ -80,7 +80,7 @@ def test_cpu_kernels_match_the_accelerator_program(encoder):
     of XLA's own rules (conv_impl 'xla': the program GPUs and TPUs run, i.e.
     reference autodiff), for the whole RIM model in train mode."""
     cfg = tiny_model_config(encoder, "rim")
-    v = init_variables(cfg)
+    v = random_variables(cfg)
     inp, g, gt = batch(cfg)
     grads = {}
     for impl in ("auto", "xla"):
@@ -98,7 +98,7 @@ def test_forward_mode_through_the_model():
     and agree with reverse mode: <J u, w> == <u, J^T w> (the dot-product test)."""
     cfg = tiny_model_config("edsr-baseline", "rim")
     model = build_model(cfg)
-    v = init_variables(cfg)
+    v = random_variables(cfg)
     inp, g, gt = batch(cfg)
     rs = np.random.RandomState(3)
 

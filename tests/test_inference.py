@@ -5,13 +5,13 @@ import pytest
 
 from msit_jax import inference, tiny_model_config
 from msit_jax.ops.runtime import RuntimeOptions
-from tests.conftest import init_variables
+from msit_jax.models.random_init import random_variables
 
 
 @pytest.fixture(scope="module")
 def model():
     cfg = tiny_model_config()
-    return cfg, init_variables(cfg, seed=5)
+    return cfg, random_variables(cfg, seed=5)
 
 
 @pytest.mark.parametrize("method", inference.METHODS)
@@ -28,7 +28,7 @@ def test_chunk_size_invariance(model, method):
 def test_grid_decoder_matches_per_query_decoder(encoder_name):
     """The centre-grouped decoder is a re-association of the per-query one."""
     cfg = tiny_model_config(encoder_name)
-    v = init_variables(cfg, seed=7)
+    v = random_variables(cfg, seed=7)
     lr = np.random.RandomState(4).rand(10, 7, 3).astype(np.float32)
     # integer, x3.5 with exact ties, anisotropic, identity and downscaling sizes
     for out_hw in [(20, 14), (35, 24), (13, 40), (10, 7), (6, 5)]:

@@ -8,13 +8,13 @@ import pytest
 
 from msit_jax import inference, tiny_model_config
 from msit_jax.models import reparam
-from tests.conftest import init_variables
+from msit_jax.models.random_init import random_variables
 
 
 @pytest.mark.parametrize("conv", ["rim", "plain"])
 def test_fold_equivalence(encoder, conv):
     cfg = tiny_model_config(encoder, conv)
-    variables = init_variables(cfg, seed=3)
+    variables = random_variables(cfg, seed=3)
     before = copy.deepcopy(variables)
     lr = np.random.RandomState(0).rand(10, 9, 3).astype(np.float32)
     ref = inference.upscale(cfg, variables, lr, (27, 31), clamp=False)
@@ -32,7 +32,7 @@ def test_fold_equivalence(encoder, conv):
 
 def test_fold_is_idempotent_on_folded_models():
     cfg = tiny_model_config()
-    fcfg, fvars = reparam.fold(cfg, init_variables(cfg))
+    fcfg, fvars = reparam.fold(cfg, random_variables(cfg))
     fcfg2, fvars2 = reparam.fold(fcfg, fvars)
     assert fcfg2.to_dict() == fcfg.to_dict()
     jax.tree_util.tree_map(np.testing.assert_array_equal, fvars2, fvars)
@@ -43,7 +43,7 @@ def test_fold_kernel_shapes_match_plain_model():
     from msit_jax.models.model import variable_shapes
 
     cfg = tiny_model_config("rdn", "rim")
-    fcfg, fvars = reparam.fold(cfg, init_variables(cfg))
+    fcfg, fvars = reparam.fold(cfg, random_variables(cfg))
     want = variable_shapes(fcfg)
     got = jax.tree_util.tree_map(np.shape, fvars)
     assert got == want

@@ -19,7 +19,8 @@ from msit_jax import images, inference, tiling, tiny_model_config, upscale
 from msit_jax.models import reparam
 from msit_jax.io.workdir import MODEL_CONFIG_FILE
 from msit_jax.training.checkpoints import Checkpointer
-from tests.conftest import REPO, init_variables
+from tests.conftest import REPO
+from msit_jax.models.random_init import random_variables
 
 
 def _img(h, w, seed):
@@ -31,7 +32,7 @@ def _img(h, w, seed):
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     cfg = tiny_model_config()
-    variables = init_variables(cfg)
+    variables = random_variables(cfg)
     path = str(tmp_path_factory.mktemp("ckpt") / "tiny")
     model_dir.save_model(path, cfg, variables)
     return path, cfg, variables
@@ -182,7 +183,7 @@ def _micro_model(path):
     cfg.dim, cfg.heads, cfg.radius = 8, 1, 0
     cfg.msno_heads, cfg.qk_heads, cfg.mlp_hidden, cfg.posenc_dims = 1, 1, (8,), 8
     cfg.edsr.n_feats = 4
-    model_dir.save_model(path, cfg, init_variables(cfg))
+    model_dir.save_model(path, cfg, random_variables(cfg))
 
 
 def test_output_larger_than_4096_squared_in_bounded_memory(tmp_path):
@@ -312,7 +313,7 @@ def workdir(tmp_path_factory):
     with open(os.path.join(wd, MODEL_CONFIG_FILE), "w") as f:
         f.write(model_dir.config_to_json(cfg))
     ck = Checkpointer(wd, async_save=False)
-    ck.save(1, jax.tree_util.tree_map(jax.numpy.asarray, dict(init_variables(cfg))), None)
+    ck.save(1, jax.tree_util.tree_map(jax.numpy.asarray, dict(random_variables(cfg))), None)
     ck.wait()
     ck.close()
     return wd
