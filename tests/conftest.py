@@ -18,6 +18,8 @@ pytest session only (the library keeps no caches or settings for the tests' sake
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import os
 import shutil
 import tempfile
@@ -231,3 +233,23 @@ def shared_data(*parts):
     if not os.path.exists(path):
         raise FileNotFoundError(f"test data missing: {path}")
     return path
+
+
+def load_config(name: str = "tiny"):
+    """The training config of configs/<name>.py (a fresh ConfigDict per call)."""
+    spec = importlib.util.spec_from_file_location(f"cfg_{name}",
+                                                  os.path.join(REPO, "configs", f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.get_config()
+
+
+def tree_digest(path: str) -> dict[str, str]:
+    """sha256 of every file under a directory (relative paths)."""
+    out = {}
+    for dirpath, _, files in os.walk(path):
+        for f in files:
+            p = os.path.join(dirpath, f)
+            with open(p, "rb") as fh:
+                out[os.path.relpath(p, path)] = hashlib.sha256(fh.read()).hexdigest()
+    return out

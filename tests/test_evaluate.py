@@ -15,7 +15,7 @@ from msit_jax import errors, images, inference, tiny_model_config
 from msit_jax.eval import datasets, metrics, predictors, protocol, reports, runner
 from msit_jax.eval.matlab_resize import imresize
 from msit_jax.io import model_dir
-from tests.conftest import REPO, shared_data
+from tests.conftest import REPO, load_config, shared_data
 from msit_jax.models.random_init import random_variables
 
 # Per-image PSNR (dB) of Pillow-bicubic upsampling on Set5 under the reference protocol,
@@ -427,15 +427,10 @@ def test_decoder_help_states_the_per_platform_threshold():
 @pytest.fixture(scope="module")
 def tiny_workdir(tmp_path_factory):
     """A 3-step tiny training workdir (an Orbax CheckpointManager directory)."""
-    import importlib.util
 
     from msit_jax.training import train_and_evaluate
 
-    spec = importlib.util.spec_from_file_location("cfg_tiny", os.path.join(REPO, "configs",
-                                                                          "tiny.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    cfg = mod.get_config()
+    cfg = load_config()
     cfg.total_steps = 3  # > lr.warmup_steps (2)
     wd = str(tmp_path_factory.mktemp("runs") / "tiny")
     train_and_evaluate(cfg, wd)

@@ -10,8 +10,6 @@ saved, nothing overwritten. Parts that start processes or train are marked
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
 import json
 import logging
 import os
@@ -38,20 +36,13 @@ from msit_jax.training.checkpoints import (FILES_MANIFEST, REJECTED_DIR, Checkpo
                                            load_workdir_model)
 from msit_jax.training.config import validate_config
 from msit_jax.training.metrics import MetricLogger, read_jsonl
+from tests.conftest import load_config, tree_digest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PY = sys.executable
 
 
 # ---------------------------------------------------------------------------- helpers
-
-def load_config(name: str = "tiny"):
-    spec = importlib.util.spec_from_file_location(f"cfg_{name}",
-                                                  os.path.join(REPO, "configs", f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config()
-
 
 def run(args, timeout=300, shell_prefix: str = "") -> subprocess.CompletedProcess:
     """python ARGS in the repository (shell_prefix: bash commands run first, e.g. ulimit)."""
@@ -73,17 +64,6 @@ def assert_one_line_error(stderr: str, *needles: str) -> str:
     hits = [ln for ln in lines if all(n in ln for n in needles)]
     assert hits, (needles, lines)
     return hits[0]
-
-
-def tree_digest(path: str) -> dict[str, str]:
-    """sha256 of every file under a directory (relative paths)."""
-    out = {}
-    for dirpath, _, files in os.walk(path):
-        for f in files:
-            p = os.path.join(dirpath, f)
-            with open(p, "rb") as fh:
-                out[os.path.relpath(p, path)] = hashlib.sha256(fh.read()).hexdigest()
-    return out
 
 
 def flat(tree) -> dict[str, np.ndarray]:

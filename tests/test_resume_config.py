@@ -7,8 +7,6 @@ compare configs and write files.
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
 import json
 import logging
 import os
@@ -20,26 +18,9 @@ from msit_jax import errors
 from msit_jax.training import run_config, train_and_evaluate
 from msit_jax.training.metrics import read_jsonl
 from msit_jax.training.schedule import lr_schedule
+from tests.conftest import load_config, tree_digest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def load_config(name: str = "tiny"):
-    spec = importlib.util.spec_from_file_location(f"cfg_{name}",
-                                                  os.path.join(REPO, "configs", f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config()
-
-
-def digest(path: str) -> dict[str, str]:
-    out = {}
-    for d, _, files in os.walk(path):
-        for f in files:
-            p = os.path.join(d, f)
-            with open(p, "rb") as fh:
-                out[os.path.relpath(p, path)] = hashlib.sha256(fh.read()).hexdigest()
-    return out
 
 
 def history(wd: str) -> list[dict]:
@@ -117,7 +98,7 @@ def test_longer_run_reports_the_schedule_change_and_keeps_config_json(wd, caplog
     ("data.inp_size", 16, "data.inp_size: 12 -> 16"),
     ("data.train.first_k", 2, "data.train.first_k: 0 -> 2")])
 def test_batch_protocol_change_is_refused_before_any_write(wd, field, value, shown):
-    before = digest(wd)
+    before = tree_digest(wd)
     cfg = load_config()
     *parents, leaf = field.split(".")
     node = cfg
@@ -129,12 +110,12 @@ def test_batch_protocol_change_is_refused_before_any_write(wd, field, value, sho
     msg = str(e.value)
     assert shown in msg and "the batch protocol" in msg and "nothing was written" in msg
     assert "allow_config_change" in msg and "\n" not in msg
-    assert digest(wd) == before
+    assert tree_digest(wd) == before
 
 
 @pytest.mark.slow
 def test_allowed_protocol_change_and_free_fields_are_written_beside_config_json(wd, caplog):
-    before = digest(wd)
+    before = tree_digest(wd)
     cfg = load_config()
     cfg.data.num_threads = 2     # how images are read: free
     cfg.data.scale_max = 3.0     # the batch protocol: only when explicit
@@ -146,7 +127,7 @@ def test_allowed_protocol_change_and_free_fields_are_written_beside_config_json(
     assert "config on resume: data.num_threads: 0 -> 2 (allowed)" in logged
     assert "config on resume: data.scale_max: 4.0 -> 3.0 (protected)" in logged
     assert not any("learning-rate schedule" in m for m in logged)  # schedule unchanged
-    after = digest(wd)
+    after = tree_digest(wd)
     assert after["config.json"] == before["config.json"]
     assert after["model_config.json"] == before["model_config.json"]
     with open(os.path.join(wd, "config.resume-4.json")) as f:

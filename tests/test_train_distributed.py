@@ -24,6 +24,8 @@ TIMEOUT_S = 420  # generous: two processes compile side by side on 2 cores
 
 
 def tiny_config():
+    # Not tests.conftest.load_config: this file also runs as a worker script, where the
+    # tests package is not importable.
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("cfg_tiny", os.path.join(REPO, "configs",

@@ -6,7 +6,6 @@ settings (its train step compiles once per process and is reused).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
@@ -29,16 +28,9 @@ from msit_jax.training.metrics import MetricLogger, read_jsonl
 from msit_jax.training.schedule import lr_schedule
 from msit_jax.training.stage2 import init_from
 from msit_jax.training.state import make_optimizer
+from tests.conftest import load_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def load_config(name: str):
-    spec = importlib.util.spec_from_file_location(f"cfg_{name}", os.path.join(REPO, "configs",
-                                                                             f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config()
 
 
 def _name(entry) -> str:
