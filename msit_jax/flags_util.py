@@ -22,18 +22,20 @@ behaviour:
 
 * `--help` (`-h`, `-?`, `--helpfull`, ...) prints the command's usage (its module
   docstring) and its flags on stdout and exits 0;
-* `main(fv, command, usage, argv)` is the body of every command's `main`: without
-  argv it runs `absl.app.run` on sys.argv and exits with the status (a console-script
-  entry point); with argv (the arguments after the program name) it returns the status.
+* a command's `main(argv=None)`: without argv it runs `absl.app.run` on sys.argv and
+  exits with the status (a console-script entry point); with argv (the arguments
+  after the program name) it returns the status.
 
 A command module:
 
+    def define_flags(fv: flags.FlagValues) -> None: ...   # flags.DEFINE_*(..., flag_values=fv)
+
     def _run(fv: flags.FlagValues, positionals: list[str]) -> int: ...   # exit status
 
-    def main(argv: Optional[Sequence[str]] = None) -> int:
-        fv = flags.FlagValues()
-        define_flags(fv)                  # flags.DEFINE_*(..., flag_values=fv)
-        return flags_util.main(fv, lambda pos: _run(fv, pos), USAGE, argv)
+    main = flags_util.entry_point(define_flags, _run, USAGE)
+
+(`main(fv, command, usage, argv, parser=...)` is the body underneath, for a command
+with its own parser, as training's config flags need.)
 """
 
 from __future__ import annotations
