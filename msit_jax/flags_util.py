@@ -41,12 +41,14 @@ with its own parser, as training's config flags need.)
 from __future__ import annotations
 
 import difflib
+import math
 import sys
 from typing import Callable, NoReturn, Optional, Protocol, Sequence
 
 from absl import flags
 
-from msit_jax import errors
+from msit_jax import errors, inference
+from msit_jax.ops.runtime import DTYPES, PRECISIONS
 
 # absl's help flags (and argparse's -h): answered with the command's own help, since
 # absl's lists only the flags of the __main__ module's global FLAGS and exits 1.
@@ -70,6 +72,32 @@ def define_verbose(fv: flags.FlagValues) -> flags.FlagHolder:
         return flags.FlagHolder(fv, fv["verbose"])
     return flags.DEFINE_bool("verbose", False, "Print the traceback of an error and the "
                              "libraries' INFO/WARNING logs.", flag_values=fv)
+
+
+def decoder_help() -> str:
+    """--decoder's help, built from msit_jax.inference so it cannot drift from the
+    thresholds 'auto' uses (explicit platforms keep --help from starting JAX)."""
+    cpu, accel = inference.grid_min_queries("cpu"), inference.grid_min_queries("gpu")
+    return ("Decoder formulation: grid (queries grouped by LR centre, fast at large "
+            "scales), query (the reference's per-query form) or auto: grid when the output "
+            "has at least msit_jax.inference.grid_min_queries() pixels per input pixel, "
+            f"{cpu:g} (x{math.sqrt(cpu):g}) on CPU and {accel:g} (x{math.sqrt(accel):g}) on "
+            "GPU/TPU. All agree to float32 round-off.")
+
+
+def define_execution_flags(fv: flags.FlagValues) -> None:
+    """How the model runs, for every command that runs it: --decoder and the
+    `RuntimeOptions` fields --precision, --dtype, --fft_min_kernel."""
+    flags.DEFINE_enum("decoder", "auto", ["auto", "grid", "query"], decoder_help(),
+                      flag_values=fv)
+    flags.DEFINE_enum("precision", "highest", list(PRECISIONS), "Matmul/conv precision: "
+                      "highest (float32, the reference numerics), high or default (TF32 / "
+                      "bf16 passes on GPU and TPU).", flag_values=fv)
+    flags.DEFINE_enum("dtype", "float32", list(DTYPES), "Compute dtype (bfloat16: float32 "
+                      "weights and accumulation).", flag_values=fv)
+    flags.DEFINE_integer("fft_min_kernel", -1, "Multi-scale convs with kernels at least this "
+                         "large run as FFT products; 0 never; -1 per platform (17 on CPU, "
+                         "never on GPU/TPU).", flag_values=fv)
 
 
 def _is_bool(fv: flags.FlagValues, name: str) -> bool:

@@ -45,11 +45,11 @@ import numpy as np
 from absl import flags
 from PIL import Image
 
-from msit_jax import console, errors, flags_util, images, inference, tiling
+from msit_jax import console, errors, flags_util, images, tiling
 from msit_jax.io import pretrained
 from msit_jax.models import reparam
 from msit_jax.errors import NonFiniteError, OutputError, ResourceError, UsageError
-from msit_jax.ops.runtime import DTYPES, PRECISIONS, RuntimeOptions
+from msit_jax.ops.runtime import RuntimeOptions
 
 PROG = "python -m msit_jax.upscale"
 USAGE = f"usage: {PROG} [flags] INPUT...\n\n{__doc__}"
@@ -272,17 +272,6 @@ class _DecodeBar:
 
 # ---------------------------------------------------------------------------- flags
 
-def _decoder_help() -> str:
-    # Built from msit_jax.inference so the help cannot drift from the thresholds
-    # 'auto' uses (per platform; explicit platforms keep --help from starting JAX).
-    cpu, accel = inference.grid_min_queries("cpu"), inference.grid_min_queries("gpu")
-    return ("Decoder formulation: grid (queries grouped by LR centre, fast at large "
-            "scales), query (the reference's per-query form) or auto: grid when the output "
-            "has at least msit_jax.inference.grid_min_queries() pixels per input pixel, "
-            f"{cpu:g} (x{math.sqrt(cpu):g}) on CPU and {accel:g} (x{math.sqrt(accel):g}) on "
-            "GPU/TPU. All agree to float32 round-off.")
-
-
 def define_flags(fv: flags.FlagValues) -> None:
     """The command's flags, on `fv` (a private FlagValues: the global absl FLAGS would
     clash with evaluate.py's flags of the same names in one process)."""
@@ -303,16 +292,7 @@ def define_flags(fv: flags.FlagValues) -> None:
                       "--nofold keeps the training form).", flag_values=fv)
     flags.DEFINE_integer("chunk", None, "HR pixels per decoder call: memory vs. speed "
                          "(default: 4096 on CPU, 16384 on GPU/TPU).", flag_values=fv)
-    flags.DEFINE_enum("decoder", "auto", ["auto", "grid", "query"], _decoder_help(),
-                      flag_values=fv)
-    flags.DEFINE_enum("precision", "highest", list(PRECISIONS), "Matmul/conv precision: "
-                      "highest (float32, the reference numerics), high or default (TF32 / "
-                      "bf16 passes on GPU and TPU).", flag_values=fv)
-    flags.DEFINE_enum("dtype", "float32", list(DTYPES), "Compute dtype (bfloat16: float32 "
-                      "weights and accumulation).", flag_values=fv)
-    flags.DEFINE_integer("fft_min_kernel", -1, "Multi-scale convs with kernels at least this "
-                         "large run as FFT products; 0 never; -1 per platform (17 on CPU, "
-                         "never on GPU/TPU).", flag_values=fv)
+    flags_util.define_execution_flags(fv)
     flags.DEFINE_string("tile", "auto", "LR tile size for the encoder (0: whole image; "
                         "'auto': tile only when the estimated encoder memory exceeds "
                         "--max_memory_gb).", flag_values=fv)

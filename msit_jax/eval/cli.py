@@ -80,20 +80,7 @@ def define_flags(fv: flags.FlagValues) -> None:
                       flag_values=fv)
     flags.DEFINE_integer("chunk", 0, "Queries per decoder call (memory vs. speed; 0: 4096 on "
                          "CPU, 16384 on GPU/TPU).", flag_values=fv)
-    flags.DEFINE_enum("decoder", "auto", ["auto", "grid", "query"], "Decoder formulation: "
-                      "grid (queries grouped by LR centre, fast at large scales), query (the "
-                      "reference's per-query form) or auto: grid from "
-                      "msit_jax.inference.grid_min_queries() output pixels per input pixel, a "
-                      "per-platform threshold (9, i.e. x3, on CPU; 4, i.e. x2, on GPU/TPU); "
-                      "equal to float32 round-off.", flag_values=fv)
-    flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype; bfloat16 "
-                      "keeps float32 parameters and accumulation.", flag_values=fv)
-    flags.DEFINE_enum("precision", "highest", ["highest", "high", "default"], "Matmul/conv "
-                      "precision: highest (float32, the reference numerics), high or default "
-                      "(TF32 / bf16 passes on GPU and TPU).", flag_values=fv)
-    flags.DEFINE_integer("fft_min_kernel", -1, "Multi-scale convs with kernels at least this "
-                         "large run as FFT products; 0 never; -1 per platform (17 on CPU, "
-                         "never on GPU/TPU).", flag_values=fv)
+    flags_util.define_execution_flags(fv)
     flags.DEFINE_bool("with_bicubic", False, "Also score the bicubic baseline (implied by "
                       "--plot).", flag_values=fv)
     flags.DEFINE_string("json", None, "Write {dataset: {scale: {psnr, ssim, per_image}}} here "
