@@ -14,7 +14,7 @@ from msit_jax.data import sources
 from msit_jax.data.pipeline import host_dataset
 from msit_jax.data.protocol import Protocol
 from msit_jax.data.sources import EmbeddedSource, FolderSource, TFDSSource, make_source
-from msit_jax import images
+from msit_jax import errors, images
 from msit_jax.images import ImageError, ImageTooLargeError
 from msit_jax.training.config import source_config
 
@@ -263,3 +263,132 @@ def test_pipeline_deterministic_across_workers_hosts_and_restore():
         np.testing.assert_array_equal(b[k], ref[2][k])
     # batches differ from step to step (a new scale and new crops)
     assert not np.array_equal(ref[0]["gt"], ref[1]["gt"])
+
+
+# --- training sets by name (msit_jax.data.catalog) ------------------------------------
+
+@pytest.fixture
+def data_root(tmp_path):
+    """A data root with tiny stand-ins for T91 (as `yang91`, the repository's name), BSD200
+    and a benchmark folder."""
+    root = tmp_path / "sr-data"
+    for folder, names, hw in (("yang91", ("t1.bmp", "t2.bmp"), (40, 36)),
+                              ("BSD200", ("100075.png", "t1.png"), (33, 48)),
+                              ("Set5", ("baby.png",), (40, 40))):
+        (root / folder).mkdir(parents=True)
+        for j, n in enumerate(names):
+            Image.fromarray(rgb(*hw, seed=j + len(folder))).save(root / folder / n)
+    return root
+
+
+def test_named_sets_combine_in_order_with_unique_keys(data_root):
+    src = make_source(source_config("named", name="t91+BSD200", data_root=str(data_root)))
+    assert len(src) == 4
+    assert [src.key(i) for i in range(4)] == ["T91/t1.bmp", "T91/t2.bmp", "BSD200/100075.png",
+                                             "BSD200/t1.png"]
+    np.testing.assert_array_equal(src.sizes, [[40, 36]] * 2 + [[33, 48]] * 2)
+    np.testing.assert_array_equal(src[2], rgb(33, 48, seed=0 + len("BSD200")))
+    np.testing.assert_array_equal(src[1], rgb(40, 36, seed=1 + len("yang91")))
+    assert src.name(0) == str(data_root / "yang91" / "t1.bmp")
+    # '291' is the same two sets; a set named twice is read once.
+    for spec in ("291", "t91+bsd200+t91", "291+bsd200"):
+        again = make_source(source_config("named", name=spec, data_root=str(data_root)))
+        assert [again.key(i) for i in range(len(again))] == [src.key(i) for i in range(4)]
+    restored = pickle.loads(pickle.dumps(src))  # grain ships sources to workers
+    np.testing.assert_array_equal(restored[3], src[3])
+    with pytest.raises(IndexError):
+        src[4]
+
+
+def test_named_sets_resolve_under_msit_data(data_root, monkeypatch, tmp_path):
+    monkeypatch.setenv("MSIT_DATA", str(data_root))
+    src = sources.named_source("bsd200")
+    assert isinstance(src, FolderSource) and len(src) == 2
+    # data_root wins over MSIT_DATA; without either the root is ./data.
+    other = tmp_path / "other"
+    (other / "T91").mkdir(parents=True)
+    Image.fromarray(rgb(50, 50)).save(other / "T91" / "x.png")
+    assert sources.named_source("t91", data_root=str(other)).key(0) == "x.png"
+    monkeypatch.delenv("MSIT_DATA")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(errors.InputError, match=r"no folder T91 .* the default data root ./data"):
+        sources.named_source("t91")
+
+
+def test_named_set_errors_say_what_to_do(data_root):
+    root = str(data_root)
+    with pytest.raises(errors.InputError, match=r"unknown set 't92'; known: div2k, t91, bsd200, "
+                                                r"291 \(see docs/training.md#training-data\)"):
+        sources.named_source("t91+t92", data_root=root)
+    with pytest.raises(errors.InputError, match="set5 is a benchmark set, evaluation data only"):
+        sources.named_source("t91+Set5", data_root=root)
+    with pytest.raises(errors.InputError, match="empty set name"):
+        sources.named_source("t91+", data_root=root)
+    want = os.path.join(root, "DIV2K", "DIV2K_train_HR")
+    with pytest.raises(errors.InputError, match=r"no folder DIV2K/DIV2K_train_HR \(or "
+                       r"DIV2K_train_HR\) under --data_root .*no prepared TFDS div2k dataset; "
+                       f"put its HR images in {want}"):
+        sources.named_source("div2k", data_root=root)
+    with pytest.raises(ValueError, match="needs `name`"):
+        make_source(source_config("named", data_root=root))
+
+
+def test_div2k_folder_layouts(tmp_path):
+    for rel in ("DIV2K/DIV2K_train_HR", "div2k_train_hr"):
+        root = tmp_path / rel.replace("/", "_")
+        (root / rel).mkdir(parents=True)
+        Image.fromarray(rgb(30, 30)).save(root / rel / "0001.png")
+        src = sources.named_source("div2k", data_root=str(root))
+        assert src.name(0) == str(root / rel / "0001.png")
+
+
+def test_benchmark_folders_are_refused_as_training_data(data_root, tmp_path):
+    sources.check_not_benchmark(FolderSource(str(data_root / "BSD200")))  # bsd200 != b100
+    with pytest.raises(errors.ConfigError, match=r"data.train reads .*Set5.baby.png, an image of "
+                                                 r"the benchmark set Set5; benchmark sets are "
+                                                 r"evaluation data, never training data"):
+        sources.check_not_benchmark(FolderSource(str(data_root / "Set5")))
+    # The HR/ layout, a link to a benchmark folder, and a folder that merely contains one.
+    hr = tmp_path / "b" / "Urban100" / "HR"
+    hr.mkdir(parents=True)
+    Image.fromarray(rgb(30, 30)).save(hr / "img_001.png")
+    with pytest.raises(errors.ConfigError, match="benchmark set Urban100"):
+        sources.check_not_benchmark(FolderSource(str(hr)))
+    (tmp_path / "mine").symlink_to(data_root / "Set5")
+    with pytest.raises(errors.ConfigError, match="benchmark set Set5"):
+        sources.check_not_benchmark(FolderSource(str(tmp_path / "mine")))
+    assert sources.catalog.benchmark_folder(str(tmp_path / "b")) is None
+
+
+def test_validation_must_not_share_training_images(data_root, tmp_path):
+    train = make_source(source_config("named", name="291", data_root=str(data_root)))
+    sources.check_disjoint(train, EmbeddedSource("val"))
+    sources.check_disjoint(EmbeddedSource("train"), EmbeddedSource("val"))
+    with pytest.raises(errors.ConfigError, match=r"eval.source shares 2 of its 2 images with "
+                                                 r"data.train \(e.g. .*100075.png\)"):
+        sources.check_disjoint(train, FolderSource(str(data_root / "BSD200")))
+    # The same file through a link is the same image.
+    (tmp_path / "val").mkdir()
+    (tmp_path / "val" / "v.bmp").symlink_to(data_root / "yang91" / "t2.bmp")
+    with pytest.raises(errors.ConfigError, match="shares 1 of its 1 images"):
+        sources.check_disjoint(train, FolderSource(str(tmp_path / "val")))
+    with pytest.raises(errors.ConfigError, match="shares 5 of its 5"):
+        sources.check_disjoint(EmbeddedSource("train"), EmbeddedSource("train"))
+
+
+def test_training_refuses_benchmark_and_shared_validation_data(data_root, tmp_path):
+    from tests.conftest import load_config
+    from msit_jax.training import train_and_evaluate
+
+    cfg = load_config("tiny")
+    cfg.data.train = source_config("named", name="291", data_root=str(data_root))
+    cfg.data.inp_size = 12
+    cfg.eval.every_steps = 1
+    cfg.eval.source = source_config("folder", path=str(data_root / "yang91"))
+    with pytest.raises(errors.ConfigError, match="shares 2 of its 2 images with data.train"):
+        train_and_evaluate(cfg, str(tmp_path / "wd1"))
+    cfg.data.train = source_config("folder", path=str(data_root / "Set5"))
+    cfg.eval.source = source_config("embedded", split="val")
+    with pytest.raises(errors.ConfigError, match="benchmark set Set5"):
+        train_and_evaluate(cfg, str(tmp_path / "wd2"))
+    assert not os.path.exists(tmp_path / "wd2" / "checkpoints")

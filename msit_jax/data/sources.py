@@ -28,12 +28,14 @@ import io
 import json
 import logging
 import os
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import ml_collections
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from msit_jax.data import catalog
+from msit_jax.errors import ConfigError
 from msit_jax.images import IMAGE_EXTENSIONS, ImageError, list_images, open_image, read_image
 
 log = logging.getLogger(__name__)
@@ -94,6 +96,11 @@ class ImageSource:
     def key(self, i: int) -> str:
         """A short per-image name, unique in the source (default: the index, 4 digits)."""
         return f"{int(i):04d}"
+
+    def identity(self, i: int) -> str:
+        """What image i *is*, across sources: a real file path, a TFDS record, a skimage
+        name. Two sources share an image when they share an identity (`check_disjoint`)."""
+        return self.name(i)
 
     def is_gray(self, i: int) -> bool:
         """Whether image i is single-channel (default: its three channels are equal)."""
@@ -274,6 +281,9 @@ class FolderSource(ImageSource):
     def key(self, i: int) -> str:
         return os.path.basename(self.files[i])
 
+    def identity(self, i: int) -> str:
+        return os.path.realpath(self.files[i])
+
     def is_gray(self, i: int) -> bool:
         """From the file header: a single-channel mode (an RGB file of equal channels is not)."""
         with open_image(self.files[i]) as img:
@@ -432,12 +442,101 @@ class EmbeddedSource(ImageSource):
         return {**self.__dict__, "_cache": {}}
 
 
+class ConcatSource(ImageSource):
+    """Several sources as one: images of the first, then of the second, ...
+
+    labels: one per source (e.g. 'T91', 'BSD200'); keys become 'label/key', so
+    they stay unique when two sets hold files of the same name.
+    """
+
+    def __init__(self, parts: Sequence[ImageSource], labels: Sequence[str]):
+        if not parts:
+            raise ValueError("ConcatSource needs at least one source")
+        if len(parts) != len(labels):
+            raise ValueError(f"{len(parts)} sources but {len(labels)} labels")
+        self.parts, self.labels = list(parts), list(labels)
+        self.offsets = np.cumsum([0] + [len(p) for p in self.parts])
+        self.sizes = np.concatenate([p.sizes for p in self.parts]).astype(np.int64)
+        self.skipped = [m for p in self.parts for m in getattr(p, "skipped", [])]
+
+    def _locate(self, i: int) -> tuple[ImageSource, int, str]:
+        j = int(np.searchsorted(self.offsets, i, side="right")) - 1
+        return self.parts[j], i - int(self.offsets[j]), self.labels[j]
+
+    def _load(self, i: int) -> np.ndarray:
+        part, k, _ = self._locate(i)
+        return part[k]
+
+    def name(self, i: int) -> str:
+        part, k, _ = self._locate(i)
+        return part.name(k)
+
+    def key(self, i: int) -> str:
+        part, k, label = self._locate(i)
+        return f"{label}/{part.key(k)}"
+
+    def identity(self, i: int) -> str:
+        part, k, _ = self._locate(i)
+        return part.identity(k)
+
+    def is_gray(self, i: int) -> bool:
+        part, k, _ = self._locate(i)
+        return part.is_gray(k)
+
+
+def check_disjoint(train: ImageSource, val: ImageSource) -> None:
+    """ConfigError when a validation image is also a training image (same file, TFDS
+    record or embedded photograph), naming the first and the count."""
+    seen = {train.identity(i) for i in range(len(train))}
+    both = [val.identity(i) for i in range(len(val)) if val.identity(i) in seen]
+    if both:
+        raise ConfigError(f"invalid config: eval.source shares {len(both)} of its {len(val)} "
+                          f"images with data.train (e.g. {both[0]}); a validation set must not "
+                          "be a training set")
+
+
+def check_not_benchmark(src: ImageSource, what: str = "data.train") -> None:
+    """ConfigError when a source reads a benchmark set's folder (Set5, Set14, B100,
+    Urban100, Manga109): evaluation data, never training data."""
+    for i in range(len(src)):
+        bench = catalog.benchmark_folder(src.identity(i)) if os.path.isabs(
+            src.identity(i)) else None
+        if bench:
+            raise ConfigError(f"invalid config: {what} reads {src.name(i)}, an image of the "
+                              f"benchmark set {bench}; benchmark sets are evaluation data, "
+                              f"never training data (see {catalog.TRAINING_DOCS})")
+
+
+def named_source(names: str, data_root: str = "", data_dir: str = "", min_side: int = 1,
+                 skip_bad: bool = False, cache_dir: Optional[str] = None,
+                 check_cache: Optional[str] = None,
+                 environ: Mapping[str, str] = os.environ) -> ImageSource:
+    """The training sets `names` ('t91+bsd200', 'div2k', '291', ...) under the data root
+    (`data_root`, else $MSIT_DATA, else ./data) as one source; see `msit_jax.data.catalog`.
+    data_dir: the TFDS data dir for sets found through TFDS (div2k)."""
+    root, where = catalog.data_root(data_root or None, environ)
+    parts, labels = [], []
+    for n in catalog.parse_names(names):
+        kind, loc = catalog.locate(n, root, where, data_dir or None)
+        if kind == "folder":
+            parts.append(FolderSource(loc, min_side=min_side, skip_bad=skip_bad,
+                                      cache_dir=cache_dir, check_cache=check_cache))
+        else:
+            parts.append(TFDSSource(loc, catalog.TRAINING_SETS[n].tfds_split,
+                                    data_dir=data_dir or None, image_key="hr",
+                                    min_side=min_side))
+        labels.append(catalog.TRAINING_SETS[n].name)
+    return parts[0] if len(parts) == 1 else ConcatSource(parts, labels)
+
+
 def make_source(cfg: ml_collections.ConfigDict, min_side: int = 1,
                 check_cache: Optional[str] = None) -> ImageSource:
-    """A source from a config block with `kind` in {'embedded', 'folder', 'tfds'}.
+    """A source from a config block with `kind` in {'embedded', 'folder', 'tfds', 'named'}.
 
     Fields: embedded: split; folder: path, meta_info, first_k, skip_bad_images,
-    cache_dir; tfds: name, split, data_dir, image_key, first_k. check_cache: a
+    cache_dir; tfds: name, split, data_dir, image_key, first_k; named: name (training
+    sets joined by '+', e.g. 't91+bsd200'), data_root, skip_bad_images, cache_dir,
+    data_dir (TFDS, for div2k). check_cache: a
     JSON file for the full-decode verdicts of skip_bad_images (the training
     loop keeps it in the workdir).
     """
@@ -456,4 +555,13 @@ def make_source(cfg: ml_collections.ConfigDict, min_side: int = 1,
             raise ValueError("data source kind='tfds' needs `name` (a prepared TFDS dataset)")
         return TFDSSource(cfg.name, cfg.get("split", "train"), data_dir=cfg.get("data_dir") or None,
                           image_key=cfg.get("image_key", "hr"), first_k=first_k, min_side=min_side)
-    raise ValueError(f"unknown data source kind {kind!r}; choose 'embedded', 'folder' or 'tfds'")
+    if kind == "named":
+        if not cfg.get("name"):
+            raise ValueError("data source kind='named' needs `name` (training sets, e.g. "
+                             "'t91+bsd200')")
+        return named_source(cfg.name, data_root=cfg.get("data_root") or "",
+                            data_dir=cfg.get("data_dir") or "", min_side=min_side,
+                            skip_bad=bool(cfg.get("skip_bad_images", False)),
+                            cache_dir=cfg.get("cache_dir") or None, check_cache=check_cache)
+    raise ValueError(f"unknown data source kind {kind!r}; choose 'embedded', 'folder', "
+                     "'tfds' or 'named'")

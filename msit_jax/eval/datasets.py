@@ -21,12 +21,11 @@ import os
 from typing import Mapping, Optional
 
 from msit_jax import errors
+from msit_jax.data.catalog import DATA_ENV, data_root, find_dir
 from msit_jax.data.sources import FolderSource, ImageSource, TFDSSource
 from msit_jax.eval.protocol import canonical_name
 from msit_jax.images import ImageError
 
-DATA_ENV = "MSIT_DATA"
-DEFAULT_DATA_ROOT = "data"  # relative to the working directory, as the docs' examples
 DOCS_ANCHOR = "docs/evaluation.md#benchmark-data"
 
 
@@ -66,35 +65,6 @@ class EvalSet:
         return len(self.source)
 
 
-def _find_dir(root: str, rel: str) -> Optional[str]:
-    """root/rel, matching each component case-insensitively (Set5 vs set5), or None."""
-    path = root
-    for part in rel.split("/"):
-        if not os.path.isdir(path):
-            return None
-        exact = os.path.join(path, part)
-        if os.path.isdir(exact):
-            path = exact
-            continue
-        match = next((e for e in sorted(os.listdir(path)) if e.lower() == part.lower()
-                      and os.path.isdir(os.path.join(path, e))), None)
-        if match is None:
-            return None
-        path = os.path.join(path, match)
-    return path
-
-
-def data_root(flag_value: Optional[str], environ: Mapping[str, str] = os.environ
-              ) -> tuple[str, str]:
-    """(root, where it came from): --data_root, else $MSIT_DATA, else ./data."""
-    if flag_value:
-        return os.path.expanduser(flag_value), f"--data_root {flag_value}"
-    if environ.get(DATA_ENV):
-        return os.path.expanduser(environ[DATA_ENV]), f"{DATA_ENV}={environ[DATA_ENV]}"
-    return DEFAULT_DATA_ROOT, (f"the default data root ./{DEFAULT_DATA_ROOT} (no --data_root, "
-                               f"{DATA_ENV} unset)")
-
-
 def resolve(spec: str, root_flag: Optional[str] = None,
             environ: Mapping[str, str] = os.environ) -> tuple[Optional[str], str]:
     """A --data value -> (display name or None for the folder's own, path or 'tfds:...').
@@ -122,7 +92,7 @@ def resolve(spec: str, root_flag: Optional[str] = None,
             f"{', '.join(BENCHMARK_FLAGS)}; see {DOCS_ANCHOR})")
     root, where = data_root(root_flag, environ)
     for rel in bench.folders:
-        found = _find_dir(root, rel)
+        found = find_dir(root, rel)
         if found is not None:
             return None, found
     want = os.path.join(root, bench.folders[0])

@@ -16,10 +16,13 @@ Every field, with `--config.<field>=value` overridable on the command line:
   adam.b1, adam.b2, adam.eps   torch Adam defaults
   grad_clip_norm       clip by global norm when > 0 (the reference does not clip)
   init_from            '' or a stage-1 workdir / model dir / official .pth (stage 2)
-  data.train           the training source: kind = 'embedded' | 'folder' | 'tfds'
+  data.train           the training source: kind = 'embedded' | 'folder' | 'tfds' | 'named'
                          embedded: split; folder: path, meta_info, first_k,
                          skip_bad_images, cache_dir; tfds: name, split, data_dir,
-                         image_key, first_k
+                         image_key, first_k; named: name ('div2k', 't91', 'bsd200',
+                         '291', joined by '+'), data_root ('': $MSIT_DATA, else
+                         ./data), skip_bad_images, cache_dir, data_dir (TFDS div2k);
+                         see msit_jax.data.catalog. Benchmark sets are refused.
   data.inp_size, data.sample_q, data.scale_min, data.scale_max, data.augment
                        the batch protocol (reference: 48, 2304, 1, 4 or 8, True)
   data.repeat          images per epoch = repeat x dataset size (reference: 40)
@@ -63,14 +66,14 @@ from msit_jax.models.config import LEGACY_RUNTIME_FIELDS, model_config, validate
 from msit_jax.errors import ConfigError
 from msit_jax.ops.runtime import RuntimeOptions, runtime_config
 
-SOURCE_KINDS = ("embedded", "folder", "tfds")
+SOURCE_KINDS = ("embedded", "folder", "tfds", "named")
 
 
 def source_config(kind: str = "embedded", **kw) -> ml_collections.ConfigDict:
     """A data-source block with every field present (so any can be overridden)."""
     c = ml_collections.ConfigDict(dict(
         kind=kind, split="train", path="", meta_info="", first_k=0, skip_bad_images=False,
-        cache_dir="", name="", data_dir="", image_key="hr"))
+        cache_dir="", name="", data_dir="", image_key="hr", data_root=""))
     c.update(kw)
     return c
 
@@ -210,6 +213,9 @@ def _checks(c: ml_collections.ConfigDict) -> Iterator[tuple[str, bool, str]]:
             yield f"{name}.path", bool(src.get("path")), "is required for kind='folder'"
         if kind == "tfds":
             yield f"{name}.name", bool(src.get("name")), "is required for kind='tfds'"
+        if kind == "named":
+            yield (f"{name}.name", bool(src.get("name")),
+                   "is required for kind='named' (training sets, e.g. 't91+bsd200')")
         if kind == "embedded":
             yield (f"{name}.split", src.get("split") in ("train", "val"),
                    "must be 'train' or 'val' for kind='embedded'")

@@ -40,7 +40,8 @@ from jax.sharding import Mesh
 
 from msit_jax.data.pipeline import train_dataset
 from msit_jax.data.protocol import Batch, Protocol
-from msit_jax.data.sources import ImageSource, make_source
+from msit_jax.data.sources import (ImageSource, check_disjoint, check_not_benchmark,
+                                   make_source)
 from msit_jax.errors import ConfigError, NonFiniteError, TrainingInterrupted
 from msit_jax.eval import predictors, reports
 from msit_jax.eval import runner as evaluation  # the one evaluation path (EvaluationAborted)
@@ -337,7 +338,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     check_cache = os.path.join(workdir, "checked_images.json")
     train_source = make_source(d.train, min_side=d.inp_size, check_cache=check_cache)
     need_eval = config.eval.every_steps > 0 or config.demo.enabled
+    check_not_benchmark(train_source)
     eval_source = make_source(config.eval.source, check_cache=check_cache) if need_eval else None
+    if eval_source is not None:
+        check_disjoint(train_source, eval_source)
     log.info("training on %d images (%s), %d devices, %d processes", len(train_source),
              d.train.kind, jax.device_count(), jax.process_count())
 

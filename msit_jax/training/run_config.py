@@ -55,7 +55,8 @@ PROTECTED = ("seed", "batch_size")
 # How and where the same images are read: worker and buffer counts, the folder
 # or TFDS directory (a dataset may move), the decode cache and the up-front check.
 DATA_FREE = ("data.num_workers", "data.num_threads", "data.buffer_size", "data.device_buffer",
-             "data.train.path", "data.train.data_dir", "data.train.cache_dir",
+             "data.train.path", "data.train.data_dir", "data.train.data_root",
+             "data.train.cache_dir",
              "data.train.skip_bad_images")
 # The learning-rate schedule (`msit_jax.training.schedule`): allowed, but it changes mid-run.
 SCHEDULE = ("total_steps", "lr.")
