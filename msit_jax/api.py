@@ -2,7 +2,7 @@
 
     from msit_jax import Upscaler
 
-    up = Upscaler.from_pretrained("epoch-best.pth")    # any source pretrained.load reads
+    up = Upscaler.from_pretrained("msit-lite")         # bundled weights, or any path
     big = up(Image.open("photo.png"), scale=3.5)        # PIL in, PIL out
     arr = up(uint8_array, size=(1080, 1920))            # uint8 in, uint8 out
     flt = up(float_array, scale=(2, 3), progress=True)  # float in, float out; a progress bar
@@ -42,9 +42,13 @@ class Upscaler(ImageUpscaler):
     def from_pretrained(cls, path: str, *, fold: bool = True, chunk: Optional[int] = None,
                         method: str = "auto", runtime: Optional[RuntimeOptions] = None
                         ) -> "Upscaler":
-        """Load weights from `path` (official .pth, .safetensors, a hub folder, a
-        msit-jax checkpoint or training workdir) and fold them (fold=False keeps
-        the RIM / BatchNorm layout, same outputs, slower)."""
+        """Load weights from `path` and fold them (fold=False keeps the RIM /
+        BatchNorm layout, same outputs, slower).
+
+        path: an official .pth, a .safetensors file, a hub folder, a msit-jax
+        checkpoint or training workdir, or the name of a bundled model
+        (`msit_jax.weights.available()`, e.g. "msit-lite"), which is used only
+        when no file or folder of that name exists: a real path always wins."""
         model_cfg, variables = pretrained.load(path)
         if fold:
             model_cfg, variables = reparam.fold(model_cfg, variables)

@@ -1,9 +1,12 @@
 """A local web demo: upload an image, pick a scale, compare MSIT with bicubic.
 
     pip install -r requirements-demo.txt
+    python -m msit_jax.demo                              # the bundled msit-lite weights
     python -m msit_jax.demo --checkpoint epoch-best.pth [--port 7860] [--host 127.0.0.1]
 
-The checkpoint is anything `msit_jax.Upscaler.from_pretrained` reads. The page
+The checkpoint is anything `msit_jax.Upscaler.from_pretrained` reads; without
+--checkpoint the demo serves the weights bundled with the package, msit-lite
+(`msit_jax.weights`). The page
 has an image upload, a scale slider (1 to 30) or an exact output size (height
 x width), the MSIT result beside a Pillow-bicubic upscale of the same size, a
 swipe comparison, a PNG download, and the measured time. Sizes are always
@@ -36,7 +39,7 @@ import numpy as np
 from absl import flags
 from PIL import Image, UnidentifiedImageError
 
-from msit_jax import errors, flags_util, images, tiling
+from msit_jax import errors, flags_util, images, tiling, weights
 from msit_jax.api import Upscaler
 
 INSTALL_HINT = "pip install -r requirements-demo.txt"
@@ -322,14 +325,15 @@ def quiet_logs() -> None:
 
 
 PROG = "python -m msit_jax.demo"
-USAGE = f"usage: {PROG} --checkpoint PATH [flags]\n\n{__doc__}"
+USAGE = f"usage: {PROG} [--checkpoint PATH] [flags]\n\n{__doc__}"
 
 
 def define_flags(fv: flags.FlagValues) -> None:
     """The command's flags, on `fv` (a private FlagValues, see `msit_jax.flags_util`)."""
-    flags.DEFINE_string("checkpoint", None, "Anything Upscaler.from_pretrained reads (.pth, "
-                        ".safetensors, a msit-jax checkpoint or training workdir).",
-                        flag_values=fv)
+    flags.DEFINE_string("checkpoint", weights.DEFAULT, "Anything Upscaler.from_pretrained "
+                        "reads (.pth, .safetensors, a msit-jax checkpoint or training workdir, "
+                        f"a bundled model name: {', '.join(weights.available())}). Default: "
+                        f"the bundled {weights.DEFAULT}.", flag_values=fv)
     flags.DEFINE_string("host", "127.0.0.1", "Address to listen on.", flag_values=fv)
     flags.DEFINE_integer("port", 7860, "Port to listen on.", flag_values=fv)
     flags.DEFINE_float("max_memory_gb", 4.0, "Memory budget per request: larger outputs are "
@@ -343,8 +347,10 @@ def _serve_checkpoint(fv: flags.FlagValues, positionals: Sequence[str]) -> int:
     if positionals:
         return errors.report(errors.UsageError(
             f"unexpected arguments: {' '.join(positionals)} (see --help)"))
-    if fv.checkpoint is None:
-        return errors.report(errors.UsageError("give --checkpoint PATH (see --help)"))
+    if not fv.checkpoint:
+        return errors.report(errors.UsageError(
+            f"--checkpoint is empty: give a path, or leave it out for {weights.DEFAULT} "
+            "(see --help)"))
     quiet_logs()  # before gradio and JAX are imported
     try:
         import_gradio()

@@ -1,5 +1,6 @@
 """Upscale images to any size with MSIT.
 
+    msit-upscale photo.png --scale 3 --output out/      # the bundled msit-lite weights
     python -m msit_jax.upscale photo.jpg --checkpoint epoch-best.pth --scale 3.5 --output out/
     python -m msit_jax.upscale a.png b.png --checkpoint ckpt/ --scale 2,3 --output out/
     python -m msit_jax.upscale icon.png --checkpoint ckpt/ --size 4100x4100 --output big.png
@@ -8,7 +9,8 @@
 
 Sizes are H x W, height first, everywhere: --size 300x400 (or --resolution
 300,400) is 300 pixels high and 400 wide, and the log prints sizes the same
-way. Scales are any numbers >= 1 (per axis with "SY,SX"; the output is
+way. Without --checkpoint (or --model) the weights bundled with the package,
+msit-lite (`msit_jax.weights`), are used. Scales are any numbers >= 1 (per axis with "SY,SX"; the output is
 round(H * SY) x round(W * SX)). Memory stays bounded: the encoder runs once
 per image (or per LR tile with --tile, for inputs whose encoder activations
 don't fit) and the HR pixels are decoded in fixed-size chunks. Inputs:
@@ -45,7 +47,7 @@ import numpy as np
 from absl import flags
 from PIL import Image
 
-from msit_jax import console, errors, flags_util, images, tiling
+from msit_jax import console, errors, flags_util, images, tiling, weights
 from msit_jax.io import pretrained
 from msit_jax.models import reparam
 from msit_jax.errors import NonFiniteError, OutputError, ResourceError, UsageError
@@ -237,7 +239,8 @@ class StagedUpscaler(tiling.TiledUpscaler):
 def build_upscaler(checkpoint: str, fold: bool, chunk: Optional[int], tile: int,
                    method: str = "auto", runtime: Optional[RuntimeOptions] = None, *,
                    quiet: bool = True) -> StagedUpscaler:
-    """Load weights (official .pth or msit-jax checkpoint) -> an Upscaler (tiled if tile > 0).
+    """Load weights (anything `pretrained.load` reads, bundled names included) -> an
+    Upscaler (tiled if tile > 0).
 
     Loading and folding are timed stages on stderr unless `quiet`.
     """
@@ -277,8 +280,10 @@ def define_flags(fv: flags.FlagValues) -> None:
     clash with evaluate.py's flags of the same names in one process)."""
     flags.DEFINE_multi_string("input", [], "Input image (the official demo's flag); repeat "
                               "it, or give the images as arguments.", flag_values=fv)
-    flags.DEFINE_string("checkpoint", None, "Weights: official MSIT .pth or a msit-jax "
-                        "checkpoint directory.", flag_values=fv)
+    flags.DEFINE_string("checkpoint", weights.DEFAULT, "Weights: official MSIT .pth, "
+                        ".safetensors, a msit-jax checkpoint or training workdir, or a bundled "
+                        f"model name ({', '.join(weights.available())}; a real path of that "
+                        f"name wins). Default: the bundled {weights.DEFAULT}.", flag_values=fv)
     flags.DEFINE_alias("model", "checkpoint", flag_values=fv)
     flags.DEFINE_string("scale", None, "Scale factor >= 1, e.g. 3.5, or per axis 'SY,SX' "
                         "(height first).", flag_values=fv)
@@ -317,9 +322,10 @@ def _check_flags(f: flags.FlagValues, inputs: Sequence[str]):
     ResourceError."""
     if not inputs:
         raise UsageError("give at least one input image (as arguments or --input)")
-    if f.checkpoint is None:
-        raise UsageError("give the weights: --checkpoint PATH (or --model PATH): an official "
-                         ".pth or a msit-jax checkpoint directory")
+    if not f.checkpoint:
+        raise UsageError("--checkpoint is empty: give the weights (a path or a bundled model: "
+                         f"{', '.join(weights.available())}), or leave it out for "
+                         f"{weights.DEFAULT}")
     if f.output is None:
         raise UsageError("give --output: a .png file (one input) or a directory")
     given = [n for n in ("scale", "size", "resolution") if f[n].value is not None]

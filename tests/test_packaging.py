@@ -7,6 +7,7 @@ an install without the `train`, `torch`, `plot` and `export` extras behaves.
 
 from __future__ import annotations
 
+import fnmatch
 import importlib
 import inspect
 import json
@@ -18,6 +19,7 @@ import sys
 import pytest
 from packaging.requirements import Requirement
 
+from msit_jax import weights
 from msit_jax.io import model_dir
 
 tomllib = pytest.importorskip("tomllib")  # Python >= 3.11 (the project runs on 3.11)
@@ -25,7 +27,7 @@ tomllib = pytest.importorskip("tomllib")  # Python >= 3.11 (the project runs on 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Packages that only training, the PyTorch reader, plots or TFDS bring in.
 NOT_FOR_INFERENCE = ("tensorflow_datasets", "tensorflow", "grain", "pyarrow", "array_record",
-                     "matplotlib", "torch")
+                     "matplotlib", "torch", "safetensors")
 EXTRAS = {"train", "tensorboard", "torch", "plot", "demo", "export"}
 # extra -> the requirements file that pins it (core + train: requirements.txt).
 REQUIREMENT_FILES = {"tensorboard": "requirements-tensorboard.txt",
@@ -158,3 +160,14 @@ def test_dependencies_and_extras_match_the_pinned_requirements():
             assert _pins(filename) == bounds, filename
         else:  # requirements-demo.txt comes with the demo's change
             assert extra == "demo" and bounds["gradio"] == "6.31.0"
+
+
+def test_bundled_weights_are_package_data():
+    """Every file of msit_jax/weights that the registry needs is matched by pyproject's
+    package-data globs (the wheel carries exactly what setuptools' globs match)."""
+    globs = _pyproject()["tool"]["setuptools"]["package-data"]["msit_jax.weights"]
+    for name in weights.available():
+        for path in (weights.weights_path(name), weights.card_path(name)):
+            assert any(fnmatch.fnmatch(os.path.basename(path), g) for g in globs), path
+    # the figures the card is made from ship too
+    assert any(fnmatch.fnmatch(f"{weights.DEFAULT}.json", g) for g in globs)

@@ -4,6 +4,8 @@ r"""Evaluate MSIT (or the bicubic baseline) with the reference's protocol: `eval
     python evaluate.py --checkpoint epoch-best.pth --data set5 --data set14 \
         --data_root ~/sr-data --scales 2,3,4,6,8 --json results.json
     python evaluate.py --model bicubic --data data/Set5 --scales 2,3,4,6,8
+    python evaluate.py --model msit-lite --data set5 --data_root ~/sr-data --scales 2,3,4
+                                                 # the bundled weights (= --checkpoint msit-lite)
     python evaluate.py --model bicubic_y --degradation matlab --protocol matlab \
         --data data/Set5 --scales 2,3,4          # the published tables' bicubic rows
     MSIT_DATA=~/sr-data python evaluate.py --checkpoint runs/edsr_s1 --data set5 \
@@ -33,24 +35,27 @@ from typing import Iterator, Sequence
 
 from absl import flags
 
-from msit_jax import console, errors, flags_util
+from msit_jax import console, errors, flags_util, weights
 from msit_jax.eval import reports, runner
 from msit_jax.eval.datasets import BENCHMARK_FLAGS, DATA_ENV
 from msit_jax.eval.predictors import MODELS
 from msit_jax.eval.protocol import DEGRADATIONS, LR_SOURCES
 
 PROG = "evaluate.py"
-USAGE = f"usage: {PROG} (--checkpoint PATH | --model bicubic) --data DATA [flags]\n\n{__doc__}"
+USAGE = (f"usage: {PROG} (--checkpoint PATH | --model bicubic | --model msit-lite) --data DATA "
+         f"[flags]\n\n{__doc__}")
 
 def define_flags(fv: flags.FlagValues) -> None:
     """The command's flags, on `fv` (a private FlagValues, see `msit_jax.flags_util`)."""
     flags.DEFINE_string("checkpoint", None, "msit-jax checkpoint dir (e.g. runs/edsr_s1) or "
                         "official MSIT .pth.", flag_values=fv)
     flags.DEFINE_enum(
-        "model", None, list(MODELS),
+        "model", None, list(MODELS) + weights.available(),
         "What to evaluate: 'msit' (default with --checkpoint), 'bicubic' (bicubic upsampling "
         "of the uint8 LR with the --degradation kernel), 'bicubic_y' (the published tables' "
-        "Y-only MATLAB bicubic; needs --protocol matlab --degradation matlab).",
+        "Y-only MATLAB bicubic; needs --protocol matlab --degradation matlab), or a bundled "
+        f"model ({', '.join(weights.available())}: MSIT with those weights, as --checkpoint "
+        "NAME).",
         flag_values=fv)
     flags.DEFINE_multi_string(
         "data", None, f"A benchmark name ({', '.join(BENCHMARK_FLAGS)}; looked up under "
@@ -105,6 +110,12 @@ def config_from_flags(fv: flags.FlagValues):
 
     cfg = runner.default_config()
     model = fv.model or ("msit" if fv.checkpoint else None)
+    checkpoint = fv.checkpoint or ""
+    if model is not None and weights.is_bundled(model):
+        if fv.checkpoint:
+            raise errors.UsageError(f"--model {model} is the bundled model; give it or "
+                                    "--checkpoint, not both")
+        model, checkpoint = "msit", model
     if model is None:
         raise errors.UsageError("give --checkpoint (MSIT) or --model bicubic")
     if model != "msit" and fv.checkpoint:
@@ -123,7 +134,7 @@ def config_from_flags(fv: flags.FlagValues):
     if fv.chunk < 0:
         raise errors.UsageError(f"--chunk must be >= 0 (0: per platform), got {fv.chunk}")
     cfg.model = model
-    cfg.checkpoint = fv.checkpoint or ""
+    cfg.checkpoint = checkpoint
     cfg.data = [d for spec in fv.data for d in spec.split(",") if d]
     cfg.data_root = fv.data_root or ""
     cfg.scales = scales

@@ -1,6 +1,7 @@
 """Load MSIT weights: official `.pth` files or this project's checkpoints.
 
     model_cfg, variables = msit_jax.io.pretrained.load("epoch-best.pth")
+    model_cfg, variables = msit_jax.io.pretrained.load("msit-lite")   # bundled weights
 
 Accepted sources:
   * an official training checkpoint `{'model': {'name': 'amsit', 'args': ..., 'sd': ...}}`
@@ -10,10 +11,13 @@ Accepted sources:
     metadata), or a model-hub folder holding `model.safetensors`
     (`python -m msit_jax.export SRC OUT --format safetensors` writes both);
   * this project's model checkpoint directory (`msit_jax.io.model_dir.save_model`)
-    or a training workdir (its best, else latest, checkpoint; `msit_jax.io.workdir`).
+    or a training workdir (its best, else latest, checkpoint; `msit_jax.io.workdir`);
+  * the name of a model bundled with the package (`msit_jax.weights`, e.g.
+    "msit-lite"), used when no file or folder of that name exists: a real path
+    always wins.
 
 PyTorch is needed only for `.pth` files (`pip install -r requirements-torch.txt`);
-safetensors files load without it (`pip install -r requirements-export.txt`).
+safetensors files are read with numpy (`read_safetensors`): no extra package.
 """
 
 from __future__ import annotations
@@ -24,8 +28,10 @@ import warnings
 from typing import Any, Mapping, Optional
 
 import ml_collections
+import ml_dtypes
 import numpy as np
 
+from msit_jax import weights
 from msit_jax.errors import CheckpointError, one_line
 from msit_jax.io import model_dir
 from msit_jax.io.torch_io import detect_conv_kind, state_dict_to_variables, strip_prefix
@@ -238,18 +244,82 @@ META_CONFIG = "msit_jax.model_config"  # this project's model config, JSON
 META_ARGS = "msit.official_args"  # the official `model.args`, JSON (when expressible)
 
 
+# safetensors dtype codes -> little-endian numpy dtypes (the format stores little-endian).
+SAFETENSORS_DTYPES = {
+    "BOOL": np.dtype(np.bool_), "U8": np.dtype("u1"), "I8": np.dtype("i1"),
+    "U16": np.dtype("<u2"), "I16": np.dtype("<i2"), "U32": np.dtype("<u4"),
+    "I32": np.dtype("<i4"), "U64": np.dtype("<u8"), "I64": np.dtype("<i8"),
+    "F16": np.dtype("<f2"), "BF16": np.dtype(ml_dtypes.bfloat16), "F32": np.dtype("<f4"),
+    "F64": np.dtype("<f8"),
+}
+# A header larger than this is not a weights file (the format's own readers cap it at 100 MB).
+SAFETENSORS_MAX_HEADER = 100 * 2 ** 20
+
+
 def read_safetensors(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """(tensors as numpy, metadata) of a .safetensors file; no PyTorch involved."""
-    try:  # an optional dependency, imported when used
-        from safetensors import SafetensorError, safe_open
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError("reading .safetensors needs the safetensors package: "
-                          "pip install -r requirements-export.txt") from e
+    """(tensors as numpy, metadata) of a .safetensors file, read with numpy alone.
+
+    The format (huggingface.co/docs/safetensors): an unsigned little-endian
+    64-bit header size N, N bytes of JSON {name: {"dtype", "shape",
+    "data_offsets": [begin, end]}, "__metadata__": {str: str}}, then the
+    little-endian tensor bytes, offsets relative to the end of the header.
+    Reading it here keeps the `safetensors` package an export-only extra.
+    Every tensor is a fresh, writable array of its shape (0-d for shape []).
+    ValueError (one line naming the file) for anything not a valid file.
+    """
+    def bad(reason: str) -> ValueError:
+        return ValueError(f"could not read {path} as safetensors: {reason}")
+
     try:
-        with safe_open(path, framework="np") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
-    except (SafetensorError, OSError, ValueError) as e:
-        raise ValueError(f"could not read {path} as safetensors: {e}") from e
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise bad(e.strerror or str(e)) from e
+    if len(data) < 8:
+        raise bad(f"{len(data)} bytes, shorter than the 8-byte header size")
+    n = int.from_bytes(data[:8], "little")
+    if n > min(SAFETENSORS_MAX_HEADER, len(data) - 8):
+        raise bad(f"header size {n} exceeds the file ({len(data)} bytes)")
+    try:
+        header = json.loads(data[8:8 + n].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise bad(f"the header is not JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise bad(f"the header is a JSON {type(header).__name__}, not an object")
+    meta = header.pop("__metadata__", None) or {}
+    if not (isinstance(meta, dict) and all(isinstance(k, str) and isinstance(v, str)
+                                           for k, v in meta.items())):
+        raise bad("__metadata__ must map strings to strings")
+    buf = memoryview(data)[8 + n:]
+    tensors, spans = {}, []
+    for name, info in header.items():
+        try:
+            dtype = SAFETENSORS_DTYPES[info["dtype"]]
+            shape = tuple(int(d) for d in info["shape"])
+            begin, end = (int(o) for o in info["data_offsets"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise bad(f"tensor {name!r}: {info!r} is not a tensor entry"
+                      + (f" (unsupported dtype {info.get('dtype')!r})"
+                         if isinstance(e, KeyError) and isinstance(info, dict)
+                         and "dtype" in info else "")) from None
+        size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if min(shape, default=0) < 0 or not 0 <= begin <= end <= len(buf) \
+                or end - begin != size:
+            raise bad(f"tensor {name!r}: offsets {[begin, end]} do not hold {info['dtype']} "
+                      f"{list(shape)} ({size} bytes) within the {len(buf)}-byte data")
+        tensors[name] = np.frombuffer(buf[begin:end], dtype).reshape(shape).copy()
+        spans.append((begin, end, name))
+    # The format requires the tensors to tile the data exactly: no overlap, no gaps.
+    spans.sort()
+    pos = 0
+    for begin, end, name in spans:
+        if begin != pos:
+            raise bad(f"tensor {name!r} starts at byte {begin}, expected {pos} (overlapping "
+                      "or non-contiguous data)")
+        pos = end
+    if pos != len(buf):
+        raise bad(f"{len(buf) - pos} trailing bytes after the last tensor")
+    return tensors, dict(meta)
 
 
 def load_safetensors(path: str, model_cfg: Optional[ml_collections.ConfigDict] = None
@@ -270,12 +340,33 @@ def load_safetensors(path: str, model_cfg: Optional[ml_collections.ConfigDict] =
     return model_cfg, state_dict_to_variables(sd, model_cfg)
 
 
+def resolve(path: str) -> str:
+    """The file or folder `path` names: `path` itself when it exists, else the bundled
+    model of that name (`msit_jax.weights`, e.g. 'msit-lite'). A real path always wins,
+    so a folder called msit-lite in the working directory shadows the bundled model.
+
+    FileNotFoundError (one line) when neither exists; for a bare name (no directory
+    part, no extension) it lists the bundled models."""
+    path = os.fspath(path)
+    if os.path.exists(path):
+        return path
+    if weights.is_bundled(path):
+        return weights.weights_path(path)
+    if os.path.dirname(path) or os.path.splitext(path)[1]:
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    raise weights.UnknownModelError(
+        f"no checkpoint at {path}: no such file or folder, and not a bundled model "
+        f"(bundled: {', '.join(weights.available())})")
+
+
 def load(path: str, model_cfg: Optional[ml_collections.ConfigDict] = None
          ) -> tuple[ml_collections.ConfigDict, dict]:
-    """Load weights from any supported source -> (model_cfg, variables as numpy)."""
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no checkpoint at {path}")
+    """Load weights from any supported source -> (model_cfg, variables as numpy).
+
+    `path` is a file or folder (see the module docstring) or, when nothing exists
+    at that path, the name of a bundled model (`msit_jax.weights.available()`,
+    e.g. "msit-lite"); a real path always wins (`resolve`)."""
+    path = resolve(path)
     if os.path.isdir(path):
         if os.path.isfile(os.path.join(path, SAFETENSORS_FILE)):  # a model-hub folder
             return load_safetensors(os.path.join(path, SAFETENSORS_FILE), model_cfg)
