@@ -457,3 +457,24 @@ def test_paper_configs_match_the_reference(name, encoder, conv, scale_max):
     assert c.eval.every_steps == 50 * 1000 and c.eval.shave_extra == 6
     with open(os.path.join(REPO, "configs", f"{name}.py")) as f:
         assert f"python train.py --config configs/{name}.py" in f.read()  # its run command
+
+
+def test_msit_lite_recipe_trains_on_291_and_validates_elsewhere():
+    """configs/msit_lite.py: valid, the stage-1 batch protocol on the named 291 set, held-out
+    validation photographs (no benchmark set), and small enough to ship (<= 5 MB float32)."""
+    from msit_jax.models.model import build_model, dummy_inputs
+    from msit_jax.models.reparam import count_params
+    from msit_jax.training.config import validate_config
+
+    c = load_config("msit_lite")
+    validate_config(c)
+    assert (c.data.train.kind, c.data.train.name) == ("named", "t91+bsd200")
+    assert (c.eval.source.kind, c.eval.source.split) == ("embedded", "val")
+    assert (c.data.scale_min, c.data.scale_max, c.data.augment) == (1.0, 4.0, True)
+    assert (c.model.encoder, c.model.conv, c.model.batch_norm) == ("edsr-baseline", "plain", True)
+    model = build_model(c.model)
+    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0),
+                            *dummy_inputs(c.model, (8, 8), 4))
+    assert 4 * count_params(shapes["params"]) <= 5 * 2 ** 20
+    with open(os.path.join(REPO, "configs", "msit_lite.py")) as f:
+        assert "python train.py --config configs/msit_lite.py" in f.read()
