@@ -214,6 +214,23 @@ def markdown_table(name: str, table: dict, scales) -> str:
     return "\n".join(lines)
 
 
+def lr_note(table: dict) -> str:
+    """Where the LR images came from, per cell (the reference reads LR files for Set14 and
+    B100 at x2-x4; without them here they were made on the fly)."""
+    missing = [f"{ds} {k}" for ds, by in table.items() for k, c in by.items()
+               if "not found" in c["lr_source"]]
+    files = [f"{ds} {k}" for ds, by in table.items() for k, c in by.items()
+             if c["lr_source"] == "paired"]
+    parts = []
+    if files:
+        parts.append(f"LR read from `LR_bicubic` files: {', '.join(files)}.")
+    if missing:
+        parts.append(f"{', '.join(missing)}: the reference reads `LR_bicubic` files there, "
+                     "which this data has not; the LR was made on the fly (Pillow bicubic), "
+                     "as for every other cell.")
+    return " ".join(parts) or "Every LR image was made on the fly (Pillow bicubic)."
+
+
 def context_table(rows: list[dict], sets: list[str]) -> str:
     """Published PSNR rows (method, source, {set: {scale: psnr}})."""
     keys = ["2", "3", "4"]
@@ -343,15 +360,16 @@ metadata; `Upscaler.from_pretrained` folds the BatchNorms into the convolutions.
 
 ## Results
 
-Benchmark protocol (`evaluate.py`, preset `benchmark`): the HR image cropped to a
-multiple of the scale, LR by Pillow bicubic as the official code makes it (Set14
-and B100 at x2-x4 from `LR_bicubic` files where the data has them), PSNR / SSIM on
-the Y channel with `shave = scale` border pixels removed. Bicubic is Pillow's
-bicubic upscaling of the same LR image. Figures from `python
+Benchmark protocol (`evaluate.py`, preset `benchmark`): the HR image cropped
+top-left to the scale's grid, LR by Pillow bicubic as the official code makes it,
+PSNR / SSIM on the Y channel with `shave = scale` border pixels removed. Bicubic is
+Pillow's bicubic upscaling of the same LR image. Figures from `python
 benchmarks/bundle_weights.py` on this file; every per-image value is in
 `{name}.json`.
 
 {markdown_table(name, figs['table'], scales)}
+
+{lr_note(figs['table'])}
 
 Scales x6 and x8 are outside the training range (U({data.get('scale_min')}, {data.get('scale_max')})).
 
@@ -421,6 +439,9 @@ def main() -> None:
     p.add_argument("--sets", default=",".join(SETS))
     p.add_argument("--context", default=None, help="JSON list of checked published rows")
     p.add_argument("--readme", default=os.path.join(REPO, "README.md"))
+    p.add_argument("--card_only", action="store_true", help="rewrite the card and the README "
+                   "table from the shipped NAME.json (no export, no evaluation; the JSON must "
+                   "describe the shipped file), e.g. to add --context or --machine")
     args = p.parse_args()
     t0 = time.perf_counter()
     scales = [float(s) for s in args.scales.split(",")]
@@ -430,12 +451,16 @@ def main() -> None:
         with open(args.context) as f:
             context = json.load(f)
 
+    final = {ext: os.path.join(weights.HERE, args.name + ext)
+             for ext in (weights.WEIGHTS_SUFFIX, weights.CARD_SUFFIX, ".json")}
+    if args.card_only:
+        rewrite_card(args, final, context)
+        return
+
     run = read_run(args.workdir, args.step)
     print(f"run: step {run['step']} of {run['workdir']} (steps {run['steps']})", file=sys.stderr)
     model_cfg, variables = workdir_io.load_workdir_model(args.workdir, str(run["step"]))
 
-    final = {ext: os.path.join(weights.HERE, args.name + ext)
-             for ext in (weights.WEIGHTS_SUFFIX, weights.CARD_SUFFIX, ".json")}
     stage = tempfile.mkdtemp(prefix=f".{args.name}-", dir=weights.HERE)
     try:
         hub = os.path.join(stage, "hub")
@@ -464,6 +489,7 @@ def main() -> None:
                 "workdir": run["workdir"], "model_config": json.loads(
                     model_dir.config_to_json(model_cfg)),
                 "trainable_parameters": n_params, "stored_values": n_values,
+                "machine": machine,
                 "protocol": {"preset": "benchmark", "metric": "PSNR / SSIM on Y",
                              "shave": "scale", "lr": "Pillow bicubic (reference)"},
                 "scales": scales, **figs}
@@ -482,14 +508,49 @@ def main() -> None:
     if not os.path.samefile(shipped, final[weights.WEIGHTS_SUFFIX]) or sha256(shipped) != digest:
         die(f"the bundled name {args.name!r} resolves to {shipped}, not the file just written "
             f"({final[weights.WEIGHTS_SUFFIX]}): is another msit-jax installed?")
-    table = markdown_table(args.name, figs["table"], scales)
-    if not replace_readme_table(args.readme, args.name, table):
+    finish(args, final, figs["table"], scales)
+    print(f"done in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+
+
+def finish(args: argparse.Namespace, final: dict, table: dict, scales) -> None:
+    """README table between the markers; report the files; print the table."""
+    md = markdown_table(args.name, table, scales)
+    if not replace_readme_table(args.readme, args.name, md):
         print(f"warning: {args.readme} has no <!-- {args.name} table --> markers; "
               "not updated", file=sys.stderr)
     for path in final.values():
         print(f"wrote {path} ({os.path.getsize(path):,} bytes)", file=sys.stderr)
-    print(f"done in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
-    print(table)
+    print(md)
+
+
+def rewrite_card(args: argparse.Namespace, final: dict, context: list) -> None:
+    """--card_only: the card and README table again from the shipped figures JSON."""
+    with open(final[".json"]) as f:
+        meta = json.load(f)
+    digest = sha256(final[weights.WEIGHTS_SUFFIX])
+    if digest != meta["sha256"]:
+        die(f"{final['.json']} describes another file than {final[weights.WEIGHTS_SUFFIX]} "
+            "(sha256 differs): run without --card_only")
+    run = read_run(args.workdir, str(meta["step"]))
+    if os.path.abspath(args.workdir) != meta["workdir"]:
+        print(f"warning: the figures were made from {meta['workdir']}, not {args.workdir}",
+              file=sys.stderr)
+    model_cfg = model_dir.config_from_json(json.dumps(meta["model_config"]))
+    machine = args.machine or meta.get("machine") or detect_machine()
+    card = model_card(args.name, run, model_cfg, meta["trainable_parameters"],
+                      meta["stored_values"], meta["bytes"], digest, meta, meta["scales"],
+                      machine, context)
+    if machine != meta.get("machine"):
+        meta["machine"] = machine
+        tmp = final[".json"] + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(meta, f, indent=1, allow_nan=False)
+        os.replace(tmp, final[".json"])
+    tmp = final[weights.CARD_SUFFIX] + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(card)
+    os.replace(tmp, final[weights.CARD_SUFFIX])
+    finish(args, final, meta["table"], meta["scales"])
 
 
 if __name__ == "__main__":
