@@ -26,7 +26,7 @@ then cosine) stepped once per "epoch" of --epoch_steps steps.
 Both record the training loss every --log_every steps and Set5 x4 validation PSNR
 (msit-jax's `validation_metrics`, Y channel, shave = scale) every --val_every steps.
 The final weights of both sides are written as official checkpoints and evaluated
-the same way: `msit_jax.io.pretrained.load` + `msit_jax.eval.runner.run` on Set5 and
+the same way (after all runs are trained, in one process): `msit_jax.io.pretrained.load` + `msit_jax.eval.runner.run` on Set5 and
 Set14 at x2, x3, x4 (the benchmark preset: Y-channel PSNR, shave = scale).
 
 Before training, a sanity check: msit-jax's init is converted to an official
@@ -35,7 +35,8 @@ identical keys and shapes, and both forwards (train-mode BatchNorm and eval-mode
 must agree on a random batch.
 
 Run it pinned to one core (`taskset -c 1 ...`); torch is set to one thread. Each (side, seed) run writes OUT/<side>_seed<k>/ and is
-skipped when its result.json exists, so an interrupted sweep resumes.
+skipped when its train.json (training) / result.json (final evaluation) exists, so an
+interrupted sweep resumes.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ VAL_SET, VAL_SCALE = "Set5", 4.0
 
 def default_settings() -> dict:
     """The compared protocol (every number both sides use)."""
-    return dict(steps=2000, batch=8, inp_size=32, sample_q=1024, scale_min=1.0,
+    return dict(steps=2000, batch=4, inp_size=24, sample_q=576, scale_min=1.0,
                 scale_max=4.0, repeat=8, lr=2e-4, multiplier=10.0, epoch_steps=20,
                 warmup_epochs=5, log_every=50, val_every=500)
 
@@ -522,6 +523,59 @@ def final_eval(checkpoint: str, eval_data: str, out_json: str) -> dict:
             for ds, per in results.items()}
 
 
+def official_test_psnr(reference: str, checkpoint: str, eval_data: str, dataset: str,
+                       scale: int) -> float:
+    """The official test protocol on one (set, integer scale): its `test.eval_psnr` with
+    the test YAML's settings (image-folder + `sr-implicit-downsampled-cascaded`,
+    phase 'valid', scale_base 4; eval_type benchmark-<s>, chop_forward in chunks of
+    30000 queries)."""
+    import tempfile
+
+    off = official(reference)
+    torch = off.torch
+    torch.cuda.synchronize = lambda *a, **k: None
+    import test as official_test  # noqa: E402 (the official test.py)
+
+    folder = off.datasets.make({"name": "image-folder", "args": {
+        "root_path": os.path.join(eval_data, dataset)}})
+    wrapper = off.datasets.make({"name": "sr-implicit-downsampled-cascaded", "args": {
+        "batch_size": 1, "scale_max": scale, "scale_base": 4, "phase": "valid"}},
+        args={"dataset": folder})
+    loader = torch.utils.data.DataLoader(wrapper, batch_size=1, shuffle=False, num_workers=0,
+                                         collate_fn=wrapper.collate_fn)
+    spec = torch.load(checkpoint, weights_only=False)["model"]
+    model = off.models.make(spec, load_sd=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        res = official_test.eval_psnr(
+            loader, model, "check", data_norm={"inp": {"sub": [0.5], "div": [0.5]},
+                                               "gt": {"sub": [0.5], "div": [0.5]}},
+            eval_type=f"benchmark-{scale}", eval_bsize=30000, scale_max=scale,
+            save_dir=tmp, save_fig=False)
+    return float(res)
+
+
+def official_check(a: argparse.Namespace) -> dict:
+    """Set5 x4 of every final checkpoint in OUT through the official test protocol, next
+    to msit-jax's runner figure for the same weights."""
+    out = {}
+    for side in SIDES:
+        for seed in a.seeds:
+            p = os.path.join(a.out, f"{side}_seed{seed}", "result.json")
+            if not os.path.exists(p):
+                continue
+            with open(p) as f:
+                r = json.load(f)
+            theirs = official_test_psnr(a.reference, r["checkpoint"], a.eval_data, "Set5", 4)
+            ours = r["final"]["Set5"]["x4"]
+            out[f"{side}_seed{seed}"] = dict(official_protocol=theirs, msit_jax_runner=ours,
+                                            diff=theirs - ours)
+            print(f"{side} seed {seed}: Set5 x4 official test.py {theirs:.4f} dB, msit-jax "
+                  f"runner {ours:.4f} dB", flush=True)
+    with open(os.path.join(a.out, "official_check.json"), "w") as f:
+        json.dump(out, f, indent=2)
+    return out
+
+
 # ---------------------------------------------------------------------------- plot, report
 
 def plot(runs: dict, path: str, settings: dict) -> None:
@@ -573,7 +627,10 @@ def report(out: str, seeds: Sequence[int], plot_path: Optional[str]) -> dict:
         b = np.asarray(next(iter(runs["theirs"].values()))["lr"])
         n = min(len(a), len(b))
         lr_check = float(np.max(np.abs(a[:n] - b[:n]) / np.maximum(b[:n], 1e-30)))
+    check_path = os.path.join(out, "official_check.json")
+    check = json.load(open(check_path)) if os.path.exists(check_path) else None
     summary = dict(settings=settings, rows=rows, lr_max_rel_diff=lr_check,
+                   official_check=check,
                    all_agree=all(r.get("agree", False) for r in rows.values()) if rows else None,
                    timings={side: {seed: {k: r.get(k) for k in (
                        "train_seconds", "val_seconds", "train_seconds_total_incl_val",
@@ -608,6 +665,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--plot", default="docs/learning_parity.png")
     p.add_argument("--report_only", action="store_true")
     p.add_argument("--skip_sanity", action="store_true")
+    p.add_argument("--official_check", action="store_true",
+                   help="only: Set5 x4 of the finished runs' weights through the official "
+                        "test protocol (official test.py's eval_psnr)")
     for k, v in d.items():
         p.add_argument(f"--{k}", type=type(v), default=v)
     a = p.parse_args(argv)
@@ -615,6 +675,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     os.makedirs(a.out, exist_ok=True)
     if a.report_only:
         report(a.out, a.seeds, a.plot)
+        return 0
+    if a.official_check:
+        if not (a.reference and a.eval_data):
+            p.error("--official_check needs --reference and --eval_data")
+        official_check(a)
         return 0
     for need in ("data", "eval_data"):
         if not getattr(a, need):
@@ -635,27 +700,39 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if not chk["ok"]:
             print("sanity check failed: the two models differ", file=sys.stderr)
             return 1
+    # Train everything first, then evaluate everything in this one process: the jitted
+    # decoders are cached per model config, so the final evaluations share compilations.
     for seed in a.seeds:
         for side in sides:
             run_dir = os.path.join(a.out, f"{side}_seed{seed}")
-            res_path = os.path.join(run_dir, "result.json")
-            if os.path.exists(res_path):
-                print(f"{side} seed {seed}: done ({res_path})")
+            train_path = os.path.join(run_dir, "train.json")
+            if os.path.exists(train_path):
+                print(f"{side} seed {seed}: trained ({train_path})")
                 continue
             os.makedirs(run_dir, exist_ok=True)
             t0 = time.perf_counter()
             r = (train_ours if side == "ours" else train_theirs)(a, s, seed, run_dir)
             r["wall_seconds"] = time.perf_counter() - t0
+            r.update(side=side, seed=seed, settings=s, model_args=official_spec(model_cfg()))
+            with open(train_path, "w") as f:
+                json.dump(r, f)
+            print(f"{side} seed {seed}: trained in {r['wall_seconds']:.0f} s", flush=True)
+    for seed in a.seeds:
+        for side in sides:
+            run_dir = os.path.join(a.out, f"{side}_seed{seed}")
+            res_path = os.path.join(run_dir, "result.json")
+            if os.path.exists(res_path):
+                continue
+            with open(os.path.join(run_dir, "train.json")) as f:
+                r = json.load(f)
             t1 = time.perf_counter()
             r["final"] = final_eval(r["checkpoint"], a.eval_data,
                                     os.path.join(run_dir, "final_eval.json"))
             r["eval_seconds"] = time.perf_counter() - t1
-            r.update(side=side, seed=seed, settings=s, model_args=official_spec(model_cfg()))
             with open(res_path, "w") as f:
                 json.dump(r, f)
             print(f"{side} seed {seed}: {json.dumps(r['final'])} "
-                  f"({r['wall_seconds']:.0f} s train, {r['eval_seconds']:.0f} s eval)",
-                  flush=True)
+                  f"({r['eval_seconds']:.0f} s eval)", flush=True)
     report(a.out, a.seeds, a.plot)
     return 0
 

@@ -82,10 +82,10 @@ def test_ours_config_is_the_compared_protocol(lp):
     a = argparse.Namespace(data="/nonexistent/train", eval_data="/nonexistent")
     c = lp.ours_config(a, s, seed=1)
     validate_config(c)
-    assert c.seed == 1 and c.batch_size == 8 and c.total_steps == 2000
+    assert c.seed == 1 and c.batch_size == 4 and c.total_steps == 2000
     assert (c.lr.warmup_steps, c.lr.epoch_steps) == (100, 20)
     assert (c.data.inp_size, c.data.sample_q, c.data.scale_min, c.data.scale_max) == (
-        32, 1024, 1.0, 4.0)
+        24, 576, 1.0, 4.0)
     assert c.eval.source.path == "/nonexistent/Set5" and c.eval.y_channel
     assert c.eval.shave_extra == 0 and c.eval.scales == (4.0,)
     # The official model args describe exactly the model our side trains.
