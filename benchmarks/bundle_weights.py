@@ -106,6 +106,8 @@ def read_run(wd: str, step: str) -> dict[str, Any]:
     steps = workdir_io.saved_steps(wd)
     if not steps:
         die(f"{wd}: no finished checkpoint")
+    if step != "latest" and not step.isdigit():
+        die(f"--step must be 'latest' or a step number, got {step!r}")
     chosen = steps[-1] if step == "latest" else int(step)
     if chosen not in steps:
         die(f"{wd}: no checkpoint at step {chosen} (have {steps})")
@@ -302,8 +304,13 @@ def model_card(name: str, run: dict, model_cfg, n_params: int, n_values: int, si
     arch = "\n".join(f"| {k} | {v} |" for k, v in architecture(model_cfg))
     sched_unit = (f"per epoch of {lr['epoch_steps']} steps" if lr.get("epoch_steps")
                   else "per step")
-    step_note = ("the final checkpoint" if run["step"] == run["steps"][-1] else
+    final_step = run["step"] == run["steps"][-1]
+    step_note = ("the final checkpoint" if final_step else
                  f"step {run['step']} (not the final {run['steps'][-1]})")
+    selection_note = ("* The validation images chose nothing about this file: it is the "
+                      "final checkpoint, not the best-validating one." if final_step else
+                      f"* This is {step_note}, chosen by hand (--step); if it was chosen by "
+                      "its validation PSNR, the validation images took part in the choice.")
     return f"""---
 library_name: msit-jax
 pipeline_tag: image-to-image
@@ -354,7 +361,7 @@ metadata; `Upscaler.from_pretrained` folds the BatchNorms into the convolutions.
 | batch | {cfg.get('batch_size')} LR patches of {data.get('inp_size')} px, {data.get('sample_q')} HR queries each |
 | optimiser | Adam; learning rate linear from {lr.get('base')} to {lr.get('multiplier')} x that over {lr.get('warmup_steps')} warm-up steps, then cosine to 0 ({sched_unit}; `msit_jax.training.schedule`) |
 | steps | {run['step']:,} ({step_note}; config total_steps {run['total_steps']}) |
-| training time | {fmt_duration(run['step_s'])} of training steps (from metrics.jsonl); {fmt_duration(run['wall_s'])} wall clock from the first start to the checkpoint ({run['starts']} start(s), validation and checkpointing included) |
+| training time | {fmt_duration(run['step_s'])} of training steps (from metrics.jsonl's throughput; the first window includes compilation); {fmt_duration(run['wall_s'])} wall clock from the first start to the checkpoint ({run['starts']} start(s), validation and checkpointing included) |
 | machine | {machine} |
 | seed | {cfg.get('seed')} |
 
@@ -387,8 +394,7 @@ Scales x6 and x8 are outside the training range (U({data.get('scale_min')}, {dat
   the paper's figures.
 * Trained on scales U({data.get('scale_min')}, {data.get('scale_max')}): x6 and x8 (and anything above
   x{data.get('scale_max')}) are out of distribution.
-* The validation images (astronaut, chelsea) chose nothing about this file: it is
-  {step_note}.
+{selection_note}
 
 ## License
 
