@@ -8,6 +8,7 @@ against fixed numbers.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import re
@@ -267,3 +268,62 @@ print(json.dumps(dict(shape=list(sr.shape), dtype=str(sr.dtype), loaded=loaded))
     assert p.returncode == 0, p.stderr[-3000:]
     out = json.loads(p.stdout.strip().splitlines()[-1])
     assert out == {"shape": [25, 30, 3], "dtype": "uint8", "loaded": []}
+
+
+# --- benchmarks/bundle_weights.py: its pure parts (the whole script runs at release) -------
+
+@pytest.fixture(scope="module")
+def bundle():
+    saved = list(sys.path)
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    try:
+        yield importlib.import_module("bundle_weights")
+    finally:
+        sys.path[:] = saved
+
+
+def _fake_workdir(root) -> str:
+    """The files read_run reads (no real checkpoint: it only lists the steps)."""
+    wd = root / "run"
+    for step in (60, 120):
+        (wd / "checkpoints" / str(step)).mkdir(parents=True)
+    (wd / "model_config.json").write_text("{}")
+    (wd / "config.json").write_text(json.dumps({"total_steps": 120, "data": {"train": {
+        "kind": "folder", "path": str(root)}}}))
+    (wd / "config_history.jsonl").write_text(json.dumps(
+        {"time": "2026-12-02T00:00:00+00:00", "step": 0, "changes": []}) + "\n")
+    (wd / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in [
+        {"step": 50, "split": "train", "steps_per_sec": 1.0},
+        {"step": 100, "split": "train", "steps_per_sec": 2.0},
+        {"step": 120, "split": "train", "steps_per_sec": 4.0},
+        {"step": 120, "split": "val", "psnr_x2": 30.0}]) + "\n")
+    return str(wd)
+
+
+def test_bundle_reads_the_final_step_and_its_time(bundle, tmp_path):
+    run = bundle.read_run(_fake_workdir(tmp_path), "latest")
+    assert (run["step"], run["steps"], run["starts"]) == (120, [60, 120], 1)
+    assert run["step_s"] == pytest.approx(50 / 1 + 50 / 2 + 20 / 4)
+    assert run["last_val"]["psnr_x2"] == 30.0 and run["wall_s"] > 0
+    assert bundle.read_run(str(tmp_path / "run"), "60")["step_s"] == pytest.approx(50.0)
+    for bad in ("7", "best"):
+        with pytest.raises(SystemExit):
+            bundle.read_run(str(tmp_path / "run"), bad)
+
+
+def test_bundle_table_and_readme_markers(bundle, tmp_path):
+    cell = {"msit": {"psnr": 31.234, "ssim": 0.91234}, "bicubic": {"psnr": 30.0, "ssim": 0.9},
+            "lr_source": "downsample (reference: paired, not found)"}
+    table = {"Set5": {"x2": {**cell, "lr_source": "downsample"}}, "B100": {"x2": cell}}
+    md = bundle.markdown_table("lite", table, [2.0])
+    assert md.splitlines() == ["| Dataset | Method | x2 |", "|---|---|---|",
+                               "| Set5 | lite | 31.23 / 0.9123 |",
+                               "| Set5 | bicubic | 30.00 / 0.9000 |",
+                               "| B100 | lite | 31.23 / 0.9123 |",
+                               "| B100 | bicubic | 30.00 / 0.9000 |"]
+    assert bundle.lr_note(table).startswith("B100 x2: the reference reads")
+    readme = tmp_path / "README.md"
+    readme.write_text("a\n<!-- lite table -->\nold\n<!-- /lite table -->\nb\n")
+    assert bundle.replace_readme_table(str(readme), "lite", md)
+    assert readme.read_text() == f"a\n<!-- lite table -->\n{md}\n<!-- /lite table -->\nb\n"
+    assert not bundle.replace_readme_table(str(readme), "other", md)
