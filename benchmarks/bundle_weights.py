@@ -307,6 +307,9 @@ def model_card(name: str, run: dict, model_cfg, n_params: int, n_values: int, si
     final_step = run["step"] == run["steps"][-1]
     step_note = ("the final checkpoint" if final_step else
                  f"step {run['step']} (not the final {run['steps'][-1]})")
+    if final_step and run["total_steps"] not in (None, run["step"]):
+        step_note = (f"the newest checkpoint, but the run's total_steps is "
+                     f"{run['total_steps']}: training had not finished")
     selection_note = ("* The validation images chose nothing about this file: it is the "
                       "final checkpoint, not the best-validating one." if final_step else
                       f"* This is {step_note}, chosen by hand (--step); if it was chosen by "
@@ -465,6 +468,10 @@ def main() -> None:
 
     run = read_run(args.workdir, args.step)
     print(f"run: step {run['step']} of {run['workdir']} (steps {run['steps']})", file=sys.stderr)
+    if args.step == "latest" and run["total_steps"] not in (None, run["step"]):
+        print(f"warning: the newest checkpoint is step {run['step']} but total_steps is "
+              f"{run['total_steps']}: is training still running? (the card will say so)",
+              file=sys.stderr)
     model_cfg, variables = workdir_io.load_workdir_model(args.workdir, str(run["step"]))
 
     stage = tempfile.mkdtemp(prefix=f".{args.name}-", dir=weights.HERE)
