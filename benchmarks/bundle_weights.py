@@ -51,6 +51,7 @@ from typing import Any, Optional
 import numpy as np
 
 from msit_jax import export, weights
+from msit_jax.data.sources import named_source
 from msit_jax.eval import reports, runner
 from msit_jax.io import model_dir, pretrained, workdir as workdir_io
 from msit_jax.io.torch_io import variables_to_state_dict
@@ -99,7 +100,20 @@ def count_images(folder: str) -> Optional[int]:
     return sum(1 for n in os.listdir(folder) if n.lower().endswith(exts))
 
 
-def read_run(wd: str, step: str) -> dict[str, Any]:
+def training_images(train_src: dict, data_root: str) -> tuple[str, Optional[int]]:
+    """(how the card names the training data, its image count or None) of a config block."""
+    if train_src.get("kind") == "named":
+        try:
+            src = named_source(train_src["name"], data_root=train_src.get("data_root")
+                               or data_root)
+        except (OSError, ValueError) as e:
+            print(f"warning: could not count the training images ({e})", file=sys.stderr)
+            return f"the named sets {train_src['name']}", None
+        return f"the named sets {train_src['name']}", len(src)
+    return train_src.get("path", ""), count_images(train_src.get("path", ""))
+
+
+def read_run(wd: str, step: str, data_root: str = "") -> dict[str, Any]:
     """What the card says about training, read from the workdir (nothing assumed)."""
     if not workdir_io.is_training_workdir(wd):
         die(f"{wd} is not a training workdir (expected model_config.json and checkpoints/)")
@@ -137,8 +151,8 @@ def read_run(wd: str, step: str) -> dict[str, Any]:
         "wall_s": (end - start).total_seconds() if start else None,
         "step_s": step_seconds, "last_train": train[-1] if train else None,
         "last_val": val[-1] if val else None,
-        "train_path": train_src.get("path", ""), "train_kind": train_src.get("kind", ""),
-        "train_images": count_images(train_src.get("path", "")),
+        "train_kind": train_src.get("kind", ""),
+        **dict(zip(("train_path", "train_images"), training_images(train_src, data_root))),
     }
 
 
@@ -287,8 +301,8 @@ def model_card(name: str, run: dict, model_cfg, n_params: int, n_values: int, si
     lv = run["last_val"] or {}
     val_line = ", ".join(f"x{k[len('psnr_x'):]} {v:.2f} dB" for k, v in lv.items()
                          if k.startswith("psnr_x")) or "not recorded"
-    imgs = (f"{run['train_images']} images in `{run['train_path']}`"
-            if run["train_images"] is not None else f"`{run['train_path']}`")
+    imgs = (f"{run['train_images']} images in {run['train_path']}"
+            if run["train_images"] is not None else run["train_path"])
     if run["train_images"] not in (None, 291):
         print(f"warning: the training folder holds {run['train_images']} images, not 291: "
               "check the card's training-data line", file=sys.stderr)
@@ -466,7 +480,7 @@ def main() -> None:
         rewrite_card(args, final, context)
         return
 
-    run = read_run(args.workdir, args.step)
+    run = read_run(args.workdir, args.step, args.data_root)
     print(f"run: step {run['step']} of {run['workdir']} (steps {run['steps']})", file=sys.stderr)
     if args.step == "latest" and run["total_steps"] not in (None, run["step"]):
         print(f"warning: the newest checkpoint is step {run['step']} but total_steps is "
@@ -544,7 +558,7 @@ def rewrite_card(args: argparse.Namespace, final: dict, context: list) -> None:
     if digest != meta["sha256"]:
         die(f"{final['.json']} describes another file than {final[weights.WEIGHTS_SUFFIX]} "
             "(sha256 differs): run without --card_only")
-    run = read_run(args.workdir, str(meta["step"]))
+    run = read_run(args.workdir, str(meta["step"]), args.data_root)
     if os.path.abspath(args.workdir) != meta["workdir"]:
         print(f"warning: the figures were made from {meta['workdir']}, not {args.workdir}",
               file=sys.stderr)
