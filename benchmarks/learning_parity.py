@@ -506,11 +506,13 @@ def train_ours(a: argparse.Namespace, s: dict, seed: int, run_dir: str) -> dict:
 
 # ---------------------------------------------------------------------------- final eval
 
-def final_eval(checkpoint: str, eval_data: str, out_json: str) -> dict:
-    """{'Set5': {'x2': psnr, ...}, 'Set14': {...}} through msit-jax's evaluation runner."""
+def final_eval(checkpoint: str, eval_data: str, out_json: str, model: str = "msit") -> dict:
+    """{'Set5': {'x2': psnr, ...}, 'Set14': {...}} through msit-jax's evaluation runner
+    (model 'bicubic': the baseline, no checkpoint)."""
     from msit_jax.eval import runner
 
     c = runner.default_config()
+    c.model = model
     c.checkpoint = checkpoint
     c.data = [os.path.join(eval_data, d) for d in EVAL_SETS]
     c.scales = list(EVAL_SCALES)
@@ -627,10 +629,12 @@ def report(out: str, seeds: Sequence[int], plot_path: Optional[str]) -> dict:
         b = np.asarray(next(iter(runs["theirs"].values()))["lr"])
         n = min(len(a), len(b))
         lr_check = float(np.max(np.abs(a[:n] - b[:n]) / np.maximum(b[:n], 1e-30)))
+    bic_path = os.path.join(out, "bicubic.json")
+    bicubic = json.load(open(bic_path)) if os.path.exists(bic_path) else None
     check_path = os.path.join(out, "official_check.json")
     check = json.load(open(check_path)) if os.path.exists(check_path) else None
     summary = dict(settings=settings, rows=rows, lr_max_rel_diff=lr_check,
-                   official_check=check,
+                   official_check=check, bicubic=bicubic,
                    all_agree=all(r.get("agree", False) for r in rows.values()) if rows else None,
                    timings={side: {seed: {k: r.get(k) for k in (
                        "train_seconds", "val_seconds", "train_seconds_total_incl_val",
@@ -733,6 +737,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 json.dump(r, f)
             print(f"{side} seed {seed}: {json.dumps(r['final'])} "
                   f"({r['eval_seconds']:.0f} s eval)", flush=True)
+    bic = os.path.join(a.out, "bicubic.json")
+    if not os.path.exists(bic):
+        with open(bic, "w") as f:
+            json.dump(final_eval("", a.eval_data, os.path.join(a.out, "bicubic_eval.json"),
+                                 model="bicubic"), f)
     report(a.out, a.seeds, a.plot)
     return 0
 
