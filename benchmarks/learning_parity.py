@@ -58,6 +58,7 @@ SIDES = ("ours", "theirs")
 EVAL_SETS = ("Set5", "Set14")
 EVAL_SCALES = (2.0, 3.0, 4.0)
 VAL_SET, VAL_SCALE = "Set5", 4.0
+PLOT_LOSS_STEPS = 200  # the plot's loss points average this many steps
 
 
 # ---------------------------------------------------------------------------- settings
@@ -590,15 +591,22 @@ def plot(runs: dict, path: str, settings: dict) -> None:
     colors = {"ours": "tab:blue", "theirs": "tab:orange"}
     names = {"ours": "msit-jax", "theirs": "official PyTorch"}
     styles = ["-", "--", ":", "-."]
+    every = settings.get("log_every", 50)
+    group = max(1, PLOT_LOSS_STEPS // every)
     for side in SIDES:
         for i, (seed, r) in enumerate(sorted(runs.get(side, {}).items())):
             ls = styles[i % len(styles)]
-            ax1.plot(r["loss_steps"], r["loss"], ls, color=colors[side],
+            # the logged windows (every `log_every` steps) averaged in groups: a batch of 4
+            # at one random scale makes single windows too noisy to compare by eye
+            n = len(r["loss"]) // group * group
+            xs = [r["loss_steps"][k + group - 1] for k in range(0, n, group)]
+            ys = [float(np.mean(r["loss"][k:k + group])) for k in range(0, n, group)]
+            ax1.plot(xs, ys, ls + "o", color=colors[side], ms=3,
                      label=f"{names[side]}, seed {seed}", lw=1.2)
             ax2.plot([v["step"] for v in r["val"]], [v["psnr"] for v in r["val"]], ls + "o",
                      color=colors[side], label=f"{names[side]}, seed {seed}", ms=4)
-    ax1.set(xlabel="step", ylabel=f"training L1 loss (mean of {settings['log_every']} steps)",
-            title="training loss", yscale="log")
+    ax1.set(xlabel="step", ylabel=f"training L1 loss (mean over {group * every} steps)",
+            title="training loss")
     ax2.set(xlabel="step", ylabel="PSNR (dB, Y)", title=f"validation: {VAL_SET} x{VAL_SCALE:g}")
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
