@@ -590,7 +590,7 @@ def plot(runs: dict, path: str, settings: dict) -> None:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     colors = {"ours": "tab:blue", "theirs": "tab:orange"}
     names = {"ours": "msit-jax", "theirs": "official PyTorch"}
-    styles = ["-", "--", ":", "-."]
+    styles = ["-", "--", ":", "-.", (0, (5, 1, 1, 1, 1, 1)), (0, (1, 3))]
     every = settings.get("log_every", 50)
     group = max(1, PLOT_LOSS_STEPS // every)
     for side in SIDES:
@@ -601,10 +601,10 @@ def plot(runs: dict, path: str, settings: dict) -> None:
             n = len(r["loss"]) // group * group
             xs = [r["loss_steps"][k + group - 1] for k in range(0, n, group)]
             ys = [float(np.mean(r["loss"][k:k + group])) for k in range(0, n, group)]
-            ax1.plot(xs, ys, ls + "o", color=colors[side], ms=3,
+            ax1.plot(xs, ys, linestyle=ls, marker="o", color=colors[side], ms=3,
                      label=f"{names[side]}, seed {seed}", lw=1.2)
-            ax2.plot([v["step"] for v in r["val"]], [v["psnr"] for v in r["val"]], ls + "o",
-                     color=colors[side], label=f"{names[side]}, seed {seed}", ms=4)
+            ax2.plot([v["step"] for v in r["val"]], [v["psnr"] for v in r["val"]], linestyle=ls,
+                     marker="o", color=colors[side], label=f"{names[side]}, seed {seed}", ms=4)
     ax1.set(xlabel="step", ylabel=f"training L1 loss (mean over {group * every} steps)",
             title="training loss")
     ax2.set(xlabel="step", ylabel="PSNR (dB, Y)", title=f"validation: {VAL_SET} x{VAL_SCALE:g}")
