@@ -309,7 +309,12 @@ def model_card(name: str, run: dict, model_cfg, n_params: int, n_values: int, si
     sets = list(figs["table"])
     ctx = (context_table(context, sets) + "\n\nThese are the published papers' figures "
            "(MATLAB bicubic LR, their own evaluation code), trained on other data; they "
-           "are context, not a like-for-like comparison." if context else
+           "are context, not a like-for-like comparison. A dash is a figure not checked "
+           "against its source here. The MSIT paper's rows (arXiv 2403.06536: "
+           "EDSR-baseline-MSIT, RDN-MSIT, trained on DIV2K) are not included: its table could "
+           "not be checked against the paper when this card was made, and unchecked numbers "
+           "are left out; those models are far larger and trained on far more data, expect "
+           "them well above the figures here." if context else
            "No published figures are included: the SRCNN, FSRCNN and MSIT-paper tables "
            "(arXiv 2403.06536: EDSR-baseline-MSIT, RDN-MSIT) could not be checked against "
            "their sources when this card was made, and unchecked numbers are left out. "

@@ -22,6 +22,7 @@ import hashlib
 import importlib.util
 import os
 import shutil
+import sys
 import tempfile
 
 import jax
@@ -233,6 +234,17 @@ def shared_data(*parts):
     if not os.path.exists(path):
         raise FileNotFoundError(f"test data missing: {path}")
     return path
+
+
+def import_benchmark(name: str):
+    """benchmarks/<name>.py as a module; benchmarks/ is on sys.path only while it imports
+    (the scripts import their siblings, e.g. flops)."""
+    saved = list(sys.path)
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path[:] = saved
 
 
 def load_config(name: str = "tiny"):

@@ -8,7 +8,6 @@ against fixed numbers.
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import re
@@ -25,7 +24,7 @@ from msit_jax import Upscaler, demo, upscale, weights
 from msit_jax.eval import cli as eval_cli
 from msit_jax.eval import runner
 from msit_jax.io import model_dir, pretrained
-from tests.conftest import REPO, shared_data
+from tests.conftest import REPO, import_benchmark, shared_data
 
 NAME = weights.DEFAULT
 POISONED = ("torch", "grain", "tensorflow_datasets", "tensorflow", "safetensors")
@@ -274,12 +273,7 @@ print(json.dumps(dict(shape=list(sr.shape), dtype=str(sr.dtype), loaded=loaded))
 
 @pytest.fixture(scope="module")
 def bundle():
-    saved = list(sys.path)
-    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
-    try:
-        yield importlib.import_module("bundle_weights")
-    finally:
-        sys.path[:] = saved
+    return import_benchmark("bundle_weights")
 
 
 def _fake_workdir(root) -> str:

@@ -2,23 +2,14 @@
 
 from __future__ import annotations
 
-import importlib
-import os
-import sys
-
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.conftest import import_benchmark
 
 
 @pytest.fixture(scope="module")
 def lp():
-    saved = list(sys.path)
-    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
-    try:
-        yield importlib.import_module("learning_parity")
-    finally:
-        sys.path[:] = saved
+    return import_benchmark("learning_parity")
 
 
 def test_window_means_match_the_train_log_windows(lp):
