@@ -530,6 +530,7 @@ def main() -> None:
         with open(os.path.join(stage, "figures.json"), "w") as f:
             json.dump(reports.json_safe(meta), f, indent=1, allow_nan=False)
         # Everything is ready: move the three files into place (same filesystem).
+        os.chmod(staged, 0o644)  # written under a private temporary folder; ships readable
         os.replace(staged, final[weights.WEIGHTS_SUFFIX])
         os.replace(os.path.join(stage, "card.md"), final[weights.CARD_SUFFIX])
         os.replace(os.path.join(stage, "figures.json"), final[".json"])

@@ -478,3 +478,11 @@ def test_msit_lite_recipe_trains_on_291_and_validates_elsewhere():
     assert 4 * count_params(shapes["params"]) <= 5 * 2 ** 20
     with open(os.path.join(REPO, "configs", "msit_lite.py")) as f:
         assert "python train.py --config configs/msit_lite.py" in f.read()
+
+
+def test_the_shipped_msit_lite_is_the_recipe():
+    """The bundled weights were trained by configs/msit_lite.py: same architecture."""
+    from msit_jax.io import pretrained
+
+    shipped, _ = pretrained.load("msit-lite")
+    assert shipped.to_dict() == load_config("msit_lite").model.to_dict()
