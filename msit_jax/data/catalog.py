@@ -1,7 +1,10 @@
 """Datasets by name under one data root: the SR training sets and the benchmark folders.
 
     root, where = data_root(flag_value)      # --data_root, else $MSIT_DATA, else ./data
-    src = open_training_sets("t91+bsd200", root)   # one ImageSource over both sets
+    names = parse_names("291+div2k")         # ['t91', 'bsd200', 'div2k']
+    kind, loc = locate("t91", root, where)   # ('folder', root/T91) or ('tfds', 'div2k/...')
+
+`msit_jax.data.sources.named_source("t91+bsd200")` turns names into one ImageSource.
 
 Training sets (docs/training.md#training-data says where each comes from):
 
@@ -113,7 +116,7 @@ def parse_names(spec: str) -> list[str]:
     """
     out: list[str] = []
     parts = [s.strip().lower() for s in str(spec).split("+")]
-    if not parts or any(not s for s in parts):
+    if not all(parts):
         raise InputError(f"training data {spec!r}: empty set name (names are joined by '+', "
                          f"e.g. 't91+bsd200')")
     for s in parts:

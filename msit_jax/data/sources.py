@@ -488,7 +488,7 @@ def check_disjoint(train: ImageSource, val: ImageSource) -> None:
     """ConfigError when a validation image is also a training image (same file, TFDS
     record or embedded photograph), naming the first and the count."""
     seen = {train.identity(i) for i in range(len(train))}
-    both = [val.identity(i) for i in range(len(val)) if val.identity(i) in seen]
+    both = [v for v in map(val.identity, range(len(val))) if v in seen]
     if both:
         raise ConfigError(f"invalid config: eval.source shares {len(both)} of its {len(val)} "
                           f"images with data.train (e.g. {both[0]}); a validation set must not "
@@ -499,8 +499,8 @@ def check_not_benchmark(src: ImageSource, what: str = "data.train") -> None:
     """ConfigError when a source reads a benchmark set's folder (Set5, Set14, B100,
     Urban100, Manga109): evaluation data, never training data."""
     for i in range(len(src)):
-        bench = catalog.benchmark_folder(src.identity(i)) if os.path.isabs(
-            src.identity(i)) else None
+        ident = src.identity(i)  # a file path for folders; TFDS / skimage names are not
+        bench = catalog.benchmark_folder(ident) if os.path.isabs(ident) else None
         if bench:
             raise ConfigError(f"invalid config: {what} reads {src.name(i)}, an image of the "
                               f"benchmark set {bench}; benchmark sets are evaluation data, "
