@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import hashlib
 import json
 import os
 import platform
@@ -74,14 +73,6 @@ LICENSE_NOTE = ("The msit-jax code declares no license yet (no LICENSE file, no 
 def die(msg: str) -> None:
     print(f"error: {msg}", file=sys.stderr)
     sys.exit(1)
-
-
-def sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ----------------------------------------------------------------------------- the run
@@ -503,7 +494,7 @@ def main() -> None:
         if size > args.max_mb * MB:
             die(f"{staged}: {size:,} bytes, over --max_mb {args.max_mb:g} "
                 f"({args.max_mb * MB:,.0f} bytes); nothing shipped")
-        digest = sha256(staged)
+        digest = workdir_io.file_sha256(staged)
         print(f"exported {size:,} bytes (sha256 {digest[:16]}...)", file=sys.stderr)
 
         # The evaluation reads the staged file, byte for byte the one shipped (sha256 below).
@@ -538,7 +529,8 @@ def main() -> None:
         shutil.rmtree(stage, ignore_errors=True)
 
     shipped = pretrained.resolve(args.name)
-    if not os.path.samefile(shipped, final[weights.WEIGHTS_SUFFIX]) or sha256(shipped) != digest:
+    if (not os.path.samefile(shipped, final[weights.WEIGHTS_SUFFIX])
+            or workdir_io.file_sha256(shipped) != digest):
         die(f"the bundled name {args.name!r} resolves to {shipped}, not the file just written "
             f"({final[weights.WEIGHTS_SUFFIX]}): is another msit-jax installed?")
     finish(args, final, figs["table"], scales)
@@ -560,7 +552,7 @@ def rewrite_card(args: argparse.Namespace, final: dict, context: list) -> None:
     """--card_only: the card and README table again from the shipped figures JSON."""
     with open(final[".json"]) as f:
         meta = json.load(f)
-    digest = sha256(final[weights.WEIGHTS_SUFFIX])
+    digest = workdir_io.file_sha256(final[weights.WEIGHTS_SUFFIX])
     if digest != meta["sha256"]:
         die(f"{final['.json']} describes another file than {final[weights.WEIGHTS_SUFFIX]} "
             "(sha256 differs): run without --card_only")

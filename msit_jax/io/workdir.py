@@ -136,7 +136,8 @@ def compare_records(recorded: dict[str, dict], got: dict[str, dict],
     return None
 
 
-def _file_sha256(path: str) -> str:
+def file_sha256(path: str) -> str:
+    """sha256 hex digest of a file, read in 4 MB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 22), b""):
@@ -154,7 +155,7 @@ def file_digests(step_dir: str) -> dict[str, str]:
         for dirpath, _, files in os.walk(root):
             for f in sorted(files):
                 path = os.path.join(dirpath, f)
-                out[os.path.relpath(path, step_dir)] = _file_sha256(path)
+                out[os.path.relpath(path, step_dir)] = file_sha256(path)
     return out
 
 
@@ -173,7 +174,7 @@ def check_file_digests(step_dir: str) -> Optional[str]:
         path = os.path.join(step_dir, rel)
         if not os.path.isfile(path):
             return f"{path} is missing"
-        if _file_sha256(path) != digest:
+        if file_sha256(path) != digest:
             return f"{path} differs from its recorded checksum"
     return None
 
