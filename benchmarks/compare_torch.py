@@ -154,7 +154,7 @@ def torch_tf32(enabled: "Optional[bool | dict]" = None) -> dict:
 
 # --- the official model -----------------------------------------------------
 
-def _timm_standins() -> None:
+def timm_standins() -> None:
     """timm's DropPath / to_2tuple / trunc_normal_, only if timm is not installed."""
     try:
         import timm.models.layers  # noqa: F401
@@ -182,7 +182,7 @@ def official_model(reference: str, device: str, state_dict: dict) -> Any:
     if device == "cpu":
         torch.Tensor.cuda = lambda self, *a, **k: self
         torch.nn.Module.cuda = lambda self, *a, **k: self
-    _timm_standins()
+    timm_standins()
     sys.path.insert(0, os.path.abspath(reference))
     import models  # the official package
 

@@ -171,21 +171,11 @@ def _standins() -> None:
     import torch
     from PIL import Image
 
+    from compare_torch import timm_standins  # the sibling script's timm stand-ins
+
     torch.Tensor.cuda = lambda self, *a, **k: self
     torch.nn.Module.cuda = lambda self, *a, **k: self
-    try:
-        import timm.models.layers  # noqa: F401
-    except ImportError:
-        layers = types.ModuleType("timm.models.layers")
-        layers.DropPath = lambda p=0.0: torch.nn.Identity()
-        layers.to_2tuple = lambda x: (x, x)
-        layers.trunc_normal_ = lambda t, mean=0.0, std=1.0: torch.nn.init.trunc_normal_(
-            t, mean, std)
-        timm = types.ModuleType("timm")
-        timm.models = types.ModuleType("timm.models")
-        timm.models.layers = layers
-        sys.modules.update({"timm": timm, "timm.models": timm.models,
-                            "timm.models.layers": layers})
+    timm_standins()
     try:
         import torchvision.transforms  # noqa: F401
     except ImportError:
