@@ -324,17 +324,7 @@ def model_card(name: str, run: dict, model_cfg, n_params: int, n_values: int, si
                       "final checkpoint, not the best-validating one." if final_step else
                       f"* This is {step_note}, chosen by hand (--step); if it was chosen by "
                       "its validation PSNR, the validation images took part in the choice.")
-    return f"""---
-library_name: msit-jax
-pipeline_tag: image-to-image
-tags:
-- super-resolution
-- arbitrary-scale-super-resolution
-- msit
-- jax
-- safetensors
----
-
+    return f"""{export.CARD_FRONT_MATTER}
 # {name}
 
 A small MSIT (Multi-Scale Implicit Transformer, Zhu et al., arXiv 2403.06536) for

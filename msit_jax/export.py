@@ -151,6 +151,20 @@ def write_safetensors(out: str, model_cfg: ml_collections.ConfigDict, variables:
     return [weights, config, card]
 
 
+# The model-hub metadata block every model card of this project starts with.
+CARD_FRONT_MATTER = """---
+library_name: msit-jax
+pipeline_tag: image-to-image
+tags:
+- super-resolution
+- arbitrary-scale-super-resolution
+- msit
+- jax
+- safetensors
+---
+"""
+
+
 def model_card(model_cfg: ml_collections.ConfigDict, sd: dict, args: Optional[dict]) -> str:
     """A model card (hub README) describing the exported weights."""
     n = sum(int(np.size(v)) for k, v in sd.items() if not k.endswith("num_batches_tracked"))
@@ -172,17 +186,7 @@ model = models.make({"name": "amsit", "args": args, "sd": load_file("model.safet
                     load_sd=True)
 ```
 """ if args is not None and model_cfg.conv == "rim" else "")
-    return f"""---
-library_name: msit-jax
-pipeline_tag: image-to-image
-tags:
-- super-resolution
-- arbitrary-scale-super-resolution
-- msit
-- jax
-- safetensors
----
-
+    return f"""{CARD_FRONT_MATTER}
 # MSIT ({enc}, {layout_name(model_cfg)})
 
 MSIT, the Multi-Scale Implicit Transformer for arbitrary-scale image
