@@ -55,6 +55,7 @@ from msit_jax.eval import reports, runner
 from msit_jax.io import model_dir, pretrained, workdir as workdir_io
 from msit_jax.io.torch_io import variables_to_state_dict
 from msit_jax.models import reparam
+from msit_jax.training.metrics import read_jsonl
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SETS = ("set5", "set14", "b100")
@@ -76,13 +77,6 @@ def die(msg: str) -> None:
 
 
 # ----------------------------------------------------------------------------- the run
-
-def read_jsonl(path: str) -> list[dict]:
-    if not os.path.isfile(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
 
 def count_images(folder: str) -> Optional[int]:
     if not folder or not os.path.isdir(folder):

@@ -267,13 +267,6 @@ def jsonable(x: Any) -> Any:
 
 # ----------------------------------------------------------------------------- packing
 
-def _psnr_u8(a, b) -> float:
-    import numpy as np
-
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * math.log10(255.0 ** 2 / mse)
-
-
 def dir_bytes(path: str) -> int:
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
 
@@ -287,6 +280,7 @@ def pack(out: str, data: str, data_root: str, eval_data: Optional[str], fmt: str
     from PIL import Image
 
     from msit_jax.data import catalog
+    from msit_jax.eval.metrics import psnr
     from msit_jax.images import list_images
 
     root, where = catalog.data_root(data_root or None)
@@ -310,7 +304,7 @@ def pack(out: str, data: str, data_root: str, eval_data: Optional[str], fmt: str
             else:
                 Image.fromarray(a).save(target, "WEBP", lossless=True, quality=100, method=4)
             with Image.open(target) as im:
-                psnrs.append(_psnr_u8(a, np.asarray(im.convert("RGB"))))
+                psnrs.append(psnr(a / 255.0, np.asarray(im.convert("RGB")) / 255.0))
         finite = [p for p in psnrs if math.isfinite(p)]
         report["sets"][name] = {
             "source": src, "images": len(psnrs), "source_bytes": before,
@@ -614,14 +608,6 @@ def evaluate(predictor, eval_sets, sizes: dict, should_stop: Callable[[], bool])
     return out
 
 
-def read_metrics(workdir: str) -> list[dict]:
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.isfile(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def fold_variables(model_cfg, variables):
     from msit_jax import reparam
 
@@ -708,6 +694,7 @@ def run(args) -> int:
         from msit_jax.errors import TrainingInterrupted
         from msit_jax.eval import predictors
         from msit_jax.training import loop
+        from msit_jax.training.metrics import read_jsonl
 
         workdir = os.path.abspath(args.workdir)
         plan_path = os.path.join(workdir, PLAN_FILE)
@@ -852,7 +839,8 @@ def run(args) -> int:
                 interrupted, step = str(e), e.step
         stop_timer.cancel()
         t_end = time.perf_counter()
-        hist = [r for r in read_metrics(workdir) if r.get("split") == "train"]
+        hist = [r for r in read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+                if r.get("split") == "train"]
         trained = probe.calls
         steady = (t_end - probe.t_second_call) if probe.t_second_call else None
         thr = throughput(*logged_rate(hist, int(step) - trained), batch, q)
