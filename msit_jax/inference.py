@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from msit_jax import geometry
+from msit_jax import ensemble, geometry
 from msit_jax.models import grid_decoder
 from msit_jax.models.model import MSIT, build_model
 from msit_jax.ops.runtime import RuntimeOptions
@@ -86,11 +86,13 @@ class Upscaler:
     pixel (9 on CPU). All give the same result to float32 re-association error.
     chunk: queries per decoder call (None: `default_chunk()` of the platform).
     runtime: precision, compute dtype, FFT threshold (`msit_jax.ops.runtime`).
+    self_ensemble: return the mean over the 8 flips/transposes of the input
+    (`msit_jax.ensemble`; EDSR's "+"), at 8x the work.
     """
 
     def __init__(self, model_cfg: ml_collections.ConfigDict, variables: Any,
                  chunk: Optional[int] = None, method: str = "auto",
-                 runtime: Optional[RuntimeOptions] = None):
+                 runtime: Optional[RuntimeOptions] = None, *, self_ensemble: bool = False):
         chunk = default_chunk() if chunk is None else chunk
         if chunk < 1:
             raise ValueError(f"chunk must be >= 1, got {chunk}")
@@ -102,6 +104,7 @@ class Upscaler:
         self.variables = jax.device_put(variables)
         self.chunk = int(chunk)
         self.method = method
+        self.self_ensemble = bool(self_ensemble)
         self.grid_min_queries = grid_min_queries()
         if method != "query":
             self._dec = grid_decoder.split_decoder_params(self.variables["params"], model_cfg)
@@ -117,13 +120,21 @@ class Upscaler:
         True (a bar) or a callable (done, total) called after each decoded chunk."""
         lr = check_image(lr)
         out_hw = check_out_hw(out_hw)
+        if self.self_ensemble:
+            out = ensemble.mean_over_transforms(self.predict, lr, out_hw, progress)
+        else:
+            out = self.predict(lr, out_hw, progress)
+        return np.clip(out, 0.0, 1.0) if clamp else out
+
+    def predict(self, lr: np.ndarray, out_hw: tuple[int, int],
+                progress: Progress = False) -> np.ndarray:
+        """One model pass, unclamped: lr (H, W, 3) [0, 1] -> (out_h, out_w, 3) float32."""
         inp, feats = self.features(lr)
         if self.uses_grid(lr.shape[:2], out_hw):
             out = self._decode_grid(inp, feats, out_hw, progress)
         else:
             out = self._decode_queries(inp, feats, out_hw, progress)
-        out = denormalize(out).reshape(out_hw[0], out_hw[1], 3)
-        return np.clip(out, 0.0, 1.0) if clamp else out
+        return denormalize(out).reshape(out_hw[0], out_hw[1], 3)
 
     def uses_grid(self, lr_hw: tuple[int, int], out_hw: tuple[int, int]) -> bool:
         """Whether this call decodes with the grid decoder."""
@@ -197,14 +208,15 @@ class Upscaler:
 
 def upscale(model_cfg: ml_collections.ConfigDict, variables: Any, lr: Any, out_hw: Any, *,
             clamp: bool = True, chunk: Optional[int] = None, progress: Progress = False,
-            method: str = "auto", runtime: Optional[RuntimeOptions] = None) -> np.ndarray:
+            method: str = "auto", runtime: Optional[RuntimeOptions] = None,
+            self_ensemble: bool = False) -> np.ndarray:
     """Super-resolve one image to any size.
 
     lr: (H, W, 3) float in [0, 1]; out_hw: (out_h, out_w), any positive sizes
     (non-integer and per-axis scales). Returns (out_h, out_w, 3) float32, clamped
     to [0, 1] unless clamp=False (then the raw denormalised prediction).
-    chunk bounds the queries decoded per call (memory); method, runtime: see
-    `Upscaler`.
+    chunk bounds the queries decoded per call (memory); method, runtime,
+    self_ensemble: see `Upscaler`.
     """
-    return Upscaler(model_cfg, variables, chunk, method, runtime)(lr, out_hw, clamp=clamp,
-                                                                  progress=progress)
+    up = Upscaler(model_cfg, variables, chunk, method, runtime, self_ensemble=self_ensemble)
+    return up(lr, out_hw, clamp=clamp, progress=progress)

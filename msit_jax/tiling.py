@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 from msit_jax import geometry, inference
 from msit_jax.inference import Upscaler
 from msit_jax.ops.runtime import RuntimeOptions
-from msit_jax.serving import Progress, check_image, check_out_hw, denormalize, normalize
+from msit_jax.serving import Progress, denormalize, normalize
 
 f32 = np.float32
 
@@ -145,16 +145,16 @@ class TiledUpscaler(Upscaler):
 
     def __init__(self, model_cfg: ml_collections.ConfigDict, variables: Any,
                  chunk: Optional[int] = None, tile: int = 256, method: str = "auto",
-                 runtime: Optional[RuntimeOptions] = None):
-        super().__init__(model_cfg, variables, chunk, method=method, runtime=runtime)
+                 runtime: Optional[RuntimeOptions] = None, *, self_ensemble: bool = False):
+        super().__init__(model_cfg, variables, chunk, method=method, runtime=runtime,
+                         self_ensemble=self_ensemble)
         self.tile = int(tile)
 
-    def __call__(self, lr: Any, out_hw: Any, *, clamp: bool = True,
-                 progress: Progress = False) -> np.ndarray:
-        lr = check_image(lr)
+    def predict(self, lr: np.ndarray, out_hw: tuple[int, int],
+                progress: Progress = False) -> np.ndarray:
+        """One tiled pass, unclamped: lr (H, W, 3) [0, 1] -> (out_h, out_w, 3) float32."""
         if self.tile <= 0 or self.tile >= max(lr.shape[:2]):
-            return super().__call__(lr, out_hw, clamp=clamp, progress=progress)
-        out_hw = check_out_hw(out_hw)
+            return super().predict(lr, out_hw, progress)
         out = np.empty((out_hw[0], out_hw[1], 3), np.float32)
         jobs = list(self._jobs(lr.shape[:2], out_hw))
         bar = None
@@ -169,8 +169,7 @@ class TiledUpscaler(Upscaler):
             self._tile(inp_full, out, out_hw, core_y, core_x, hr_y, hr_x, bar)
         if bar is not None:
             bar.close()
-        out = denormalize(out)
-        return np.clip(out, 0.0, 1.0) if clamp else out
+        return denormalize(out)
 
     def _jobs(self, lr_hw, out_hw) -> Iterator[tuple]:
         for cy in axis_tiles(lr_hw[0], self.tile):
