@@ -25,7 +25,7 @@ import os
 import shutil
 import sys
 import time
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import jax
 import ml_collections
@@ -33,6 +33,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from msit_jax.errors import CheckpointError, OutputError, one_line
+from msit_jax.io import config_check
 from msit_jax.models.config import LEGACY_RUNTIME_FIELDS, model_config, validate_model_config
 from msit_jax.models.model import variable_shapes
 
@@ -241,6 +242,11 @@ def load_model(path: str) -> tuple[ml_collections.ConfigDict, dict]:
             f"{VARIABLES_DIR}/ inside)")
     cfg = read_model_config(os.path.join(path, CONFIG_FILE))
     var_dir = os.path.join(path, VARIABLES_DIR)
+    # The config is untrusted: before anything is restored or built for it, its sizes
+    # must be those of the stored arrays (read from the checkpoint metadata).
+    stored = stored_tensors(var_dir)
+    if stored is not None:
+        config_check.check(cfg, stored, var_dir, f"its {CONFIG_FILE}")
     try:
         with quiet_orbax():
             variables = ocp.StandardCheckpointer().restore(var_dir)
@@ -248,5 +254,22 @@ def load_model(path: str) -> tuple[ml_collections.ConfigDict, dict]:
         raise CheckpointError(f"{var_dir}: cannot be restored ({short_error(e)})",
                               path=var_dir) from e
     variables = to_numpy(variables)
+    if stored is None:  # no readable metadata: check the restored arrays instead
+        config_check.check(cfg, config_check.official_names(variables), var_dir,
+                           f"its {CONFIG_FILE}")
     check_variables(cfg, variables, var_dir)
     return cfg, variables
+
+
+def stored_tensors(var_dir: str) -> Optional[dict[str, config_check.Tensor]]:
+    """What the Orbax checkpoint metadata of `var_dir` says about its arrays (names,
+    shapes, dtypes; nothing restored), for `config_check`; None when it has none
+    readable (the restore then decides whether the checkpoint is usable)."""
+    try:
+        with quiet_orbax():
+            meta = ocp.StandardCheckpointer().metadata(var_dir)
+        tree = getattr(meta, "item_metadata", meta)
+        tensors = config_check.official_names(tree)
+    except Exception:  # noqa: BLE001 - unreadable metadata: fall back to the restore
+        return None
+    return tensors or None

@@ -23,9 +23,10 @@ safetensors files are read with numpy (`read_safetensors`): no extra package.
 from __future__ import annotations
 
 import json
+import math
 import os
 import warnings
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, NamedTuple, Optional
 
 import ml_collections
 import ml_dtypes
@@ -33,8 +34,9 @@ import numpy as np
 
 from msit_jax import weights
 from msit_jax.errors import CheckpointError, one_line
-from msit_jax.io import model_dir
-from msit_jax.io.torch_io import detect_conv_kind, state_dict_to_variables, strip_prefix
+from msit_jax.io import config_check, model_dir
+from msit_jax.io.torch_io import (StateDictError, detect_conv_kind, state_dict_to_variables,
+                                 strip_prefix)
 from msit_jax.io.workdir import is_training_workdir, load_workdir_model
 from msit_jax.models.config import model_config, validate_model_config
 from msit_jax.models.encoders import RDN_PRESETS
@@ -203,6 +205,15 @@ def official_args(model_cfg: ml_collections.ConfigDict) -> dict:
     }
 
 
+def _to_variables(sd: Mapping[str, np.ndarray], model_cfg: ml_collections.ConfigDict,
+                  path: str) -> dict:
+    """`state_dict_to_variables`, its StateDictError naming the file (one line)."""
+    try:
+        return state_dict_to_variables(sd, model_cfg)
+    except StateDictError as e:
+        raise StateDictError(f"{path}: {one_line(str(e))}", path=path) from None
+
+
 def load_pth(path: str, model_cfg: Optional[ml_collections.ConfigDict] = None
              ) -> tuple[ml_collections.ConfigDict, dict]:
     """An official `.pth` (training checkpoint or bare state_dict) -> (model_cfg, variables)."""
@@ -216,20 +227,25 @@ def load_pth(path: str, model_cfg: Optional[ml_collections.ConfigDict] = None
         if not isinstance(spec["sd"], Mapping):
             raise CheckpointError(f"{path}: model.sd is a {type(spec['sd']).__name__}, not a "
                                   "state_dict", path=path)
+        what = "the given model config" if model_cfg is not None else "its model args"
         try:
             sd = _tensors_to_numpy(strip_prefix(spec["sd"]))
             if model_cfg is None:
                 model_cfg = config_from_official_args(spec.get("args") or {},
                                                       detect_conv_kind(sd))
-        except ValueError as e:
+        except (ValueError, TypeError, AttributeError, KeyError) as e:
             raise CheckpointError(f"{path}: {one_line(str(e))}", path=path) from None
     else:
+        what = "the given model config"
         sd = _tensors_to_numpy(obj)
         if model_cfg is None:
             raise ValueError(
                 f"{path} is a bare state_dict: pass the model config, e.g. "
                 f"load(path, model_config('edsr-baseline', conv='{detect_conv_kind(sd)}'))")
-    variables = state_dict_to_variables(sd, model_cfg)
+    validate_model_config(model_cfg)
+    # Before anything is built for it: the config's sizes must be the tensors'.
+    config_check.check(model_cfg, config_check.tensors_of(sd), path, what)
+    variables = _to_variables(sd, model_cfg, path)
     for k, v in sd.items():
         if np.issubdtype(np.asarray(v).dtype, np.inexact) and not np.isfinite(v).all():
             raise CheckpointError(f"{path}: {k} holds non-finite values (NaN/inf): the weights "
@@ -256,32 +272,42 @@ SAFETENSORS_DTYPES = {
 SAFETENSORS_MAX_HEADER = 100 * 2 ** 20
 
 
-def read_safetensors(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """(tensors as numpy, metadata) of a .safetensors file, read with numpy alone.
+class SafetensorsHeader(NamedTuple):
+    """A .safetensors file's header: {name: (dtype code, shape, (begin, end))}, the
+    metadata, and where the tensor data starts in the file."""
+
+    entries: dict[str, tuple[str, tuple[int, ...], tuple[int, int]]]
+    metadata: dict[str, str]
+    data_start: int
+
+
+def read_safetensors_header(path: str) -> SafetensorsHeader:
+    """The header of a .safetensors file, validated, without reading the tensor data.
 
     The format (huggingface.co/docs/safetensors): an unsigned little-endian
     64-bit header size N, N bytes of JSON {name: {"dtype", "shape",
     "data_offsets": [begin, end]}, "__metadata__": {str: str}}, then the
-    little-endian tensor bytes, offsets relative to the end of the header.
-    Reading it here keeps the `safetensors` package an export-only extra.
-    Every tensor is a fresh, writable array of its shape (0-d for shape []).
-    ValueError (one line naming the file) for anything not a valid file.
+    little-endian tensor bytes, offsets relative to the end of the header, which
+    the tensors must tile exactly. CheckpointError (a ValueError; one line naming
+    the file) for anything not a valid file.
     """
-    def bad(reason: str) -> ValueError:
-        return ValueError(f"could not read {path} as safetensors: {reason}")
+    def bad(reason: str) -> CheckpointError:
+        return CheckpointError(f"could not read {path} as safetensors: {reason}", path=path)
 
     try:
         with open(path, "rb") as f:
-            data = f.read()
+            size = os.fstat(f.fileno()).st_size
+            head = f.read(8)
+            if len(head) < 8:
+                raise bad(f"{size} bytes, shorter than the 8-byte header size")
+            n = int.from_bytes(head, "little")
+            if n > min(SAFETENSORS_MAX_HEADER, size - 8):
+                raise bad(f"header size {n} exceeds the file ({size} bytes)")
+            text = f.read(n)
     except OSError as e:
         raise bad(e.strerror or str(e)) from e
-    if len(data) < 8:
-        raise bad(f"{len(data)} bytes, shorter than the 8-byte header size")
-    n = int.from_bytes(data[:8], "little")
-    if n > min(SAFETENSORS_MAX_HEADER, len(data) - 8):
-        raise bad(f"header size {n} exceeds the file ({len(data)} bytes)")
     try:
-        header = json.loads(data[8:8 + n].decode("utf-8"))
+        header = json.loads(text.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise bad(f"the header is not JSON ({e})") from None
     if not isinstance(header, dict):
@@ -290,8 +316,8 @@ def read_safetensors(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     if not (isinstance(meta, dict) and all(isinstance(k, str) and isinstance(v, str)
                                            for k, v in meta.items())):
         raise bad("__metadata__ must map strings to strings")
-    buf = memoryview(data)[8 + n:]
-    tensors, spans = {}, []
+    data_len = size - 8 - n
+    entries, spans = {}, []
     for name, info in header.items():
         try:
             dtype = SAFETENSORS_DTYPES[info["dtype"]]
@@ -302,14 +328,14 @@ def read_safetensors(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
                       + (f" (unsupported dtype {info.get('dtype')!r})"
                          if isinstance(e, KeyError) and isinstance(info, dict)
                          and "dtype" in info else "")) from None
-        size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-        if min(shape, default=0) < 0 or not 0 <= begin <= end <= len(buf) \
-                or end - begin != size:
+        # Python integers: a hostile shape cannot overflow the size computation.
+        nbytes = math.prod(shape) * dtype.itemsize
+        if min(shape, default=0) < 0 or not 0 <= begin <= end <= data_len \
+                or end - begin != nbytes:
             raise bad(f"tensor {name!r}: offsets {[begin, end]} do not hold {info['dtype']} "
-                      f"{list(shape)} ({size} bytes) within the {len(buf)}-byte data")
-        tensors[name] = np.frombuffer(buf[begin:end], dtype).reshape(shape).copy()
+                      f"{list(shape)} ({nbytes} bytes) within the {data_len}-byte data")
+        entries[name] = (info["dtype"], shape, (begin, end))
         spans.append((begin, end, name))
-    # The format requires the tensors to tile the data exactly: no overlap, no gaps.
     spans.sort()
     pos = 0
     for begin, end, name in spans:
@@ -317,27 +343,75 @@ def read_safetensors(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
             raise bad(f"tensor {name!r} starts at byte {begin}, expected {pos} (overlapping "
                       "or non-contiguous data)")
         pos = end
-    if pos != len(buf):
-        raise bad(f"{len(buf) - pos} trailing bytes after the last tensor")
-    return tensors, dict(meta)
+    if pos != data_len:
+        raise bad(f"{data_len - pos} trailing bytes after the last tensor")
+    return SafetensorsHeader(entries, dict(meta), 8 + n)
+
+
+def safetensors_tensors(header: SafetensorsHeader) -> dict[str, config_check.Tensor]:
+    """What a safetensors header says about its tensors, for `config_check`."""
+    return {k: config_check.tensor(k, shape, code)
+            for k, (code, shape, _) in header.entries.items()}
+
+
+def read_safetensors(path: str, header: Optional[SafetensorsHeader] = None
+                     ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """(tensors as numpy, metadata) of a .safetensors file, read with numpy alone
+    (the `safetensors` package stays an export-only extra).
+
+    The header is validated first (`read_safetensors_header`; pass `header` when it
+    was already read). Every tensor is a fresh, writable array of its shape (0-d for
+    shape []). CheckpointError (a ValueError; one line naming the file) for anything
+    not a valid file.
+    """
+    header = header or read_safetensors_header(path)
+    try:
+        with open(path, "rb") as f:
+            f.seek(header.data_start)
+            data = f.read()
+    except OSError as e:
+        raise CheckpointError(f"could not read {path} as safetensors: "
+                              f"{e.strerror or e}", path=path) from e
+    if len(data) != max((end for _, _, (_, end) in header.entries.values()), default=0):
+        raise CheckpointError(f"could not read {path} as safetensors: it changed while "
+                              "being read", path=path)
+    buf = memoryview(data)
+    tensors = {name: np.frombuffer(buf[begin:end], SAFETENSORS_DTYPES[code])
+               .reshape(shape).copy()
+               for name, (code, shape, (begin, end)) in header.entries.items()}
+    return tensors, dict(header.metadata)
 
 
 def load_safetensors(path: str, model_cfg: Optional[ml_collections.ConfigDict] = None
                      ) -> tuple[ml_collections.ConfigDict, dict]:
     """A .safetensors file (official names) -> (model_cfg, variables). The config
-    comes from the metadata (`model_cfg=` overrides it)."""
-    sd, meta = read_safetensors(path)
+    comes from the metadata (`model_cfg=` overrides it). The config is checked
+    against the tensors the header describes (`config_check`) before any tensor is
+    read or any model built: CheckpointError naming the file and the fields."""
+    header = read_safetensors_header(path)
+    meta = header.metadata
+    what = "the given model config"
     if model_cfg is None:
-        if META_CONFIG in meta:
-            model_cfg = model_dir.config_from_json(meta[META_CONFIG])
-        elif META_ARGS in meta:
-            model_cfg = config_from_official_args(json.loads(meta[META_ARGS]),
-                                                  detect_conv_kind(sd))
-        else:
+        if META_CONFIG not in meta and META_ARGS not in meta:
             raise ValueError(f"{path}: no model config in the safetensors metadata (keys "
                              f"{sorted(meta)}): pass one, e.g. load(path, model_config("
-                             f"'edsr-baseline', conv='{detect_conv_kind(sd)}'))")
-    return model_cfg, state_dict_to_variables(sd, model_cfg)
+                             f"'edsr-baseline', conv='{detect_conv_kind(header.entries)}'))")
+        try:
+            if META_CONFIG in meta:
+                what = f"the model config in its metadata ({META_CONFIG})"
+                model_cfg = model_dir.config_from_json(meta[META_CONFIG])
+            else:
+                what = f"the official model args in its metadata ({META_ARGS})"
+                model_cfg = config_from_official_args(json.loads(meta[META_ARGS]),
+                                                      detect_conv_kind(header.entries))
+            validate_model_config(model_cfg)
+        except (ValueError, TypeError, AttributeError, KeyError) as e:
+            raise CheckpointError(f"{path}: {what}: {one_line(str(e))}", path=path) from None
+    else:
+        validate_model_config(model_cfg)
+    config_check.check(model_cfg, safetensors_tensors(header), path, what)
+    sd, _ = read_safetensors(path, header)
+    return model_cfg, _to_variables(sd, model_cfg, path)
 
 
 def resolve(path: str) -> str:
@@ -373,7 +447,12 @@ def load(path: str, model_cfg: Optional[ml_collections.ConfigDict] = None
         if model_dir.is_model_dir(path):
             return model_dir.load_model(path)
         if is_training_workdir(path):  # its best (else latest) checkpoint
-            return load_workdir_model(path)
+            cfg, variables = load_workdir_model(path)
+            # The restore reads what the checkpoint holds; before anything is built for
+            # the config, its sizes must be those of the restored variables.
+            config_check.check(cfg, config_check.official_names(variables), path,
+                               f"its {model_dir.CONFIG_FILE}")
+            return cfg, variables
         raise FileNotFoundError(f"{path} is a directory but neither a model folder "
                                 f"({SAFETENSORS_FILE}) nor a msit-jax model checkpoint nor a "
                                 "training workdir")

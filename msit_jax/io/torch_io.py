@@ -30,7 +30,8 @@ class StateDictError(CheckpointError):
     """A state_dict does not match the model config; the message names the keys."""
 
 
-def _flax_to_torch_key(collection: str, path: tuple[str, ...]) -> str:
+def flax_to_torch_key(collection: str, path: tuple[str, ...]) -> str:
+    """The official state_dict key of the Flax variable `collection`/`path`."""
     *mods, leaf = path
     if mods[:2] == ["decoder", "query"]:
         rest = mods[2:]
@@ -60,7 +61,8 @@ def _flax_to_torch_key(collection: str, path: tuple[str, ...]) -> str:
     return ".".join(segs + [name])
 
 
-def _kind(collection: str, leaf: str, ndim: int) -> str:
+def variable_kind(collection: str, leaf: str, ndim: int) -> str:
+    """How a variable's layout differs from the official tensor's (see `to_torch_array`)."""
     if leaf == "kernel":
         return "conv" if ndim == 4 else "linear"
     if leaf == "convmap":
@@ -68,6 +70,23 @@ def _kind(collection: str, leaf: str, ndim: int) -> str:
     if leaf == "scale" and collection == "params" and ndim == 2:
         return "rim_scale"
     return "same"
+
+
+def torch_shape(kind: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The official tensor's shape for a variable of this kind and shape (no array made)."""
+    shape = tuple(shape)
+    if kind == "conv":  # HWIO -> OIHW
+        kh, kw, i, o = shape
+        return (o, i, kh, kw)
+    if kind == "linear":
+        return shape[::-1]
+    if kind == "convmap":
+        kh, kw, i, o = shape
+        return (o * i, 1, kh, kw)
+    if kind == "rim_scale":
+        i, o = shape
+        return (o * i, 1, 1, 1)
+    return shape
 
 
 def to_torch_array(kind: str, x: np.ndarray) -> np.ndarray:
@@ -112,11 +131,10 @@ def layout(model_cfg: ml_collections.ConfigDict) -> list[dict]:
     entries = []
     for (collection, *path), shape in _leaves(variable_shapes(model_cfg)):
         path = tuple(path)
-        kind = _kind(collection, path[-1], len(shape))
-        torch_shape = to_torch_array(kind, np.empty(shape, np.float32)).shape
-        entries.append(dict(torch_key=_flax_to_torch_key(collection, path), collection=collection,
+        kind = variable_kind(collection, path[-1], len(shape))
+        entries.append(dict(torch_key=flax_to_torch_key(collection, path), collection=collection,
                             path=path, kind=kind, shape=tuple(shape),
-                            torch_shape=tuple(torch_shape)))
+                            torch_shape=torch_shape(kind, shape)))
     return entries
 
 
