@@ -25,6 +25,12 @@ directory (an existing non-empty one is refused):
 (RIM and BatchNorm merged into plain convs, same outputs); --nofold (default
 for pth and safetensors) keeps the trained layout. The official .pth layout
 always has BatchNorm, so a folded model cannot be written as pth.
+
+OUT appears complete or not at all: the files are written in a partial folder
+beside it (`.OUT.partial-HOST-PID-XXXX`) that is renamed to OUT at the end, so a
+killed export (SIGKILL, power loss) leaves no OUT, only that hidden folder, which
+the runners refuse (a missing or truncated file) and the next export to the same
+OUT removes (when the process that wrote it is dead).
 """
 
 from __future__ import annotations
@@ -33,7 +39,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 from typing import Any, Optional, Sequence
 
 import jax
@@ -46,6 +51,7 @@ from jax import export as jax_export
 from msit_jax import console, errors, exported, flags_util, onnx_graph
 from msit_jax.geometry import QueryGeometry
 from msit_jax.io import model_dir, pretrained
+from msit_jax.io.convert import commit_partial, partial_dir
 from msit_jax.io.torch_io import variables_to_state_dict
 from msit_jax.models import reparam
 from msit_jax.models.model import MSIT, build_model
@@ -312,10 +318,9 @@ def export_variables(model_cfg: ml_collections.ConfigDict, variables: Any, out: 
                           "the convs, same outputs): drop --nofold")
     if fold:
         model_cfg, variables = reparam.fold(model_cfg, variables)
-    parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
-    # Written next to OUT, then renamed: a failed export leaves no partial OUT.
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.", dir=parent)
+    # Written in a partial folder beside OUT, then renamed: a failed or killed export
+    # leaves no OUT (the next export to OUT removes a dead run's partial folder).
+    tmp = partial_dir(out)
     try:
         if fmt == "pth":
             files = write_pth(tmp, model_cfg, variables)
@@ -326,9 +331,7 @@ def export_variables(model_cfg: ml_collections.ConfigDict, variables: Any, out: 
         else:
             files = write_onnx(tmp, model_cfg, variables, chunk=chunk, opset=opset,
                                decoder=decoder)
-        if os.path.isdir(out):  # an empty directory (checked above)
-            os.rmdir(out)
-        os.rename(tmp, out)
+        commit_partial(tmp, out)  # OUT is absent or an empty directory (checked above)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -42,7 +42,8 @@ from typing import Any, Optional
 
 import numpy as np
 
-from msit_jax.serving import ImageUpscaler, Progress, check_image
+from msit_jax.errors import InputError, one_line
+from msit_jax.serving import ArtifactError, ImageUpscaler, Progress, artifact_error, check_image  # noqa: F401,E501 - ArtifactError: re-exported for callers
 
 OPSET = 17
 DEFAULT_CHUNK = 4096
@@ -606,11 +607,48 @@ def build_graph(model_cfg, variables: Any, chunk: int = DEFAULT_CHUNK, opset: in
 
 # --- running it ------------------------------------------------------------------------
 
+ONNX_FILE = "model.onnx"
+# The graph interface (module docstring): name, element type, shape (None: dynamic).
+GRAPH_INPUTS = (("lr", "tensor(float)", (1, 3, None, None)), ("out_size", "tensor(int64)", (2,)))
+GRAPH_OUTPUTS = (("sr", "tensor(float)", (1, 3, None, None)),)
+
+
+def _interface(args) -> tuple:
+    return tuple((a.name, a.type, tuple(d if isinstance(d, int) else None for d in a.shape))
+                 for a in args)
+
+
+def check_session(path: str, session: Any) -> dict[str, str]:
+    """The graph has this module's interface (GRAPH_INPUTS, GRAPH_OUTPUTS) and its
+    metadata (clamp, chunk, radius) is well formed; returns the metadata. ArtifactError
+    names the file and the input, output or field at fault."""
+    got_in, got_out = _interface(session.get_inputs()), _interface(session.get_outputs())
+    if got_in != GRAPH_INPUTS or got_out != GRAPH_OUTPUTS:
+        fmt = lambda sig: ", ".join(f"{n} {t} {['?' if d is None else d for d in s]}"
+                                    for n, t, s in sig)
+        raise artifact_error(path, f"is not an MSIT graph: inputs {fmt(got_in)} -> outputs "
+                             f"{fmt(got_out)}; expected {fmt(GRAPH_INPUTS)} -> "
+                             f"{fmt(GRAPH_OUTPUTS)}")
+    props = dict(session.get_modelmeta().custom_metadata_map)
+    if props.get("clamp", "true") not in ("true", "false"):
+        raise artifact_error(path, f"metadata field 'clamp' is {props['clamp']!r}, expected "
+                             "'true' or 'false'")
+    for name, low in (("chunk", 1), ("radius", 0)):
+        v = props.get(name)
+        if v is not None and not (v.isdigit() and len(v) <= 12 and int(v) >= low):
+            raise artifact_error(path, f"metadata field {name!r} is {one_line(repr(v), 80)}, "
+                                 f"expected an integer >= {low}")
+    return props
+
+
 class OnnxUpscaler(ImageUpscaler):
     """Runs an exported graph with onnxruntime: `up(image, scale=... | size=...)`.
 
     providers: onnxruntime execution providers (default: CPU). The graph decodes
     every chunk in one call, so there is no per-chunk progress (progress is ignored).
+    A missing, empty, truncated or undecodable file, or a graph without this module's
+    interface (`check_session`), is an ArtifactError (a CheckpointError, exit code 5)
+    naming the file.
     """
 
     def __init__(self, path: str, providers: Optional[list] = None,
@@ -624,9 +662,17 @@ class OnnxUpscaler(ImageUpscaler):
         opts.log_severity_level = 3  # errors only: the optimiser warns about names it leaves
         if threads:
             opts.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(path, opts,
-                                            providers=providers or ["CPUExecutionProvider"])
-        props = self.session.get_modelmeta().custom_metadata_map
+        if not os.path.isfile(path):
+            raise artifact_error(path, "missing: the ONNX export is incomplete")
+        if os.path.getsize(path) == 0:
+            raise artifact_error(path, "is empty (an interrupted export?)")
+        try:
+            self.session = ort.InferenceSession(path, opts,
+                                                providers=providers or ["CPUExecutionProvider"])
+        except Exception as e:  # noqa: BLE001 - InvalidProtobuf, Fail, ...: a bad file
+            raise artifact_error(path, "cannot be loaded by onnxruntime (truncated or corrupt: "
+                                 "re-export it)", e) from e
+        props = check_session(path, self.session)
         self.clamped = props.get("clamp", "true") == "true"
 
     def upscale_array(self, lr: np.ndarray, out_hw: tuple[int, int], *, clamp: bool = True,
@@ -644,9 +690,13 @@ class OnnxUpscaler(ImageUpscaler):
 
 def load(path: str, providers: Optional[list] = None, threads: Optional[int] = None
          ) -> OnnxUpscaler:
-    """An `OnnxUpscaler` for an exported `model.onnx` (or the export folder holding it)."""
+    """An `OnnxUpscaler` for an exported `model.onnx` (or the export folder holding it).
+
+    InputError when nothing is at `path`; ArtifactError (a CheckpointError) when the
+    folder has no model.onnx or the file is bad (see OnnxUpscaler)."""
+    path = os.fspath(path)
     if os.path.isdir(path):
-        path = os.path.join(path, "model.onnx")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no ONNX model at {path}")
+        path = os.path.join(path, ONNX_FILE)
+    elif not os.path.exists(path):
+        raise InputError(f"{path}: no ONNX model there")
     return OnnxUpscaler(path, providers, threads)

@@ -24,9 +24,23 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from msit_jax.errors import CheckpointError, one_line
 from msit_jax.images import pil_to_rgb_uint8, to_uint8
 
 f32 = np.float32
+
+
+class ArtifactError(CheckpointError):
+    """An export artifact (a StableHLO folder's export.json or program, an ONNX graph) is
+    missing, truncated, corrupt or inconsistent with itself; the message names the file
+    and the field. A CheckpointError: exit code 5 in the command lines."""
+
+
+def artifact_error(path: str, what: str, cause: BaseException | None = None) -> ArtifactError:
+    """`path: what` (with the cause's one-line reason, at most 300 characters)."""
+    reason = f" ({type(cause).__name__}: {one_line(str(cause), 300)})" if cause is not None \
+        else ""
+    return ArtifactError(f"{path}: {what}{reason}", path=path)
 
 # progress: False / None (off), True (a tqdm bar) or a callable (done, total)
 # called after each decoded chunk.
