@@ -30,18 +30,20 @@ class Upscaler(ImageUpscaler):
 
     image: a PIL image, or an (H, W, 3) uint8 / float [0, 1] array; the result
     has the same type (see `msit_jax.serving`). chunk, method, runtime: see
-    `msit_jax.inference.Upscaler`.
+    `msit_jax.inference.Upscaler`. self_ensemble: the mean over the 8
+    flips/transposes of the input (EDSR's "+"; `msit_jax.ensemble`), 8x the work.
     """
 
     def __init__(self, model_cfg: ml_collections.ConfigDict, variables: Any, *,
                  chunk: Optional[int] = None, method: str = "auto",
-                 runtime: Optional[RuntimeOptions] = None):
-        self.engine = inference.Upscaler(model_cfg, variables, chunk, method, runtime)
+                 runtime: Optional[RuntimeOptions] = None, self_ensemble: bool = False):
+        self.engine = inference.Upscaler(model_cfg, variables, chunk, method, runtime,
+                                         self_ensemble=self_ensemble)
 
     @classmethod
     def from_pretrained(cls, path: str, *, fold: bool = True, chunk: Optional[int] = None,
-                        method: str = "auto", runtime: Optional[RuntimeOptions] = None
-                        ) -> "Upscaler":
+                        method: str = "auto", runtime: Optional[RuntimeOptions] = None,
+                        self_ensemble: bool = False) -> "Upscaler":
         """Load weights from `path` and fold them (fold=False keeps the RIM /
         BatchNorm layout, same outputs, slower).
 
@@ -52,7 +54,8 @@ class Upscaler(ImageUpscaler):
         model_cfg, variables = pretrained.load(path)
         if fold:
             model_cfg, variables = reparam.fold(model_cfg, variables)
-        return cls(model_cfg, variables, chunk=chunk, method=method, runtime=runtime)
+        return cls(model_cfg, variables, chunk=chunk, method=method, runtime=runtime,
+                   self_ensemble=self_ensemble)
 
     @property
     def model_cfg(self) -> ml_collections.ConfigDict:

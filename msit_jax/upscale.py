@@ -66,6 +66,8 @@ ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 OUTPUT_BYTES_PER_PIXEL = 64
 INPUT_BYTES_PER_PIXEL = 40
 DECODER_BYTES_PER_QUERY_FEATURE = 12
+# Self-ensemble: the float32 running sum of the 8 passes, beside each pass's output.
+ENSEMBLE_BYTES_PER_PIXEL = 12
 
 
 def parse_scale(text: str) -> tuple[float, float]:
@@ -194,14 +196,15 @@ def save_output(path: str, rgb: np.ndarray, alpha: Optional[np.ndarray]) -> None
 
 
 def memory_estimate(model_cfg, in_hw: tuple[int, int], out_hw: tuple[int, int], chunk: int,
-                    tile: int) -> dict[str, float]:
+                    tile: int, self_ensemble: bool = False) -> dict[str, float]:
     """Estimated peak bytes of one image: {'output', 'input', 'decoder', 'encoder'}
     (the encoder estimate is `tiling.auto_tile`'s: 64 bytes x dim per window pixel)."""
 
     n = (2 * model_cfg.radius + 1) ** 2
     enc_hw = in_hw if tile <= 0 else tuple(min(s, tile + 2 * tiling.halo(model_cfg))
                                             for s in in_hw)
-    return {"output": float(out_hw[0]) * out_hw[1] * OUTPUT_BYTES_PER_PIXEL,
+    out_px = OUTPUT_BYTES_PER_PIXEL + (ENSEMBLE_BYTES_PER_PIXEL if self_ensemble else 0)
+    return {"output": float(out_hw[0]) * out_hw[1] * out_px,
             "input": float(in_hw[0]) * in_hw[1] * INPUT_BYTES_PER_PIXEL,
             "decoder": float(chunk) * n * model_cfg.dim * DECODER_BYTES_PER_QUERY_FEATURE,
             "encoder": float(enc_hw[0]) * enc_hw[1] * 64.0 * model_cfg.dim}
@@ -238,7 +241,7 @@ class StagedUpscaler(tiling.TiledUpscaler):
 
 def build_upscaler(checkpoint: str, fold: bool, chunk: Optional[int], tile: int,
                    method: str = "auto", runtime: Optional[RuntimeOptions] = None, *,
-                   quiet: bool = True) -> StagedUpscaler:
+                   quiet: bool = True, self_ensemble: bool = False) -> StagedUpscaler:
     """Load weights (anything `pretrained.load` reads, bundled names included) -> an
     Upscaler (tiled if tile > 0).
 
@@ -251,7 +254,7 @@ def build_upscaler(checkpoint: str, fold: bool, chunk: Optional[int], tile: int,
         with console.stage("fold", quiet=quiet):
             model_cfg, variables = reparam.fold(model_cfg, variables)
     return StagedUpscaler(model_cfg, variables, chunk=chunk, tile=tile, method=method,
-                          runtime=runtime, quiet=quiet)
+                          runtime=runtime, quiet=quiet, self_ensemble=self_ensemble)
 
 
 class _DecodeBar:
@@ -304,6 +307,9 @@ def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_float("max_memory_gb", 4.0, "Memory budget per image: outputs, --chunk and "
                        "--tile are checked against it before any work, and --tile auto "
                        "tiles the encoder to fit it.", flag_values=fv)
+    flags.DEFINE_bool("self_ensemble", False, "Geometric self-ensemble (EDSR+): the mean of "
+                      "the outputs for the 8 flips/transposes of the input, usually a little "
+                      "sharper. 8x the work and time.", flag_values=fv)
     flags.DEFINE_enum("alpha", "keep", ["keep", "drop"], "Alpha channel: upscale "
                       "bicubically and keep, or drop.", flag_values=fv)
     flags.DEFINE_bool("progress", True, "Progress bar over the decoder chunks (--noprogress: "
@@ -370,7 +376,7 @@ def _upscale(f: flags.FlagValues, positionals: Sequence[str]) -> int:
     try:
         up = build_upscaler(f.checkpoint, f.fold, f.chunk,
                             0 if f.tile == "auto" else int(f.tile), f.decoder, runtime,
-                            quiet=quiet)
+                            quiet=quiet, self_ensemble=f.self_ensemble)
     except Exception as e:  # noqa: BLE001 - one line naming the checkpoint
         return errors.report(e, f.verbose)
     budget = f.max_memory_gb * 2 ** 30
@@ -394,7 +400,8 @@ def _upscale(f: flags.FlagValues, positionals: Sequence[str]) -> int:
             # Each part against the budget: the image buffers (set by --scale/--size),
             # the encoder (set by --tile; 'auto' tiles it to fit), the decoder (--chunk,
             # checked once above).
-            est = memory_estimate(up.model_cfg, in_hw, hw, up.chunk, up.tile)
+            est = memory_estimate(up.model_cfg, in_hw, hw, up.chunk, up.tile,
+                                  up.self_ensemble)
             buffers = est["output"] + est["input"]
             if buffers > budget:
                 what = (f"--scale {f.scale}" if scale is not None
@@ -452,11 +459,17 @@ def _decode(up: StagedUpscaler, lr: np.ndarray, hw: tuple[int, int], tag: str, q
     tiled) as a bar over chunks (progress) or one timed line."""
     tiled = 0 < up.tile < max(lr.shape[:2])  # as TiledUpscaler decides
     label = f"{tag}{'encode+decode (tiled)' if tiled else 'decode'}"
+    if up.self_ensemble:
+        label += " x8 (self-ensemble)"
     bar = _DecodeBar(label) if progress and not quiet else None
     with contextlib.ExitStack() as stages:
+        started = []
+
         def decode_stage() -> None:
             # A stage line and a bar would share one terminal line: one or the other.
-            if bar is None:
+            # Once: a self-ensemble encodes 8 times, and its 8 decodes are one stage.
+            if bar is None and not started:
+                started.append(True)
                 stages.enter_context(console.stage(label, quiet=quiet))
 
         up.label, up.on_encoded = tag, decode_stage

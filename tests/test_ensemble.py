@@ -128,3 +128,60 @@ def test_tiled_self_ensemble(folded):
     clamped = TiledUpscaler(cfg, variables, chunk=128, tile=8, self_ensemble=True)(lr, out_hw)
     np.testing.assert_array_equal(clamped, np.clip(plus, 0, 1))
 
+
+
+@pytest.fixture(scope="module")
+def model_folder(tmp_path_factory):
+    from msit_jax.io import model_dir
+
+    cfg = tiny_model_config()
+    variables = random_variables(cfg, 4)
+    path = str(tmp_path_factory.mktemp("ens") / "tiny")
+    model_dir.save_model(path, cfg, variables)
+    return path, cfg, variables
+
+
+def test_upscale_and_evaluate_commands_take_self_ensemble(tmp_path, model_folder, capsys):
+    from PIL import Image
+
+    from msit_jax import images, upscale
+    from msit_jax.eval import cli as evaluate_cli
+
+    path, cfg, variables = model_folder
+    rgb = (_lr(5, (12, 9)) * 255).astype(np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "in.png")
+    rc = upscale.main([str(tmp_path / "in.png"), "--checkpoint", path, "--scale", "2.5,3",
+                       "--self_ensemble", "--noprogress", "--output", str(tmp_path / "o.png")])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert err.count("decode x8 (self-ensemble)") == 1  # one stage for the 8 passes
+    fcfg, fvars = reparam.fold(cfg, variables)
+    want = Upscaler(fcfg, fvars, self_ensemble=True)(images.to_float(rgb), (30, 27))
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "o.png")),
+                                  images.to_uint8(want))
+
+    data = tmp_path / "Mini"
+    data.mkdir()
+    Image.fromarray((_lr(6, (24, 20)) * 255).astype(np.uint8)).save(data / "a.png")
+    rc = evaluate_cli.main(["--checkpoint", path, "--data", str(data), "--scales", "2",
+                            "--self_ensemble", "--noprogress"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert [ln.split(" | ")[0] for ln in out.splitlines() if ln.startswith("| MSIT")] == \
+        ["| MSIT+"], out
+    assert evaluate_cli.main(["--model", "bicubic", "--data", str(data), "--scales", "2",
+                              "--self_ensemble"]) == 2
+    assert "--self_ensemble needs an MSIT model" in capsys.readouterr().err
+
+
+def test_the_public_upscaler_takes_self_ensemble(model_folder):
+    from msit_jax import Upscaler as PublicUpscaler
+
+    path, cfg, variables = model_folder
+    lr = (_lr(7, (10, 6)) * 255).astype(np.uint8)
+    plus = PublicUpscaler.from_pretrained(path, self_ensemble=True)(lr, size=(23, 13))
+    fcfg, fvars = reparam.fold(cfg, variables)
+    want = Upscaler(fcfg, fvars, self_ensemble=True)(lr / np.float32(255), (23, 13))
+    from msit_jax import images
+
+    np.testing.assert_array_equal(plus, images.to_uint8(want))

@@ -90,15 +90,18 @@ class MSITPredictor(Predictor):
     (evaluation reports the image and goes on); False passes them through, so a
     training validation of a diverging model logs a NaN PSNR instead of stopping.
     `compiled_sizes` records the (LR, HR) sizes already called: the first call of
-    each size includes JIT compilation.
+    each size includes JIT compilation. self_ensemble: the mean over the 8
+    flips/transposes (`msit_jax.ensemble`), 8x the work; the name gets a "+".
     """
 
     def __init__(self, model_cfg: ml_collections.ConfigDict, variables: Any,
                  chunk: Optional[int] = None, name: str = "MSIT", method: str = "auto",
-                 runtime: Optional[Any] = None, check_finite: bool = True):
+                 runtime: Optional[Any] = None, check_finite: bool = True,
+                 self_ensemble: bool = False):
 
-        self.up = Upscaler(model_cfg, variables, chunk=chunk, method=method, runtime=runtime)
-        self.name = name
+        self.up = Upscaler(model_cfg, variables, chunk=chunk, method=method, runtime=runtime,
+                           self_ensemble=self_ensemble)
+        self.name = name + ("+" if self_ensemble else "")  # EDSR's convention: "EDSR+"
         self.check_finite = check_finite
         self.compiled_sizes: set[tuple[tuple[int, int], tuple[int, int]]] = set()
 
@@ -122,7 +125,8 @@ class MSITPredictor(Predictor):
 
 def load_msit(checkpoint: str, *, fold: bool = True, chunk: Optional[int] = None,
               method: str = "auto", dtype: str = "float32", precision: str = "highest",
-              fft_min_kernel: int = -1, quiet: bool = True) -> MSITPredictor:
+              fft_min_kernel: int = -1, quiet: bool = True,
+              self_ensemble: bool = False) -> MSITPredictor:
     """An MSITPredictor from a msit-jax checkpoint dir or an official .pth; the load and
     the fold are timed on stderr unless `quiet` (`msit_jax.console.stage`)."""
 
@@ -132,7 +136,8 @@ def load_msit(checkpoint: str, *, fold: bool = True, chunk: Optional[int] = None
     if fold:
         with console.stage("fold RIMs and BatchNorms", quiet=quiet):
             model_cfg, variables = reparam.fold(model_cfg, variables)
-    return MSITPredictor(model_cfg, variables, chunk, method=method, runtime=runtime)
+    return MSITPredictor(model_cfg, variables, chunk, method=method, runtime=runtime,
+                         self_ensemble=self_ensemble)
 
 
 def make_predictor(cfg: ml_collections.ConfigDict, *, quiet: bool = True) -> Predictor:
@@ -148,4 +153,5 @@ def make_predictor(cfg: ml_collections.ConfigDict, *, quiet: bool = True) -> Pre
                          "official .pth); or use --model bicubic")
     return load_msit(cfg.checkpoint, fold=cfg.fold, chunk=cfg.chunk or None, method=cfg.method,
                      dtype=cfg.dtype, precision=cfg.precision,
-                     fft_min_kernel=cfg.fft_min_kernel, quiet=quiet)
+                     fft_min_kernel=cfg.fft_min_kernel, quiet=quiet,
+                     self_ensemble=cfg.get("self_ensemble", False))

@@ -261,6 +261,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.precision = "highest"    # matmul/conv precision: 'highest' | 'high' | 'default'
     c.fft_min_kernel = -1      # FFT threshold of the multi-scale convs (-1: per platform)
     c.with_bicubic = False     # also score the bicubic baseline (always with plot)
+    c.self_ensemble = False    # mean over the 8 flips/transposes ("MSIT+"), 8x the work
     c.json = ""
     c.save_images = ""
     c.plot = ""
