@@ -1,11 +1,20 @@
 """Image I/O and the reference degradation (Pillow bicubic on uint8).
 
 Images here are numpy (H, W, 3) uint8 RGB unless a function says float.
+
+Inputs: anything Pillow decodes. 16-bit integer images (PNG, TIFF) are scaled by
+65535; 32-bit float images (mode 'F', e.g. a float TIFF) are taken as intensities
+in [0, 1]: NaN or infinite values are refused (ImageError naming the file) and
+values outside [0, 1] are clipped with a one-line warning (logger
+`msit_jax.images`). `read_image_float` / `pil_to_rgb_float` keep the file's
+precision; `read_image` / `pil_to_rgb_uint8` round to 8 bits.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -13,6 +22,26 @@ from PIL import Image, UnidentifiedImageError
 from msit_jax.errors import EXIT_RESOURCE, InputError, ResourceError, one_line
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+
+
+class _StderrLine(logging.Handler):
+    """Writes a record's message alone, as one line on the current sys.stderr (so the
+    command lines show `warning: ...`, not a logging-framework prefix)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            print(one_line(record.getMessage()), file=sys.stderr, flush=True)
+        except Exception:  # noqa: BLE001 - logging must not raise
+            self.handleError(record)
+
+
+# Warnings about the data read (float values clipped): one line on stderr. An
+# application that routes logging itself can remove the handler and set propagate.
+log = logging.getLogger(__name__)
+if not log.handlers:
+    log.addHandler(_StderrLine())
+    log.propagate = False
 
 
 class ImageError(InputError):
@@ -31,26 +60,87 @@ def bomb_error(path: str, e: Exception) -> ImageTooLargeError:
                               "PIL.Image.MAX_IMAGE_PIXELS)")
 
 
+INT16_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
+
+
+def _int_top(img: Image.Image, a: np.ndarray) -> float:
+    """The full-scale value of an integer image: 65535 for 16-bit modes, and for 32-bit
+    'I' images 65535 when a value is over 255 (16-bit data stored as 'I'), else 255."""
+    return 65535.0 if img.mode in INT16_MODES or (a.size and a.max() > 255) else 255.0
+
+
+def float_image(a: np.ndarray, name: str = "image") -> np.ndarray:
+    """A float image (H, W) or (H, W, C) as float32 in [0, 1], checked.
+
+    NaN or infinite values are refused (ImageError naming `name`, with the count and
+    the first pixel); values outside [0, 1] are clipped to it, with one warning line
+    (logger `msit_jax.images`) giving the range found and the count clipped. There
+    is no rescaling by the data's own range: the same file always means the same
+    intensities, and a series of images keeps its relative brightness. Data in other
+    units (counts, physical values) should be scaled to [0, 1] before upscaling.
+    """
+    a = np.asarray(a, np.float32)
+    finite = np.isfinite(a)
+    if not finite.all():
+        bad = np.argwhere(~finite)
+        raise ImageError(f"{name}: {bad.shape[0]} of {a.size} values are NaN or infinite "
+                         f"(first at row {bad[0][0]}, column {bad[0][1]}); a float image "
+                         "must be finite")
+    lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+    if lo < 0.0 or hi > 1.0:
+        n = int(np.count_nonzero((a < 0) | (a > 1)))
+        log.warning(f"warning: {name}: float values span [{lo:.6g}, {hi:.6g}]; {n} of {a.size} "
+                    "outside [0, 1] are clipped (scale the image to [0, 1] to keep them)")
+        a = np.clip(a, 0.0, 1.0)
+    return a
+
+
+def pil_to_rgb_float(img: Image.Image, name: str = "image") -> np.ndarray:
+    """Any Pillow image -> (H, W, 3) float32 RGB in [0, 1], at the file's precision.
+
+    8-bit modes: / 255 (grayscale replicated, alpha dropped, as `pil_to_rgb_uint8`).
+    16-bit integers ('I;16', e.g. 16-bit PNG and TIFF): / 65535; 32-bit integers
+    ('I'): / 65535 when a value exceeds 255, else / 255 (clipped to [0, 1]).
+    32-bit float ('F', e.g. float TIFF): as is, checked by `float_image` (NaN/inf
+    refused, values outside [0, 1] clipped with a warning). Pillow reads float
+    TIFFs with one channel only; it reads 16-bit RGB TIFFs as 8-bit 'RGB'.
+    """
+    if img.mode in INT16_MODES or img.mode == "I":
+        a = np.asarray(img, dtype=np.float64)
+        a = np.clip(a / _int_top(img, a), 0.0, 1.0).astype(np.float32)
+        return np.repeat(a[..., None], 3, axis=-1)
+    if img.mode == "F":
+        return np.repeat(float_image(np.asarray(img), name)[..., None], 3, axis=-1)
+    return np.asarray(img.convert("RGB"), dtype=np.float32) / np.float32(255)
+
+
 def pil_to_rgb_uint8(img: Image.Image, name: str = "image") -> np.ndarray:
     """Any Pillow image -> (H, W, 3) uint8 RGB.
 
     Grayscale is replicated to 3 channels; alpha is dropped (as the reference's
     `convert('RGB')`); 16-bit and 32-bit integer images are scaled to 8 bits
-    (Pillow's own convert would clip them).
+    (Pillow's own convert would clip them); 32-bit float images ('F') are read by
+    `pil_to_rgb_float` (NaN/inf refused, outside [0, 1] clipped with a warning) and
+    rounded to 8 bits (`to_uint8`).
     """
-    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+    if img.mode in INT16_MODES or img.mode == "I":
         a = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0
+        top = _int_top(img, a)
         a = np.clip(np.round(a * (255.0 / top)), 0, 255).astype(np.uint8)
         return np.repeat(a[..., None], 3, axis=-1)
     if img.mode == "F":
-        raise ImageError(f"{name}: floating-point images (mode F) are not supported")
+        return to_uint8(pil_to_rgb_float(img, name))
     return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
 
 
 def unreadable_error(path: str, e: BaseException) -> ImageError:
     """The one-line error for a file Pillow cannot identify or decode."""
-    return ImageError(f"{path}: not a readable image ({one_line(str(e))})")
+    hint = ""
+    if path.lower().endswith((".tif", ".tiff")) and isinstance(e, UnidentifiedImageError):
+        hint = ("; if it is a float image: Pillow reads 32-bit float TIFFs with one "
+                "channel only (not float RGB, not 16- or 64-bit floats): save each channel "
+                "as a 32-bit float TIFF, or the image as 16-bit integers")
+    return ImageError(f"{path}: not a readable image ({one_line(str(e))}){hint}")
 
 
 def open_image(path: str, *, max_pixels: int | None = None) -> Image.Image:
@@ -79,6 +169,18 @@ def open_image(path: str, *, max_pixels: int | None = None) -> Image.Image:
         raise ImageTooLargeError(f"{path}: {h} x {w} = {h * w} pixels is over the limit of "
                                  f"{max_pixels} pixels")
     return img
+
+
+def read_image_float(path: str, *, max_pixels: int | None = None) -> np.ndarray:
+    """Decode an image file to (H, W, 3) float32 RGB in [0, 1] at the file's precision
+    (16-bit and float TIFF/PNG included, see `pil_to_rgb_float`); ImageError names a
+    bad file (see `open_image` for the checks)."""
+    with open_image(path, max_pixels=max_pixels) as img:
+        try:
+            img.load()
+        except (OSError, SyntaxError, ValueError) as e:
+            raise unreadable_error(path, e) from e
+        return pil_to_rgb_float(img, path)
 
 
 def read_image(path: str, *, max_pixels: int | None = None) -> np.ndarray:

@@ -10,7 +10,10 @@ Numpy, Pillow and tqdm only: no JAX model import, so the exported-artifact runne
 
 * `PIL.Image.Image` -> `PIL.Image.Image`: RGB stays RGB, 'L' comes back 'L'
   (the luma of the RGB result), an alpha channel is resized bicubically and
-  kept (RGBA / LA); 16-bit images are reduced to 8 bits.
+  kept (RGBA / LA); 16-bit images are reduced to 8 bits; a 32-bit float 'F'
+  image (float TIFF) is read at full precision (NaN/inf refused, values outside
+  [0, 1] clipped with a warning: `msit_jax.images.float_image`) and comes back
+  'F' (the luma of the RGB result, float32).
 * uint8 (H, W, 3) array -> uint8 array (rounded to nearest).
 * float (H, W, 3) array in [0, 1] -> float array of the same dtype.
 """
@@ -25,7 +28,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from msit_jax.errors import CheckpointError, one_line
-from msit_jax.images import pil_to_rgb_uint8, to_uint8
+from msit_jax.images import pil_to_rgb_float, pil_to_rgb_uint8, to_uint8
 
 f32 = np.float32
 
@@ -123,6 +126,14 @@ def read_input(image: Any) -> tuple[np.ndarray, Callable[[np.ndarray], Any]]:
 
 
 def _read_pil(img: Image.Image) -> tuple[np.ndarray, Callable[[np.ndarray], Any]]:
+    if img.mode == "F":  # 32-bit float grayscale (float TIFF): float in, float 'F' out
+        lr = pil_to_rgb_float(img, "image")
+
+        def restore_float(out: np.ndarray):
+            y = np.asarray(out, np.float64) @ np.array([0.299, 0.587, 0.114])  # as 'L'
+            return Image.fromarray(y.astype(f32))  # float32 -> mode F
+
+        return lr, restore_float
     rgb = pil_to_rgb_uint8(img, "image")
     alpha = None
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
