@@ -18,6 +18,10 @@ code of its class below. The traceback is printed only with `--verbose`.
   7    output: an output exists (pass --overwrite), is an input, or cannot be written
   8    resource: a size, scale or chunk exceeds the memory budget, or an image
        exceeds the decompression-bomb limit
+  9    busy: the training workdir is locked by another run (its PID and host are
+       named); nothing was written (`WorkdirBusy`)
+  10   peer lost: another process of a multi-process run died or stopped answering
+       (jax.distributed); this one stopped without waiting for it (`PeerLost`)
   130, 143   interrupted by SIGINT / SIGTERM (training: after saving a checkpoint)
 """
 
@@ -38,6 +42,8 @@ EXIT_CHECKPOINT = 5
 EXIT_NONFINITE = 6
 EXIT_OUTPUT = 7
 EXIT_RESOURCE = 8
+EXIT_BUSY = 9
+EXIT_PEER = 10
 
 
 class MsitError(Exception):
@@ -95,6 +101,31 @@ class ResourceError(MsitError, ValueError):
     """A requested size exceeds the memory budget or the decompression-bomb limit."""
 
     exit_code = EXIT_RESOURCE
+
+
+class WorkdirBusy(MsitError, OSError):
+    """Another training run holds the workdir's lock (`msit_jax.training.lock`).
+
+    holder: what its lock file records ({'pid', 'host', 'since'}; empty if unreadable).
+    """
+
+    exit_code = EXIT_BUSY
+
+    def __init__(self, message: str, *, path: Optional[str] = None,
+                 holder: Optional[dict] = None):
+        super().__init__(message)
+        self.path, self.holder = path, dict(holder or {})
+
+
+class PeerLost(MsitError, RuntimeError):
+    """Another process of a jax.distributed run died or stopped answering.
+
+    The CLI exits at once after reporting it (`os._exit`): waiting for the dead
+    peer at interpreter exit (jax.distributed's shutdown barrier) could only time
+    out or abort.
+    """
+
+    exit_code = EXIT_PEER
 
 
 class TrainingInterrupted(KeyboardInterrupt):

@@ -28,6 +28,7 @@ saving, retention and resuming (train state and data iterator).
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import logging
@@ -42,6 +43,7 @@ from jax.experimental import multihost_utils
 
 from msit_jax.errors import CheckpointError, one_line
 from msit_jax.io.model_dir import CONFIG_FILE, quiet_orbax, read_model_config, short_error
+from msit_jax.models.model import variable_shapes
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +74,36 @@ def saved_steps(workdir: str) -> list[int]:
         return []
     return sorted(int(n) for n in os.listdir(root)
                   if n.isdigit() and os.path.isdir(os.path.join(root, n)))
+
+
+def set_aside(path: str, why: str) -> str:
+    """Rename an unreadable auxiliary file (metrics.jsonl, config_history.jsonl,
+    config.json, ...) to `<name>.corrupt-<UTC time>` (bytes kept, for inspection) and
+    log one warning naming both; the new path. Training never stops on such a file:
+    what it holds is either rebuilt or not needed to resume (the checkpoints are)."""
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    dst, k = f"{path}.corrupt-{stamp}", 0
+    while os.path.exists(dst):
+        k += 1
+        dst = f"{path}.corrupt-{stamp}.{k}"
+    os.rename(path, dst)
+    log.warning("%s is unreadable (%s): set aside as %s, bytes kept; training goes on",
+                path, why, os.path.basename(dst))
+    return dst
+
+
+def read_text_lines(path: str) -> tuple[list[str], list[int]]:
+    """(the file's lines decoded as UTF-8, 1-based numbers of the lines that are not
+    UTF-8, left out); never raises UnicodeDecodeError."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    lines, bad = [], []
+    for n, b in enumerate(raw.split(b"\n"), 1):
+        try:
+            lines.append(b.decode("utf-8"))
+        except UnicodeDecodeError:
+            bad.append(n)
+    return lines, bad
 
 
 # ---------------------------------------------------------------------------- checksums
@@ -328,7 +360,13 @@ def load_workdir_model(workdir: str, which: str = "best"
     if not is_training_workdir(workdir):
         raise FileNotFoundError(f"{workdir} is not a msit-jax training workdir (expected "
                                 f"{MODEL_CONFIG_FILE} and {CHECKPOINT_DIR}/ inside)")
-    model_cfg = read_model_config(os.path.join(workdir, MODEL_CONFIG_FILE))
+    config_path = os.path.join(workdir, MODEL_CONFIG_FILE)
+    model_cfg = read_model_config(config_path)
+    try:  # shapes only (jax.eval_shape): nothing is allocated from the file
+        want = {k: list(v) for k, v in _flat(variable_shapes(model_cfg)).items()}
+    except Exception as e:  # noqa: BLE001 - a config that validates but cannot be built
+        raise CheckpointError(f"{config_path}: the model cannot be built from it "
+                              f"({short_error(e)})", path=config_path) from None
     ckpt = CheckpointReader(workdir)
     try:
         steps = ckpt.all_steps()
@@ -351,9 +389,20 @@ def load_workdir_model(workdir: str, which: str = "best"
             order = [step]
         failed = []
         for step in order:
+            # A model_config.json that does not describe the checkpoint is the fault of that
+            # file (every step would fail alike): said before restoring, no fallback.
+            mismatch = _shape_mismatch(want, _recorded_shapes(ckpt.step_dir(step)))
+            if mismatch:
+                raise _config_mismatch(workdir, config_path, model_cfg, step, mismatch)
             try:
                 variables = ckpt.restore_variables(step)
+                mismatch = _shape_mismatch(want, {k: list(np.shape(v))
+                                                  for k, v in _flat(variables).items()})
+                if mismatch:  # a step saved without an integrity record
+                    raise _config_mismatch(workdir, config_path, model_cfg, step, mismatch)
             except CheckpointError as e:
+                if e.path == config_path:
+                    raise
                 failed.append(e)
                 if len(order) > 1:
                     log.warning("%s; trying the previous checkpoint", e)
@@ -370,3 +419,80 @@ def load_workdir_model(workdir: str, which: str = "best"
     finally:
         ckpt.close()
     return model_cfg, jax.tree_util.tree_map(np.asarray, variables)
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """{'params/encoder/.../kernel': leaf} of nested mappings (leaf_records' names)."""
+    out: dict[str, Any] = {}
+    for k, v in (tree.items() if hasattr(tree, "items") else ()):
+        if hasattr(v, "items"):
+            out.update(_flat(v, f"{prefix}{k}/"))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _recorded_shapes(step_dir: str) -> Optional[dict[str, list]]:
+    """The model variables' shapes in a step's integrity record (None: no readable record;
+    the restore then checks the files)."""
+    try:
+        with open(os.path.join(step_dir, INTEGRITY_ITEM, "metadata"), "rb") as f:
+            record = json.loads(f.read().decode("utf-8"))
+        leaves = record["leaves"]
+        return {k: list(r["shape"]) for k, r in leaves.items()
+                if k.split("/", 1)[0] in VARIABLE_COLLECTIONS}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def _shape_mismatch(want: dict[str, list], got: Optional[dict[str, list]]) -> Optional[str]:
+    """The differences between the config's variable shapes and the checkpoint's, said
+    briefly (None: they match, or nothing to compare with)."""
+    if got is None:
+        return None
+    shapes = [k for k in sorted(want) if k in got and got[k] != want[k]]
+    missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+    parts = []
+    if shapes:
+        k = shapes[0]
+        parts.append(f"{len(shapes)} shape mismatch(es), first {k}: {tuple(got[k])} in the "
+                     f"checkpoint, {tuple(want[k])} for the file")
+    if missing:
+        parts.append(f"{len(missing)} variable(s) the checkpoint lacks, first {missing[0]}")
+    if extra:
+        parts.append(f"{len(extra)} variable(s) the file lacks, first {extra[0]}")
+    return "; ".join(parts) or None
+
+
+def _history_model(workdir: str) -> Optional[dict]:
+    """The model config of config_history.jsonl's last readable record (the run's own)."""
+    path = os.path.join(workdir, "config_history.jsonl")
+    if not os.path.isfile(path):
+        return None
+    lines, _ = read_text_lines(path)
+    for line in reversed(lines):
+        try:
+            rec = json.loads(line)
+            model = rec["config"]["model"]
+        except (ValueError, KeyError, TypeError):
+            continue
+        if isinstance(model, dict):
+            return model
+    return None
+
+
+def _config_mismatch(workdir: str, config_path: str, model_cfg: ml_collections.ConfigDict,
+                     step: int, mismatch: str) -> CheckpointError:
+    run_model = _history_model(workdir)
+    fields = ""
+    if run_model is not None:
+        a, b = _flat(run_model), _flat(json.loads(json.dumps(model_cfg.to_dict())))
+        diffs = [f"{k}: {json.dumps(a.get(k))} in config_history.jsonl, "
+                 f"{json.dumps(b.get(k))} in the file"
+                 for k in sorted(set(a) | set(b)) if k in a and k in b and a[k] != b[k]]
+        if diffs:
+            fields = f"; fields: {', '.join(diffs[:3])}"
+    return CheckpointError(
+        f"{config_path} does not match checkpoint step {step} ({mismatch}{fields}): the "
+        "file was changed after training; restore it (config_history.jsonl's last record "
+        "holds the run's model config)", step=step, path=config_path)

@@ -18,12 +18,14 @@ sizes, where printed, are H x W (height first).
 
 Errors are one line (`error: ...`) naming the file, flag or field, with the
 exit codes of `msit_jax.errors` (2 usage, 3 config, 4 data, 5 checkpoint,
-6 non-finite, 7 output, 143 / 130 after SIGTERM / SIGINT once a checkpoint is
-saved); --verbose adds the traceback.
+6 non-finite, 7 output, 9 the workdir is in use by another run, 10 another
+process of a multi-process run died, 143 / 130 after SIGTERM / SIGINT once a
+checkpoint is saved); --verbose adds the traceback.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 import time
@@ -121,7 +123,14 @@ def run(fv: flags.FlagValues, positionals: Sequence[str]) -> int:
                   "'msit-jax[train]' (or pip install -r requirements.txt in a checkout)",
                   file=sys.stderr, flush=True)
             return errors.EXIT_FAILURE
-        return errors.report(e, fv.verbose)
+        code = errors.report(e, fv.verbose)
+        if isinstance(e, errors.PeerLost):
+            # Not a normal exit: jax.distributed's shutdown would wait for the dead peer
+            # at a barrier, then abort.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        return code
     console.note(f"trained to step {result.step} in {time.perf_counter() - t0:.0f} s; "
                  f"checkpoints and logs in {fv.workdir}")
     return errors.EXIT_OK

@@ -43,6 +43,10 @@ Every field, with `--config.<field>=value` overridable on the command line:
   distributed.process_id
                        multi-host: jax.distributed.initialize (on Cloud TPU leave the
                        rest empty: it is detected)
+  distributed.heartbeat_timeout_s, distributed.initialization_timeout_s
+                       seconds (jax's defaults, 100 and 300): a process silent for
+                       heartbeat_timeout_s is dead, and the others exit (code 10) instead
+                       of waiting; joining gives up after initialization_timeout_s
   skip_nonfinite_steps 0 (default): stop at the first step with a non-finite loss,
                        gradient or weight; N > 0: skip such steps instead (no update),
                        stopping after N in a row
@@ -125,7 +129,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.demo = ml_collections.ConfigDict(dict(enabled=False, scales=(2.0, 3.0, 4.0, 6.0),
                                             png_scale=4.0, window=192))
     c.distributed = ml_collections.ConfigDict(dict(enabled=False, coordinator_address="",
-                                                   num_processes=0, process_id=-1))
+                                                   num_processes=0, process_id=-1,
+                                                   heartbeat_timeout_s=100,
+                                                   initialization_timeout_s=300))
     c.skip_nonfinite_steps = 0
     c.allow_config_change = False
     # Cloud TPU / Spot VMs get ~30 s between the preemption notice and the stop.
@@ -235,6 +241,11 @@ def _checks(c: ml_collections.ConfigDict) -> Iterator[tuple[str, bool, str]]:
     yield "demo.window", c.demo.window >= 1, "must be >= 1"
     yield ("skip_nonfinite_steps", c.get("skip_nonfinite_steps", 0) >= 0,
            "must be >= 0 (0: stop at the first non-finite step)")
+    dist = c.get("distributed") or {}
+    for k in ("heartbeat_timeout_s", "initialization_timeout_s"):
+        v = dist.get(k, 1)
+        yield (f"distributed.{k}", isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+               "must be a whole number of seconds >= 1")
     g = c.get("preemption_grace_s", 25.0)
     yield "preemption_grace_s", finite(g) and g > 0, "must be a finite number > 0"
 

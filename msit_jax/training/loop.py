@@ -25,8 +25,10 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import json
 import logging
 import os
+import re
 import signal
 import threading
 import time
@@ -42,7 +44,8 @@ from msit_jax.data.pipeline import train_dataset
 from msit_jax.data.protocol import Batch, Protocol
 from msit_jax.data.sources import (ImageSource, check_disjoint, check_not_benchmark,
                                    make_source)
-from msit_jax.errors import ConfigError, NonFiniteError, TrainingInterrupted
+from msit_jax.errors import (ConfigError, NonFiniteError, PeerLost, TrainingInterrupted,
+                             one_line)
 from msit_jax.eval import predictors, reports
 from msit_jax.eval import runner as evaluation  # the one evaluation path (EvaluationAborted)
 from msit_jax.eval.datasets import EvalSet
@@ -50,9 +53,10 @@ from msit_jax.eval.protocol import ScoringPreset, center_crop
 from msit_jax.models.model import build_model, dummy_inputs
 from msit_jax.models.reparam import count_params
 from msit_jax.ops.runtime import RuntimeOptions
-from msit_jax.training import run_config
+from msit_jax.training import peers, run_config
 from msit_jax.training.checkpoints import Checkpointer, saved_steps
 from msit_jax.training.config import fit_warmup, validate_config
+from msit_jax.training.lock import WorkdirLock
 from msit_jax.training.metrics import MetricLogger, finite_or_none
 from msit_jax.training.stage2 import init_from
 from msit_jax.training.state import TrainState, create_state, init_variables, make_optimizer
@@ -71,10 +75,17 @@ class TrainResult:
     demo_png: Optional[str] = None
 
 
-def maybe_initialize_distributed(cfg: ml_collections.ConfigDict) -> None:
-    """jax.distributed.initialize when configured (before any other JAX call)."""
+def maybe_initialize_distributed(cfg: ml_collections.ConfigDict) -> bool:
+    """jax.distributed.initialize when configured (before any other JAX call); whether
+    it was.
+
+    Bounded waits: joining gives up after `initialization_timeout_s`; once joined, a
+    process that shows no sign of life for `heartbeat_timeout_s` makes the others
+    exit (`msit_jax.training.peers`; jax's own, aborting heartbeat check is set to
+    fire later).
+    """
     if not cfg.get("enabled", False):
-        return
+        return False
     kw: dict[str, Any] = {}
     if cfg.get("coordinator_address"):
         kw["coordinator_address"] = cfg.coordinator_address
@@ -82,10 +93,35 @@ def maybe_initialize_distributed(cfg: ml_collections.ConfigDict) -> None:
         kw["num_processes"] = int(cfg.num_processes)
     if cfg.get("process_id", -1) >= 0:
         kw["process_id"] = int(cfg.process_id)
+    kw["heartbeat_timeout_seconds"] = peers.jax_heartbeat_timeout(
+        cfg.get("heartbeat_timeout_s", 100))
+    kw["initialization_timeout"] = int(cfg.get("initialization_timeout_s", 300))
     jax.distributed.initialize(**kw)
     log.info("jax.distributed: process %d of %d, %d local / %d global devices",
              jax.process_index(), jax.process_count(), jax.local_device_count(),
              jax.device_count())
+    return True
+
+
+# What a collective says when a peer process is gone (gloo over TCP, the coordination
+# service, NCCL / ICI transports).
+_PEER_LOST = re.compile(r"connection reset|connection refused|closed by peer|broken pipe|"
+                        r"heartbeat|coordination service|barrier|unavailable|"
+                        r"deadline_exceeded|socket closed|end of file", re.IGNORECASE)
+
+
+def peer_lost(exc: BaseException) -> Optional[PeerLost]:
+    """A PeerLost for a collective that failed because another process is gone (None
+    for anything else, or in a single-process run)."""
+    if jax.process_count() == 1 or not isinstance(exc, jax.errors.JaxRuntimeError):
+        return None
+    msg = str(exc)
+    if not _PEER_LOST.search(msg):
+        return None
+    return PeerLost(f"another process of this run died or stopped answering "
+                    f"({one_line(msg, 300)}); process {jax.process_index()} of "
+                    f"{jax.process_count()} stopped: restart every process to resume from "
+                    "the latest checkpoint")
 
 
 def prepare_workdir(workdir: str) -> str:
@@ -170,14 +206,16 @@ def _host_variables(state: TrainState) -> dict:
 
 
 def run_demo(config, model_cfg, variables: dict, source: ImageSource, workdir: str,
-             runtime: RuntimeOptions) -> tuple[dict, str]:
-    """The end-of-run table (MSIT vs bicubic) and side-by-side PNG; prints the table."""
+             runtime: RuntimeOptions, should_stop: Optional[Callable[[], bool]] = None
+             ) -> tuple[dict, str]:
+    """The end-of-run table (MSIT vs bicubic) and side-by-side PNG; prints the table.
+    should_stop: checked between images (`evaluation.EvaluationAborted` when it says so)."""
     e, d = config.eval, config.demo
     msit = predictors.MSITPredictor(model_cfg, variables, chunk=e.chunk or None,
                                     method=e.method, runtime=runtime, check_finite=False)
     bicubic = predictors.BicubicPredictor()
-    ours = _validation_scores(msit, source, d.scales, e)
-    base = _validation_scores(bicubic, source, d.scales, e)
+    ours = _validation_scores(msit, source, d.scales, e, should_stop)
+    base = _validation_scores(bicubic, source, d.scales, e, should_stop)
     res = {s: {"msit": ours[s], "bicubic": base[s]} for s in ours}
     names = ", ".join(source.name(i) for i in range(len(source) if not e.max_images
                                                     else min(e.max_images, len(source))))
@@ -317,11 +355,46 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     (SIGTERM/SIGINT, after saving); see `msit_jax.errors`.
     """
     maybe_initialize_distributed(config.distributed)
-    config, clipped = fit_warmup(config)  # a short run: a copy with the warm-up clipped
-    if clipped:
-        log.warning(clipped)
-    check_config(config)  # before the workdir is touched
-    workdir = prepare_workdir(workdir)
+    watchdog = None
+    if jax.process_count() > 1:
+        watchdog = peers.PeerWatchdog(jax.process_index(), jax.process_count(),
+                                      config.distributed.get("heartbeat_timeout_s", 100)).start()
+    ok, why = False, ""
+    try:
+        config, clipped = fit_warmup(config)  # a short run: a copy with the warm-up clipped
+        if clipped:
+            log.warning(clipped)
+        check_config(config)  # before the workdir is touched
+        workdir = prepare_workdir(workdir)
+        # One trainer per workdir (WorkdirBusy before anything is read or written), and
+        # SIGTERM / SIGINT handled from here to the end of the demo.
+        lock = WorkdirLock(workdir, jax.process_index()).acquire()
+        try:
+            with StopSignals(config.get("preemption_grace_s", 25.0)) as stop:
+                result = _train(config, workdir, stop, stop_after_step)
+        except jax.errors.JaxRuntimeError as e:
+            lost = peer_lost(e)
+            if lost is None:
+                raise
+            raise lost from e
+        finally:
+            lock.release()
+        ok = True
+        return result
+    except TrainingInterrupted:  # every process stops at the same step
+        ok = True
+        raise
+    except BaseException as e:
+        why = f"{type(e).__name__}: {one_line(str(e), 200)}"
+        raise
+    finally:
+        if watchdog is not None:
+            watchdog.finish(ok, why)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str, stop: "StopSignals",
+           stop_after_step: Optional[int]) -> TrainResult:
+    """`train_and_evaluate` in a locked workdir, with the stop signals installed."""
     is_main = jax.process_index() == 0
     resuming = bool(saved_steps(workdir))
     changes = run_config.check_resume(workdir, config, resuming)  # before anything is written
@@ -406,113 +479,125 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                disable=not (is_main and config.progress_bar), dynamic_ncols=True)
     step, window, timed, t0 = start, [], 0, time.perf_counter()
     data_state = data_it.get_state()
-    stop = StopSignals(config.get("preemption_grace_s", 25.0))
     single = jax.process_count() == 1
     # Multi-host: processes must stop at the same step, so they agree on a stop request
-    # at each log point (a host sync there already) instead of every step.
-    stopping = False
-    with stop:
-        try:
-            while step < config.total_steps and not stopping:
-                try:
-                    batch = next(data_it)
-                except Exception:
-                    if stop.requested():  # workers signalled with us: stop, don't fail
-                        stopping = True
-                        break
-                    raise
-                if step == start:
-                    got = int(to_host(batch["step"])[0])
-                    if got != step:
-                        raise RuntimeError(f"data iterator is at step {got}, train state at "
-                                           f"{step}: the checkpoint's data state does not match")
-                # The pipeline's flat dict becomes the step's typed batch here, once.
-                state, metrics = step_fn(state, Batch.from_flat(batch))
-                step += 1
-                data_state = data_it.get_state()  # the stream position matching `state`
-                guard.add(step, metrics)
-                guard.poll()  # the steps finished so far; never waits
-                bar.update(1)
-                window.append((step, metrics))
-                if step == start + 1:  # the first step includes compilation: time it apart
-                    jax.block_until_ready(metrics)
-                    log.info("first step (with compilation) took %.1f s",
-                             time.perf_counter() - t0)
-                    t0 = time.perf_counter()
-                else:
-                    timed += 1
-                if step % config.log_every_steps == 0 or step == config.total_steps:
-                    guard.poll(block=True)
-                    host = jax.device_get([m for _, m in window])  # waits for the window
-                    dt = time.perf_counter() - t0
-                    ok = [m for (s, _), m in zip(window, host) if s not in guard.skipped]
-                    rec = dict(loss=np.mean([m["loss"] for m in ok]) if ok else float("nan"),
-                               lr=host[-1]["lr"],
-                               grad_norm=(np.mean([m["grad_norm"] for m in ok]) if ok
-                                          else float("nan")),
-                               epoch=step * config.batch_size / epoch_len)
-                    if len(ok) < len(host):
-                        rec["skipped_steps"] = len(host) - len(ok)
-                    if timed:  # a window of only the compiling first step has no rate
-                        rec.update(steps_per_sec=timed / dt,
-                                   pixels_per_sec=timed / dt * pixels_per_step)
-                    logger.write(step, "train", rec)
-                    bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}",
-                                    sps=f"{rec.get('steps_per_sec', 0):.2f}")
-                    window, timed, t0 = [], 0, time.perf_counter()
-                    if not single:
-                        stopping = _any_process(stop.requested())
-                if single:
-                    stopping = stop.requested()
-                val = None
-                if config.eval.every_steps and (step % config.eval.every_steps == 0
-                                                or step == config.total_steps):
-                    guard.poll(block=True)  # never validate (or save) non-finite weights
-                    keys = [f"psnr_x{s:g}" for s in config.eval.scales] + ["val_psnr"]
-                    try:
-                        val = validation_metrics(
-                            model_cfg, _host_variables(state), eval_source, config.eval,
-                            runtime, should_stop=stop.requested if single else None
-                        ) if is_main else None
-                    except evaluation.EvaluationAborted:  # SIGTERM: save below, unvalidated
-                        stopping = True
-                        break
-                    val = _broadcast_metrics(val, keys)
-                    logger.write(step, "val", val)
-                    bar.write(f"step {step}: " + ", ".join(f"{k} {v:.2f}"
-                                                           for k, v in val.items()))
-                    result.val = val
-                    timed, t0 = 0, time.perf_counter()  # keep validation out of the throughput
-                if (step % config.checkpoint.every_steps == 0 or step == config.total_steps
-                        or val is not None):
-                    guard.poll(block=True)
-                    best = finite_or_none(val["val_psnr"]) if val else None
-                    ckpt.save(step, state, data_state,
-                              metrics={"val_psnr": best} if best is not None else None)
-                if stop_after_step is not None and step >= stop_after_step:
-                    break
-            if stopping:
-                _save_on_signal(stop.signum or signal.SIGTERM, step, start, state, data_state,
-                                ckpt, guard)
-        finally:
-            bar.close()
+    # at each log point (a host sync there already) instead of every step. A signal
+    # during the set-up (restore, compilation of the init) stops before the first step.
+    stopping = single and stop.requested()
+    try:
+        while step < config.total_steps and not stopping:
             try:
-                ckpt.wait()
-            finally:
-                logger.close()
-                data_it.close()
+                batch = next(data_it)
+            except Exception:
+                if stop.requested():  # workers signalled with us: stop, don't fail
+                    stopping = True
+                    break
+                raise
+            if step == start:
+                got = int(to_host(batch["step"])[0])
+                if got != step:
+                    raise RuntimeError(f"data iterator is at step {got}, train state at "
+                                       f"{step}: the checkpoint's data state does not match")
+            # The pipeline's flat dict becomes the step's typed batch here, once.
+            state, metrics = step_fn(state, Batch.from_flat(batch))
+            step += 1
+            data_state = data_it.get_state()  # the stream position matching `state`
+            guard.add(step, metrics)
+            guard.poll()  # the steps finished so far; never waits
+            bar.update(1)
+            window.append((step, metrics))
+            if step == start + 1:  # the first step includes compilation: time it apart
+                jax.block_until_ready(metrics)
+                log.info("first step (with compilation) took %.1f s",
+                         time.perf_counter() - t0)
+                t0 = time.perf_counter()
+            else:
+                timed += 1
+            if step % config.log_every_steps == 0 or step == config.total_steps:
+                guard.poll(block=True)
+                host = jax.device_get([m for _, m in window])  # waits for the window
+                dt = time.perf_counter() - t0
+                ok = [m for (s, _), m in zip(window, host) if s not in guard.skipped]
+                rec = dict(loss=np.mean([m["loss"] for m in ok]) if ok else float("nan"),
+                           lr=host[-1]["lr"],
+                           grad_norm=(np.mean([m["grad_norm"] for m in ok]) if ok
+                                      else float("nan")),
+                           epoch=step * config.batch_size / epoch_len)
+                if len(ok) < len(host):
+                    rec["skipped_steps"] = len(host) - len(ok)
+                if timed:  # a window of only the compiling first step has no rate
+                    rec.update(steps_per_sec=timed / dt,
+                               pixels_per_sec=timed / dt * pixels_per_step)
+                logger.write(step, "train", rec)
+                bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}",
+                                sps=f"{rec.get('steps_per_sec', 0):.2f}")
+                window, timed, t0 = [], 0, time.perf_counter()
+                if not single:
+                    stopping = _any_process(stop.requested())
+            if single:
+                stopping = stop.requested()
+            val = None
+            if config.eval.every_steps and (step % config.eval.every_steps == 0
+                                            or step == config.total_steps):
+                guard.poll(block=True)  # never validate (or save) non-finite weights
+                keys = [f"psnr_x{s:g}" for s in config.eval.scales] + ["val_psnr"]
+                try:
+                    val = validation_metrics(
+                        model_cfg, _host_variables(state), eval_source, config.eval,
+                        runtime, should_stop=stop.requested if single else None
+                    ) if is_main else None
+                except evaluation.EvaluationAborted:  # SIGTERM: save below, unvalidated
+                    stopping = True
+                    break
+                val = _broadcast_metrics(val, keys)
+                logger.write(step, "val", val)
+                bar.write(f"step {step}: " + ", ".join(f"{k} {v:.2f}"
+                                                       for k, v in val.items()))
+                result.val = val
+                timed, t0 = 0, time.perf_counter()  # keep validation out of the throughput
+            if (step % config.checkpoint.every_steps == 0 or step == config.total_steps
+                    or val is not None):
+                guard.poll(block=True)
+                best = finite_or_none(val["val_psnr"]) if val else None
+                ckpt.save(step, state, data_state,
+                          metrics={"val_psnr": best} if best is not None else None)
+            if stop_after_step is not None and step >= stop_after_step:
+                break
+        if stopping:
+            _save_on_signal(stop.signum or signal.SIGTERM, step, start, state, data_state,
+                            ckpt, guard)
+    finally:
+        bar.close()
+        try:
+            ckpt.wait()
+        finally:
+            logger.close()
+            data_it.close()
 
     result.step = step
     result.state = to_host({"step": state.step, "params": state.params, "frozen": state.frozen,
                             "batch_stats": state.batch_stats, "opt_state": state.opt_state})
-    if step == config.total_steps and config.demo.enabled and is_main:
-        result.demo, result.demo_png = run_demo(config, model_cfg, _host_variables(state),
-                                                eval_source, workdir, runtime)
-        with open(os.path.join(workdir, "demo.json"), "w") as f:
-            import json
-
-            json.dump({f"x{s:g}": r for s, r in result.demo.items()}, f, indent=2)
-    ckpt.close()
+    try:
+        if step == config.total_steps and config.demo.enabled and is_main:
+            try:
+                result.demo, result.demo_png = run_demo(
+                    config, model_cfg, _host_variables(state), eval_source, workdir, runtime,
+                    should_stop=stop.requested)
+            except evaluation.EvaluationAborted:
+                pass
+            if stop.requested():  # the final checkpoint is saved: only the demo is left
+                name = signal.Signals(stop.signum).name
+                raise TrainingInterrupted(
+                    f"interrupted by {name} during the end-of-run demo: training finished, "
+                    f"latest checkpoint {ckpt.describe_step(ckpt.latest_step())}; run the "
+                    "same command again to redo the demo", signum=stop.signum, step=step,
+                    checkpoint=ckpt.step_dir(step))
+            tmp = os.path.join(workdir, "demo.json.tmp")
+            with open(tmp, "w") as f:
+                json.dump({f"x{s:g}": r for s, r in result.demo.items()}, f, indent=2)
+            os.replace(tmp, os.path.join(workdir, "demo.json"))
+    finally:
+        ckpt.close()
     return result
 
 

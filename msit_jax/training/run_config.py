@@ -9,6 +9,14 @@ Files in the workdir (written by process 0):
   model_config.json         the model config (written once; rewritten only by an
                             explicitly allowed architecture change)
 
+The stored config in effect (`stored_config`) is the last readable record of
+config_history.jsonl, else the newest config.resume-<step>.json, else
+config.json. None of these files can stop a resume (the checkpoints hold what a
+resume needs): an unreadable one (not UTF-8, not JSON, a bad line) is passed
+over, then set aside as `<name>.corrupt-<time>` (bytes kept, one warning naming
+it) and rebuilt from what is readable (`record`); a model_config.json that is
+unreadable or disagrees with the run's model config is set aside and rewritten.
+
 On resume (`check_resume`, called before the run writes anything) the new
 config is compared with the stored one and every difference is printed, one
 line per field (`field: old -> new (kind)`). Changes to the architecture
@@ -33,8 +41,9 @@ from typing import Any, Optional
 import jax
 import ml_collections
 
-from msit_jax.errors import ConfigError, one_line
+from msit_jax.errors import CheckpointError, ConfigError, one_line
 from msit_jax.io import model_dir
+from msit_jax.io.workdir import read_text_lines, set_aside
 from msit_jax.models.config import LEGACY_RUNTIME_FIELDS
 from msit_jax.models.model import variable_shapes
 from msit_jax.training.config import flatten
@@ -69,41 +78,92 @@ def config_to_dict(config: ml_collections.ConfigDict) -> dict:
     return json.loads(config.to_json_best_effort(sort_keys=True))
 
 
-def _read_json(path: str) -> Any:
+def _read_json_object(path: str) -> tuple[Optional[dict], Optional[str]]:
+    """(the JSON object a file holds, None) or (None, what is wrong with it)."""
     try:
-        with open(path) as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: invalid JSON ({e}); fix or remove it to resume") from None
+        with open(path, "rb") as f:
+            raw = f.read()
     except OSError as e:
-        raise ConfigError(f"{path}: cannot be read ({e.strerror})") from None
+        return None, f"cannot be read: {e.strerror}"
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        return None, f"not UTF-8 (byte {e.start})"
+    except json.JSONDecodeError as e:
+        return None, f"invalid JSON ({e})"
+    if not isinstance(data, dict):
+        return None, "not a JSON object"
+    return data, None
+
+
+def _scan_history(path: str) -> tuple[list[dict], list[str]]:
+    """(the readable records of config_history.jsonl, its problems: `line N: ...`)."""
+    lines, not_utf8 = read_text_lines(path)
+    problems = [f"line {n}: not UTF-8" for n in not_utf8]
+    records = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            problems.append(f"line {n}: not JSON")
+            continue
+        if not isinstance(rec, dict) or not isinstance(rec.get("config"), dict):
+            problems.append(f"line {n}: not a config record")
+            continue
+        records.append(rec)
+    return records, problems
+
+
+def _resume_configs(workdir: str) -> list[tuple[int, str]]:
+    """(step, path) of the config.resume-<step>.json files, oldest first."""
+    out = []
+    prefix, suffix = RESUME_CONFIG_FILE.split("{step}")
+    for name in os.listdir(workdir) if os.path.isdir(workdir) else ():
+        mid = name[len(prefix):len(name) - len(suffix)]
+        if name.startswith(prefix) and name.endswith(suffix) and mid.isdigit():
+            out.append((int(mid), os.path.join(workdir, name)))
+    return sorted(out)
+
+
+def unreadable_files(workdir: str) -> list[tuple[str, str]]:
+    """(path, what is wrong) for each stored config file that cannot be read:
+    config_history.jsonl (any bad line), config.json, config.resume-<step>.json."""
+    out = []
+    hist = os.path.join(workdir, HISTORY_FILE)
+    if os.path.isfile(hist):
+        _, problems = _scan_history(hist)
+        if problems:
+            out.append((hist, f"{len(problems)} bad line(s), first {problems[0]}"))
+    for path in [os.path.join(workdir, CONFIG_FILE)] + [p for _, p in _resume_configs(workdir)]:
+        if os.path.isfile(path):
+            _, problem = _read_json_object(path)
+            if problem:
+                out.append((path, problem))
+    return out
 
 
 def stored_config(workdir: str) -> Optional[tuple[dict, str]]:
-    """(config dict in effect, the file it came from): the last record of
-    config_history.jsonl, else config.json; None when neither exists."""
+    """(config dict in effect, the file it came from), or None when nothing is stored.
+
+    The authority, first readable wins: the last readable record of
+    config_history.jsonl (the config of the latest start), the newest
+    config.resume-<step>.json, then config.json (the first start). Unreadable
+    files or lines are passed over here (never an error: the checkpoints, not these
+    records, are what a resume needs) and set aside by `record`.
+    """
     hist = os.path.join(workdir, HISTORY_FILE)
     if os.path.isfile(hist):
-        last = None
-        with open(hist) as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    last = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ConfigError(f"{hist}: line {n} is not valid JSON ({e}); fix or remove "
-                                      "it to resume") from None
-        if last is not None:
-            if not isinstance(last.get("config"), dict):
-                raise ConfigError(f"{hist}: its last record has no config")
-            return last["config"], hist
-    path = os.path.join(workdir, CONFIG_FILE)
-    if os.path.isfile(path):
-        data = _read_json(path)
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a JSON object")
-        return data, path
+        records, _ = _scan_history(hist)
+        if records:
+            return records[-1]["config"], hist
+    candidates = [p for _, p in reversed(_resume_configs(workdir))]
+    for path in candidates + [os.path.join(workdir, CONFIG_FILE)]:
+        if os.path.isfile(path):
+            data, _ = _read_json_object(path)
+            if data is not None:
+                return data, path
     return None
 
 
@@ -252,25 +312,60 @@ def record(workdir: str, config: ml_collections.ConfigDict, step: int,
     replaced atomically."""
     if jax.process_index() != 0:
         return
+    hist = os.path.join(workdir, HISTORY_FILE)
+    first = None  # the first start's config, to rebuild an unreadable config.json
+    for path, why in unreadable_files(workdir):  # set aside (bytes kept), rebuilt below
+        if path == hist:
+            records, _ = _scan_history(hist)
+            set_aside(hist, why)
+            _write_atomic(hist, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+        else:
+            set_aside(path, why)
+    if os.path.isfile(hist):
+        records, _ = _scan_history(hist)
+        if records and records[0].get("step") == 0:
+            first = records[0]["config"]
     data = config_to_dict(config)
     entry = {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
              "step": int(step),
              "changes": [{"field": k, "old": a, "new": b} for k, a, b in changes],
              "config": data}
-    with open(os.path.join(workdir, HISTORY_FILE), "a") as f:
+    with open(hist, "a") as f:
         f.write(json.dumps(entry, sort_keys=True) + "\n")
     text = config.to_json_best_effort(indent=2, sort_keys=True)
     cfg_path = os.path.join(workdir, CONFIG_FILE)
-    if fresh or not os.path.exists(cfg_path):
+    if fresh:
         _write_atomic(cfg_path, text)
+    elif not os.path.exists(cfg_path):  # absent, or set aside above
+        _write_atomic(cfg_path, json.dumps(first, indent=2, sort_keys=True)
+                      if first is not None else text)
     elif changes:
         # A second resume at the same step replaces the first: it is the config in effect
         # from that step (config_history.jsonl keeps both).
         _write_atomic(os.path.join(workdir, RESUME_CONFIG_FILE.format(step=int(step))), text)
     model_path = os.path.join(workdir, MODEL_CONFIG_FILE)
     model_changed = any(k.startswith("model.") and is_compared(k) for k, _, _ in changes)
+    if not (fresh or model_changed) and os.path.exists(model_path):
+        problem = _model_config_problem(model_path, config.model)
+        if problem:  # the run's config is the authority: set aside, rewritten below
+            set_aside(model_path, problem)
     if fresh or not os.path.exists(model_path) or model_changed:
         _write_atomic(model_path, model_dir.config_to_json(config.model))
+
+
+def _model_config_problem(path: str, model_cfg: ml_collections.ConfigDict) -> Optional[str]:
+    """What is wrong with a workdir's model_config.json for the run's model config (None:
+    it matches): unreadable, or its first differing architecture field."""
+    try:
+        stored = model_dir.read_model_config(path)
+    except CheckpointError as e:
+        return one_line(str(e).replace(f"{path}: ", ""), 200)
+    a, b = flatten(stored), flatten(model_cfg)
+    for k in sorted(set(a) | set(b)):
+        if k not in LEGACY_RUNTIME_FIELDS and a.get(k, "<absent>") != b.get(k, "<absent>"):
+            return (f"model.{k} is {json.dumps(a.get(k, '<absent>'))}, the run's config has "
+                    f"{json.dumps(b.get(k, '<absent>'))}")
+    return None
 
 
 def _write_atomic(path: str, text: str) -> None:

@@ -1,0 +1,139 @@
+"""Multi-process runs: a process never waits forever for a peer that died.
+
+jax.distributed detects a silent process by its heartbeats, but then aborts the
+others from C++ (a stack trace, exit 134), and a collective whose peer is frozen
+(SIGSTOP, a hung host) blocks until then. So each process of a training run
+also runs a `PeerWatchdog`: a thread that, every `interval_s`, bumps its own
+counter in the coordination service's key-value store and reads the others'.
+A peer whose counter has not moved for `timeout_s` (config:
+`distributed.heartbeat_timeout_s`, default 100 s), a peer that says it failed,
+or a coordination service that cannot be reached for `timeout_s` (process 0
+is gone) makes the process print one line (`error: ...`) and exit with
+`EXIT_PEER` (10) at once, without saving: a multi-process checkpoint needs
+every process, and the last complete one is kept (Orbax commits a step by
+renaming it). jax's own heartbeat timeout is set to `2 * timeout_s + 10` s, a
+backstop that should never fire first.
+
+A peer killed outright is usually noticed sooner, by the next collective
+failing (`msit_jax.training.loop.peer_lost`). A process that finishes (or stops
+on SIGTERM with the others) says so, and is no longer watched.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from typing import Any, Optional
+
+from msit_jax.errors import EXIT_PEER, one_line
+
+log = logging.getLogger(__name__)
+
+KEY = "msit_jax/alive/{index}"
+DONE, FAILED = "done", "failed:"
+
+
+def jax_heartbeat_timeout(timeout_s: float) -> int:
+    """jax.distributed's own heartbeat timeout for a watchdog of `timeout_s`: later."""
+    return int(2 * timeout_s + 10)
+
+
+def _client() -> Any:
+    from jax._src import distributed
+
+    return distributed.global_state.client
+
+
+class PeerWatchdog:
+    """See the module docstring. `start()` after jax.distributed.initialize; `finish(ok)`
+    when the run ends (ok: finished or stopped in agreement; else failed)."""
+
+    def __init__(self, index: int, count: int, timeout_s: float,
+                 interval_s: Optional[float] = None, client: Any = None,
+                 exit_fn=None):
+        self.index, self.count = int(index), int(count)
+        self.timeout_s = float(timeout_s)
+        self.interval_s = float(interval_s or max(0.2, min(5.0, self.timeout_s / 5)))
+        self.client = client if client is not None else _client()
+        self._exit = exit_fn or _exit_now
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True,
+                                        name="msit-peer-watchdog")
+
+    def start(self) -> "PeerWatchdog":
+        self._publish("0")
+        self._thread.start()
+        return self
+
+    def finish(self, ok: bool, why: str = "") -> None:
+        """Stop watching and tell the peers (done, or failed with `why`)."""
+        self._stop.set()
+        try:
+            self._publish(DONE if ok else FAILED + one_line(why, 300))
+        except Exception:  # noqa: BLE001 - the service may be gone already
+            pass
+
+    def _publish(self, value: str) -> None:
+        self.client.key_value_set(KEY.format(index=self.index), value, allow_overwrite=True)
+
+    def _read(self, j: int) -> Optional[str]:
+        try:
+            return self.client.key_value_try_get(KEY.format(index=j))
+        except Exception as e:  # noqa: BLE001
+            if "not_found" in str(e).lower().replace(" ", "_"):
+                return None  # no beat yet
+            raise
+
+    def _run(self) -> None:
+        now = time.monotonic()
+        seen: dict[int, tuple[Optional[str], float]] = {
+            j: (None, now) for j in range(self.count) if j != self.index}
+        beat, unreachable_since = 0, None
+        while not self._stop.wait(self.interval_s):
+            beat += 1
+            now = time.monotonic()
+            try:
+                self._publish(str(beat))
+                values = {j: self._read(j) for j in seen}
+            except Exception as e:  # noqa: BLE001 - the coordination service is unreachable
+                if self._stop.is_set():
+                    return
+                unreachable_since = unreachable_since or now
+                if now - unreachable_since > self.timeout_s:
+                    self._fail(f"the coordination service (process 0) has not answered for "
+                               f"{self.timeout_s:g} s ({one_line(str(e), 200)})")
+                    return
+                continue
+            unreachable_since = None
+            for j, v in values.items():
+                last, since = seen[j]
+                if v == DONE:
+                    continue
+                if v is not None and v.startswith(FAILED):
+                    # Its error may be this process's too (the same step, the same data):
+                    # give the main thread a moment to report its own first.
+                    if self._stop.wait(min(5.0, self.timeout_s)):
+                        return
+                    self._fail(f"process {j} failed ({v[len(FAILED):] or 'see its log'})")
+                    return
+                if v != last:
+                    seen[j] = (v, now)
+                elif now - since > self.timeout_s:
+                    self._fail(f"process {j} has shown no sign of life for {self.timeout_s:g} s "
+                               "(killed, frozen or its host gone)")
+                    return
+
+    def _fail(self, why: str) -> None:
+        if self._stop.is_set():
+            return
+        self._exit(f"error: another process of this multi-process run is lost: {why}; process "
+                   f"{self.index} of {self.count} stops now without saving (the latest "
+                   "complete checkpoint is kept): restart every process to resume "
+                   f"(distributed.heartbeat_timeout_s={self.timeout_s:g})")
+
+
+def _exit_now(line: str) -> None:
+    os.write(2, ("\n" + line + "\n").encode())
+    os._exit(EXIT_PEER)
