@@ -38,8 +38,9 @@ from jax import export
 
 from msit_jax import geometry
 from msit_jax.errors import InputError, one_line
-from msit_jax.serving import (ArtifactError, ImageUpscaler, Progress, artifact_error, check_image,
-                              denormalize, normalize, track)
+from msit_jax import serving
+from msit_jax.serving import (ImageUpscaler, Progress, artifact_error, check_image, denormalize,
+                              normalize, track)
 
 FORMAT = "msit-jax-stablehlo"
 VERSION = 1
@@ -47,6 +48,8 @@ ENCODER_FILE = "encoder.jaxexport"
 DECODER_FILE = "decoder.jaxexport"
 META_FILE = "export.json"
 MAX_META_BYTES = 1 << 20  # export.json is a few KB; a larger one is not ours, not read
+
+ArtifactError = serving.ArtifactError  # what `load` raises for a bad folder (a CheckpointError)
 
 
 def _is_int(v: Any) -> bool:

@@ -42,8 +42,9 @@ from typing import Any, Optional
 
 import numpy as np
 
+from msit_jax import serving
 from msit_jax.errors import InputError, one_line
-from msit_jax.serving import ArtifactError, ImageUpscaler, Progress, artifact_error, check_image  # noqa: F401,E501 - ArtifactError: re-exported for callers
+from msit_jax.serving import ImageUpscaler, Progress, artifact_error, check_image
 
 OPSET = 17
 DEFAULT_CHUNK = 4096
@@ -608,6 +609,7 @@ def build_graph(model_cfg, variables: Any, chunk: int = DEFAULT_CHUNK, opset: in
 # --- running it ------------------------------------------------------------------------
 
 ONNX_FILE = "model.onnx"
+ArtifactError = serving.ArtifactError  # what `load` raises for a bad file (a CheckpointError)
 # The graph interface (module docstring): name, element type, shape (None: dynamic).
 GRAPH_INPUTS = (("lr", "tensor(float)", (1, 3, None, None)), ("out_size", "tensor(int64)", (2,)))
 GRAPH_OUTPUTS = (("sr", "tensor(float)", (1, 3, None, None)),)

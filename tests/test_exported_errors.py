@@ -203,7 +203,7 @@ def test_swapped_or_foreign_programs_are_refused(good_export, export_copy, tmp_p
 @pytest.fixture(scope="module")
 def onnx_bytes():
     """A one-node graph with the export's interface (sr = lr, whatever out_size)."""
-    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
     from onnx import TensorProto, helper
 
@@ -363,7 +363,7 @@ def test_convert_killed_mid_write_leaves_no_output(tmp_path, tiny_cfg):
     """SIGKILL after the converted variables are written and before the config (the
     config write stalled by the test): DST does not exist, the loader refuses the
     partial folder with the typed error, and a re-run writes DST."""
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     from tests.test_export import official_checkpoint
 
     src = str(tmp_path / "official.pth")
