@@ -17,6 +17,17 @@ pixels are decoded in fixed-size chunks, and the encoder runs on LR tiles when
 its estimated activations exceed --max_memory_gb (`tiling.auto_tile`); output
 sizes whose buffers exceed the budget are refused with a message.
 
+Serving: it listens on 127.0.0.1 unless --host says otherwise. One model job
+runs at a time (gradio's queue, concurrency 1, and a lock for jobs gradio has
+let go of); at most --max_queue requests wait, later ones are refused with
+"Queue is full". A job whose estimated time (`CostModel`, measured by a warm-up
+run at start) exceeds --max_seconds is refused before it runs, and one that
+runs past it is stopped at the next decoded chunk. A job whose page was closed
+(or that a client cancelled) is dropped from the queue by gradio, or, when
+already running, stopped at the next decoded chunk. Errors shown on the page
+carry no server path or traceback (`public_message`); internal errors are logged
+on the server.
+
 The core, `upscale_pair`, is a plain function (no gradio) that tests call
 directly; gradio is imported only when the page is built.
 """
@@ -24,17 +35,22 @@ directly; gradio is imported only when the page is built.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import logging
 import os
+import re
 import shutil
 import signal
 import sys
 import tempfile
+import threading
 import time
+import traceback
 import warnings
 from typing import Any, Callable, Optional, Sequence
 
+import jax
 import numpy as np
 from absl import flags
 from PIL import Image, UnidentifiedImageError
@@ -49,6 +65,12 @@ SCALE_MIN, SCALE_MAX = 1.0, 30.0
 OUTPUT_BYTES_PER_PIXEL = 72
 INPUT_BYTES_PER_PIXEL = 40
 KEEP_RESULTS = 8  # result folders kept on disk (older ones are deleted)
+MAX_SECONDS = 180.0  # default --max_seconds: the longest job, estimated and measured
+MAX_QUEUE = 16  # default --max_queue: requests waiting for the model
+WARMUP_LR_HW = (32, 32)  # the warm-up input (H, W); see measure_cost
+INTERNAL_ERROR = ("Internal error: the request failed on the server (the details are in "
+                  "the server's log).")
+CANCELLED = "The request was cancelled."
 QUIET_LOGGERS = ("absl", "orbax", "tensorstore", "jax", "asyncio", "httpx", "httpcore",
                  "gradio", "uvicorn", "uvicorn.error", "uvicorn.access", "matplotlib")
 
@@ -56,7 +78,23 @@ Progress = Optional[Callable[[int, int], Any]]
 
 
 class DemoError(ValueError):
-    """A request the demo refuses (bad upload, scale or size); the message is for the page."""
+    """A request the demo refuses (bad upload, scale, size or time); the message is for
+    the page."""
+
+
+class Cancelled(Exception):
+    """The job's client is gone (page closed, or cancelled): stop at the next chunk."""
+
+
+# An absolute path (POSIX, or Windows with a drive letter) inside a message.
+_PATH = re.compile(r"(?:(?<![\w.])/[^\s'\"():,]+)|(?:\b[A-Za-z]:\\[^\s'\"]+)")
+
+
+def public_message(text: str) -> str:
+    """A message for the page: one line at most, without server paths (a last guard:
+    the demo's own messages name none, but library and Pillow errors could)."""
+    first = next((line for line in str(text).splitlines() if line.strip()), "")
+    return _PATH.sub("<file>", first)[:500]
 
 
 # ---------------------------------------------------------------- core (no gradio)
@@ -81,7 +119,11 @@ def read_upload(path: str) -> tuple[np.ndarray, str]:
         raise DemoError("The upload is not an image Pillow can read (PNG, JPEG, WebP, BMP, "
                         "TIFF, ...).") from None
     except (OSError, SyntaxError, ValueError) as e:
-        raise DemoError(f"The image could not be decoded (truncated or corrupt?): {e}") from None
+        if isinstance(e, OSError) and (e.filename or e.errno):  # the file itself: no path
+            raise DemoError("The upload could not be read on the server; upload it "
+                            "again.") from None
+        raise DemoError("The image could not be decoded (truncated or corrupt?): "
+                        f"{public_message(e)}") from None
     return rgb, "alpha channel dropped" if has_alpha else ""
 
 
@@ -125,6 +167,108 @@ def check_memory(in_hw: tuple[int, int], out_hw: tuple[int, int], max_memory_gb:
                         "or size.")
 
 
+@dataclasses.dataclass(frozen=True)
+class CostModel:
+    """Seconds of one job, estimated from the pixel counts and four measured rates:
+
+        encoder pixels x encode_s
+        + per-query decoder (and every tiled job): output pixels x query_s
+        + grid decoder: LR centres x centre_s + output pixels x grid_s
+
+    The encoder (convolutions, windowed attention) costs the same per LR pixel; the
+    tiled path encodes each window with its halo, so the overlap counts. The
+    per-query decoder does the same work for every output pixel (it attends to the
+    LR neighbours of each), in fixed-size chunks of queries, so a small output
+    costs a whole chunk. The grid decoder computes keys and values once per LR centre
+    for all the queries around it: at large scales it costs much less per output
+    pixel (x30 ~10x less than x4 for the tiny test model), hence its two terms. The
+    rates are measured on this machine, by `measure_cost` at start. JIT compilation
+    at a new size is not included: the deadline checked at every decoded chunk
+    covers it and any other miss of the estimate.
+    """
+
+    encode_s: float  # per encoder-window pixel
+    query_s: float  # per output pixel, per-query decoder
+    centre_s: float  # per LR pixel, grid decoder
+    grid_s: float  # per output pixel, grid decoder
+    chunk: int  # queries per decoder call
+
+    def seconds(self, engine: Any, in_hw: tuple[int, int], out_hw: tuple[int, int]) -> float:
+        """The estimate for `engine` (a `tiling.TiledUpscaler` with its tile set)."""
+        lr_px, out_px = in_hw[0] * in_hw[1], max(out_hw[0] * out_hw[1], self.chunk)
+        if engine.tile <= 0 or engine.tile >= max(in_hw):
+            if engine.uses_grid(in_hw, out_hw):
+                return lr_px * (self.encode_s + self.centre_s) + out_px * self.grid_s
+            return lr_px * self.encode_s + out_px * self.query_s
+        halo = tiling.halo(engine.model_cfg)
+        sides = [sum(hi - lo for lo, hi in (tiling.window(core, halo, n, engine.tile)
+                                            for core in tiling.axis_tiles(n, engine.tile)))
+                 for n in in_hw]
+        return sides[0] * sides[1] * self.encode_s + out_px * self.query_s
+
+
+def fit_grid(centres: int, runs: Sequence[tuple[int, float]]) -> tuple[float, float]:
+    """(centre_s, grid_s) from two grid-decoder runs [(output pixels, seconds)] over the
+    same `centres` LR pixels: seconds = centres x centre_s + pixels x grid_s, neither
+    rate negative (timing noise)."""
+    (p1, t1), (p2, t2) = runs[:2]
+    grid = max((t2 - t1) / (p2 - p1), 0.0)
+    centre = (t1 - grid * p1) / centres
+    if centre < 0:
+        centre, grid = 0.0, max(t1 / p1, t2 / p2)
+    return centre, grid
+
+
+def measure_cost(up: Any, lr_hw: tuple[int, int] = WARMUP_LR_HW) -> tuple[CostModel, float]:
+    """Warm up `up` and measure its `CostModel` -> (cost, seconds the warm-up took).
+
+    A random lr_hw input is encoded, then decoded to 4x x 2x (8 queries per LR pixel:
+    the per-query decoder on CPU, two chunks at 32 x 32), 4x and 8x (16 and 64: the
+    grid decoder, whose two rates these two give); each is run once to compile and
+    once timed. With the decoder forced (from_pretrained's method), the missing
+    rates are taken from the runs there are."""
+    e = up.engine
+    lr = np.random.default_rng(0).random((*lr_hw, 3), dtype=np.float32)
+    lr_px = lr_hw[0] * lr_hw[1]
+    t_start = time.perf_counter()
+
+    def timed(fn: Callable[[], Any]) -> float:
+        jax.block_until_ready(fn())  # compiles
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        return time.perf_counter() - t0
+
+    encode = timed(lambda: e.features(lr))
+    runs: dict[bool, list[tuple[int, float]]] = {True: [], False: []}
+    for sy, sx in ((4, 2), (4, 4), (8, 8)):
+        hw = (lr_hw[0] * sy, lr_hw[1] * sx)
+        seconds = timed(lambda: e(lr, hw, clamp=False))
+        runs[e.uses_grid(lr_hw, hw)].append((max(hw[0] * hw[1], e.chunk),
+                                             max(seconds - encode, 0.0)))
+    query = [t / px for px, t in runs[False]]
+    if len(runs[True]) >= 2:
+        centre, grid = fit_grid(lr_px, runs[True][-2:])
+    else:
+        centre, grid = 0.0, max(query)
+    cost = CostModel(encode_s=max(encode, 1e-6) / lr_px,
+                     query_s=max(query[-1] if query else grid + centre / 16, 1e-9),
+                     centre_s=centre, grid_s=max(grid, 1e-9), chunk=e.chunk)
+    return cost, time.perf_counter() - t_start
+
+
+def check_time(cost: Optional[CostModel], max_seconds: Optional[float], engine: Any,
+               in_hw: tuple[int, int], out_hw: tuple[int, int]) -> Optional[float]:
+    """The estimated seconds (None without a cost model); DemoError when over max_seconds."""
+    if cost is None:
+        return None
+    est = cost.seconds(engine, in_hw, out_hw)
+    if max_seconds and est > max_seconds:
+        raise DemoError(f"The output {out_hw[0]} x {out_hw[1]} (H x W) would take about "
+                        f"{est:.0f} s here, over this demo's limit of {max_seconds:g} s "
+                        "(--max_seconds): choose a smaller scale or size.")
+    return est
+
+
 @functools.lru_cache(maxsize=4)
 def tiled_engine(up: Any):
     """A `tiling.TiledUpscaler` sharing `up.engine`'s model and weights (built once per `up`)."""
@@ -136,7 +280,10 @@ def tiled_engine(up: Any):
 
 def upscale_pair(up: Any, image: Any, scale: float = 4.0, out_h: Optional[float] = None,
                  out_w: Optional[float] = None, *, max_memory_gb: float = 4.0,
-                 progress: Progress = None) -> tuple[np.ndarray, np.ndarray, dict]:
+                 progress: Progress = None, max_seconds: Optional[float] = None,
+                 cost: Optional[CostModel] = None,
+                 should_stop: Optional[Callable[[], bool]] = None,
+                 ) -> tuple[np.ndarray, np.ndarray, dict]:
     """MSIT and Pillow-bicubic upscales of one image to the same size.
 
     up: a `msit_jax.Upscaler`; image: (H, W, 3) uint8 RGB or a PIL image; the size is
@@ -146,6 +293,12 @@ def upscale_pair(up: Any, image: Any, scale: float = 4.0, out_h: Optional[float]
     'tile' (0: the encoder ran on the whole image) and 'decoder'.
     The encoder is tiled as the CLI's `--tile auto` does, to stay within
     max_memory_gb. progress(done, total) is called per decoded chunk.
+
+    Time: with a `cost` model, a job estimated over max_seconds is refused
+    (DemoError) before it runs ('estimate' in info: the estimated seconds); with
+    max_seconds, one still running after max_seconds is stopped at the next decoded
+    chunk (DemoError), and one whose should_stop() turns true raises `Cancelled`
+    there. The encoder of an untiled job and JIT compilation cannot be interrupted.
     """
 
     rgb = images.pil_to_rgb_uint8(image) if isinstance(image, Image.Image) else np.asarray(image)
@@ -156,16 +309,32 @@ def upscale_pair(up: Any, image: Any, scale: float = 4.0, out_h: Optional[float]
     check_memory(in_hw, hw, max_memory_gb)
     engine = copy.copy(tiled_engine(up))  # a per-call tile; the model is shared
     engine.tile = tiling.auto_tile(engine.model_cfg, in_hw, max_memory_gb * 2 ** 30)
+    estimate = check_time(cost, max_seconds, engine, in_hw, hw)
     t0 = time.perf_counter()
-    sr = engine(images.to_float(rgb), hw, clamp=False, progress=progress or False)
+
+    def on_chunk(done: int, total: int) -> None:
+        if should_stop is not None and should_stop():
+            raise Cancelled(f"after {done} of {total} chunks")
+        elapsed = time.perf_counter() - t0
+        if max_seconds and elapsed > max_seconds and done < total:
+            raise DemoError(f"Stopped after {elapsed:.0f} s ({done} of {total} chunks): "
+                            f"over this demo's limit of {max_seconds:g} s (--max_seconds). "
+                            "Choose a smaller scale or size.")
+        if progress:
+            progress(done, total)
+
+    tiled = 0 < engine.tile < max(in_hw)  # TiledUpscaler decodes tiles per query
+    watched = progress or max_seconds or should_stop is not None
+    sr = engine(images.to_float(rgb), hw, clamp=False, progress=on_chunk if watched else False)
     seconds = time.perf_counter() - t0
     if not np.isfinite(sr).all():
         raise DemoError("The model output has non-finite values: are the weights corrupt?")
     t0 = time.perf_counter()
     bicubic = images.resize_bicubic(rgb, hw)
     info = {"in_hw": in_hw, "out_hw": hw, "seconds": seconds,
-            "bicubic_seconds": time.perf_counter() - t0, "tile": engine.tile,
-            "decoder": "grid" if engine.uses_grid(in_hw, hw) else "query"}
+            "bicubic_seconds": time.perf_counter() - t0, "tile": engine.tile if tiled else 0,
+            "decoder": ("grid" if not tiled and engine.uses_grid(in_hw, hw) else "query"),
+            "estimate": estimate}
     return images.to_uint8(np.clip(sr, 0.0, 1.0)), bicubic, info
 
 
@@ -243,37 +412,96 @@ def _size_message(e: Exception, payload: Any) -> str:
     return f"The output height and width must be whole pixels >= 0, got {payload}."
 
 
-def make_handler(up: Any, out_dir: str, max_memory_gb: float):
+def client_gone() -> bool:
+    """Whether gradio has let go of the event this thread runs (its page was closed, or
+    it was cancelled); False outside a gradio event.
+
+    gradio 6 keeps running a synchronous handler whose client left: a closed page
+    only marks the event not alive, and /cancel (gradio_client's Job.cancel) cancels
+    the asyncio task awaiting the thread, which drops the event from the running jobs
+    and frees its concurrency slot. Both are seen here; queued events are simply
+    removed by gradio and never start. Reads gradio internals (pinned: gradio==6.31.0,
+    checked by tests/test_demo_load.py)."""
+    try:
+        from gradio.context import LocalContext
+
+        blocks, event_id = LocalContext.blocks.get(None), LocalContext.event_id.get(None)
+        if blocks is None or event_id is None or blocks._queue is None:
+            return False
+        for job in list(blocks._queue.active_jobs):
+            for event in job or ():
+                if event._id == event_id:
+                    return not event.alive
+    except Exception:  # noqa: BLE001 - another gradio: never cancel rather than always
+        return False
+    return True  # no longer running: its task was cancelled
+
+
+def log(message: str) -> None:
+    """One line on the server's stdout."""
+    print(f"msit-jax demo: {message}", flush=True)
+
+
+def make_handler(up: Any, out_dir: str, max_memory_gb: float, *,
+                 max_seconds: Optional[float] = None, cost: Optional[CostModel] = None):
     """The click handler: (upload path, scale, out_h, out_w) -> the page's outputs
-    (MSIT PNG, bicubic PNG, (bicubic, MSIT) for the slider, download path, info)."""
+    (MSIT PNG, bicubic PNG, (bicubic, MSIT) for the slider, download path, info).
+
+    Every failure reaches the page as a gr.Error with a message naming no server
+    path (`public_message`); an unexpected one as INTERNAL_ERROR, its traceback in
+    the server's log. Jobs hold a lock while they decode and upscale, so a job that
+    gradio let go of (see `client_gone`) still finishing its chunk never overlaps
+    the next one."""
     gr = import_gradio()
+    lock = threading.Lock()
+
+    def refuse(message: str) -> None:
+        raise gr.Error(public_message(message), print_exception=False)
 
     def run(path: Optional[str], scale: float, out_h: Optional[float], out_w: Optional[float],
             progress=gr.Progress()):
         if not path:
-            raise gr.Error("Upload an image first.", print_exception=False)
+            refuse("Upload an image first.")
         try:
-            rgb, note = read_upload(path)
-            progress(0.0, desc="encoding")
-            sr, bic, info = upscale_pair(
-                up, rgb, scale, out_h, out_w, max_memory_gb=max_memory_gb,
-                progress=lambda done, total: progress((done, total), desc="decoding",
-                                                      unit="chunks"))
+            while not lock.acquire(timeout=0.25):
+                if client_gone():
+                    raise Cancelled("while waiting for the model")
+            try:
+                rgb, note = read_upload(path)
+                progress(0.0, desc="encoding")
+                sr, bic, info = upscale_pair(
+                    up, rgb, scale, out_h, out_w, max_memory_gb=max_memory_gb,
+                    max_seconds=max_seconds, cost=cost, should_stop=client_gone,
+                    progress=lambda done, total: progress((done, total), desc="decoding",
+                                                          unit="chunks"))
+            finally:
+                lock.release()
+            stem = os.path.splitext(os.path.basename(path))[0][:64] or "image"
+            sr_path, bic_path = save_results(out_dir, stem, sr, bic)
         except DemoError as e:
-            raise gr.Error(str(e), print_exception=False) from None
+            log(f"refused: {public_message(e)}")
+            refuse(str(e))
+        except Cancelled as e:
+            log(f"cancelled {e} (the client left or cancelled)")
+            refuse(CANCELLED)
         except MemoryError:
-            raise gr.Error("Out of memory: choose a smaller scale or size.",
-                           print_exception=False) from None
-        stem = os.path.splitext(os.path.basename(path))[0][:64] or "image"
-        sr_path, bic_path = save_results(out_dir, stem, sr, bic)
+            log("refused: out of memory")
+            refuse("Out of memory: choose a smaller scale or size.")
+        except Exception:  # noqa: BLE001 - the page gets no details, the log all of them
+            log(f"internal error:\n{traceback.format_exc().rstrip()}")
+            refuse(INTERNAL_ERROR)
+        (h, w), (oh, ow) = info["in_hw"], info["out_hw"]
+        log(f"{h} x {w} -> {oh} x {ow} (H x W) in {info['seconds']:.2f} s")
         return sr_path, bic_path, (bic_path, sr_path), sr_path, format_info(info, note)
 
     return run
 
 
-def build_app(up: Any, out_dir: str, *, max_memory_gb: float = 4.0):
+def build_app(up: Any, out_dir: str, *, max_memory_gb: float = 4.0,
+              max_seconds: Optional[float] = None, cost: Optional[CostModel] = None):
     """The gradio Blocks page for the upscaler `up` (not launched); results go under out_dir.
-    Gradio's copies of them are deleted an hour after they were made, and at shutdown."""
+    Gradio's copies of them are deleted an hour after they were made, and at shutdown.
+    max_seconds, cost: the time limit (see `upscale_pair`)."""
     gr = import_gradio()
     with gr.Blocks(title="MSIT super-resolution", analytics_enabled=False,
                    delete_cache=(600, 3600)) as app:
@@ -301,7 +529,8 @@ def build_app(up: Any, out_dir: str, *, max_memory_gb: float = 4.0):
         with gr.Row():
             bic = gr.Image(label="Bicubic (Pillow)", format="png", interactive=False)
             sr = gr.Image(label="MSIT", format="png", interactive=False)
-        go.click(make_handler(up, out_dir, max_memory_gb), [inp, scale, out_h, out_w],
+        handler = make_handler(up, out_dir, max_memory_gb, max_seconds=max_seconds, cost=cost)
+        go.click(handler, [inp, scale, out_h, out_w],
                  [sr, bic, slider, download, info], api_name="upscale", concurrency_limit=1)
     return app
 
@@ -334,12 +563,20 @@ def define_flags(fv: flags.FlagValues) -> None:
                         "reads (.pth, .safetensors, a msit-jax checkpoint or training workdir, "
                         f"a bundled model name: {', '.join(weights.available())}). Default: "
                         f"the bundled {weights.DEFAULT}.", flag_values=fv)
-    flags.DEFINE_string("host", "127.0.0.1", "Address to listen on.", flag_values=fv)
+    flags.DEFINE_string("host", "127.0.0.1", "Address to listen on (default: this machine "
+                        "only; 0.0.0.0 serves every network the machine is on).",
+                        flag_values=fv)
     flags.DEFINE_integer("port", 7860, "Port to listen on.", flag_values=fv)
     flags.DEFINE_float("max_memory_gb", 4.0, "Memory budget per request: larger outputs are "
                        "refused, and the encoder is tiled to fit.", flag_values=fv)
     flags.DEFINE_float("max_file_mb", 50.0, "Largest upload.", flag_values=fv)
     flags.DEFINE_integer("chunk", None, "HR pixels per decoder call.", flag_values=fv)
+    flags.DEFINE_float("max_seconds", MAX_SECONDS, "Longest job: one estimated over it (from "
+                       "a warm-up run at start) is refused, one running past it is stopped "
+                       "at the next decoded chunk. 0: no limit and no warm-up.",
+                       flag_values=fv)
+    flags.DEFINE_integer("max_queue", MAX_QUEUE, "Most requests waiting for the model; "
+                         "later ones are refused until one finishes.", flag_values=fv)
 
 
 def _serve_checkpoint(fv: flags.FlagValues, positionals: Sequence[str]) -> int:
@@ -358,18 +595,31 @@ def _serve_checkpoint(fv: flags.FlagValues, positionals: Sequence[str]) -> int:
         print(f"error: {e}", file=sys.stderr)
         return errors.EXIT_USAGE
 
+    if fv.max_seconds < 0 or fv.max_queue < 1:
+        return errors.report(errors.UsageError(
+            f"--max_seconds must be >= 0 and --max_queue >= 1, got {fv.max_seconds:g} and "
+            f"{fv.max_queue}"))
     try:
         up = Upscaler.from_pretrained(fv.checkpoint, chunk=fv.chunk)
     except Exception as e:  # noqa: BLE001 - one line naming the checkpoint
         print(f"error: cannot load {fv.checkpoint}: {e}", file=sys.stderr)
         return errors.EXIT_FAILURE
+    cost = None
+    if fv.max_seconds:
+        cost, seconds = measure_cost(up)
+        log(f"warm-up {seconds:.1f} s: about {cost.encode_s * 1e6:.3g} s per LR megapixel "
+            f"encoded; decoded: {cost.query_s * 1e6:.3g} s per output megapixel (query "
+            f"decoder), {cost.centre_s * 1e6:.3g} s per LR megapixel + "
+            f"{cost.grid_s * 1e6:.3g} s per output megapixel (grid decoder)")
     # Results beside gradio's own files (GRADIO_TEMP_DIR when set), removed at exit.
     base = os.environ.get("GRADIO_TEMP_DIR") or None
     if base:
         os.makedirs(base, exist_ok=True)
     out_dir = tempfile.mkdtemp(prefix="msit-demo-", dir=base)
     try:
-        return serve(build_app(up, out_dir, max_memory_gb=fv.max_memory_gb), fv)
+        app = build_app(up, out_dir, max_memory_gb=fv.max_memory_gb,
+                        max_seconds=fv.max_seconds or None, cost=cost)
+        return serve(app, fv)
     finally:
         shutil.rmtree(out_dir, ignore_errors=True)
 
@@ -383,7 +633,10 @@ def _interrupt(signum: int, frame: Any) -> None:
 
 def serve(app: Any, args: flags.FlagValues) -> int:
     """Launch the page, print where it listens, and block until Ctrl+C or SIGTERM."""
-    app.queue(max_size=16)
+    # Every request through the queue (api_open=False: gradio would otherwise run
+    # POST /gradio_api/run/upscale beside it), one at a time, at most max_queue waiting.
+    app.queue(max_size=getattr(args, "max_queue", MAX_QUEUE), default_concurrency_limit=1,
+              api_open=False)
     try:
         _, url, _ = app.launch(server_name=args.host, server_port=args.port, quiet=True,
                                prevent_thread_lock=True, show_error=False, ssr_mode=False,

@@ -119,6 +119,49 @@ def test_bad_requests_are_readable(tmp_path, woman_lr, monkeypatch):
     assert demo.read_upload(str(tmp_path / "a.png"))[1] == "alpha channel dropped"
 
 
+def test_running_jobs_stop_at_a_chunk_boundary(up, woman_lr):
+    """x2 of 86 x 57 decodes 5 chunks of 4096 queries: a job whose client left (should_stop)
+    or that ran past max_seconds stops at the next one."""
+    answers = iter([False, True])
+    with pytest.raises(demo.Cancelled, match="after 2 of 5 chunks"):
+        demo.upscale_pair(up, woman_lr, 2.0, should_stop=lambda: next(answers))
+    with pytest.raises(demo.DemoError, match=r"Stopped after 0 s \(1 of 5 chunks\): over "
+                                             r"this demo's limit of 1e-09 s"):
+        demo.upscale_pair(up, woman_lr, 2.0, max_seconds=1e-9)
+    # refused before it runs when estimated over the limit; the estimate is in info
+    cost = demo.CostModel(encode_s=1e-6, query_s=1e-6, centre_s=0.0, grid_s=1e-6,
+                          chunk=4096)
+    with pytest.raises(demo.DemoError, match=r"would take about 4 s here, over this demo's "
+                                             r"limit of 3 s"):
+        demo.upscale_pair(up, woman_lr, 30.0, max_seconds=3, cost=cost)
+    _, _, info = demo.upscale_pair(up, woman_lr, 1.5, max_seconds=60, cost=cost)
+    assert info["estimate"] == pytest.approx((86 * 57 + 129 * 86) * 1e-6)
+
+
+def test_internal_errors_show_no_details(tmp_path, woman_lr, capsys):
+    """An unexpected failure reaches the page as one fixed sentence; its traceback and
+    the paths in it go to the server's log."""
+    import gradio as gr
+
+    class Broken:
+        @property
+        def engine(self):
+            raise RuntimeError(f"cannot read {tmp_path}/weights.bin")
+
+    upload = tmp_path / "woman.png"
+    Image.fromarray(woman_lr).save(upload)
+    run = demo.make_handler(Broken(), str(tmp_path / "out"), 4.0)
+    with pytest.raises(gr.Error) as e:
+        run(str(upload), 2.0, 0, 0)
+    assert e.value.message == demo.INTERNAL_ERROR and str(tmp_path) not in e.value.message
+    log = capsys.readouterr().out
+    assert "msit-jax demo: internal error" in log and "Traceback" in log
+    assert f"{tmp_path}/weights.bin" in log
+    with pytest.raises(gr.Error) as e:
+        run(None, 2.0, 0, 0)
+    assert e.value.message == "Upload an image first."
+
+
 def test_page_components(up, tmp_path):
     """The page's inputs and outputs, the upscale endpoint (four inputs, five outputs);
     building it writes nothing beside the module (gradio does for component subclasses)."""
