@@ -246,13 +246,16 @@ def write_stablehlo(out: str, model_cfg: ml_collections.ConfigDict, variables: A
         spec((1, h, w, dim), f32), spec((1, h, w, dim), f32), spec((1, h, w, 3), f32),
         spec((1, chunk, 2), f32), spec((1, chunk, 2, k), jnp.int32),
         spec((1, chunk, 2, k), f32), spec((1, 2), f32))
-    files = []
+    files, digests = [], {}
     for name, prog in ((exported.ENCODER_FILE, enc), (exported.DECODER_FILE, dec)):
         files.append(os.path.join(out, name))
+        data = prog.serialize()
+        digests[name] = exported.file_record(data)
         with open(files[-1], "wb") as f:
-            f.write(prog.serialize())
+            f.write(data)
     meta = {
         "format": exported.FORMAT, "version": exported.VERSION,
+        "files": digests,  # sizes and sha256: the loader detects a truncated or altered program
         "platforms": list(enc.platforms), "chunk": chunk, "radius": model_cfg.radius,
         "dim": dim, "layout": layout_name(model_cfg), "jax_version": jax.__version__,
         "model_config": json.loads(model_dir.config_to_json(model_cfg)),

@@ -9,7 +9,8 @@ The folder holds two serialised `jax.export` programs and `export.json`:
                      -> (feat_q, feat_v), each (1, h, w, dim)
   decoder.jaxexport  (feat_q, feat_v, inp, coord (1, C, 2), key_idx (1, C, 2, 2r+1) int32,
                      rel (1, C, 2, 2r+1), rel_cell (1, 2)) -> (1, C, 3), C = the fixed chunk
-  export.json        format, chunk, radius, platforms, the model config
+  export.json        format, version, chunk, radius, dim, platforms, files (each
+                     program's size and sha256), the model config
 
 The weights are constants inside the programs. This runner needs JAX, numpy and
 the host-side query geometry (`msit_jax.geometry`) only: it imports neither
@@ -19,7 +20,8 @@ Flax nor the model. The programs were lowered for several platforms at once
 `load` checks the folder before running anything: export.json's fields (present,
 typed, in range) and their agreement with the programs' own shapes (chunk is the
 decoder's query dimension, 2 * radius + 1 its key dimension, dim the encoder's
-feature width), and each file (missing, empty, truncated, not deserialisable). A
+feature width), and each file (missing, empty, truncated, not deserialisable, or
+of another size or sha256 than export.json's 'files' records). A
 failure is one `ArtifactError` (a `msit_jax.errors.CheckpointError`, exit code 5)
 naming the file and the field; ArtifactError is never raised for a folder that
 `python -m msit_jax.export` wrote completely. An interrupted export leaves no
@@ -28,9 +30,11 @@ folder under the output's name (it is written beside it and renamed when done).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-from typing import Any
+import re
+from typing import Any, Optional
 
 import jax
 import numpy as np
@@ -106,14 +110,33 @@ def read_meta(folder: str) -> dict[str, Any]:
            required=False)
     _field(meta, path, "platforms", lambda v: isinstance(v, list) and v and all(
         isinstance(p, str) for p in v), "a non-empty list of platform names", required=False)
+    files = _field(meta, path, "files", lambda v: isinstance(v, dict), "an object "
+                   f"{{{ENCODER_FILE!r}: {{'bytes', 'sha256'}}, {DECODER_FILE!r}: ...}}",
+                   required=False)
+    for name in (ENCODER_FILE, DECODER_FILE) if files is not None else ():
+        _field(files, path, name, lambda v: isinstance(v, dict) and _is_int(v.get("bytes"))
+               and v["bytes"] >= 1 and isinstance(v.get("sha256"), str)
+               and re.fullmatch("[0-9a-f]{64}", v["sha256"]) is not None,
+               "{'bytes': an integer >= 1, 'sha256': 64 hex digits} (field 'files')")
     return meta
 
 
-def read_program(path: str) -> export.Exported:
+def file_record(data: bytes) -> dict[str, Any]:
+    """export.json's record of a program file: {'bytes': size, 'sha256': hex digest}."""
+    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def read_program(path: str, record: Optional[dict[str, Any]] = None) -> export.Exported:
     """A serialised `jax.export` program; ArtifactError when missing, empty, truncated
-    or not deserialisable (nothing is allocated but the file's own bytes)."""
+    or not deserialisable (nothing is allocated but the file's own bytes). record:
+    export.json's {'bytes', 'sha256'} for the file (exports since it was added): a
+    different size (checked before reading) or digest is refused too."""
     if not os.path.isfile(path):
         raise artifact_error(path, "missing: the StableHLO export is incomplete")
+    meta_name = f"{META_FILE} 'files'"
+    if record is not None and os.path.getsize(path) != record["bytes"]:
+        raise artifact_error(path, f"is {os.path.getsize(path)} bytes but {meta_name} says "
+                             f"{record['bytes']} (truncated or replaced: re-export it)")
     try:
         with open(path, "rb") as f:
             data = bytearray(f.read())
@@ -121,6 +144,9 @@ def read_program(path: str) -> export.Exported:
         raise artifact_error(path, "cannot be read", e) from e
     if not data:
         raise artifact_error(path, "is empty (an interrupted export?)")
+    if record is not None and hashlib.sha256(data).hexdigest() != record["sha256"]:
+        raise artifact_error(path, f"its sha256 is not the one in {meta_name} (corrupt or "
+                             "modified: re-export it)")
     try:
         return export.deserialize(data)
     except Exception as e:  # noqa: BLE001 - struct.error, IndexError, ...: a bad file
@@ -211,8 +237,9 @@ class ExportedUpscaler(ImageUpscaler):
     def __init__(self, folder: str):
         self.folder = folder
         self.meta = read_meta(folder)
-        self.encoder = read_program(os.path.join(folder, ENCODER_FILE))
-        self.decoder = read_program(os.path.join(folder, DECODER_FILE))
+        files = self.meta.get("files", {})
+        self.encoder = read_program(os.path.join(folder, ENCODER_FILE), files.get(ENCODER_FILE))
+        self.decoder = read_program(os.path.join(folder, DECODER_FILE), files.get(DECODER_FILE))
         check_programs(folder, self.meta, self.encoder, self.decoder)
         self.chunk = int(self.meta["chunk"])
         self.radius = int(self.meta["radius"])

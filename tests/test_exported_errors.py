@@ -48,12 +48,15 @@ def fake_stablehlo(folder: str, chunk: int = CHUNK, radius: int = RADIUS, dim: i
                             spec((1, h, w, 3), f32), spec((1, chunk, 2), f32),
                             spec((1, chunk, 2, k), jnp.int32), spec((1, chunk, 2, k), f32),
                             spec((1, 2), f32))
+    files = {}
     for name, prog in ((exported.ENCODER_FILE, enc), (exported.DECODER_FILE, dec)):
+        data = prog.serialize()
+        files[name] = exported.file_record(data)
         with open(os.path.join(folder, name), "wb") as f:
-            f.write(prog.serialize())
+            f.write(data)
     with open(os.path.join(folder, exported.META_FILE), "w") as f:
         json.dump({"format": exported.FORMAT, "version": exported.VERSION, "platforms": ["cpu"],
-                   "chunk": chunk, "radius": radius, "dim": dim}, f)
+                   "chunk": chunk, "radius": radius, "dim": dim, "files": files}, f)
     return folder
 
 
@@ -159,9 +162,14 @@ def test_oversized_export_json_is_refused_unread(export_copy):
     refused(export_copy, exported.META_FILE, "bytes, over the")
 
 
+@pytest.mark.parametrize("records", [True, False], ids=["with-files", "without-files"])
 @pytest.mark.parametrize("file", [exported.ENCODER_FILE, exported.DECODER_FILE])
 @pytest.mark.parametrize("damage", ["half", "head", "empty", "missing", "garbage"])
-def test_damaged_program_is_one_typed_error(export_copy, file, damage):
+def test_damaged_program_is_one_typed_error(export_copy, file, damage, records):
+    """With export.json's 'files' records (sizes, sha256) the size is checked before the
+    file is read; without them (a hand-made folder) deserialisation fails alone."""
+    if not records:
+        edit_meta(export_copy, files=None)
     path = os.path.join(export_copy, file)
     if damage == "half":
         truncate(path, 0.5)
@@ -174,7 +182,41 @@ def test_damaged_program_is_one_typed_error(export_copy, file, damage):
     else:
         write(path, os.urandom(4096))
     needle = {"empty": "is empty", "missing": "missing"}.get(damage, "cannot be deserialised")
+    if records and damage != "missing":
+        needle = "bytes but export.json 'files' says"
     refused(export_copy, file, needle)
+
+
+@pytest.mark.parametrize("file", [exported.ENCODER_FILE, exported.DECODER_FILE])
+def test_recorded_size_and_digest_catch_what_deserialises(good_export, export_copy, file):
+    """Cutting a program's last bytes (its trailing name string) or flipping bytes in its
+    constants still deserialises and runs: export.json's 'files' catches both."""
+    path = os.path.join(export_copy, file)
+    with open(path, "rb") as f:
+        data = f.read()
+    write(path, data[:-10])
+    edit_meta(export_copy, files=None)
+    exported.load(export_copy)  # no record: nothing to tell
+    with open(os.path.join(good_export, exported.META_FILE)) as f:
+        edit_meta(export_copy, files=json.load(f)["files"])  # the records of the whole files
+    refused(export_copy, file, f"is {len(data) - 10} bytes but export.json 'files' says "
+            f"{len(data)}")
+    flipped = bytearray(data)
+    flipped[len(data) // 2] ^= 0xFF
+    write(path, bytes(flipped))
+    refused(export_copy, file, "its sha256 is not the one in export.json 'files'")
+
+
+@pytest.mark.parametrize("files, needle", [
+    ("all", "field 'files' is 'all'"),
+    ({}, "field 'encoder.jaxexport' is missing"),
+    ({"encoder.jaxexport": {"bytes": 1, "sha256": "0" * 64}, "decoder.jaxexport": {"bytes": 0,
+      "sha256": "0" * 64}}, "field 'decoder.jaxexport' is {'bytes': 0"),
+    ({"encoder.jaxexport": {"bytes": 1, "sha256": "xyz"}}, "field 'encoder.jaxexport' is"),
+])
+def test_malformed_file_records_are_refused(export_copy, files, needle):
+    edit_meta(export_copy, files=files)
+    refused(export_copy, exported.META_FILE, needle)
 
 
 def test_missing_export_json_and_missing_folder(export_copy, tmp_path):
@@ -190,6 +232,8 @@ def test_swapped_or_foreign_programs_are_refused(good_export, export_copy, tmp_p
     os.rename(enc, enc + ".x")
     os.rename(dec, enc)
     os.rename(enc + ".x", dec)
+    refused(export_copy, exported.ENCODER_FILE, "bytes but export.json 'files' says")
+    edit_meta(export_copy, files=None)  # without the records: the programs' interfaces
     refused(export_copy, exported.ENCODER_FILE, "is not an MSIT encoder program")
     # this encoder (dim 4) with the decoder of another export (dim 6)
     other = fake_stablehlo(str(tmp_path / "other"), dim=6)
