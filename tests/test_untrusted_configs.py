@@ -167,6 +167,26 @@ def test_a_malformed_safetensors_header_is_a_checkpoint_error(tmp_path):
     assert_refused(lambda: pretrained.load(path), path, "do not hold F32 [1000000000000, 32")
 
 
+def test_empty_tensors_bound_nothing(tmp_path, nothing_built):
+    """A (10**9, 0, 1, 1) conv_ch.weight holds no bytes: its width cannot vouch for
+    dim=10**9 (the LEM mask alone would be 36 GB)."""
+    sd, meta = pretrained.read_safetensors(BUNDLED)
+    cfg = json.loads(meta[pretrained.META_CONFIG])
+    cfg["dim"] = 10 ** 9
+    meta[pretrained.META_CONFIG] = json.dumps(cfg)
+    sd["conv_ch.weight"] = np.zeros((10 ** 9, 0, 1, 1), np.float32)
+    header, chunks, pos = {"__metadata__": meta}, [], 0
+    for k, a in sd.items():
+        b = np.ascontiguousarray(a).tobytes()
+        code = {"float32": "F32", "int64": "I64"}[str(a.dtype)]
+        header[k] = {"dtype": code, "shape": list(a.shape), "data_offsets": [pos, pos + len(b)]}
+        chunks.append(b)
+        pos += len(b)
+    path = write_raw_safetensors(tmp_path / "empty.safetensors", header, b"".join(chunks))
+    assert_refused(lambda: pretrained.load(path), path,
+                   "conv_ch.weight (1000000000, 0, 1, 1) is empty")
+
+
 # --------------------------------------------------------------------- slow: files, CLIs
 
 @pytest.fixture(scope="module")

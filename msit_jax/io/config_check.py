@@ -243,6 +243,12 @@ def mismatches(model_cfg: ml_collections.ConfigDict, tensors: Mapping[str, Tenso
                            f"tensors hold {fan_in} ({label(first)})"
                            + (f", which is radius {implied}" if implied is not None else ""))
 
+    # ---- no variable is empty (every size field is positive): a (10**9, 0, 1, 1)
+    # tensor holds no bytes, so its widths would bound nothing
+    empty = next((t for _, t in sorted(tensors.items()) if 0 in t.shape), None)
+    if empty is not None:
+        out.append(f"{empty.label} is empty: no MSIT tensor is, so its sizes bound nothing")
+
     # ---- dtypes: weights are floating point, BatchNorm counters integers
     for key in sorted(tensors):
         t = tensors[key]

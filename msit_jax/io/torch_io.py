@@ -154,6 +154,14 @@ def _get(tree: Mapping, path: tuple[str, ...]):
 _RGB_MEAN = np.array([0.4488, 0.4371, 0.4040], np.float32)
 
 
+def _extra_keys(model_cfg) -> set[str]:
+    """The names of `_known_extras` (without building their values)."""
+    keys = {"amsno.lem.mask", "amsno.lem.mix_margin"}
+    if model_cfg.encoder == "edsr-baseline":
+        keys |= {f"encoder.{m}.{p}" for m in ("sub_mean", "add_mean") for p in ("weight", "bias")}
+    return keys
+
+
 def _known_extras(model_cfg) -> dict[str, np.ndarray]:
     """Official constant tensors with no variable here; a checkpoint must hold these values."""
     extras = {"amsno.lem.mask": lem_mask(model_cfg.dim)[:, None],
@@ -185,18 +193,20 @@ def state_dict_to_variables(state_dict: Mapping[str, np.ndarray],
     """
     sd = strip_prefix(state_dict)
     entries = layout(model_cfg)
-    extras = _known_extras(model_cfg)
     expected = {e["torch_key"] for e in entries}
     missing = sorted(expected - sd.keys())
     unexpected = sorted(k for k in sd.keys() - expected
-                        if k not in extras and not k.endswith(".num_batches_tracked"))
+                        if k not in _extra_keys(model_cfg)
+                        and not k.endswith(".num_batches_tracked"))
     bad_shape = [f"{e['torch_key']}: checkpoint {tuple(np.shape(sd[e['torch_key']]))}, "
                  f"model {e['torch_shape']}"
                  for e in entries if e["torch_key"] in sd
                  and tuple(np.shape(sd[e["torch_key"]])) != e["torch_shape"]]
-    bad_value = [k for k, want in extras.items()
-                 if k in sd and (np.shape(sd[k]) != want.shape
-                                 or not np.allclose(sd[k], want, rtol=0, atol=1e-6))]
+    bad_value = []
+    if not missing and not bad_shape:  # dim is the stored tensors': the constants are that big
+        bad_value = [k for k, want in _known_extras(model_cfg).items()
+                     if k in sd and (np.shape(sd[k]) != want.shape
+                                     or not np.allclose(sd[k], want, rtol=0, atol=1e-6))]
     problems = []
     if missing:
         problems.append(f"missing keys ({len(missing)}): {', '.join(missing)}")
