@@ -7,9 +7,11 @@ Layout:
   DIR/model_config.json   the model config (ml_collections, as JSON)
   DIR/variables/          Orbax StandardCheckpointer tree {'params', 'frozen', 'batch_stats'}
 
-Loading validates what it reads: the config's fields and values, every
-variable's presence and shape against the config, and that every value is
-finite; a problem raises `CheckpointError` naming the file (one line).
+Loading validates what it reads: the config's fields and values; the config's
+sizes against the arrays the Orbax metadata describes, before anything is restored
+or built (`msit_jax.io.config_check`); every variable's presence and shape against
+the config, and that every value is finite; a problem raises `CheckpointError`
+naming the file (one line).
 
 Not to be confused with a training workdir (train state, optimizer and data
 iterator state at several steps): `msit_jax.io.workdir` reads its model,

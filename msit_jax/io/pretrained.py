@@ -16,6 +16,13 @@ Accepted sources:
     "msit-lite"), used when no file or folder of that name exists: a real path
     always wins.
 
+A model config read from a file is untrusted: before any model is built or any
+array allocated for it, it is checked against the tensors the file holds (the
+safetensors header, the Orbax metadata of a checkpoint directory, the .pth state
+dict; `msit_jax.io.config_check`). A config asking for more blocks, wider layers or
+a larger neighbourhood than the tensors hold is a CheckpointError (exit 5) naming the
+file and the first mismatching fields.
+
 PyTorch is needed only for `.pth` files (`pip install -r requirements-torch.txt`);
 safetensors files are read with numpy (`read_safetensors`): no extra package.
 """
