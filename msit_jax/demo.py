@@ -3,6 +3,7 @@
     pip install -r requirements-demo.txt
     python -m msit_jax.demo                              # the bundled msit-lite weights
     python -m msit_jax.demo --checkpoint epoch-best.pth [--port 7860] [--host 127.0.0.1]
+        [--max_seconds 180] [--max_queue 16] [--max_memory_gb 4] [--max_file_mb 50]
 
 The checkpoint is anything `msit_jax.Upscaler.from_pretrained` reads; without
 --checkpoint the demo serves the weights bundled with the package, msit-lite
@@ -347,6 +348,8 @@ def format_info(info: dict, note: str = "") -> str:
              f"**MSIT: {info['seconds']:.2f} s** ({info['decoder']} decoder, {tile}; the "
              "first run at a new size includes JIT compilation) · bicubic: "
              f"{info['bicubic_seconds'] * 1000:.0f} ms"]
+    if info.get("estimate") is not None:
+        lines[-1] += f" · estimated beforehand: {info['estimate']:.1f} s"
     if note:
         lines.append(f"Note: {note}.")
     return "\n\n".join(lines)
@@ -491,7 +494,8 @@ def make_handler(up: Any, out_dir: str, max_memory_gb: float, *,
             log(f"internal error:\n{traceback.format_exc().rstrip()}")
             refuse(INTERNAL_ERROR)
         (h, w), (oh, ow) = info["in_hw"], info["out_hw"]
-        log(f"{h} x {w} -> {oh} x {ow} (H x W) in {info['seconds']:.2f} s")
+        estimate = "" if info["estimate"] is None else f" (estimated {info['estimate']:.2f} s)"
+        log(f"{h} x {w} -> {oh} x {ow} (H x W) in {info['seconds']:.2f} s{estimate}")
         return sr_path, bic_path, (bic_path, sr_path), sr_path, format_info(info, note)
 
     return run
