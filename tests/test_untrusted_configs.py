@@ -114,6 +114,9 @@ def test_hostile_safetensors_config_is_refused_before_anything_is_built(
     msg = assert_refused(lambda: pretrained.load(path), path, *needles)
     assert "the tensors do not match" in msg
     assert_refused(lambda: Upscaler.from_pretrained(path), path, *needles)
+    import msit_jax.pretrained  # the README's public name
+
+    assert_refused(lambda: msit_jax.pretrained.load(path), path, *needles)
     hub = tmp_path / "hub"
     hub.mkdir()
     shutil.copy(path, hub / pretrained.SAFETENSORS_FILE)  # a model-hub folder

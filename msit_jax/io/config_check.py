@@ -96,6 +96,8 @@ def official_names(tree: Mapping[str, Any]) -> dict[str, Tensor]:
 
     out = {}
     for path, leaf in _leaves(tree):
+        if leaf is None:  # an empty collection, as some metadata trees write it
+            continue
         shape = tuple(int(d) for d in getattr(leaf, "shape", ()) or ())
         dtype = getattr(leaf, "dtype", type(leaf).__name__)
         flax_name = "/".join(path)
