@@ -1,6 +1,6 @@
 """Nothing lost, nothing hung, round 2 (issue 21): unreadable auxiliary files never block
-training; SIGTERM during the first compilation, validation and the end-of-run demo
-stops cleanly (143) and resumes; a multi-process run whose peer dies ends in bounded
+training; SIGTERM during set-up, the first step's compilation, validation and the
+end-of-run demo stops cleanly (143) and resumes; a multi-process run whose peer dies ends in bounded
 time with one line.
 """
 
@@ -173,6 +173,42 @@ def test_sigterm_during_the_first_compilation_saves_step_1_and_resumes(lone_run,
     _assert_resumes_to_the_end(wd, load_config(), lone_run)
 
 
+class Killed(Exception):
+    pass
+
+
+def _caller_handler(signum, frame):  # what a SIGTERM the run does not handle reaches
+    raise Killed("SIGTERM reached the caller: the run was not handling it")
+
+
+@pytest.mark.slow
+def test_sigterm_during_set_up_exits_143_before_the_first_step(lone_run, tmp_path,
+                                                               monkeypatch):
+    """SIGTERM while the run initialises (here: as the model init is compiled, the run's
+    first compilation) used to kill the process (-15, no message): now the set-up
+    finishes, nothing is trained or saved, TrainingInterrupted (143), and the same
+    command then trains to the end."""
+    real = loop.init_variables
+
+    def signalled(*a, **kw):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(loop, "init_variables", signalled)
+    previous = signal.signal(signal.SIGTERM, _caller_handler)
+    wd = str(tmp_path / "run")
+    try:
+        with pytest.raises(errors.TrainingInterrupted) as e:
+            train_and_evaluate(load_config(), wd)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert e.value.exit_code == 143 and e.value.step == 0 and e.value.checkpoint is None
+    assert "interrupted by SIGTERM at step 0" in str(e.value)
+    assert os.listdir(os.path.join(wd, "checkpoints")) == []
+    monkeypatch.setattr(loop, "init_variables", real)
+    _assert_resumes_to_the_end(wd, load_config(), lone_run)
+
+
 @pytest.mark.slow
 def test_sigterm_during_validation_saves_unvalidated_and_resumes(lone_run, tmp_path,
                                                                  monkeypatch):
@@ -213,14 +249,8 @@ def test_sigterm_during_the_demo_exits_143_and_the_resume_redoes_it(lone_run, tm
             os.kill(os.getpid(), signal.SIGTERM)
         return real(*a, **kw)
 
-    class Killed(Exception):
-        pass
-
-    def caller_handler(signum, frame):  # what a SIGTERM the run does not handle reaches
-        raise Killed("SIGTERM reached the caller: the demo ran without the stop signals")
-
     monkeypatch.setattr(loop, "_validation_scores", signalled)
-    previous = signal.signal(signal.SIGTERM, caller_handler)
+    previous = signal.signal(signal.SIGTERM, _caller_handler)
     wd = str(tmp_path / "run")
     try:
         with pytest.raises(errors.TrainingInterrupted) as e:
