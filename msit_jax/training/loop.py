@@ -16,9 +16,16 @@ Nothing lost, nothing silent:
   * a step with a non-finite loss, gradient or weight stops the run with one
     line naming the step, the quantity and the last good checkpoint, and is
     never saved (or, with `skip_nonfinite_steps`, is skipped);
+  * one trainer per workdir: the run holds `WORKDIR/.lock` (`training.lock`);
+    a second one fails at once with `WorkdirBusy`, having written nothing;
+  * unreadable metrics or config records are set aside, never an error
+    (`metrics`, `run_config`);
   * SIGTERM / SIGINT save a checkpoint at the current step and stop
     (`TrainingInterrupted`), within `preemption_grace_s`; handlers are installed
-    for the loop only and restored afterwards.
+    from the lock to the end of the demo (set-up, compilation, validation, demo)
+    and restored afterwards;
+  * multi-process: a peer that dies or hangs makes the others exit within
+    `distributed.heartbeat_timeout_s` (`training.peers`, `PeerLost`).
 """
 
 from __future__ import annotations
