@@ -176,6 +176,11 @@ def _write(f: flags.FlagValues, src: str, dst: str) -> int:
         try:
             model_dir.save_model(tmp, cfg, variables)
             commit_partial(tmp, dst, last=model_dir.CONFIG_FILE)
+        except (errors.OutputError, OSError) as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            # Name the destination the user gave, not the hidden partial folder.
+            reason = errors.describe(e).replace(tmp, dst)
+            raise errors.OutputError(f"{dst}: cannot be written: {reason}") from e
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
