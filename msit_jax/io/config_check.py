@@ -37,6 +37,7 @@ from typing import Any, Iterable, Mapping, NamedTuple, Optional
 import ml_collections
 
 from msit_jax.errors import CheckpointError, one_line
+from msit_jax.io.torch_io import flax_to_torch_key, torch_shape, variable_kind
 
 # How many mismatching fields a message lists.
 MAX_REPORTED = 3
@@ -92,8 +93,6 @@ def official_names(tree: Mapping[str, Any]) -> dict[str, Tensor]:
     """A Flax variable tree {'params', 'frozen', 'batch_stats'} of arrays, shape structs
     or Orbax ArrayMetadata -> {official name: Tensor} (shapes in the official layout;
     a path with no official name keeps its Flax path)."""
-    from msit_jax.io.torch_io import flax_to_torch_key, torch_shape, variable_kind
-
     out = {}
     for path, leaf in _leaves(tree):
         if leaf is None:  # an empty collection, as some metadata trees write it
