@@ -270,9 +270,11 @@ def test_sigterm_during_the_demo_exits_143_and_the_resume_redoes_it(lone_run, tm
 
 class FakeKV:
     def __init__(self):
-        self.data, self.down = {}, False
+        self.data, self.down, self.frozen = {}, False, threading.Event()
 
     def key_value_set(self, key, value, allow_overwrite=False):
+        if self.frozen.is_set():  # process 0 stopped (SIGSTOP): the call never returns
+            threading.Event().wait(30)
         if self.down:
             raise RuntimeError("UNAVAILABLE: failed to connect")
         self.data[key] = value
@@ -298,7 +300,7 @@ def test_peer_watchdog_exits_for_a_silent_peer_and_not_for_a_live_one():
     w, out, done = _watch(kv)
     w.start()
     t0 = time.monotonic()
-    while time.monotonic() - t0 < 0.3:  # a live peer: its counter moves
+    while time.monotonic() - t0 < 0.2:  # a live peer: its counter moves
         kv.key_value_set(peers.KEY.format(index=1), str(time.monotonic()))
         time.sleep(0.01)
     assert not out
@@ -309,15 +311,19 @@ def test_peer_watchdog_exits_for_a_silent_peer_and_not_for_a_live_one():
     w, out, done = _watch(kv)
     w.start()
     kv.key_value_set(peers.KEY.format(index=1), peers.DONE)
-    time.sleep(0.3)
+    time.sleep(0.25)
     assert not out
     w.finish(True)
     assert kv.data[peers.KEY.format(index=0)] == peers.DONE
-    kv = FakeKV()  # the coordination service gone
-    w, out, done = _watch(kv)
-    w.start()
-    kv.down = True
-    assert done.wait(2) and "coordination service (process 0) has not answered" in out[0]
+    for how in ("down", "frozen"):  # the coordination service gone, or never answering
+        kv = FakeKV()
+        w, out, done = _watch(kv)
+        w.start()
+        if how == "down":
+            kv.down = True
+        else:
+            kv.frozen.set()
+        assert done.wait(2) and "coordination service (process 0) has not answered" in out[0]
 
 
 def test_collective_failures_from_a_lost_peer_become_peer_lost(monkeypatch):

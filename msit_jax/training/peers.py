@@ -7,12 +7,15 @@ also runs a `PeerWatchdog`: a thread that, every `interval_s`, bumps its own
 counter in the coordination service's key-value store and reads the others'.
 A peer whose counter has not moved for `timeout_s` (config:
 `distributed.heartbeat_timeout_s`, default 100 s), a peer that says it failed,
-or a coordination service that cannot be reached for `timeout_s` (process 0
-is gone) makes the process print one line (`error: ...`) and exit with
+or a coordination service that has not answered for `timeout_s` (process 0
+gone or frozen: a second thread watches the first's calls) makes the process print one line (`error: ...`) and exit with
 `EXIT_PEER` (10) at once, without saving: a multi-process checkpoint needs
 every process, and the last complete one is kept (Orbax commits a step by
 renaming it). jax's own heartbeat timeout is set to `2 * timeout_s + 10` s, a
-backstop that should never fire first.
+backstop that should never fire first; when process 0 dies outright, though,
+jax's client in each survivor notices at once and ends it with its own message
+(`Terminating process because the JAX distributed service detected fatal
+errors`, exit 134), which Python cannot intercept.
 
 A peer killed outright is usually noticed sooner, by the next collective
 failing (`msit_jax.training.loop.peer_lost`). A process that finishes (or stops
@@ -59,21 +62,35 @@ class PeerWatchdog:
         self.client = client if client is not None else _client()
         self._exit = exit_fn or _exit_now
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True,
-                                        name="msit-peer-watchdog")
+        self._failing = threading.Lock()
+        self._last_ok = time.monotonic()
+        self._threads = [threading.Thread(target=self._run, daemon=True,
+                                          name="msit-peer-watchdog"),
+                         threading.Thread(target=self._monitor, daemon=True,
+                                          name="msit-peer-watchdog-monitor")]
 
     def start(self) -> "PeerWatchdog":
-        self._publish("0")
-        self._thread.start()
+        """Start watching (no call to the service here: it may already be frozen)."""
+        self._last_ok = time.monotonic()
+        for t in self._threads:
+            t.start()
         return self
 
-    def finish(self, ok: bool, why: str = "") -> None:
-        """Stop watching and tell the peers (done, or failed with `why`)."""
+    def finish(self, ok: bool, why: str = "", wait_s: float = 2.0) -> None:
+        """Stop watching and tell the peers (done, or failed with `why`); waits at most
+        `wait_s` for the service."""
         self._stop.set()
-        try:
-            self._publish(DONE if ok else FAILED + one_line(why, 300))
-        except Exception:  # noqa: BLE001 - the service may be gone already
-            pass
+        value = DONE if ok else FAILED + one_line(why, 300)
+
+        def tell():
+            try:
+                self._publish(value)
+            except Exception:  # noqa: BLE001 - the service may be gone already
+                pass
+
+        t = threading.Thread(target=tell, daemon=True, name="msit-peer-watchdog-finish")
+        t.start()
+        t.join(wait_s)
 
     def _publish(self, value: str) -> None:
         self.client.key_value_set(KEY.format(index=self.index), value, allow_overwrite=True)
@@ -87,26 +104,20 @@ class PeerWatchdog:
             raise
 
     def _run(self) -> None:
+        """The beats: publish, read the peers, judge them."""
         now = time.monotonic()
         seen: dict[int, tuple[Optional[str], float]] = {
             j: (None, now) for j in range(self.count) if j != self.index}
-        beat, unreachable_since = 0, None
-        while not self._stop.wait(self.interval_s):
+        beat, wait = 0, 0.0
+        while not self._stop.wait(wait):
+            wait = self.interval_s
             beat += 1
-            now = time.monotonic()
             try:
                 self._publish(str(beat))
                 values = {j: self._read(j) for j in seen}
-            except Exception as e:  # noqa: BLE001 - the coordination service is unreachable
-                if self._stop.is_set():
-                    return
-                unreachable_since = unreachable_since or now
-                if now - unreachable_since > self.timeout_s:
-                    self._fail(f"the coordination service (process 0) has not answered for "
-                               f"{self.timeout_s:g} s ({one_line(str(e), 200)})")
-                    return
+            except Exception:  # noqa: BLE001 - unreachable: `_monitor` judges the silence
                 continue
-            unreachable_since = None
+            now = self._last_ok = time.monotonic()
             for j, v in values.items():
                 last, since = seen[j]
                 if v == DONE:
@@ -125,9 +136,21 @@ class PeerWatchdog:
                                "(killed, frozen or its host gone)")
                     return
 
+    def _monitor(self) -> None:
+        """The coordination service's own silence: a call that fails, or one that never
+        returns (process 0 frozen), stops the beats; nothing answered for timeout_s is a
+        lost coordinator."""
+        while not self._stop.wait(self.interval_s):
+            if time.monotonic() - self._last_ok > self.timeout_s:
+                self._fail(f"the coordination service (process 0) has not answered for "
+                           f"{self.timeout_s:g} s")
+                return
+
     def _fail(self, why: str) -> None:
-        if self._stop.is_set():
-            return
+        with self._failing:
+            if self._stop.is_set():
+                return
+            self._stop.set()  # one line, from one thread
         self._exit(f"error: another process of this multi-process run is lost: {why}; process "
                    f"{self.index} of {self.count} stops now without saving (the latest "
                    "complete checkpoint is kept): restart every process to resume "
