@@ -20,18 +20,24 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
+import time
 
 import jax
+import numpy as np
 import pytest
+from PIL import Image
 
 from msit_jax import tiny_model_config
 from msit_jax.models.random_init import random_variables
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PY = sys.executable
 SHARED_DATA = os.path.join(os.path.dirname(REPO), "shared", "data")
 # Programs that compile faster than this are not worth a cache file (reading and
 # checking an entry costs a few ms).
@@ -110,13 +116,13 @@ SLOW_TESTS: dict[str, str] = {
     "test_train_loop.py::test_trains_from_a_prepared_tfds_dataset": "TFDS preparation",
     # more training runs; the quick tier keeps a run and its checkpoints, loaded back
     "test_train_loop.py::test_killed_and_resumed_run_is_bit_identical":
-        "three more runs; test_reliability's SIGINT resume is bit-exact too",
+        "three more runs; test_checkpoint_faults' SIGINT resume is bit-exact too",
     "test_train_loop.py::test_stage2_from_stage1_workdir_keeps_w_frozen": "two more runs",
     "test_train_loop.py::test_stage2_init_reproduces_stage1_outputs": "stage-2 compiles",
     "test_train_loop.py::test_init_from_rejects_other_architectures": "a dim-64 init",
     "test_train_loop.py::test_stage2_init_from_official_pth":
         "stage-2 compiles; test_convert's official .pth loading stays",
-    "test_reliability.py::test_12_each_input_fails_independently_and_bounds_are_checked_first":
+    "test_upscale_faults.py::test_each_input_fails_independently_and_bounds_are_checked_first":
         "decodes",
     # further cases of a parity already in the quick tier
     "test_evaluate.py::test_dtype_override_runs_the_model_in_bfloat16": "bfloat16",
@@ -265,3 +271,133 @@ def tree_digest(path: str) -> dict[str, str]:
             with open(p, "rb") as fh:
                 out[os.path.relpath(p, path)] = hashlib.sha256(fh.read()).hexdigest()
     return out
+
+
+# --- shared helpers: subprocesses, one-line errors, trees, damaged files --------------------
+
+def run_python(args, timeout=300, shell_prefix: str = "") -> subprocess.CompletedProcess:
+    """python ARGS in the repository on CPU (shell_prefix: bash commands run first, e.g.
+    ulimit)."""
+    env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    cmd = [PY] + list(args)
+    if shell_prefix:
+        cmd = ["bash", "-c", f'{shell_prefix} exec "$0" "$@"'] + cmd
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def assert_one_line_error(stderr: str, *needles: str) -> str:
+    """An `error: ...` line of stderr holds all the needles (the error is that one line;
+    per-input failures are followed by a summary line); no traceback anywhere."""
+    assert "Traceback" not in stderr, stderr[-3000:]
+    lines = [ln for ln in stderr.strip().splitlines() if ln.startswith("error: ")]
+    assert lines, stderr[-3000:]
+    hits = [ln for ln in lines if all(n in ln for n in needles)]
+    assert hits, (needles, lines)
+    return hits[0]
+
+
+def flat(tree) -> dict[str, np.ndarray]:
+    """{'a/b/c': leaf} for any pytree (dicts, optax namedtuples, train states)."""
+    def name(e):
+        for a in ("key", "name", "idx"):
+            if hasattr(e, a):
+                return str(getattr(e, a))
+        return str(e)
+
+    return {"/".join(name(e) for e in p): np.asarray(v)
+            for p, v in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def assert_trees_equal(a, b) -> None:
+    """Same paths, bit-identical leaves."""
+    fa, fb = flat(a), flat(b)
+    assert fa.keys() == fb.keys()
+    for k in fa:
+        np.testing.assert_array_equal(fa[k], fb[k], err_msg=k)
+
+
+def largest_file(root: str) -> str:
+    files = [os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs]
+    return max(files, key=os.path.getsize)
+
+
+def flip_bytes(path: str, n: int = 64) -> None:
+    """Invert n bytes in the middle of a file (a bit-rot stand-in)."""
+    b = bytearray(open(path, "rb").read())
+    mid = len(b) // 2
+    for i in range(mid, min(mid + n, len(b))):
+        b[i] ^= 0xFF
+    open(path, "wb").write(b)
+
+
+def strict_json_lines(path: str) -> list[dict]:
+    """Parse a JSONL file rejecting NaN/Infinity (what strict JSON readers do)."""
+    def bad(c):
+        raise ValueError(f"non-standard JSON constant {c} in {path}")
+
+    with open(path) as f:
+        return [json.loads(line, parse_constant=bad) for line in f if line.strip()]
+
+
+def save_img(path, h, w, seed=0) -> str:
+    """A random (h, w) RGB PNG."""
+    rs = np.random.RandomState(seed)
+    Image.fromarray(rs.randint(0, 256, (h, w, 3)).astype(np.uint8)).save(path)
+    return str(path)
+
+
+def wait_for_steps(wd: str, n: int, proc, timeout: float = 240.0) -> None:
+    """Wait until `proc` (training into `wd`) has logged n steps; fail if it dies."""
+    from msit_jax.training.metrics import read_jsonl
+
+    path = os.path.join(wd, "metrics.jsonl")
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        if os.path.exists(path) and len(read_jsonl(path)) >= n:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"no {n} steps within {timeout} s")
+
+
+
+def popen_tiny_train(wd: str, *extra: str) -> subprocess.Popen:
+    """train.py on configs/tiny.py into `wd`, running (almost) forever: stop it yourself."""
+    env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    return subprocess.Popen([PY, "train.py", "--config", "configs/tiny.py", "--workdir", wd,
+                             "--config.total_steps=1000000", "--config.lr.warmup_steps=10",
+                             "--config.checkpoint.every_steps=100000", *extra],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """An uninterrupted 4-step run of configs/tiny.py (checkpoints at 2 and 4, keep=2):
+    (config, workdir, TrainResult). Copy it (`copy_run`) before changing it."""
+    from msit_jax.training import train_and_evaluate
+
+    cfg = load_config()
+    wd = str(tmp_path_factory.mktemp("base") / "run")
+    return cfg, wd, train_and_evaluate(cfg, wd)
+
+
+def copy_run(run, tmp_path) -> str:
+    """A private copy of a `tiny_run` workdir."""
+    dst = str(tmp_path / "run")
+    shutil.copytree(run[1], dst)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """A msit-jax model folder of the tiny config with random weights: (path, config)."""
+    from msit_jax.io import model_dir as mdir
+
+    cfg = tiny_model_config()
+    path = str(tmp_path_factory.mktemp("model") / "tiny")
+    mdir.save_model(path, cfg, random_variables(cfg, 0))
+    return path, cfg

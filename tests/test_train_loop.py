@@ -28,29 +28,9 @@ from msit_jax.training.metrics import MetricLogger, read_jsonl
 from msit_jax.training.schedule import lr_schedule
 from msit_jax.training.stage2 import init_from
 from msit_jax.training.state import make_optimizer
-from tests.conftest import load_config
+from tests.conftest import assert_trees_equal, flat, load_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _name(entry) -> str:
-    for attr in ("key", "idx", "name"):
-        if hasattr(entry, attr):
-            return str(getattr(entry, attr))
-    return str(entry)
-
-
-def flat(tree):
-    """{'a/b/c': leaf} for any pytree (dicts, optax namedtuples)."""
-    return {"/".join(_name(e) for e in path): np.asarray(v)
-            for path, v in jax.tree_util.tree_leaves_with_path(tree)}
-
-
-def assert_trees_equal(a, b):
-    fa, fb = flat(a), flat(b)
-    assert fa.keys() == fb.keys()
-    for k in fa:
-        np.testing.assert_array_equal(fa[k], fb[k], err_msg=k)
 
 
 def losses(workdir):
