@@ -193,6 +193,22 @@ SLOW_TESTS: dict[str, str] = {
         "test_sizes_are_read_and_logged_height_first keeps the size flags",
     "test_demo.py::test_large_inputs_use_the_tiled_path":
         "test_upscale_cli's tiled tests stay",
+    # subprocesses that import JAX (2-10 s each)
+    "test_flags_util.py::test_main_without_argv_runs_absl_app_and_exits":
+        "four subprocesses; the in-process flag tests stay",
+    "test_evaluate.py::test_plot_without_matplotlib_fails_before_any_work": "subprocess",
+    "test_evaluate.py::test_argparse_style_boolean_gets_the_absl_spelling":
+        "subprocess; test_flags_util's in-process spelling test stays",
+    "test_demo.py::test_without_gradio_one_line_error": "subprocess",
+    # a training run (20 s of the quick tier's budget)
+    "test_train_loop.py::test_run_writes_checkpoints_logs_and_configs":
+        "a training run; test_gradient_clipping_is_applied_before_adam (one step) and "
+        "test_checkpoint_faults' retention test (save, verify, restore) stay",
+    "test_ensemble.py::test_model_self_ensemble_equals_plain_only_for_a_symmetric_model[grid]":
+        "[query] stays",
+    "test_ensemble.py::test_tiled_self_ensemble": "[query] of the untiled test stays",
+    "test_ensemble.py::test_upscale_and_evaluate_commands_take_self_ensemble":
+        "test_the_public_upscaler_takes_self_ensemble stays",
 }
 
 
