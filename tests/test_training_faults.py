@@ -209,6 +209,34 @@ def test_sigterm_during_set_up_exits_143_before_the_first_step(lone_run, tmp_pat
     _assert_resumes_to_the_end(wd, load_config(), lone_run)
 
 
+NATIVE_CALL = """
+import os, signal, threading, time
+import numpy as np
+from msit_jax.training.loop import StopSignals
+a = np.random.rand(4500, 4500)
+with StopSignals(0.3):
+    threading.Timer(0.1, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    t0 = time.time()
+    a @ a  # one native call of seconds, as an XLA compilation is: no Python handler runs
+    print("returned after", round(time.time() - t0, 1), flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_grace_period_runs_from_the_signal_even_inside_native_code():
+    """preemption_grace_s counts from the signal's arrival, not from when Python gets to
+    run its handler (after the native call returns): the run exits 143 within the grace
+    period while the main thread is still inside a long native call."""
+    env = _env(OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    t0 = time.monotonic()
+    p = subprocess.run([sys.executable, "-c", NATIVE_CALL], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 128 + signal.SIGTERM, (p.stdout, p.stderr[-2000:])
+    assert "returned after" not in p.stdout  # it never waited for the call
+    assert "did not stop within preemption_grace_s=0.3 s of SIGTERM" in p.stderr
+    print(f"exited {time.monotonic() - t0:.1f} s after start (imports included)")
+
+
 @pytest.mark.slow
 def test_sigterm_during_validation_saves_unvalidated_and_resumes(lone_run, tmp_path,
                                                                  monkeypatch):

@@ -247,6 +247,11 @@ class StopSignals:
     with status 128 + signal (the latest complete checkpoint stays; Orbax never
     leaves a partial one). Handlers are installed only from the main thread and
     restored on exit.
+
+    The grace period runs from the signal's arrival: Python runs a handler only
+    between bytecodes of the main thread, not while an XLA compilation (or any
+    long native call) is under way, so the C-level handler also writes the
+    signal number to a pipe (`signal.set_wakeup_fd`) that a thread reads.
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -256,31 +261,82 @@ class StopSignals:
         self.signum: Optional[int] = None
         self._previous: dict[int, Any] = {}
         self._timer: Optional[threading.Timer] = None
+        self._lock = threading.Lock()
+        self._arrivals, self._closed = 0, False
+        self._wakeup: Optional[tuple[int, int]] = None  # (write end, previous wakeup fd)
 
     def __enter__(self) -> "StopSignals":
         if threading.current_thread() is threading.main_thread():
             for sig in self.SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
+            self._watch_arrivals()
         return self
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
-        if self._timer is not None:
-            self._timer.cancel()
+        if self._wakeup is not None:
+            w, previous = self._wakeup
+            self._wakeup = None
+            signal.set_wakeup_fd(previous)
+            os.close(w)  # the reader sees the end of the pipe and closes its end
+        with self._lock:  # no grace period may start (or run) once uninstalled
+            self._closed = True
+            if self._timer is not None:
+                self._timer.cancel()
+
+    def _watch_arrivals(self) -> None:
+        try:
+            r, w = os.pipe()
+        except OSError:
+            return
+        try:
+            os.set_blocking(w, False)
+            previous = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+        except (ValueError, OSError):  # not available here: the handler alone then
+            os.close(r)
+            os.close(w)
+            return
+        self._wakeup = (w, previous)
+        threading.Thread(target=self._read_arrivals, args=(r,), daemon=True,
+                         name="msit-stop-signals").start()
+
+    def _read_arrivals(self, r: int) -> None:
+        try:
+            while True:
+                data = os.read(r, 64)
+                if not data:
+                    return
+                for signum in data:
+                    if signum in self.SIGNALS:
+                        self._arrived(signum)
+        except OSError:
+            return
+        finally:
+            os.close(r)
 
     def _handle(self, signum: int, frame) -> None:
-        name = signal.Signals(signum).name
-        if self.signum is not None:
-            os.write(2, f"\n{name} again: exiting now without saving (the latest complete "
-                        "checkpoint is kept)\n".encode())
-            os._exit(128 + signum)
-        self.signum = signum
         # Only set state here: the loop does the logging and saving.
-        self._timer = threading.Timer(self.grace_s, self._expire, args=(signum,))
-        self._timer.daemon = True
-        self._timer.start()
+        if self.signum is None:
+            self.signum = signum
+        if self._wakeup is None:  # else the reader thread counted this arrival
+            self._arrived(signum)
+
+    def _arrived(self, signum: int) -> None:
+        """A signal arrived: the first starts the grace period, a second exits."""
+        with self._lock:
+            if self._closed:
+                return
+            self._arrivals += 1
+            if self._arrivals == 1:
+                self._timer = threading.Timer(self.grace_s, self._expire, args=(signum,))
+                self._timer.daemon = True
+                self._timer.start()
+                return
+        os.write(2, f"\n{signal.Signals(signum).name} again: exiting now without saving "
+                    "(the latest complete checkpoint is kept)\n".encode())
+        os._exit(128 + signum)
 
     def _expire(self, signum: int) -> None:
         os.write(2, f"\nerror: the run did not stop within preemption_grace_s="
