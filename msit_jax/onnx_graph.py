@@ -131,31 +131,27 @@ def _multiscale(b: _Builder, x: str, p: dict, heads: int, dim: int, fmt: str) ->
                 axis=1)
 
 
+class _GraphOps:
+    """What an encoder's ONNX writer (`EncoderSpec.graph`) builds with."""
+
+    def __init__(self, b: _Builder):
+        self.b = b
+
+    def conv(self, x: str, p: dict) -> str:
+        return _conv(self.b, x, p)
+
+    def op(self, op_type: str, *inputs: str, **attrs) -> str:
+        return self.b.op(op_type, *inputs, **attrs)
+
+    def f(self, value: float) -> str:
+        return self.b.f(value)
+
+
 def _encoder(b: _Builder, x: str, cfg, p: dict) -> str:
-    e = p["encoder"]
-    if cfg.encoder == "edsr-baseline":
-        h = _conv(b, x, e["head_0"])
-        y = h
-        n = cfg.edsr.n_resblocks
-        for i in range(n):
-            blk = e[f"body_{i}"]
-            r = _conv(b, b.op("Relu", _conv(b, y, blk["body_0"])), blk["body_2"])
-            if cfg.edsr.res_scale != 1.0:
-                r = b.op("Mul", r, b.f(cfg.edsr.res_scale))
-            y = b.op("Add", y, r)
-        return b.op("Add", _conv(b, y, e[f"body_{n}"]), h)
-    f1 = _conv(b, x, e["SFENet1"])
-    y = _conv(b, f1, e["SFENet2"])
-    outs = []
-    for i in range(cfg.rdn.n_blocks):
-        blk = e[f"RDBs_{i}"]
-        z = y
-        for c in range(cfg.rdn.n_layers):
-            z = b.op("Concat", z, b.op("Relu", _conv(b, z, blk[f"convs_{c}"]["conv_0"])), axis=1)
-        y = b.op("Add", _conv(b, z, blk["LFF"]), y)
-        outs.append(y)
-    y = _conv(b, _conv(b, b.op("Concat", *outs, axis=1), e["GFF_0"]), e["GFF_1"])
-    return b.op("Add", y, f1)
+    from msit_jax.models.encoders import encoder_spec  # graph building only (see _lem)
+
+    spec = encoder_spec(cfg.encoder)
+    return spec.graph(_GraphOps(b), x, cfg[spec.sub_config], p["encoder"])
 
 
 def _features(b: _Builder, inp: str, cfg, p: dict) -> tuple[str, str]:

@@ -32,6 +32,9 @@ LAZY_ALLOWED: dict[tuple[str, str], str] = {
         "graph building only: the ONNX runner in the same module needs no Flax",
     ("msit_jax.onnx_graph", "msit_jax.models.decoder"):
         "graph building only: the ONNX runner in the same module needs no Flax",
+    ("msit_jax.onnx_graph", "msit_jax.models.encoders"):
+        "graph building only (each encoder's ONNX writer is its registry entry): the ONNX "
+        "runner in the same module needs no Flax",
     ("msit_jax.training.cli", "msit_jax.training"):
         "the loop needs the `train` extra (grain, TFDS); the CLI reports it missing in one line",
 }

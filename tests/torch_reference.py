@@ -109,12 +109,13 @@ class MsC(nn.Module):
 
 
 class ResBlock(nn.Module):
-    def __init__(self, c):
+    def __init__(self, c, res_scale=1.0):
         super().__init__()
         self.body = nn.Sequential(nn.Conv2d(c, c, 3, padding=1), nn.ReLU(), nn.Conv2d(c, c, 3, padding=1))
+        self.res_scale = res_scale
 
     def forward(self, x):
-        return x + self.body(x)
+        return x + self.body(x) * self.res_scale
 
 
 class MeanShift(nn.Conv2d):
@@ -125,11 +126,64 @@ class MeanShift(nn.Conv2d):
 
 
 class EDSR(nn.Module):
-    def __init__(self, n_res, c):
+    """EDSR (Lim et al. 2017) without its upsampler: head conv, residual blocks (conv,
+    ReLU, conv, scaled by res_scale, plus the input), a conv, a global skip."""
+
+    def __init__(self, n_res, c, res_scale=1.0):
         super().__init__()
         self.sub_mean, self.add_mean = MeanShift(-1), MeanShift(1)  # unused, as upstream
         self.head = nn.Sequential(nn.Conv2d(3, c, 3, padding=1))
-        self.body = nn.Sequential(*[ResBlock(c) for _ in range(n_res)], nn.Conv2d(c, c, 3, padding=1))
+        self.body = nn.Sequential(*[ResBlock(c, res_scale) for _ in range(n_res)],
+                                  nn.Conv2d(c, c, 3, padding=1))
+
+    def forward(self, x):
+        h = self.head(x)
+        return self.body(h) + h
+
+
+class ChannelAttention(nn.Module):
+    """RCAN's CA (Zhang et al. 2018): global average pool, 1x1 squeeze (c // r) + ReLU,
+    1x1 excite + sigmoid, rescale the channels."""
+
+    def __init__(self, c, r):
+        super().__init__()
+        self.conv_du = nn.Sequential(nn.Conv2d(c, c // r, 1), nn.ReLU(), nn.Conv2d(c // r, c, 1),
+                                     nn.Sigmoid())
+
+    def forward(self, x):
+        return x * self.conv_du(x.mean(dim=(2, 3), keepdim=True))
+
+
+class RCAB(nn.Module):
+    def __init__(self, c, r):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(c, c, 3, padding=1), nn.ReLU(),
+                                  nn.Conv2d(c, c, 3, padding=1), ChannelAttention(c, r))
+
+    def forward(self, x):
+        return x + self.body(x)
+
+
+class ResGroup(nn.Module):
+    def __init__(self, c, r, n_blocks):
+        super().__init__()
+        self.body = nn.Sequential(*[RCAB(c, r) for _ in range(n_blocks)],
+                                  nn.Conv2d(c, c, 3, padding=1))
+
+    def forward(self, x):
+        return x + self.body(x)
+
+
+class RCAN(nn.Module):
+    """RCAN without its upsampler: head conv, residual groups of RCABs (each group ends
+    with a conv and a skip), a conv, a global skip."""
+
+    def __init__(self, n_groups, n_blocks, c, r):
+        super().__init__()
+        self.sub_mean, self.add_mean = MeanShift(-1), MeanShift(1)  # unused, as upstream
+        self.head = nn.Sequential(nn.Conv2d(3, c, 3, padding=1))
+        self.body = nn.Sequential(*[ResGroup(c, r, n_blocks) for _ in range(n_groups)],
+                                  nn.Conv2d(c, c, 3, padding=1))
 
     def forward(self, x):
         h = self.head(x)
@@ -212,9 +266,13 @@ class TorchMSIT(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
-        if cfg.encoder == "edsr-baseline":
-            self.encoder = EDSR(cfg.edsr.n_resblocks, cfg.edsr.n_feats)
+        if cfg.encoder in ("edsr-baseline", "edsr"):
+            self.encoder = EDSR(cfg.edsr.n_resblocks, cfg.edsr.n_feats, cfg.edsr.res_scale)
             cin = cfg.edsr.n_feats
+        elif cfg.encoder == "rcan":
+            r = cfg.rcan
+            self.encoder = RCAN(r.n_resgroups, r.n_resblocks, r.n_feats, r.reduction)
+            cin = r.n_feats
         else:
             r = cfg.rdn
             self.encoder = RDN(r.g0, r.kernel_size, r.n_blocks, r.n_layers, r.growth)

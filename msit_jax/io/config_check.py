@@ -14,9 +14,10 @@ says about its tensors (names, shapes, dtypes; nothing restored or allocated):
 
 Every config field that sets a variable's count or size is compared, by integer
 arithmetic on the stored shapes, with the value the tensors imply: the number of
-residual / dense blocks, layers and kernel-size heads with the number of block
-tensors present, `dim` and the encoder widths with the widths of the stored
-kernels, `mlp_hidden` with the decoder's stored Linear layers, `radius` (with
+residual / dense blocks, residual groups, layers and kernel-size heads with the
+number of block tensors present, `dim` and the encoder widths (and RCAN's
+channel-attention width n_feats // reduction) with the widths of the stored
+kernels (each encoder's own comparison is its `EncoderSpec.bound`), `mlp_hidden` with the decoder's stored Linear layers, `radius` (with
 `dim` and `use_cell`) with the decoder's stored input width, `heads` and
 `posenc_dims` with the positional-bias Linear, `conv` and `batch_norm` with the
 presence of RIM and BatchNorm tensors. Once they all agree, the config's model is
@@ -38,6 +39,7 @@ import ml_collections
 
 from msit_jax.errors import CheckpointError, one_line
 from msit_jax.io.torch_io import flax_to_torch_key, torch_shape, variable_kind
+from msit_jax.models.encoders import ENCODERS, Bounds, stored_family
 
 # How many mismatching fields a message lists.
 MAX_REPORTED = 3
@@ -162,34 +164,17 @@ def mismatches(model_cfg: ml_collections.ConfigDict, tensors: Mapping[str, Tenso
         s = shape(key, ndim)
         return s[axis] if s is not None else None
 
-    # ---- encoder
-    if "encoder.head.0.weight" in tensors:
-        stored_encoder = "edsr-baseline"
-    elif "encoder.SFENet1.weight" in tensors:
-        stored_encoder = "rdn"
-    else:
-        stored_encoder = None
-    if c.encoder != stored_encoder:
-        out.append(f"encoder={c.encoder!r}: the tensors hold "
-                   + (f"an {stored_encoder!r} encoder" if stored_encoder else
+    # ---- encoder: its layout family from the names, its sizes from the registry's bound
+    family = stored_family(tensors)
+    spec = ENCODERS.get(c.encoder) if isinstance(c.encoder, str) else None
+    if spec is None or spec.family != family:
+        names = [repr(n) for n, s in ENCODERS.items() if s.family == family]
+        out.append(f"encoder={_short(c.encoder)}: the tensors hold "
+                   + (f"an {' / '.join(names)} encoder" if family else
                       "no encoder (neither encoder.head.0.weight nor encoder.SFENet1.weight)"))
-    elif c.encoder == "edsr-baseline":
-        e, head = c.edsr, "encoder.head.0.weight"
-        compare("edsr.n_resblocks", e.n_resblocks,
-                _count(tensors, "encoder.body.{}.body.0.weight"),
-                "{} residual block(s) (encoder.body.N.body.0.weight)")
-        compare("edsr.n_feats", e.n_feats, dim_of(head), "width {}", head)
     else:
-        e, first = c.rdn, "encoder.SFENet1.weight"
-        compare("rdn.g0", e.g0, dim_of(first), "width {}", first)
-        compare("rdn.kernel_size", e.kernel_size, dim_of(first, 2), "kernel size {}", first)
-        if compare("rdn.n_blocks", e.n_blocks, _count(tensors, "encoder.RDBs.{}.LFF.weight"),
-                   "{} dense block(s) (encoder.RDBs.N.LFF.weight)"):
-            conv0 = "encoder.RDBs.0.convs.0.conv.0.weight"
-            if compare("rdn.n_layers", e.n_layers,
-                       _count(tensors, "encoder.RDBs.0.convs.{}.conv.0.weight"),
-                       "{} layers per block (encoder.RDBs.0.convs.N.conv.0.weight)"):
-                compare("rdn.growth", e.growth, dim_of(conv0), "growth {}", conv0)
+        spec.bound(c[spec.sub_config], Bounds(compare, lambda fmt, start=0: _count(
+            tensors, fmt, start), dim_of, out.append, label))
 
     # ---- feature width, layer kinds
     dim_ok = compare("dim", c.dim, dim_of("conv_ch.weight"), "width {}", "conv_ch.weight")

@@ -46,7 +46,7 @@ from msit_jax.io.torch_io import (StateDictError, detect_conv_kind, state_dict_t
                                  strip_prefix)
 from msit_jax.io.workdir import is_training_workdir, load_workdir_model
 from msit_jax.models.config import model_config, validate_model_config
-from msit_jax.models.encoders import RDN_PRESETS
+from msit_jax.models.encoders import ENCODERS
 
 
 def import_torch():
@@ -131,20 +131,15 @@ def config_from_official_args(args: Mapping[str, Any], conv: str) -> ml_collecti
     """Model config from an official checkpoint's `model.args` (the training YAML's model.args)."""
     enc = args.get("encoder_spec") or {}
     enc_name, enc_args = enc.get("name"), dict(enc.get("args") or {})
-    _require(enc_name in ("edsr-baseline", "rdn"),
-             f"encoder {enc_name!r} (supported: 'edsr-baseline', 'rdn')")
+    _require(isinstance(enc_name, str) and enc_name in ENCODERS,
+             f"encoder {enc_name!r} (supported: {', '.join(map(repr, ENCODERS))})")
     _require(enc_args.get("no_upsampling", False), "encoder must have no_upsampling=True")
     cfg = model_config(enc_name, conv)
-    if enc_name == "edsr-baseline":
-        cfg.edsr.n_resblocks = int(enc_args.get("n_resblocks", 16))
-        cfg.edsr.n_feats = int(enc_args.get("n_feats", 64))
-        cfg.edsr.res_scale = float(enc_args.get("res_scale", 1))
-    else:
-        preset = enc_args.get("RDNconfig", "B")
-        _require(preset in RDN_PRESETS, f"RDNconfig {preset!r}")
-        d, c, g = RDN_PRESETS[preset]
-        cfg.rdn.update(g0=int(enc_args.get("G0", 64)), kernel_size=int(enc_args.get("RDNkSize", 3)),
-                       n_blocks=d, n_layers=c, growth=g)
+    spec = ENCODERS[enc_name]
+    try:
+        cfg[spec.sub_config].update(spec.from_official(enc_args))
+    except ValueError as e:
+        _require(False, str(e))
 
     _require(args.get("imnet_num", 1) == 1 and args.get("conv_num", 1) == 1,
              "cascaded stages (imnet_num / conv_num != 1) are not used by any released config")
@@ -187,18 +182,11 @@ def official_args(model_cfg: ml_collections.ConfigDict) -> dict:
             raise ValueError(f"the official MSIT code cannot express this model: {msg}")
 
     need(c.bn_eps == 1e-5, f"bn_eps={c.bn_eps} (official BatchNorm2d uses 1e-5)")
-    if c.encoder == "edsr-baseline":
-        enc = {"name": "edsr-baseline",
-               "args": {"no_upsampling": True, "n_resblocks": int(c.edsr.n_resblocks),
-                        "n_feats": int(c.edsr.n_feats), "res_scale": float(c.edsr.res_scale)}}
-    else:
-        sizes = (c.rdn.n_blocks, c.rdn.n_layers, c.rdn.growth)
-        preset = [k for k, v in RDN_PRESETS.items() if tuple(v) == tuple(sizes)]
-        need(bool(preset), f"RDN blocks/layers/growth {sizes} match no RDNconfig preset "
-                           f"({', '.join(f'{k}={v}' for k, v in RDN_PRESETS.items())})")
-        enc = {"name": "rdn", "args": {"no_upsampling": True, "G0": int(c.rdn.g0),
-                                       "RDNkSize": int(c.rdn.kernel_size),
-                                       "RDNconfig": preset[0]}}
+    spec = ENCODERS[c.encoder]
+    try:
+        enc = {"name": spec.name, "args": spec.to_official(c[spec.sub_config])}
+    except ValueError as e:
+        need(False, str(e))
     return {
         "encoder_spec": enc,
         "base_dim": int(c.dim), "head": int(c.heads), "r": int(c.radius),

@@ -17,13 +17,15 @@ import ml_collections
 import numpy as np
 
 from msit_jax.errors import CheckpointError
+from msit_jax.models.encoders import encoder_spec
 from msit_jax.models.model import variable_shapes
 from msit_jax.models.msno import lem_mask
 
 # Flax-only grouping modules with no counterpart in the official module tree.
 _GROUPING = {"msc", "sim", "mix", "query"}
 # Flax names "x_N" that are the torch ModuleList/Sequential path "x.N".
-_INDEXED = re.compile(r"^(head|body|RDBs|convs|conv|GFF|conv_vs|multi_conv_qs|layers)_(\d+)$")
+_INDEXED = re.compile(
+    r"^(head|body|RDBs|convs|conv|conv_du|GFF|conv_vs|multi_conv_qs|layers)_(\d+)$")
 
 
 class StateDictError(CheckpointError):
@@ -150,14 +152,15 @@ def _get(tree: Mapping, path: tuple[str, ...]):
     return tree
 
 
-# EDSR's MeanShift layers: in the official state_dict, never used by its forward.
+# EDSR's and RCAN's MeanShift layers (rgb_range 1, std 1): in the official
+# state_dict, never used by its forward.
 _RGB_MEAN = np.array([0.4488, 0.4371, 0.4040], np.float32)
 
 
 def _extra_keys(model_cfg) -> set[str]:
     """The names of `_known_extras` (without building their values)."""
     keys = {"amsno.lem.mask", "amsno.lem.mix_margin"}
-    if model_cfg.encoder == "edsr-baseline":
+    if encoder_spec(model_cfg.encoder).mean_shift:
         keys |= {f"encoder.{m}.{p}" for m in ("sub_mean", "add_mean") for p in ("weight", "bias")}
     return keys
 
@@ -166,7 +169,7 @@ def _known_extras(model_cfg) -> dict[str, np.ndarray]:
     """Official constant tensors with no variable here; a checkpoint must hold these values."""
     extras = {"amsno.lem.mask": lem_mask(model_cfg.dim)[:, None],
               "amsno.lem.mix_margin": np.array(1.0, np.float32)}
-    if model_cfg.encoder == "edsr-baseline":
+    if encoder_spec(model_cfg.encoder).mean_shift:
         eye = np.eye(3, dtype=np.float32).reshape(3, 3, 1, 1)
         extras.update({"encoder.sub_mean.weight": eye, "encoder.sub_mean.bias": -_RGB_MEAN,
                        "encoder.add_mean.weight": eye, "encoder.add_mean.bias": _RGB_MEAN})

@@ -1,10 +1,15 @@
 """Model configs (ml_collections). `configs/msit_*.py` wrap these for the CLIs.
 
 Fields:
-  encoder        'edsr-baseline' | 'rdn'
-  edsr / rdn     encoder sizes (EDSR: n_resblocks, n_feats, res_scale;
+  encoder        'edsr-baseline' | 'edsr' | 'rdn' | 'rcan' (the official names; the
+                 registry is `msit_jax.models.encoders.ENCODERS`)
+  edsr / rdn / rcan   encoder sizes, official argument names and defaults
+                 (EDSR: n_resblocks, n_feats, res_scale, for 'edsr-baseline'
+                 16, 64, 1 and for 'edsr' 32, 256, 0.1;
                  RDN: g0, kernel_size, n_blocks, n_layers, growth; the official
-                 RDNconfig 'B' is 16, 8, 64)
+                 RDNconfig 'B' is 16, 8, 64;
+                 RCAN: n_resgroups, n_resblocks, n_feats, reduction: 10, 20, 64, 16).
+                 Every config carries every sub-dict; only its encoder's is used
   dim, heads     feature width and attention heads (256, 8)
   radius         neighbourhood radius r (3 -> 7x7 keys)
   msno_heads     MSNO kernel-size heads (16 -> kernels 3..33)
@@ -28,7 +33,10 @@ import math
 
 import ml_collections
 
-ENCODERS = ("edsr-baseline", "rdn")
+from msit_jax.models.encoders import ENCODERS as ENCODER_SPECS
+from msit_jax.models.encoders import encoder_spec, sub_config_defaults
+
+ENCODERS = tuple(ENCODER_SPECS)
 # Execution options that model configs (and model_config.json files) written
 # before `msit_jax.ops.runtime` carried; reading such a file drops them.
 LEGACY_RUNTIME_FIELDS = ("precision", "dtype", "fft_min_kernel")
@@ -38,9 +46,8 @@ def model_config(encoder: str = "edsr-baseline", conv: str = "rim") -> ml_collec
     """Paper-size MSIT (dim 256, 8 heads, r 3, 16 MSNO heads, 4 Q/K heads, MLP 4x256)."""
     c = ml_collections.ConfigDict()
     c.encoder = encoder
-    c.edsr = ml_collections.ConfigDict(dict(n_resblocks=16, n_feats=64, res_scale=1.0))
-    c.rdn = ml_collections.ConfigDict(
-        dict(g0=64, kernel_size=3, n_blocks=16, n_layers=8, growth=64))
+    for sub, defaults in sub_config_defaults(encoder).items():
+        c[sub] = ml_collections.ConfigDict(defaults)
     c.dim = 256
     c.heads = 8
     c.radius = 3
@@ -61,8 +68,11 @@ def model_config(encoder: str = "edsr-baseline", conv: str = "rim") -> ml_collec
 def tiny_model_config(encoder: str = "edsr-baseline", conv: str = "rim") -> ml_collections.ConfigDict:
     """A few-thousand-parameter MSIT with every component, for tests."""
     c = model_config(encoder, conv)
-    c.edsr.n_resblocks, c.edsr.n_feats = 1, 8
-    c.rdn.update(g0=8, n_blocks=2, n_layers=2, growth=8)
+    # The EDSR and RDN sizes shrink whatever the encoder (as they always have);
+    # any other encoder's only when it is the one chosen.
+    for name in {"edsr-baseline", "rdn", encoder}:
+        spec = encoder_spec(name)
+        c[spec.sub_config].update(spec.tiny)
     c.dim, c.heads = 32, 2
     c.radius = 1
     c.msno_heads, c.qk_heads = 4, 2
@@ -81,7 +91,8 @@ def validate_model_config(c: ml_collections.ConfigDict) -> None:
         need(isinstance(v, int) and not isinstance(v, bool) and v > 0,
              f"{name}={v!r} must be a positive integer")
 
-    need(c.encoder in ENCODERS, f"encoder={c.encoder!r}, expected one of {ENCODERS}")
+    need(isinstance(c.encoder, str) and c.encoder in ENCODERS,
+         f"encoder={c.encoder!r}, expected one of {ENCODERS}")
     need(c.conv in ("rim", "plain"), f"conv={c.conv!r}, expected 'rim' or 'plain'")
     # Sizes first: the divisibility rules below divide by them.
     for name in ("dim", "heads", "msno_heads", "qk_heads", "posenc_dims"):
@@ -93,12 +104,8 @@ def validate_model_config(c: ml_collections.ConfigDict) -> None:
     need(math.isfinite(c.bn_eps) and c.bn_eps > 0, f"bn_eps={c.bn_eps!r} must be > 0")
     need(math.isfinite(c.bn_momentum) and 0 <= c.bn_momentum <= 1,
          f"bn_momentum={c.bn_momentum!r} must be in [0, 1]")
-    if c.encoder == "edsr-baseline":
-        need(isinstance(c.edsr.n_resblocks, int) and c.edsr.n_resblocks >= 0,
-             f"edsr.n_resblocks={c.edsr.n_resblocks!r} must be an integer >= 0")
-        positive_int("edsr.n_feats", c.edsr.n_feats)
-        need(math.isfinite(c.edsr.res_scale), f"edsr.res_scale={c.edsr.res_scale!r} "
-             "must be finite")
+    spec = encoder_spec(c.encoder)
+    spec.check(c[spec.sub_config], need)
     need(c.dim % 8 == 0, f"dim={c.dim} must be divisible by 8 (LEM)")
     need(c.dim % c.heads == 0, f"dim={c.dim} not divisible by heads={c.heads}")
     need(c.dim % c.msno_heads == 0, f"dim={c.dim} not divisible by msno_heads={c.msno_heads}")
@@ -106,6 +113,3 @@ def validate_model_config(c: ml_collections.ConfigDict) -> None:
     need(c.radius >= 0, f"radius={c.radius} must be >= 0")
     need(c.posenc_dims % 4 == 0 and c.posenc_dims >= 8,
          f"posenc_dims={c.posenc_dims} must be a multiple of 4, >= 8")
-    if c.encoder == "rdn":
-        for k in ("g0", "kernel_size", "n_blocks", "n_layers", "growth"):
-            positive_int(f"rdn.{k}", c.rdn[k])
