@@ -8,8 +8,8 @@ counter in the coordination service's key-value store and reads the others'.
 A peer whose counter has not moved for `timeout_s` (config:
 `distributed.heartbeat_timeout_s`, default 100 s), a peer that says it failed,
 or a coordination service that has not answered for `timeout_s` (process 0
-gone or frozen: a second thread watches the first's calls) makes the process print one line (`error: ...`) and exit with
-`EXIT_PEER` (10) at once, without saving: a multi-process checkpoint needs
+gone or frozen: a second thread watches the first's calls) makes the process
+print one line (`error: ...`) and exit with `EXIT_PEER` (10) at once, without saving: a multi-process checkpoint needs
 every process, and the last complete one is kept (Orbax commits a step by
 renaming it). jax's own heartbeat timeout is set to `2 * timeout_s + 10` s, a
 backstop that should never fire first; when process 0 dies outright, though,
@@ -44,9 +44,14 @@ def jax_heartbeat_timeout(timeout_s: float) -> int:
 
 
 def _client() -> Any:
+    """jax.distributed's runtime client (private in jax; checked, not assumed)."""
     from jax._src import distributed
 
-    return distributed.global_state.client
+    client = getattr(getattr(distributed, "global_state", None), "client", None)
+    if client is None or not all(hasattr(client, m) for m in ("key_value_set",
+                                                              "key_value_try_get")):
+        raise RuntimeError("jax.distributed's client has no key-value store here")
+    return client
 
 
 class PeerWatchdog:
