@@ -11,8 +11,9 @@ or a coordination service that has not answered for `timeout_s` (process 0
 gone or frozen: a second thread watches the first's calls) makes the process
 print one line (`error: ...`) and exit with `EXIT_PEER` (10) at once,
 without saving: a multi-process checkpoint needs every process, and the last
-complete one is kept (Orbax commits a step by renaming it). jax's own heartbeat timeout is set to `2 * timeout_s + 10` s, a
-backstop that should never fire first; when process 0 dies outright, though,
+complete one is kept (Orbax commits a step by renaming it). jax's own
+heartbeat timeout is set to `2 * timeout_s + 10` s, a backstop that should
+never fire first; when process 0 dies outright, though,
 jax's client in each survivor notices at once and ends it with its own message
 (`Terminating process because the JAX distributed service detected fatal
 errors`, exit 134), which Python cannot intercept.
