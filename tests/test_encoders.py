@@ -128,6 +128,31 @@ def test_untrusted_rcan_and_edsr_sizes_are_bounded_by_the_tensors():
         "edsr.n_resblocks=100000: the tensors hold 1 residual block")
 
 
+@pytest.mark.parametrize("name, config", [("edsr", "msit_edsr_full"), ("rcan", "msit_rcan")])
+def test_paper_configs_and_stage_two_init(name, config):
+    """configs/<config>_stage1.py / _stage2_rim.py: the paper recipe with the official
+    encoder at its defaults; stage-1 variables initialise the stage-2 RIM model."""
+    import os
+    import runpy
+
+    from msit_jax.training import stage2
+    from msit_jax.training.config import validate_config
+    from tests.conftest import REPO
+
+    stages = [runpy.run_path(os.path.join(REPO, "configs", f"{config}_{suffix}.py"))[
+        "get_config"]() for suffix in ("stage1", "stage2_rim")]
+    for stage, (c, conv, scale_max) in enumerate(zip(stages, ("plain", "rim"), (4.0, 8.0)), 1):
+        validate_config(c)
+        assert c.model.to_dict() == model_config(name, conv).to_dict(), stage
+        assert c.data.scale_max == scale_max
+    src, dst = tiny_model_config(name, "plain"), tiny_model_config(name, "rim")
+    assert stage2.architecture_mismatch(src, dst) == []
+    fresh = random_variables(dst, 1)
+    mapped = stage2.plain_to_rim(random_variables(src, 0), fresh)
+    assert jax.tree_util.tree_structure(mapped["params"]) == \
+        jax.tree_util.tree_structure(fresh["params"])
+
+
 @pytest.mark.slow
 def test_paper_size_parameter_counts_match_the_official_models():
     for name in NEW:
