@@ -30,6 +30,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROGRAMS = ("encode", "decode", "grid", "train_stage1", "train_stage2")
 PLATFORMS = ("tpu", "cuda")
 DTYPES = ("float32", "bfloat16")
+# The other encoders (tiny configs), each with the programs that differ: the encoder
+# program, and for RCAN (channel attention) the stage-2 train step through it.
+ENCODER_PROGRAMS = (("edsr", "encode"), ("rcan", "encode"), ("rcan", "train_stage2"))
 
 
 def worker(out: str) -> None:
@@ -43,8 +46,8 @@ def worker(out: str) -> None:
     cfg = tiny_model_config()
     shapes = Shapes(batch=8, lr_size=12, sample_q=64, chunk=256)
 
-    def facts(program, platform, runtime):
-        return analyse(lower_program(program, platform, cfg, runtime, shapes).mlir_module())
+    def facts(program, platform, runtime, model_cfg=cfg):
+        return analyse(lower_program(program, platform, model_cfg, runtime, shapes).mlir_module())
 
     results = {}
     for program in PROGRAMS:
@@ -62,6 +65,14 @@ def worker(out: str) -> None:
                         entry["emulated_host"] = facts(program, platform, rt)
                 results[f"{program}/{platform}/{dtype}"] = entry
         results[f"{program}/cpu/float32"] = {"auto": facts(program, "cpu", RuntimeOptions())}
+    for encoder, program in ENCODER_PROGRAMS:
+        enc_cfg = tiny_model_config(encoder)
+        for platform in PLATFORMS:
+            for dtype in DTYPES:
+                rt = RuntimeOptions(dtype=dtype)
+                results[f"{encoder}:{program}/{platform}/{dtype}"] = {
+                    "auto": facts(program, platform, rt, enc_cfg),
+                    "xla": facts(program, platform, rt.replace(conv_impl="xla"), enc_cfg)}
     with open(out, "w") as f:
         json.dump(results, f)
 
@@ -78,10 +89,12 @@ def lowered(tmp_path_factory):
         return json.load(f)
 
 
-@pytest.mark.parametrize("program", PROGRAMS)
+@pytest.mark.parametrize("program", PROGRAMS + tuple(f"{e}:{p}" for e, p in ENCODER_PROGRAMS))
 @pytest.mark.parametrize("platform", PLATFORMS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_accelerator_lowering(lowered, program, platform, dtype):
+    """program: one of PROGRAMS (the default tiny EDSR-baseline model) or
+    'encoder:program' (another encoder's tiny model)."""
     entry = lowered[f"{program}/{platform}/{dtype}"]
     auto = entry["auto"]
     assert not auto["f64"], "float64 in the lowered program"
