@@ -252,19 +252,20 @@ def test_training_path_matches_the_reference(name, conv):
 
 
 @pytest.mark.slow
-def test_rcan_exports_onnx_and_stablehlo(tmp_path):
-    """RCAN in every export format agrees with upscale (ONNX writes the channel
-    attention's pooling as GlobalAveragePool); .pth round-trips exactly."""
+@pytest.mark.parametrize("name", NEW)
+def test_exports_agree_with_upscale(tmp_path, name):
+    """Every export format agrees with upscale (ONNX: EDSR's res_scale as a Mul, RCAN's
+    channel-attention pooling as GlobalAveragePool); .pth round-trips exactly."""
     pytest.importorskip("onnxruntime")
     import onnx
 
     from msit_jax import export, exported, onnx_graph
 
-    cfg = tiny_model_config("rcan", "rim")
+    cfg = tiny_model_config(name, "rim")
     variables = random_variables(cfg, seed=4)
     lr = np.random.RandomState(5).rand(10, 9, 3).astype(np.float32)
     want = inference.upscale(cfg, variables, lr, (30, 27), clamp=False)
-    path = str(tmp_path / "rcan.onnx")
+    path = str(tmp_path / f"{name}.onnx")
     onnx.save(onnx_graph.build_graph(*reparam.fold(cfg, variables), chunk=256, clamp=False),
               path)
     got = onnx_graph.load(path).upscale_array(lr, (30, 27), clamp=False)
