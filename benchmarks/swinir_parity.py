@@ -7,7 +7,9 @@ Builds LTE's encoder exactly as its configs do (`models.make({'name': 'swinir',
 MLP ratio 2, upsampler 'none'), gives it random weights, imports its state dict
 with `msit_jax.io.swinir_import` (which also checks the relative_position_index
 and attn_mask buffers against ours) and compares `SwinIREncoder` with LTE's
-forward at each size, in float32 at precision 'highest'. LTE pads to a multiple
+forward at each size, in float32 at precision 'highest'; both are also compared
+with LTE's forward in float64, which shows how much of the difference is
+float32 rounding. LTE pads to a multiple
 of the window and returns the padded map; the comparison is on its top-left
 H x W (what `SwinIREncoder` returns). Prints one line per size and a JSON summary.
 
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import os
 import sys
@@ -133,6 +136,7 @@ def main(argv=None) -> int:
     model = build_lte_swinir(lte_root, torch)
     randomize_(model, torch, args.seed)
     state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    model64 = copy.deepcopy(model).double()
     cfg = infer_swinir_config(state)
     params = swinir_params_from_state_dict(state, config=cfg)
     cfg.pop("drop_path_rate")
@@ -152,17 +156,24 @@ def main(argv=None) -> int:
             ref_full = model(torch.from_numpy(x).permute(0, 3, 1, 2)).numpy()
         t_torch = time.time() - t0
         ref = ref_full[:, :, :h, :w].transpose(0, 2, 3, 1)
+        with torch.no_grad():  # the float64 value: how large float32 rounding is
+            exact = model64(torch.from_numpy(x).double().permute(0, 3, 1, 2)).numpy()
+        exact = exact[:, :, :h, :w].transpose(0, 2, 3, 1)
         t0 = time.time()
         out = np.asarray(fwd(params, x))
         t_jax = time.time() - t0
         diff = float(np.max(np.abs(out - ref)))
         rel = diff / float(np.max(np.abs(ref)))
+        ours64 = float(np.max(np.abs(out - exact)))
+        lte64 = float(np.max(np.abs(ref - exact)))
         row = dict(size=f"{h}x{w}", aligned=h % 8 == 0 and w % 8 == 0,
                    lte_output_shape=list(ref_full.shape), ours_shape=list(out.shape),
                    max_abs_diff=diff, max_abs_ref=float(np.max(np.abs(ref))),
-                   rel_diff=rel, torch_s=round(t_torch, 2), jax_s_incl_compile=round(t_jax, 2))
+                   rel_diff=rel, ours_vs_lte_float64=ours64, lte_float32_vs_float64=lte64,
+                   torch_s=round(t_torch, 2), jax_s_incl_compile=round(t_jax, 2))
         results.append(row)
         print(f"{h}x{w}: max |ours - LTE| = {diff:.3g} (max |LTE| {row['max_abs_ref']:.3g}); "
+              f"vs LTE in float64: ours {ours64:.3g}, LTE float32 {lte64:.3g}; "
               f"LTE output {tuple(ref_full.shape)} (NCHW, padded), ours {tuple(out.shape)}")
     print(json.dumps(dict(params=n_params, out_dim=int(model.out_dim), results=results)))
     return 0
