@@ -169,9 +169,12 @@ def test_paper_size_parameter_counts_match_the_official_models():
 
 # --- parity with the PyTorch reference (slow) --------------------------------------------
 
-torch = pytest.importorskip("torch")  # noqa: E402  (the reference; requirements-torch.txt)
+# PyTorch (requirements-torch.txt) is needed from here on; each test asks for it, so
+# the tests above run without it.
 
-from tests.torch_reference import TorchMSIT, randomize_, torch_make_coord  # noqa: E402
+@pytest.fixture
+def torch():
+    return pytest.importorskip("torch")
 
 
 def sd_numpy(module) -> dict:
@@ -179,11 +182,19 @@ def sd_numpy(module) -> dict:
 
 
 def reference(cfg, seed=0):
+    import torch
+
+    from tests.torch_reference import TorchMSIT, randomize_
+
     torch.manual_seed(seed)
     return randomize_(TorchMSIT(cfg), seed)
 
 
 def torch_upscale(tm, lr, out_hw):
+    import torch
+
+    from tests.torch_reference import torch_make_coord
+
     tm.eval()
     with torch.no_grad():
         inp = (torch.from_numpy(lr).permute(2, 0, 1)[None] - 0.5) / 0.5
@@ -194,7 +205,7 @@ def torch_upscale(tm, lr, out_hw):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", NEW)
-def test_official_checkpoint_loads_and_matches_the_reference(tmp_path, name):
+def test_official_checkpoint_loads_and_matches_the_reference(tmp_path, name, torch):
     """An official training checkpoint (non-default sizes in its args) loads with
     pretrained.load, reproduces the reference at x3 and x4, folds, and goes back to
     the official layout so that the reference loads it strictly."""
@@ -216,6 +227,8 @@ def test_official_checkpoint_loads_and_matches_the_reference(tmp_path, name):
         np.testing.assert_allclose(ours, ref, atol=2e-5, rtol=0)
         folded = inference.upscale(fcfg, fvars, lr, out_hw, clamp=False)
         assert np.abs(folded - ours).max() <= 1e-5
+    from tests.torch_reference import TorchMSIT
+
     back = TorchMSIT(cfg)  # the official layout, loaded strictly
     sd = {k: torch.from_numpy(v) for k, v in variables_to_state_dict(variables, got_cfg).items()}
     sd |= {k: v for k, v in back.state_dict().items() if k.endswith("num_batches_tracked")}
@@ -226,7 +239,7 @@ def test_official_checkpoint_loads_and_matches_the_reference(tmp_path, name):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name, conv", [("edsr", "plain"), ("rcan", "plain")])
-def test_training_path_matches_the_reference(name, conv):
+def test_training_path_matches_the_reference(name, conv, torch):
     """Random continuous queries, a batch of 2, BatchNorm in train mode (statistics
     updated as torch does): the encoder's gradients' path, stage 1 layout."""
     from msit_jax import build_model, geometry
@@ -253,7 +266,7 @@ def test_training_path_matches_the_reference(name, conv):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", NEW)
-def test_exports_agree_with_upscale(tmp_path, name):
+def test_exports_agree_with_upscale(tmp_path, name, torch):
     """Every export format agrees with upscale (ONNX: EDSR's res_scale as a Mul, RCAN's
     channel-attention pooling as GlobalAveragePool); .pth round-trips exactly."""
     pytest.importorskip("onnxruntime")
