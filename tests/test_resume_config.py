@@ -149,3 +149,24 @@ def test_schedule_note_when_the_stored_schedule_cannot_be_rebuilt():
     now = float(lr_schedule(1e-5, 10.0, 5, 50)(10))
     assert note.endswith(f"the rate at step 10 goes from unknown to {now:.3g}")
     assert run_config.schedule_change(cfg, [("data.num_threads", 0, 2)], 10) is None
+
+
+def test_sizes_of_an_encoder_the_run_does_not_use_are_inert(tmp_path):
+    """A workdir written before an encoder family was added (its sub-dict absent), or a
+    change to an unused family's sizes, is no architecture change; the used family's is."""
+    cfg = load_config()
+    old = run_config.config_to_dict(cfg)
+    del old["model"]["rcan"]  # as written before RCAN existed
+    old["model"]["rdn"]["growth"] += 1  # an unused family's size, changed
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    assert run_config.check_resume(str(tmp_path), cfg, resuming=True) == []
+    assert run_config.inert_model_field("model.rcan.n_feats", old["model"])
+    assert not run_config.inert_model_field("model.edsr.n_feats", old["model"])
+    changed = load_config()
+    changed.model.edsr.n_feats += 8  # the family the run uses: refused
+    with pytest.raises(errors.ConfigError, match="model.edsr.n_feats"):
+        run_config.check_resume(str(tmp_path), changed, resuming=True)
+    switched = load_config()
+    switched.model.encoder = "rdn"  # a switch makes the rdn sizes count again
+    with pytest.raises(errors.ConfigError, match="model.encoder"):
+        run_config.check_resume(str(tmp_path), switched, resuming=True)

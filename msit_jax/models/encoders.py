@@ -528,6 +528,12 @@ def sub_config_defaults(encoder: str) -> dict[str, dict]:
     return out
 
 
+def unused_sub_configs(encoder: str) -> frozenset[str]:
+    """The model-config sub-dicts that do not shape `encoder`: the other families' sizes
+    (every config carries them all, so a family added later is absent from older ones)."""
+    return frozenset(s.sub_config for s in ENCODERS.values()) - {encoder_spec(encoder).sub_config}
+
+
 def stored_family(names) -> Optional[str]:
     """The layout family of the encoder tensors among `names`, None if none."""
     for spec in ENCODERS.values():

@@ -45,6 +45,7 @@ from msit_jax.errors import CheckpointError, ConfigError, one_line
 from msit_jax.io import model_dir
 from msit_jax.io.workdir import read_text_lines, set_aside
 from msit_jax.models.config import LEGACY_RUNTIME_FIELDS
+from msit_jax.models.encoders import ENCODERS, unused_sub_configs
 from msit_jax.models.model import variable_shapes
 from msit_jax.training.config import flatten
 from msit_jax.training.schedule import lr_schedule
@@ -173,6 +174,19 @@ def is_compared(field: str) -> bool:
     return field not in IGNORED and field not in legacy and not field.startswith("runtime.")
 
 
+def inert_model_field(field: str, *models: dict) -> bool:
+    """Whether a `model.*` field sizes an encoder family that none of the model configs
+    (dicts) uses: e.g. `model.rcan.n_feats` in an EDSR run, or a sub-dict a newer
+    version added (absent from a workdir written before). Such a field shapes nothing."""
+    parts = field.split(".")
+    if len(parts) < 3 or parts[0] != "model":
+        return False
+    encoders = [m.get("encoder") for m in models]
+    if not encoders or not all(e in ENCODERS for e in encoders):
+        return False
+    return all(parts[1] in unused_sub_configs(e) for e in encoders)
+
+
 def differences(old: dict, new: dict) -> list[tuple[str, Any, Any]]:
     """(field, stored value, new value) for every differing field ('<absent>' if missing)."""
     a, b = flatten(old), flatten(new)
@@ -227,6 +241,11 @@ def check_resume(workdir: str, config: ml_collections.ConfigDict, resuming: bool
     old, source = stored
     new = config_to_dict(config)
     diffs = differences(old, new)
+    if not diffs:
+        return []
+    models = (old.get("model", {}), new.get("model", {}))
+    inert = {d[0] for d in diffs if inert_model_field(d[0], *models)}
+    diffs = [d for d in diffs if d[0] not in inert]  # sizes of an encoder neither run uses
     if not diffs:
         return []
     real = [d for d in diffs if is_compared(d[0])]
@@ -361,7 +380,10 @@ def _model_config_problem(path: str, model_cfg: ml_collections.ConfigDict) -> Op
     except CheckpointError as e:
         return one_line(str(e).replace(f"{path}: ", ""), 200)
     a, b = flatten(stored), flatten(model_cfg)
+    models = (stored.to_dict(), model_cfg.to_dict())
     for k in sorted(set(a) | set(b)):
+        if inert_model_field(f"model.{k}", *models):
+            continue
         if k not in LEGACY_RUNTIME_FIELDS and a.get(k, "<absent>") != b.get(k, "<absent>"):
             return (f"model.{k} is {json.dumps(a.get(k, '<absent>'))}, the run's config has "
                     f"{json.dumps(b.get(k, '<absent>'))}")
