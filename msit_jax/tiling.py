@@ -41,18 +41,22 @@ from tqdm.auto import tqdm
 
 from msit_jax import geometry, inference
 from msit_jax.inference import Upscaler
+from msit_jax.models.encoders import encoder_sizes, encoder_spec
 from msit_jax.ops.runtime import RuntimeOptions
 from msit_jax.serving import Progress, denormalize, normalize
 
 f32 = np.float32
 
 
-def encoder_radius(cfg: ml_collections.ConfigDict) -> int:
-    """LR pixels of context per side seen by the encoder backbone (3x3 convs: 1 each)."""
-    if cfg.encoder == "edsr-baseline":
-        return 2 * cfg.edsr.n_resblocks + 2  # head, 2 per block, body tail
-    k = cfg.rdn.kernel_size // 2
-    return k * (2 + cfg.rdn.n_blocks * cfg.rdn.n_layers + 1)  # SFE1/2, RDB convs, GFF_1
+def encoder_radius(cfg: ml_collections.ConfigDict) -> Optional[int]:
+    """LR pixels of context per side seen by the encoder backbone (3x3 convs: 1 each);
+    None for an encoder that pools over the whole image (RCAN's channel attention)."""
+    return encoder_spec(cfg.encoder).radius(encoder_sizes(cfg))
+
+
+def tileable(cfg: ml_collections.ConfigDict) -> bool:
+    """Whether tiles can reproduce the untiled output (a finite receptive field)."""
+    return encoder_radius(cfg) is not None
 
 
 def wrap_radius(cfg: ml_collections.ConfigDict) -> int:
@@ -61,8 +65,13 @@ def wrap_radius(cfg: ml_collections.ConfigDict) -> int:
 
 
 def receptive_radius(cfg: ml_collections.ConfigDict) -> int:
-    """LR pixels of context per side behind one feature of (feat_q, feat_v)."""
-    return encoder_radius(cfg) + wrap_radius(cfg)
+    """LR pixels of context per side behind one feature of (feat_q, feat_v); ValueError
+    for an encoder with a global receptive field (see `tileable`)."""
+    enc = encoder_radius(cfg)
+    if enc is None:
+        raise ValueError(f"the {cfg.encoder} encoder pools over the whole image (channel "
+                         "attention), so tiles cannot reproduce its output: use tile 0")
+    return enc + wrap_radius(cfg)
 
 
 def halo(cfg: ml_collections.ConfigDict) -> int:
@@ -214,7 +223,7 @@ def auto_tile(model_cfg: ml_collections.ConfigDict, lr_hw: tuple[int, int],
     peak for the paper-size model on CPU: see docs/evaluation.md).
     """
     per_px = bytes_per_px_channel * model_cfg.dim
-    if lr_hw[0] * lr_hw[1] * per_px <= budget_bytes:
+    if lr_hw[0] * lr_hw[1] * per_px <= budget_bytes or not tileable(model_cfg):
         return 0
     side = int(math.sqrt(budget_bytes / per_px)) - 2 * halo(model_cfg)
     return max(side, 32)

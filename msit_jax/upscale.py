@@ -379,6 +379,11 @@ def _upscale(f: flags.FlagValues, positionals: Sequence[str]) -> int:
                             quiet=quiet, self_ensemble=f.self_ensemble)
     except Exception as e:  # noqa: BLE001 - one line naming the checkpoint
         return errors.report(e, f.verbose)
+    if f.tile not in ("auto", "0") and not tiling.tileable(up.model_cfg):
+        return errors.report(UsageError(
+            f"--tile {f.tile}: the {up.model_cfg.encoder} encoder pools over the whole image "
+            "(channel attention), so tiles cannot reproduce its output; use --tile 0 or auto"),
+            f.verbose)
     budget = f.max_memory_gb * 2 ** 30
     dec = memory_estimate(up.model_cfg, (1, 1), (1, 1), up.chunk, 0)["decoder"]
     if dec > budget:
@@ -410,6 +415,12 @@ def _upscale(f: flags.FlagValues, positionals: Sequence[str]) -> int:
                     f"{path}: {console.format_hw(in_hw)} -> {console.format_hw(hw)} (H x W, "
                     f"{what}) needs ~{_gb(buffers)} for the image buffers, over "
                     f"--max_memory_gb {f.max_memory_gb:g}")
+            if est["encoder"] > budget and not tiling.tileable(up.model_cfg):
+                raise ResourceError(
+                    f"{path}: a {console.format_hw(in_hw)} input needs "
+                    f"~{_gb(est['encoder'])} of encoder memory, over --max_memory_gb "
+                    f"{f.max_memory_gb:g}, and the {up.model_cfg.encoder} encoder cannot be "
+                    "tiled (it pools over the whole image)")
             if est["encoder"] > budget and f.tile != "auto":
                 raise ResourceError(
                     f"{path}: --tile {f.tile} on a {console.format_hw(in_hw)} input needs "

@@ -155,6 +155,13 @@ def test_tiling_geometry_helpers(model):
     from msit_jax import model_config
     assert tiling.receptive_radius(model_config()) == 55
     assert tiling.receptive_radius(model_config("rdn")) == 152
+    # Full EDSR: 32 blocks -> 66 + 11; RCAN pools globally: no exact tiles, never auto-tiled.
+    assert tiling.encoder_radius(model_config("edsr")) == 66
+    rcan = model_config("rcan")
+    assert not tiling.tileable(rcan) and tiling.encoder_radius(rcan) is None
+    assert tiling.auto_tile(rcan, (4000, 4000), 2 ** 20) == 0
+    with pytest.raises(ValueError, match="pools over the whole image"):
+        tiling.halo(rcan)
     # Every HR row belongs to exactly one LR core.
     spans = [tiling.hr_span(130, 37, c) for c in tiling.axis_tiles(37, 12)]
     assert spans[0][0] == 0 and spans[-1][1] == 130
