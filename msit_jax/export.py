@@ -54,6 +54,7 @@ from msit_jax.io import model_dir, pretrained
 from msit_jax.io.convert import commit_partial, partial_dir
 from msit_jax.io.torch_io import variables_to_state_dict
 from msit_jax.models import reparam
+from msit_jax.models.encoders import encoder_sizes, encoder_spec
 from msit_jax.models.model import MSIT, build_model
 from msit_jax.ops.runtime import RuntimeOptions
 
@@ -175,10 +176,7 @@ def model_card(model_cfg: ml_collections.ConfigDict, sd: dict, args: Optional[di
     """A model card (hub README) describing the exported weights."""
     n = sum(int(np.size(v)) for k, v in sd.items() if not k.endswith("num_batches_tracked"))
     enc = model_cfg.encoder
-    size = (f"{model_cfg.edsr.n_resblocks} res-blocks, {model_cfg.edsr.n_feats} features"
-            if enc == "edsr-baseline" else
-            f"{model_cfg.rdn.n_blocks} blocks x {model_cfg.rdn.n_layers} layers, "
-            f"growth {model_cfg.rdn.growth}, G0 {model_cfg.rdn.g0}")
+    size = encoder_spec(enc).describe(encoder_sizes(model_cfg))
     torch_use = ("""
 In PyTorch, with the official code (github.com/Jinchen2028/MSIT) on the path:
 

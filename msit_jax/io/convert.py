@@ -37,6 +37,7 @@ from msit_jax.io import model_dir, pretrained
 from msit_jax.io.torch_io import detect_conv_kind
 from msit_jax.models import reparam
 from msit_jax.models.config import model_config
+from msit_jax.models.encoders import ENCODERS
 
 PROG = "python -m msit_jax.convert"
 USAGE = f"usage: {PROG} [flags] SRC DST\n\n{__doc__}"
@@ -44,7 +45,7 @@ USAGE = f"usage: {PROG} [flags] SRC DST\n\n{__doc__}"
 
 def define_flags(fv: flags.FlagValues) -> None:
     """The command's flags, on `fv` (a private FlagValues, see `msit_jax.flags_util`)."""
-    flags.DEFINE_enum("encoder", None, ["edsr-baseline", "rdn"], "Architecture of a bare "
+    flags.DEFINE_enum("encoder", None, list(ENCODERS), "Architecture of a bare "
                       "state_dict (training checkpoints carry it).", flag_values=fv)
     flags.DEFINE_enum("conv", None, ["rim", "plain"], "Layout of a bare state_dict "
                       "(default: detected from its keys).", flag_values=fv)

@@ -23,6 +23,7 @@ import ml_collections
 import numpy as np
 
 from msit_jax.io import pretrained
+from msit_jax.models.encoders import encoder_spec
 
 # Model fields that define the architecture apart from the conv kind; they must
 # agree between the two stages.
@@ -33,7 +34,7 @@ ARCH_FIELDS = ("encoder", "dim", "heads", "radius", "msno_heads", "qk_heads", "u
 def architecture_mismatch(src: ml_collections.ConfigDict, dst: ml_collections.ConfigDict
                           ) -> list[str]:
     """Fields whose values differ, as 'field: src != dst' lines."""
-    fields = list(ARCH_FIELDS) + ["edsr" if dst.encoder == "edsr-baseline" else "rdn"]
+    fields = list(ARCH_FIELDS) + [encoder_spec(dst.encoder).sub_config]
     out = []
     for f in fields:
         a, b = src.get(f), dst.get(f)
