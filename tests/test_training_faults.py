@@ -210,6 +210,7 @@ def test_sigterm_during_set_up_exits_143_before_the_first_step(lone_run, tmp_pat
 
 NATIVE_CALL = """
 import os, signal, threading, time
+import numpy as np
 from msit_jax.training.loop import StopSignals
 a = np.random.rand(4500, 4500)
 with StopSignals(0.3):
