@@ -50,7 +50,8 @@ f32 = np.float32
 
 def encoder_radius(cfg: ml_collections.ConfigDict) -> Optional[int]:
     """LR pixels of context per side seen by the encoder backbone (3x3 convs: 1 each);
-    None for an encoder that pools over the whole image (RCAN's channel attention)."""
+    None for an encoder with a global receptive field (RCAN's channel attention, SwinIR's
+    shifted windows over the padded image)."""
     return encoder_spec(cfg.encoder).radius(encoder_sizes(cfg))
 
 
@@ -69,8 +70,8 @@ def receptive_radius(cfg: ml_collections.ConfigDict) -> int:
     for an encoder with a global receptive field (see `tileable`)."""
     enc = encoder_radius(cfg)
     if enc is None:
-        raise ValueError(f"the {cfg.encoder} encoder pools over the whole image (channel "
-                         "attention), so tiles cannot reproduce its output: use tile 0")
+        raise ValueError(f"the {cfg.encoder} encoder {encoder_spec(cfg.encoder).untiled}, "
+                         "so tiles cannot reproduce its output: use tile 0")
     return enc + wrap_radius(cfg)
 
 

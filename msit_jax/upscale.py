@@ -50,6 +50,7 @@ from PIL import Image
 from msit_jax import console, errors, flags_util, images, tiling, weights
 from msit_jax.io import pretrained
 from msit_jax.models import reparam
+from msit_jax.models.encoders import encoder_spec
 from msit_jax.errors import NonFiniteError, OutputError, ResourceError, UsageError
 from msit_jax.ops.runtime import RuntimeOptions
 
@@ -381,8 +382,9 @@ def _upscale(f: flags.FlagValues, positionals: Sequence[str]) -> int:
         return errors.report(e, f.verbose)
     if f.tile not in ("auto", "0") and not tiling.tileable(up.model_cfg):
         return errors.report(UsageError(
-            f"--tile {f.tile}: the {up.model_cfg.encoder} encoder pools over the whole image "
-            "(channel attention), so tiles cannot reproduce its output; use --tile 0 or auto"),
+            f"--tile {f.tile}: the {up.model_cfg.encoder} encoder "
+            f"{encoder_spec(up.model_cfg.encoder).untiled}, so tiles cannot reproduce its "
+            "output; use --tile 0 or auto"),
             f.verbose)
     budget = f.max_memory_gb * 2 ** 30
     dec = memory_estimate(up.model_cfg, (1, 1), (1, 1), up.chunk, 0)["decoder"]
@@ -420,7 +422,7 @@ def _upscale(f: flags.FlagValues, positionals: Sequence[str]) -> int:
                     f"{path}: a {console.format_hw(in_hw)} input needs "
                     f"~{_gb(est['encoder'])} of encoder memory, over --max_memory_gb "
                     f"{f.max_memory_gb:g}, and the {up.model_cfg.encoder} encoder cannot be "
-                    "tiled (it pools over the whole image)")
+                    f"tiled (it {encoder_spec(up.model_cfg.encoder).untiled})")
             if est["encoder"] > budget and f.tile != "auto":
                 raise ResourceError(
                     f"{path}: --tile {f.tile} on a {console.format_hw(in_hw)} input needs "

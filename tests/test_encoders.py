@@ -51,7 +51,7 @@ def official_names_of(cfg) -> dict:
 # --- registry and configs (quick) --------------------------------------------------------
 
 def test_registry_lists_the_official_encoders_with_their_defaults():
-    assert ENCODERS == tuple(SPECS) == ("edsr-baseline", "edsr", "rdn", "rcan")
+    assert ENCODERS == tuple(SPECS) == ("edsr-baseline", "edsr", "rdn", "rcan", "swinir")
     # the official make_edsr / make_rcan defaults (models/edsr.py, models/rcan.py)
     assert model_config("edsr").edsr.to_dict() == dict(n_resblocks=32, n_feats=256,
                                                        res_scale=0.1)

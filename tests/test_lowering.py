@@ -31,8 +31,10 @@ PROGRAMS = ("encode", "decode", "grid", "train_stage1", "train_stage2")
 PLATFORMS = ("tpu", "cuda")
 DTYPES = ("float32", "bfloat16")
 # The other encoders (tiny configs), each with the programs that differ: the encoder
-# program, and for RCAN (channel attention) the stage-2 train step through it.
-ENCODER_PROGRAMS = (("edsr", "encode"), ("rcan", "encode"), ("rcan", "train_stage2"))
+# program, and for RCAN (channel attention) the stage-2 train step through it, for
+# SwinIR (window attention: einsums, a bias-table gather, rolls) the stage-1 train step.
+ENCODER_PROGRAMS = (("edsr", "encode"), ("rcan", "encode"), ("rcan", "train_stage2"),
+                    ("swinir", "encode"), ("swinir", "train_stage1"))
 
 
 def worker(out: str) -> None:

@@ -136,3 +136,242 @@ def test_drop_path_only_in_training():
     plain = SwinIREncoder.from_config(dict(cfg, drop_path_rate=0.0))
     np.testing.assert_allclose(run(plain, v, x, True, jax.random.PRNGKey(1)), ev,
                                rtol=0, atol=1e-6)
+
+
+# --- the encoder registry's 'swinir': configs, bounds, the whole model -------------------
+
+from msit_jax import model_config, tiny_model_config  # noqa: E402
+from msit_jax.io import config_check, pretrained  # noqa: E402
+from msit_jax.io.torch_io import layout, state_dict_to_variables, variables_to_state_dict  # noqa: E402,E501
+from msit_jax.models.config import validate_model_config  # noqa: E402
+from msit_jax.models.encoders import ENCODERS, stored_family  # noqa: E402
+from msit_jax.models.random_init import random_variables  # noqa: E402
+
+# The tiny model's encoder sizes, as the torch reference builds them (LTE's img_size 48).
+REF_SIZES = dict(embed_dim=8, depths=(2,), num_heads=(2,), window_size=4, num_feat=8)
+
+
+def _tiny(conv="rim"):
+    cfg = tiny_model_config("swinir", conv)
+    cfg.swinir.update(REF_SIZES)
+    return cfg
+
+
+def _names(cfg) -> dict:
+    return {e["torch_key"]: config_check.tensor(e["torch_key"], e["torch_shape"], "float32")
+            for e in layout(cfg)}
+
+
+def test_registry_entry_configs_and_official_args():
+    spec = ENCODERS["swinir"]
+    assert model_config("swinir").swinir.to_dict() == SWINIR_DEFAULTS
+    assert model_config("rdn").swinir.to_dict() == SWINIR_DEFAULTS  # every config carries it
+    for cfg in (model_config("swinir"), tiny_model_config("swinir"), _tiny("plain")):
+        validate_model_config(cfg)
+    assert spec.out_features(model_config("swinir").swinir) == 64
+    assert spec.radius(model_config("swinir").swinir) is None  # never tiled
+    assert "window 8" in spec.describe(model_config("swinir").swinir)
+    args = pretrained.official_args(model_config("swinir"))
+    assert args["encoder_spec"] == {"name": "swinir", "args": {"no_upsampling": True}}
+    back = pretrained.config_from_official_args(args, "rim")
+    assert back.encoder == "swinir" and back.swinir.to_dict() == SWINIR_DEFAULTS
+    with pytest.raises(ValueError, match="ignores its arguments.*embed_dim=8"):
+        pretrained.official_args(_tiny())
+    with pytest.raises(ValueError, match="takes only no_upsampling"):
+        pretrained.config_from_official_args(
+            dict(args, encoder_spec={"name": "swinir", "args": {"no_upsampling": True,
+                                                                 "embed_dim": 60}}), "rim")
+    cfg = _tiny()
+    cfg.swinir.depths = (0,)
+    with pytest.raises(ValueError, match="swinir.depths=\\(0,\\)"):
+        validate_model_config(cfg)
+    cfg = _tiny()
+    cfg.swinir.num_heads = (3,)
+    with pytest.raises(ValueError, match="divisible"):
+        validate_model_config(cfg)
+    assert stored_family(_names(_tiny())) == "swinir"
+    with pytest.raises(ValueError, match="ONNX export of the swinir encoder is not implemented"):
+        spec.graph(None, "x", _tiny().swinir, {})
+    from msit_jax import tiling
+
+    assert not tiling.tileable(_tiny())  # windows over the padded image: tiles are not exact
+    with pytest.raises(ValueError, match="swinir encoder attends within shifted windows"):
+        tiling.receptive_radius(_tiny())
+
+
+def test_hostile_swinir_sizes_are_bounded_by_the_tensors():
+    """From names and shapes alone: nothing is built for a hostile config."""
+    cfg = _tiny()
+    tensors = _names(cfg)
+    assert config_check.mismatches(cfg, tensors) == []
+    for field, value, needle in [
+            ("depths", (100000,), "swinir.depths[0]=100000: the tensors hold 2 block(s)"),
+            ("depths", (2, 2), "swinir.depths=(2, 2): the tensors hold 1 stage(s)"),
+            ("embed_dim", 10 ** 6, "swinir.embed_dim=1000000: the tensors hold width 8"),
+            ("num_heads", (4,), "swinir.num_heads[0]=4: the tensors hold 2 heads"),
+            ("window_size", 64, "swinir.window_size=64: the tensors hold window 4"),
+            ("mlp_ratio", 1000.0, "MLP width embed_dim * mlp_ratio = 8000"),
+            ("num_feat", 10 ** 6, "swinir.num_feat=1000000: the tensors hold width 8"),
+            ("resi_connection", "3conv", "the tensors hold the '1conv' layout")]:
+        c = cfg.copy_and_resolve_references()
+        c.swinir[field] = value
+        problems = config_check.mismatches(c, tensors)
+        assert problems and needle in problems[0], (field, problems)
+    c = cfg.copy_and_resolve_references()
+    c.swinir.depths = (100000,)
+    with pytest.raises(pretrained.CheckpointError, match="swinir.depths"):
+        config_check.check(c, tensors, "hostile.pth")
+    # another encoder's config on SwinIR tensors, and back
+    assert config_check.mismatches(tiny_model_config("rcan"), tensors)[0] == (
+        "encoder='rcan': the tensors hold an 'swinir' encoder")
+    assert config_check.mismatches(cfg, _names(tiny_model_config("rcan")))[0] == (
+        "encoder='swinir': the tensors hold an 'rcan' encoder")
+    # orbax / model-folder names (Flax trees) map to the same official names
+    shapes = jax.eval_shape(lambda: random_variables(cfg))
+    assert set(config_check.official_names(shapes)) == set(tensors)
+
+
+@pytest.mark.slow
+def test_state_dict_holds_lte_buffers_and_round_trips():
+    cfg = _tiny()
+    v = random_variables(cfg, 1)
+    sd = variables_to_state_dict(v, cfg)
+    b = "encoder.layers.0.residual_group.blocks."
+    assert sd[b + "0.attn.relative_position_index"].dtype == np.int64
+    assert b + "0.attn_mask" not in sd and sd[b + "1.attn_mask"].shape == (144, 16, 16)
+    back = state_dict_to_variables(sd, cfg)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, jax.tree_util.tree_map(np.asarray, v),
+                           back)
+    bad = dict(sd, **{b + "1.attn_mask": np.zeros_like(sd[b + "1.attn_mask"])})
+    with pytest.raises(pretrained.CheckpointError, match="attn_mask differs"):
+        state_dict_to_variables(bad, cfg)
+    bad = dict(sd, **{"encoder.extra.weight": np.zeros(1, np.float32)})
+    with pytest.raises(pretrained.CheckpointError, match="unexpected keys.*encoder.extra"):
+        state_dict_to_variables(bad, cfg)
+
+
+@pytest.mark.slow
+def test_onnx_export_is_refused_in_one_message(tmp_path):
+    pytest.importorskip("onnx")
+    from msit_jax import export
+
+    cfg = _tiny()
+    with pytest.raises(export.ExportError, match="ONNX export of the swinir encoder is not "
+                                                 "implemented yet; use StableHLO"):
+        export.export_variables(cfg, random_variables(cfg), str(tmp_path / "o"), "onnx")
+
+
+def _reference_msit_state_dict(cfg, seed=0):
+    """An official-layout MSIT state dict: the encoder from the independent torch
+    reference (LTE's names and buffers), the rest from our own mapping."""
+    ref = randomize_(TorchSwinIR(**REF_SIZES, img_size=48).eval(), seed)
+    enc = {"encoder." + k: v.numpy().copy() for k, v in ref.state_dict().items()}
+    rest = {k: a for k, a in variables_to_state_dict(random_variables(cfg, seed + 1), cfg).items()
+            if not k.startswith("encoder.")}
+    return ref, enc, rest
+
+
+@pytest.mark.slow
+def test_official_layout_pth_loads_and_writes_back(tmp_path):
+    from msit_jax import inference
+    from msit_jax.models.reparam import fold
+
+    cfg = _tiny()
+    ref, enc, rest = _reference_msit_state_dict(cfg)
+    assert set(enc) <= set(variables_to_state_dict(random_variables(cfg), cfg))
+    path = tmp_path / "epoch-best.pth"
+    args = pretrained.official_args(model_config("swinir"))
+    torch.save({"model": {"name": "amsit", "args": args,
+                          "sd": {k: torch.from_numpy(a) for k, a in {**enc, **rest}.items()}},
+                "epoch": 1}, path)
+    # its args say LTE's paper size: the tiny tensors are refused before anything is built
+    with pytest.raises(pretrained.CheckpointError, match="swinir.embed_dim=180"):
+        pretrained.load(str(path))
+    got_cfg, variables = pretrained.load(str(path), _tiny())
+    x = np.random.RandomState(3).uniform(-1, 1, (1, 13, 10, 3)).astype(np.float32)
+    ours = SwinIREncoder.from_config(got_cfg.swinir.to_dict()).apply(
+        {"params": variables["params"]["encoder"]}, x)
+    with torch.no_grad():
+        want = ref(torch.from_numpy(x).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).numpy()
+    np.testing.assert_allclose(np.asarray(ours), want, atol=1e-5, rtol=0)
+    # written back in the same layout, buffers included: the reference loads it strictly
+    sd = variables_to_state_dict(variables, got_cfg)
+    assert set(sd) == set(enc) | set(rest)
+    fresh = TorchSwinIR(**REF_SIZES, img_size=48)
+    fresh.load_state_dict({k[len("encoder."):]: torch.from_numpy(np.asarray(a))
+                           for k, a in sd.items() if k.startswith("encoder.")}, strict=True)
+    for k in enc:
+        np.testing.assert_array_equal(sd[k], enc[k])
+    # the whole model: upscale, and RIM folding leaves the encoder untouched
+    lr = np.random.RandomState(4).rand(9, 11, 3).astype(np.float32)
+    out = inference.upscale(got_cfg, variables, lr, (27, 33), clamp=False)
+    fcfg, fvars = fold(got_cfg, variables)
+    assert fcfg.conv == "plain" and fcfg.encoder == "swinir"
+    jax.tree_util.tree_map(np.testing.assert_array_equal, variables["params"]["encoder"],
+                           jax.tree_util.tree_map(np.asarray, fvars["params"]["encoder"]))
+    folded = inference.upscale(fcfg, fvars, lr, (27, 33), clamp=False)
+    assert out.shape == (27, 33, 3) and np.abs(folded - out).max() <= 1e-5
+
+
+@pytest.mark.slow
+def test_stablehlo_export_agrees_and_onnx_cli_is_one_line(tmp_path):
+    from msit_jax import export, exported, inference
+    from msit_jax.io import model_dir
+    from tests.conftest import assert_one_line_error, run_python
+
+    cfg = _tiny()
+    variables = random_variables(cfg, seed=4)
+    lr = np.random.RandomState(5).rand(10, 9, 3).astype(np.float32)
+    want = inference.upscale(cfg, variables, lr, (30, 27), clamp=False)
+    export.export_variables(cfg, variables, str(tmp_path / "hlo"), "stablehlo", chunk=256,
+                            platforms=("cpu",))
+    got = exported.load(str(tmp_path / "hlo")).upscale_array(lr, (30, 27), clamp=False)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+    src = model_dir.save_model(str(tmp_path / "model"), cfg, variables)
+    proc = run_python(["-m", "msit_jax.export", src, str(tmp_path / "onnx"), "--format", "onnx"])
+    assert proc.returncode != 0
+    assert_one_line_error(proc.stderr, "ONNX export of the swinir encoder is not implemented")
+
+
+@pytest.mark.slow
+def test_few_training_steps_and_bit_exact_resume(tmp_path):
+    from msit_jax.training import train_and_evaluate
+    from tests.conftest import assert_trees_equal, load_config
+
+    cfg = load_config("tiny")
+    cfg.model = tiny_model_config("swinir", "plain")
+    cfg.model.update(dim=16, heads=2, msno_heads=2, qk_heads=1, mlp_hidden=(8,), posenc_dims=8)
+    cfg.total_steps = 3
+    full = train_and_evaluate(cfg, str(tmp_path / "full"))
+    assert full.step == 3
+    part = train_and_evaluate(cfg, str(tmp_path / "part"), stop_after_step=3)  # killed at 3
+    res = train_and_evaluate(cfg, str(tmp_path / "part"))  # resumes from step 2
+    assert part.step == res.step == 3
+    assert_trees_equal(res.state, full.state)
+    mcfg, v = pretrained.load(str(tmp_path / "full"))
+    assert mcfg.encoder == "swinir" and mcfg.swinir.to_dict() == cfg.model.swinir.to_dict()
+
+
+@pytest.mark.slow
+def test_paper_configs_and_stage_two_init():
+    """configs/msit_swinir_stage1.py / _stage2_rim.py: the paper recipe with LTE's
+    SwinIR; stage-1 variables initialise the stage-2 RIM model (encoder copied)."""
+    import os
+    import runpy
+
+    from msit_jax.training import stage2
+    from msit_jax.training.config import validate_config
+    from tests.conftest import REPO
+
+    for suffix, conv, scale_max in (("stage1", "plain", 4.0), ("stage2_rim", "rim", 8.0)):
+        c = runpy.run_path(os.path.join(REPO, "configs", f"msit_swinir_{suffix}.py"))[
+            "get_config"]()
+        validate_config(c)
+        assert c.model.to_dict() == model_config("swinir", conv).to_dict()
+        assert c.data.scale_max == scale_max
+    src, dst = _tiny("plain"), _tiny("rim")
+    assert stage2.architecture_mismatch(src, dst) == []
+    plain = random_variables(src, 0)
+    mapped = stage2.plain_to_rim(plain, random_variables(dst, 1))
+    jax.tree_util.tree_map(np.testing.assert_array_equal, plain["params"]["encoder"],
+                           jax.tree_util.tree_map(np.asarray, mapped["params"]["encoder"]))

@@ -17,7 +17,8 @@ arithmetic on the stored shapes, with the value the tensors imply: the number of
 residual / dense blocks, residual groups, layers and kernel-size heads with the
 number of block tensors present, `dim` and the encoder widths (and RCAN's
 channel-attention width n_feats // reduction) with the widths of the stored
-kernels (each encoder's own comparison is its `EncoderSpec.bound`), `mlp_hidden` with the decoder's stored Linear layers, `radius` (with
+kernels (each encoder's own comparison is its `EncoderSpec.bound`; SwinIR's stages,
+blocks, heads, window and MLP width from its block tensors), `mlp_hidden` with the decoder's stored Linear layers, `radius` (with
 `dim` and `use_cell`) with the decoder's stored input width, `heads` and
 `posenc_dims` with the positional-bias Linear, `conv` and `batch_norm` with the
 presence of RIM and BatchNorm tensors. Once they all agree, the config's model is
@@ -171,7 +172,9 @@ def mismatches(model_cfg: ml_collections.ConfigDict, tensors: Mapping[str, Tenso
         names = [repr(n) for n, s in ENCODERS.items() if s.family == family]
         out.append(f"encoder={_short(c.encoder)}: the tensors hold "
                    + (f"an {' / '.join(names)} encoder" if family else
-                      "no encoder (neither encoder.head.0.weight nor encoder.SFENet1.weight)"))
+                      "no encoder (none of encoder.head.0.weight, encoder.SFENet1.weight, "
+                      "encoder.layers.0.residual_group.blocks.0.attn."
+                      "relative_position_bias_table)"))
     else:
         spec.bound(c[spec.sub_config], Bounds(compare, lambda fmt, start=0: _count(
             tensors, fmt, start), dim_of, out.append, label))
@@ -235,10 +238,12 @@ def mismatches(model_cfg: ml_collections.ConfigDict, tensors: Mapping[str, Tenso
     if empty is not None:
         out.append(f"{empty.label} is empty: no MSIT tensor is, so its sizes bound nothing")
 
-    # ---- dtypes: weights are floating point, BatchNorm counters integers
+    # ---- dtypes: weights are floating point, BatchNorm counters and SwinIR's
+    # relative_position_index buffers integers
     for key in sorted(tensors):
         t = tensors[key]
-        want_kind = "int" if key.endswith("num_batches_tracked") else "float"
+        want_kind = "int" if key.endswith(("num_batches_tracked", ".relative_position_index")) \
+            else "float"
         if t.dtype != want_kind:
             out.append(f"{t.label} has dtype {t.dtype}, expected "
                        + ("an integer" if want_kind == "int" else "a floating-point")

@@ -5,7 +5,10 @@ Pure numpy: no torch import here. `msit_jax.io.pretrained` reads `.pth` files.
 The mapping is derived from the Flax variable tree of the configured model,
 so every variable is accounted for: a state_dict loads only when it holds
 exactly the expected tensors with the expected shapes (plus the official
-model's known constant extras, which are checked, not ignored).
+model's known constant extras, which are checked, not ignored). The SwinIR encoder's
+tensors have LTE's names (`msit_jax.io.swinir_import`); its buffers
+(relative_position_index, the shifted blocks' attn_mask) are checked on loading there
+and written, recomputed, with the state_dict.
 """
 
 from __future__ import annotations
@@ -17,15 +20,27 @@ import ml_collections
 import numpy as np
 
 from msit_jax.errors import CheckpointError
+from msit_jax.io.swinir_import import swinir_params_from_state_dict
 from msit_jax.models.encoders import encoder_spec
 from msit_jax.models.model import variable_shapes
 from msit_jax.models.msno import lem_mask
+from msit_jax.models.swinir import relative_position_index, shift_attention_mask
 
 # Flax-only grouping modules with no counterpart in the official module tree.
 _GROUPING = {"msc", "sim", "mix", "query"}
 # Flax names "x_N" that are the torch ModuleList/Sequential path "x.N".
 _INDEXED = re.compile(
     r"^(head|body|RDBs|convs|conv|conv_du|GFF|conv_vs|multi_conv_qs|layers)_(\d+)$")
+
+
+# The SwinIR encoder's Flax names (msit_jax.models.swinir) that differ from LTE's
+# module tree (msit_jax.io.swinir_import documents the layout).
+_SWINIR_INDEXED = re.compile(r"^(conv_after_body|conv_before_upsample)_(\d+)$")
+_SWINIR_BLOCK = re.compile(r"^blocks_(\d+)$")
+_SWINIR_RENAME = {"patch_embed_norm": ["patch_embed", "norm"], "fc1": ["mlp", "fc1"],
+                  "fc2": ["mlp", "fc2"]}
+# LTE's SwinIR is built for img_size 48: its shifted blocks store a 48 x 48 map's mask.
+SWINIR_MASK_SIZE = 48
 
 
 class StateDictError(CheckpointError):
@@ -42,9 +57,19 @@ def flax_to_torch_key(collection: str, path: tuple[str, ...]) -> str:
         else:  # mlp
             mods = ["imnets", "0"] + rest[1:]
     segs = []
+    in_encoder = bool(mods) and mods[0] == "encoder"
     for m in mods:
         if m in _GROUPING:
             continue
+        if in_encoder:  # SwinIR's names (no other encoder has them)
+            if m in _SWINIR_RENAME:
+                segs.extend(_SWINIR_RENAME[m])
+                continue
+            match = _SWINIR_INDEXED.match(m) or _SWINIR_BLOCK.match(m)
+            if match:
+                segs.extend([match.group(1), match.group(2)] if match.re is _SWINIR_INDEXED
+                            else ["residual_group", "blocks", match.group(1)])
+                continue
         match = _INDEXED.match(m)
         segs.extend([match.group(1), match.group(2)] if match else [m])
     parent = mods[-1] if mods else ""
@@ -56,8 +81,8 @@ def flax_to_torch_key(collection: str, path: tuple[str, ...]) -> str:
         name = "weight"
     elif leaf == "convmap":
         name = "convmap.weight"
-    elif leaf == "scale":
-        name = "weight" if parent == "bn" else "linear.weight"
+    elif leaf == "scale":  # BatchNorm, LayerNorm (the SwinIR encoder's) or RIM scale
+        name = "weight" if parent == "bn" or in_encoder else "linear.weight"
     else:
         name = leaf
     return ".".join(segs + [name])
@@ -157,9 +182,31 @@ def _get(tree: Mapping, path: tuple[str, ...]):
 _RGB_MEAN = np.array([0.4488, 0.4371, 0.4040], np.float32)
 
 
+def _swinir_buffers(model_cfg, values: bool = True) -> dict[str, Any]:
+    """The SwinIR encoder's buffers, as LTE's module stores them (names -> arrays, or
+    None when not `values`): relative_position_index in every block, attn_mask in every
+    shifted (odd) block, built for img_size SWINIR_MASK_SIZE (rounded up to the window).
+    Loading checks stored ones in `msit_jax.io.swinir_import` (any square img_size)."""
+    if model_cfg.encoder != "swinir":
+        return {}
+    e = model_cfg[encoder_spec(model_cfg.encoder).sub_config]
+    w = int(e.window_size)
+    side = -(-SWINIR_MASK_SIZE // w) * w
+    index = relative_position_index(w) if values else None
+    mask = shift_attention_mask(side, side, w, w // 2) if values else None
+    out = {}
+    for i, depth in enumerate(e.depths):
+        for j in range(int(depth)):
+            b = f"encoder.layers.{i}.residual_group.blocks.{j}."
+            out[b + "attn.relative_position_index"] = index
+            if j % 2:
+                out[b + "attn_mask"] = mask
+    return out
+
+
 def _extra_keys(model_cfg) -> set[str]:
-    """The names of `_known_extras` (without building their values)."""
-    keys = {"amsno.lem.mask", "amsno.lem.mix_margin"}
+    """The names of `_known_extras` and of the SwinIR buffers (without building values)."""
+    keys = {"amsno.lem.mask", "amsno.lem.mix_margin"} | set(_swinir_buffers(model_cfg, False))
     if encoder_spec(model_cfg.encoder).mean_shift:
         keys |= {f"encoder.{m}.{p}" for m in ("sub_mean", "add_mean") for p in ("weight", "bias")}
     return keys
@@ -198,8 +245,9 @@ def state_dict_to_variables(state_dict: Mapping[str, np.ndarray],
     entries = layout(model_cfg)
     expected = {e["torch_key"] for e in entries}
     missing = sorted(expected - sd.keys())
+    extra = _extra_keys(model_cfg)
     unexpected = sorted(k for k in sd.keys() - expected
-                        if k not in _extra_keys(model_cfg)
+                        if k not in extra
                         and not k.endswith(".num_batches_tracked"))
     bad_shape = [f"{e['torch_key']}: checkpoint {tuple(np.shape(sd[e['torch_key']]))}, "
                  f"model {e['torch_shape']}"
@@ -230,7 +278,24 @@ def state_dict_to_variables(state_dict: Mapping[str, np.ndarray],
         # Copy: the input may alias live torch tensors (Tensor.numpy() shares memory).
         _set(variables, (e["collection"],) + e["path"],
              np.array(from_torch_array(e["kind"], t, e["shape"]), np.float32, order="C"))
+    if model_cfg.encoder == "swinir":  # its own import: checks the buffers, the sizes
+        spec = encoder_spec(model_cfg.encoder)
+        try:
+            enc = swinir_params_from_state_dict(
+                {k: v for k, v in sd.items() if k.startswith("encoder.")}, "encoder.",
+                dict(model_cfg[spec.sub_config]))
+        except ValueError as err:
+            raise StateDictError(
+                f"state_dict does not match the model config (encoder=swinir): {err}") from None
+        variables["params"]["encoder"] = _copy_tree(enc)
     return variables
+
+
+def _copy_tree(tree: Any) -> Any:
+    """A nested dict of numpy arrays, every array copied float32 C-contiguous."""
+    if isinstance(tree, Mapping):
+        return {k: _copy_tree(v) for k, v in tree.items()}
+    return np.array(tree, np.float32, order="C")
 
 
 def variables_to_state_dict(variables: Mapping, model_cfg: ml_collections.ConfigDict
@@ -241,4 +306,5 @@ def variables_to_state_dict(variables: Mapping, model_cfg: ml_collections.Config
         x = np.asarray(_get(variables, (e["collection"],) + e["path"]), np.float32)
         sd[e["torch_key"]] = np.ascontiguousarray(to_torch_array(e["kind"], x))
     sd.update(_known_extras(model_cfg))
+    sd.update(_swinir_buffers(model_cfg))
     return sd

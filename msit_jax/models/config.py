@@ -1,14 +1,16 @@
 """Model configs (ml_collections). `configs/msit_*.py` wrap these for the CLIs.
 
 Fields:
-  encoder        'edsr-baseline' | 'edsr' | 'rdn' | 'rcan' (the official names; the
-                 registry is `msit_jax.models.encoders.ENCODERS`)
-  edsr / rdn / rcan   encoder sizes, official argument names and defaults
+  encoder        'edsr-baseline' | 'edsr' | 'rdn' | 'rcan' | 'swinir' (the official
+                 names; the registry is `msit_jax.models.encoders.ENCODERS`)
+  edsr / rdn / rcan / swinir   encoder sizes, official argument names and defaults
                  (EDSR: n_resblocks, n_feats, res_scale, for 'edsr-baseline'
                  16, 64, 1 and for 'edsr' 32, 256, 0.1;
                  RDN: g0, kernel_size, n_blocks, n_layers, growth; the official
                  RDNconfig 'B' is 16, 8, 64;
-                 RCAN: n_resgroups, n_resblocks, n_feats, reduction: 10, 20, 64, 16).
+                 RCAN: n_resgroups, n_resblocks, n_feats, reduction: 10, 20, 64, 16;
+                 SwinIR: SwinIR's names, `msit_jax.models.swinir.SWINIR_DEFAULTS`,
+                 LTE's only size: embed 180, depths 6 x 6, heads 6, window 8, 64 out).
                  Every config carries every sub-dict; only its encoder's is used
   dim, heads     feature width and attention heads (256, 8)
   radius         neighbourhood radius r (3 -> 7x7 keys)

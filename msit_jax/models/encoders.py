@@ -1,10 +1,13 @@
-"""Feature encoders without upsampler: EDSR(-baseline), RDN and RCAN. NHWC in and out.
+"""Feature encoders without upsampler: EDSR(-baseline), RDN, RCAN and SwinIR (its module is
+`msit_jax.models.swinir`). NHWC in and out.
 
 Every encoder the model knows is one entry of `ENCODERS` (an `EncoderSpec`): its
 official registry name, the model-config sub-dict that holds its sizes and their
 official defaults, the Flax module, the mapping to and from the official
 `encoder_spec.args`, the bound of its sizes by stored tensors (for untrusted
-configs) and its ONNX graph. Adding an encoder is one entry here.
+configs) and its ONNX graph. Adding an encoder is one entry here (SwinIR, a
+transformer with LayerNorms and buffers, also has its LTE names and buffers mapped in
+`msit_jax.io.torch_io`; its ONNX graph is not implemented: the export refuses it).
 
 As the official MSIT uses them: no upsampler (`no_upsampling=True`), and the
 MeanShift layers that the official EDSR / RCAN define are never applied (their
@@ -23,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from msit_jax.models.layers import Conv, Precision
+from msit_jax.models.swinir import SWINIR_DEFAULTS, SwinIREncoder, validate_swinir_config
 
 Array = jax.Array
 
@@ -250,6 +254,7 @@ class EncoderSpec:
     radius       sub -> LR pixels of context per side, None when global (pooling)
     describe     sub -> a short human-readable size
     mean_shift   the official module holds the (unused) MeanShift constants
+    untiled      why tiles cannot reproduce it, for messages (when radius is None)
     """
 
     name: str
@@ -268,6 +273,7 @@ class EncoderSpec:
     radius: Callable
     describe: Callable
     mean_shift: bool = False
+    untiled: str = "pools over the whole image (channel attention)"
 
 
 def _int(v) -> bool:
@@ -500,12 +506,163 @@ _RCAN = EncoderSpec(
     mean_shift=True)
 
 
+# SwinIR (LTE's `swinir` encoder; the module is msit_jax.models.swinir) ----------------
+
+# LTE's make_swinir ignores its arguments but no_upsampling: nothing official sizes it.
+_SWINIR_SIZES = ("embed_dim", "depths", "num_heads", "window_size", "mlp_ratio", "qkv_bias",
+                 "patch_norm", "resi_connection", "num_feat")
+_SWINIR_DETECT = "encoder.layers.0.residual_group.blocks.0.attn.relative_position_bias_table"
+
+
+def _swinir_module(e, precision, dtype, impl):
+    return SwinIREncoder.from_config(dict(e), precision, dtype, impl, name="encoder")
+
+
+def _swinir_check(e, need) -> None:
+    unknown = sorted(set(e) - set(SWINIR_DEFAULTS))
+    need(not unknown, f"swinir has unknown keys {unknown}; known: {sorted(SWINIR_DEFAULTS)}")
+    for k in ("depths", "num_heads"):
+        v = e[k]
+        ok = isinstance(v, (tuple, list)) and len(v) > 0 and all(_int(d) and d > 0 for d in v)
+        text = repr(tuple(v[:4])) + f"... ({len(v)} items)" if ok is False and isinstance(
+            v, (tuple, list)) and len(v) > 8 else repr(v)
+        need(ok, f"swinir.{k}={text} must be a non-empty tuple of positive integers")
+    _positive(need, "swinir", e, "embed_dim", "window_size", "num_feat")
+    for k in ("mlp_ratio", "drop_path_rate"):
+        v = e[k]
+        need(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+             f"swinir.{k}={v!r} must be a finite number")
+    for k in ("qkv_bias", "patch_norm"):
+        need(isinstance(e[k], bool), f"swinir.{k}={e[k]!r} must be true or false")
+    try:
+        validate_swinir_config(dict(e))
+    except (ValueError, TypeError) as err:
+        need(False, f"swinir: {err}")
+
+
+def _swinir_defaults() -> dict:
+    return dict(SWINIR_DEFAULTS)
+
+
+def _swinir_from_official(args: Mapping) -> dict:
+    other = sorted(set(args) - {"no_upsampling"})
+    if other:  # LTE's make_swinir(no_upsampling) takes nothing else
+        raise ValueError(f"swinir encoder args {other}: LTE's make_swinir takes only "
+                         "no_upsampling (it always builds the paper size)")
+    return _swinir_defaults()
+
+
+def _swinir_to_official(e) -> dict:
+    d = _swinir_defaults()
+    diff = [f"{k}={_tuple(e[k])!r} (official {d[k]!r})" for k in _SWINIR_SIZES
+            if _tuple(e[k]) != d[k]]
+    if diff:
+        raise ValueError("the official (LTE) swinir encoder ignores its arguments and always "
+                         "builds the paper size; this one differs: " + ", ".join(diff))
+    return {"no_upsampling": True}
+
+
+def _tuple(v):
+    return tuple(v) if isinstance(v, (list, tuple)) else v
+
+
+def _swinir_bound(e, b: Bounds) -> None:
+    pre = "encoder."
+    first = pre + "conv_first.weight"
+    if not b.compare("swinir.embed_dim", e.embed_dim, b.dim(first), "width {}", first):
+        return
+    stages = b.count(pre + "layers.{}.residual_group.blocks.0.norm1.weight")
+    depths, heads = _tuple(e.depths), _tuple(e.num_heads)
+    if not isinstance(depths, tuple) or not isinstance(heads, tuple):
+        b.fail(f"swinir.depths / num_heads must be tuples, got {type(depths).__name__}")
+        return
+    if len(depths) != stages:
+        b.compare("swinir.depths", depths, stages,
+                  "{} stage(s) (encoder.layers.N.residual_group.blocks.0)")
+        return
+    if len(heads) != stages:
+        b.compare("swinir.num_heads", heads, stages,
+                  "{} stage(s) (encoder.layers.N.residual_group.blocks.0)")
+        return
+    ok = True
+    for i, d in enumerate(depths):
+        blk = pre + f"layers.{i}.residual_group.blocks.{{}}.norm1.weight"
+        ok &= b.compare(f"swinir.depths[{i}]", d, b.count(blk),
+                        f"{{}} block(s) in stage {i} (encoder.layers.{i}.residual_group."
+                        "blocks.N)")
+    if not ok:
+        return
+    for i, h in enumerate(heads):
+        table = pre + f"layers.{i}.residual_group.blocks.0.attn.relative_position_bias_table"
+        b.compare(f"swinir.num_heads[{i}]", h, b.dim(table, 1, 2), "{} heads", table)
+    table = pre + "layers.0.residual_group.blocks.0.attn.relative_position_bias_table"
+    rows = b.dim(table, 0, 2)
+    w = e.window_size
+    got_w = None
+    if rows is not None:
+        side = math.isqrt(rows)
+        got_w = (side + 1) // 2 if side * side == rows and side % 2 == 1 else -1
+    b.compare("swinir.window_size", w, got_w, "window {} ((2w-1)^2 bias rows)", table)
+    fc1 = pre + "layers.0.residual_group.blocks.0.mlp.fc1.weight"
+    hidden = b.dim(fc1, 0, 2)
+    if _int(e.embed_dim) and isinstance(e.mlp_ratio, (int, float)) and math.isfinite(e.mlp_ratio):
+        want = int(e.embed_dim * e.mlp_ratio)
+        if hidden != want:
+            b.fail(f"swinir.mlp_ratio={e.mlp_ratio!r}: needs an MLP width embed_dim * "
+                   f"mlp_ratio = {want}, the tensors hold "
+                   + (f"width {hidden} ({b.label(fc1)})" if hidden is not None else f"no {fc1}"))
+    else:
+        b.fail(f"swinir.mlp_ratio={e.mlp_ratio!r} must be a finite number")
+    out = pre + "conv_before_upsample.0.weight"
+    b.compare("swinir.num_feat", e.num_feat, b.dim(out), "width {}", out)
+    stored = ("3conv" if b.dim(pre + "conv_after_body.0.weight") is not None else
+              "1conv" if b.dim(pre + "conv_after_body.weight") is not None else None)
+    if e.resi_connection != stored:
+        b.fail(f"swinir.resi_connection={e.resi_connection!r}: the tensors hold "
+               + (f"the {stored!r} layout (encoder.conv_after_body"
+                  + (".0" if stored == "3conv" else "") + ".weight)" if stored else
+                  "no encoder.conv_after_body"))
+    qkv_bias = b.dim(pre + "layers.0.residual_group.blocks.0.attn.qkv.bias", 0, 1) is not None
+    if bool(e.qkv_bias) != qkv_bias:
+        b.fail(f"swinir.qkv_bias={e.qkv_bias!r}: the tensors hold "
+               + ("a" if qkv_bias else "no") + " qkv bias")
+    patch_norm = b.dim(pre + "patch_embed.norm.weight", 0, 1) is not None
+    if bool(e.patch_norm) != patch_norm:
+        b.fail(f"swinir.patch_norm={e.patch_norm!r}: the tensors hold "
+               + ("a" if patch_norm else "no") + " patch_embed.norm")
+
+
+def _swinir_graph(g, x, e, p):
+    raise ValueError("ONNX export of the swinir encoder is not implemented yet; use StableHLO "
+                     "(--format stablehlo)")
+
+
+def _swinir_describe(e) -> str:
+    depths = _tuple(e.depths)
+    return (f"SwinIR, {len(depths)} stages x {'/'.join(map(str, depths))} blocks, embed "
+            f"{e.embed_dim}, heads {'/'.join(map(str, _tuple(e.num_heads)))}, window "
+            f"{e.window_size}, {e.num_feat} features")
+
+
+_SWINIR = EncoderSpec(
+    name="swinir", sub_config="swinir", defaults=_swinir_defaults(),
+    tiny=dict(embed_dim=8, depths=(2,), num_heads=(2,), window_size=4, num_feat=8,
+              drop_path_rate=0.0),
+    module=_swinir_module, out_features=lambda e: e.num_feat, check=_swinir_check,
+    from_official=_swinir_from_official, to_official=_swinir_to_official, family="swinir",
+    detect=lambda names: _SWINIR_DETECT in names, bound=_swinir_bound, graph=_swinir_graph,
+    # shifted windows, and padding to a multiple of the window: no exact tile halo
+    radius=lambda e: None, describe=_swinir_describe,
+    untiled="attends within shifted windows laid over the whole (padded) image")
+
+
 ENCODERS: dict[str, EncoderSpec] = {spec.name: spec for spec in (
     _edsr_spec("edsr-baseline", dict(n_resblocks=16, n_feats=64, res_scale=1.0),
                "EDSR-baseline"),
     _edsr_spec("edsr", dict(n_resblocks=32, n_feats=256, res_scale=0.1), "EDSR"),
     _RDN,
     _RCAN,
+    _SWINIR,
 )}
 
 

@@ -101,6 +101,41 @@ def shift_attention_mask(hp: int, wp: int, window_size: int, shift: int) -> np.n
     return np.where(diff, np.float32(MASK_VALUE), np.float32(0.0)).astype(np.float32)
 
 
+def _concrete(*dims) -> bool:
+    return all(isinstance(d, (int, np.integer)) for d in dims)
+
+
+def attention_mask(hp, wp, window_size: int, shift: int):
+    """`shift_attention_mask` for any map size: numpy for concrete sizes, else the same
+    values computed with jnp from symbolic (shape-polymorphic export) sizes."""
+    if _concrete(hp, wp):
+        return shift_attention_mask(int(hp), int(wp), window_size, shift)
+    w = window_size
+
+    def bands(n):
+        p = jnp.arange(n)
+        return jnp.where(p < n - w, 0, jnp.where(p < n - shift, 1, 2))
+
+    region = bands(hp)[:, None] * 3 + bands(wp)[None, :]
+    win = region.reshape(hp // w, w, wp // w, w).transpose(0, 2, 1, 3).reshape(-1, w * w)
+    return jnp.where(win[:, None, :] != win[:, :, None], jnp.float32(MASK_VALUE),
+                     jnp.float32(0.0))
+
+
+def _reflect_pad(x: Array, ph, pw) -> Array:
+    """Reflect-pad (B, H, W, C) by ph rows and pw columns at the bottom/right (torch's
+    'reflect'); symbolic sizes (shape-polymorphic export) pad by gathering the
+    reflected rows/columns, which needs H > ph and W > pw as torch does."""
+    if _concrete(ph, pw):
+        if ph or pw:
+            x = jnp.pad(x, ((0, 0), (0, ph), (0, pw), (0, 0)), mode="reflect")
+        return x
+    for axis, p in ((1, ph), (2, pw)):
+        n = x.shape[axis]
+        x = jnp.concatenate([x, jnp.take(x, (n - 2) - jnp.arange(p), axis=axis)], axis=axis)
+    return x
+
+
 def _trunc_normal_02(key, shape, dtype=jnp.float32):
     # timm's trunc_normal_(std=.02) truncates at +-2 (absolute), i.e. at 100 std:
     # in effect N(0, 0.02^2).
@@ -215,7 +250,7 @@ class SwinBlock(nn.Module):
             y = jnp.roll(y, (-s, -s), axis=(1, 2))
         y = y.reshape(bsz, hp // w, w, wp // w, w, c).transpose(0, 1, 3, 2, 4, 5)
         y = y.reshape(bsz, -1, w * w, c)
-        mask = shift_attention_mask(hp, wp, w, s) if s else None
+        mask = attention_mask(hp, wp, w, s) if s else None
         y = WindowAttention(c, w, self.num_heads, self.qkv_bias, name="attn", **kw)(y, mask)
         y = y.reshape(bsz, hp // w, wp // w, w, w, c).transpose(0, 1, 3, 2, 4, 5)
         y = y.reshape(bsz, hp, wp, c)
@@ -322,9 +357,9 @@ class SwinIREncoder(nn.Module):
                                     num_feat=self.num_feat, drop_path_rate=self.drop_path_rate))
         _, h, w, _ = x.shape
         ws = self.window_size
-        ph, pw = (-h) % ws, (-w) % ws
-        if ph or pw:
-            x = jnp.pad(x, ((0, 0), (0, ph), (0, pw), (0, 0)), mode="reflect")
+        # (h + ws - 1) // ws * ws - h: also for symbolic h, w (a multiple of ws by form)
+        ph, pw = (h + ws - 1) // ws * ws - h, (w + ws - 1) // ws * ws - w
+        x = _reflect_pad(x, ph, pw)
         kw = dict(precision=self.precision, dtype=self.dtype)
         conv_kw = dict(kw, impl=self.impl)
         f = Conv(self.embed_dim, 3, name="conv_first", **conv_kw)(x).astype(jnp.float32)
