@@ -375,3 +375,38 @@ def test_paper_configs_and_stage_two_init():
     mapped = stage2.plain_to_rim(plain, random_variables(dst, 1))
     jax.tree_util.tree_map(np.testing.assert_array_equal, plain["params"]["encoder"],
                            jax.tree_util.tree_map(np.asarray, mapped["params"]["encoder"]))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("field, value, needle", [
+    ("depths", [100000], "swinir.depths[0]=100000: the tensors hold 2 block(s)"),
+    ("embed_dim", 10 ** 6, "swinir.embed_dim=1000000: the tensors hold width 8")])
+def test_hostile_swinir_file_config_is_refused_before_anything_is_built(
+        tmp_path, monkeypatch, field, value, needle):
+    import json
+    import time
+
+    from msit_jax import export
+    from msit_jax.models import model as model_module
+    from tests.test_untrusted_configs import read_raw_safetensors, write_raw_safetensors
+
+    cfg = _tiny()
+    files = export.export_variables(cfg, random_variables(cfg), str(tmp_path / "st"),
+                                    "safetensors")
+    header, body = read_raw_safetensors(next(f for f in files if f.endswith(".safetensors")))
+    meta = header["__metadata__"]
+    c = json.loads(meta[pretrained.META_CONFIG])
+    c["swinir"][field] = value
+    meta[pretrained.META_CONFIG] = json.dumps(c)
+    path = write_raw_safetensors(tmp_path / "hostile.safetensors", header, body)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was built / traced for an unchecked config")
+
+    monkeypatch.setattr(model_module, "build_model", refuse)
+    monkeypatch.setattr(jax, "eval_shape", refuse)
+    t0 = time.monotonic()
+    with pytest.raises(pretrained.CheckpointError) as e:
+        pretrained.load(path)
+    assert needle in str(e.value) and path in str(e.value) and "\n" not in str(e.value)
+    assert time.monotonic() - t0 < 2.0
