@@ -17,16 +17,24 @@ def _conv(cin: int, cout: int, k: int, groups: int = 1) -> int:
 def encoder_macs_per_pixel(cfg: ml_collections.ConfigDict) -> int:
     """Encoder + conv_ch + MSNO + V + Q/K branches, per LR pixel."""
     d = cfg.dim
-    if cfg.encoder == "edsr-baseline":
+    if cfg.encoder in ("edsr-baseline", "edsr"):  # one family, sized by cfg.edsr
         f = cfg.edsr.n_feats
         enc = _conv(3, f, 3) + cfg.edsr.n_resblocks * 2 * _conv(f, f, 3) + _conv(f, f, 3)
-    else:
+    elif cfg.encoder == "rcan":
+        # Channel attention's 1x1 convs run on the pooled 1x1 map: nothing per pixel.
+        r = cfg.rcan
+        f = r.n_feats
+        group = r.n_resblocks * 2 * _conv(f, f, 3) + _conv(f, f, 3)
+        enc = _conv(3, f, 3) + r.n_resgroups * group + _conv(f, f, 3)
+    elif cfg.encoder == "rdn":
         r = cfg.rdn
         g0, g, c = r.g0, r.growth, r.n_layers
         block = sum(_conv(g0 + i * g, g, r.kernel_size) for i in range(c)) + _conv(g0 + c * g, g0, 1)
         enc = (_conv(3, g0, r.kernel_size) + _conv(g0, g0, r.kernel_size) + r.n_blocks * block
                + _conv(r.n_blocks * g0, g0, 1) + _conv(g0, g0, r.kernel_size))
         f = g0
+    else:
+        raise ValueError(f"no multiply-add count for the {cfg.encoder!r} encoder")
     hc, qc = d // cfg.msno_heads, d // cfg.qk_heads
     msno = (2 * _conv(d, d, 1) + sum(_conv(hc, hc, 3 + 2 * i) for i in range(cfg.msno_heads))
             + _conv(d, 2 * d, 1, cfg.msno_heads) + _conv(2 * d, d, 1) + _conv(d, d, 1))
