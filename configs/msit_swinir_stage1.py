@@ -13,8 +13,7 @@ with LTE's 'swinir' encoder at its only size, i.e. the YAML's
 (msit_jax.model_config("swinir")). Then run stage 2:
 configs/msit_swinir_stage2_rim.py.
 Encoder: SwinIR (embed 180, 6 RSTBs x 6 blocks, 6 heads, window 8, 64 features).
-The encoder runs without stochastic depth here (drop_path_rate is not applied in
-the train step).
+Stochastic depth as LTE: drop_path_rate 0.1 (its per-step rng comes from the step).
 """
 
 from msit_jax.training.config import paper_config

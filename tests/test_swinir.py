@@ -341,6 +341,7 @@ def test_few_training_steps_and_bit_exact_resume(tmp_path):
     cfg = load_config("tiny")
     cfg.model = tiny_model_config("swinir", "plain")
     cfg.model.update(dim=16, heads=2, msno_heads=2, qk_heads=1, mlp_hidden=(8,), posenc_dims=8)
+    cfg.model.swinir.drop_path_rate = 0.5  # stochastic depth: the rng is the step's
     cfg.total_steps = 3
     full = train_and_evaluate(cfg, str(tmp_path / "full"))
     assert full.step == 3

@@ -255,6 +255,8 @@ class EncoderSpec:
     describe     sub -> a short human-readable size
     mean_shift   the official module holds the (unused) MeanShift constants
     untiled      why tiles cannot reproduce it, for messages (when radius is None)
+    dropout      sub -> whether training it is stochastic (SwinIR's stochastic depth):
+                 the module then takes `train` and, training, a 'dropout' rng
     """
 
     name: str
@@ -274,6 +276,7 @@ class EncoderSpec:
     describe: Callable
     mean_shift: bool = False
     untiled: str = "pools over the whole image (channel attention)"
+    dropout: Callable = lambda e: False
 
 
 def _int(v) -> bool:
@@ -647,13 +650,14 @@ def _swinir_describe(e) -> str:
 _SWINIR = EncoderSpec(
     name="swinir", sub_config="swinir", defaults=_swinir_defaults(),
     tiny=dict(embed_dim=8, depths=(2,), num_heads=(2,), window_size=4, num_feat=8,
-              drop_path_rate=0.0),
+              drop_path_rate=0.1),
     module=_swinir_module, out_features=lambda e: e.num_feat, check=_swinir_check,
     from_official=_swinir_from_official, to_official=_swinir_to_official, family="swinir",
     detect=lambda names: _SWINIR_DETECT in names, bound=_swinir_bound, graph=_swinir_graph,
     # shifted windows, and padding to a multiple of the window: no exact tile halo
     radius=lambda e: None, describe=_swinir_describe,
-    untiled="attends within shifted windows laid over the whole (padded) image")
+    untiled="attends within shifted windows laid over the whole (padded) image",
+    dropout=lambda e: float(e.drop_path_rate) > 0.0)
 
 
 ENCODERS: dict[str, EncoderSpec] = {spec.name: spec for spec in (
@@ -702,6 +706,13 @@ def stored_family(names) -> Optional[str]:
 def encoder_sizes(cfg) -> Any:
     """The model config's sub-config for its encoder."""
     return cfg[encoder_spec(cfg.encoder).sub_config]
+
+
+def encoder_dropout(cfg) -> bool:
+    """Whether the model config's encoder is stochastic in training (then its module
+    takes `train`, and a training apply needs a 'dropout' rng)."""
+    spec = encoder_spec(cfg.encoder)
+    return bool(spec.dropout(cfg[spec.sub_config]))
 
 
 def make_encoder(cfg, precision: Precision, dtype: Any, impl: str = "auto") -> nn.Module:

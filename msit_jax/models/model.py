@@ -18,7 +18,7 @@ import numpy as np
 from msit_jax.geometry import QueryGeometry, make_coord, query_geometry, rel_cell
 from msit_jax.models.config import validate_model_config
 from msit_jax.models.decoder import BatchedDecoder
-from msit_jax.models.encoders import make_encoder
+from msit_jax.models.encoders import encoder_dropout, make_encoder
 from msit_jax.models.layers import Conv
 from msit_jax.models.msno import MSNO, QKBranch, rim_or_plain_conv
 from msit_jax.ops.runtime import RuntimeOptions
@@ -51,7 +51,9 @@ class MSIT(nn.Module):
 
     def encode(self, inp: Array, train: bool = False) -> tuple[Array, Array]:
         """Feature maps for the decoder: inp (B, H, W, 3) -> (feat_q, feat_v), each (B, H, W, dim)."""
-        feat = self.amsno(self.conv_ch(self.encoder(inp)), train)
+        # SwinIR's stochastic depth in training (a 'dropout' rng: training.step)
+        enc = self.encoder(inp, train) if encoder_dropout(self.cfg) else self.encoder(inp)
+        feat = self.amsno(self.conv_ch(enc), train)
         return self.multi_conv_qs_0(feat, train), self.conv_vs_0(feat)
 
     def decode(self, feats: tuple[Array, Array], inp: Array, geom: QueryGeometry) -> Array:

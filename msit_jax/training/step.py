@@ -18,10 +18,13 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from msit_jax.data.protocol import Batch
+from msit_jax.models.encoders import encoder_dropout
 from msit_jax.models.model import MSIT
 from msit_jax.training.state import TrainState
 
 DATA_AXIS = "data"
+# The key a stochastic encoder's per-step 'dropout' rng is folded from (with the step).
+DROPOUT_SEED = 0
 # Bits of the step's `nonfinite` metric: which quantity was NaN or infinite.
 NONFINITE_LOSS, NONFINITE_GRADS, NONFINITE_WEIGHTS = 1, 2, 4
 NONFINITE_NAMES = ((NONFINITE_LOSS, "loss"), (NONFINITE_GRADS, "gradients"),
@@ -77,8 +80,12 @@ def train_step(model: MSIT, tx: optax.GradientTransformation, schedule: optax.Sc
     def loss_fn(params):
         variables = state.replace(params=params).variables()
         mutable = ["batch_stats"] if state.batch_stats else []
+        # A stochastic encoder (SwinIR's drop path): its rng from the step, so a resumed
+        # run draws what the uninterrupted one did.
+        rngs = ({"dropout": jax.random.fold_in(jax.random.PRNGKey(DROPOUT_SEED), state.step)}
+                if encoder_dropout(model.cfg) else None)
         pred, updates = model.apply(variables, batch.inp, batch.geometry, train=True,
-                                    mutable=mutable)
+                                    mutable=mutable, rngs=rngs)
         return l1_loss(pred, batch.gt), updates
 
     (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
