@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from typing import Callable
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -171,27 +172,28 @@ def open_image(path: str, *, max_pixels: int | None = None) -> Image.Image:
     return img
 
 
-def read_image_float(path: str, *, max_pixels: int | None = None) -> np.ndarray:
-    """Decode an image file to (H, W, 3) float32 RGB in [0, 1] at the file's precision
-    (16-bit and float TIFF/PNG included, see `pil_to_rgb_float`); ImageError names a
-    bad file (see `open_image` for the checks)."""
+def _decode(path: str, max_pixels: int | None,
+            convert: Callable[[Image.Image, str], np.ndarray]) -> np.ndarray:
+    """Open, fully decode and convert an image file; ImageError names a bad file."""
     with open_image(path, max_pixels=max_pixels) as img:
         try:
             img.load()
         except (OSError, SyntaxError, ValueError) as e:
             raise unreadable_error(path, e) from e
-        return pil_to_rgb_float(img, path)
+        return convert(img, path)
+
+
+def read_image_float(path: str, *, max_pixels: int | None = None) -> np.ndarray:
+    """Decode an image file to (H, W, 3) float32 RGB in [0, 1] at the file's precision
+    (16-bit and float TIFF/PNG included, see `pil_to_rgb_float`); ImageError names a
+    bad file (see `open_image` for the checks)."""
+    return _decode(path, max_pixels, pil_to_rgb_float)
 
 
 def read_image(path: str, *, max_pixels: int | None = None) -> np.ndarray:
     """Decode an image file to (H, W, 3) uint8 RGB; ImageError names a bad file
     (see `open_image` for the checks and `pil_to_rgb_uint8` for the conversion)."""
-    with open_image(path, max_pixels=max_pixels) as img:
-        try:
-            img.load()
-        except (OSError, SyntaxError, ValueError) as e:
-            raise unreadable_error(path, e) from e
-        return pil_to_rgb_uint8(img, path)
+    return _decode(path, max_pixels, pil_to_rgb_uint8)
 
 
 def list_images(folder: str) -> list[str]:
