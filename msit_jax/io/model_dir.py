@@ -27,7 +27,7 @@ import os
 import shutil
 import sys
 import time
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import jax
 import ml_collections
@@ -159,6 +159,14 @@ def is_model_dir(path: str) -> bool:
         os.path.join(path, VARIABLES_DIR))
 
 
+def shape_differences(want: Mapping[str, Sequence[int]], got: Mapping[str, Sequence[int]]
+                      ) -> tuple[list[str], list[str], list[str]]:
+    """Two {path: shape} tables compared: (paths whose shapes differ, paths only in
+    `want`, paths only in `got`), each sorted."""
+    shapes = [k for k in sorted(want) if k in got and tuple(got[k]) != tuple(want[k])]
+    return shapes, sorted(set(want) - set(got)), sorted(set(got) - set(want))
+
+
 def check_variables(model_cfg: ml_collections.ConfigDict, variables: Any, where: str) -> None:
     """CheckpointError naming `where` unless `variables` holds exactly the config's
     variables, with their shapes, all finite."""
@@ -174,9 +182,7 @@ def check_variables(model_cfg: ml_collections.ConfigDict, variables: Any, where:
 
     want = {k: tuple(v) for k, v in flat(variable_shapes(model_cfg)).items()}
     got = flat(variables)
-    missing = sorted(set(want) - set(got))
-    extra = sorted(set(got) - set(want))
-    shapes = [k for k in sorted(want) if k in got and tuple(np.shape(got[k])) != want[k]]
+    shapes, missing, extra = shape_differences(want, {k: np.shape(v) for k, v in got.items()})
     if missing or extra or shapes:
         parts = []
         if shapes:

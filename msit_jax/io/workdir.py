@@ -42,7 +42,8 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from msit_jax.errors import CheckpointError, one_line
-from msit_jax.io.model_dir import CONFIG_FILE, quiet_orbax, read_model_config, short_error
+from msit_jax.io.model_dir import (CONFIG_FILE, quiet_orbax, read_model_config,
+                                   shape_differences, short_error)
 from msit_jax.models.model import variable_shapes
 
 log = logging.getLogger(__name__)
@@ -450,8 +451,7 @@ def _shape_mismatch(want: dict[str, list], got: Optional[dict[str, list]]) -> Op
     briefly (None: they match, or nothing to compare with)."""
     if got is None:
         return None
-    shapes = [k for k in sorted(want) if k in got and got[k] != want[k]]
-    missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+    shapes, missing, extra = shape_differences(want, got)
     parts = []
     if shapes:
         k = shapes[0]
