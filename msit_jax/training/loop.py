@@ -65,6 +65,7 @@ from msit_jax.training.checkpoints import Checkpointer, saved_steps
 from msit_jax.training.config import fit_warmup, validate_config
 from msit_jax.training.lock import WorkdirLock
 from msit_jax.training.metrics import MetricLogger, finite_or_none
+from msit_jax.training.progress import RateWindow, StepTracker
 from msit_jax.training.stage2 import init_from
 from msit_jax.training.state import TrainState, create_state, init_variables, make_optimizer
 from msit_jax.training.step import (batch_sharding, describe_nonfinite, jit_train_step,
@@ -545,7 +546,10 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop: "StopSignals",
 
     bar = tqdm(total=config.total_steps, initial=start, desc="train", unit="step",
                disable=not (is_main and config.progress_bar), dynamic_ncols=True)
-    step, window, timed, t0 = start, [], 0, time.perf_counter()
+    # The bar and the logged rate count completed steps (see training/progress.py).
+    tracker = StepTracker(start, bar.update)
+    rates = RateWindow(start, time.perf_counter())
+    step, window, t0 = start, [], time.perf_counter()
     data_state = data_it.get_state()
     single = jax.process_count() == 1
     # Multi-host: processes must stop at the same step, so they agree on a stop request
@@ -572,19 +576,17 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop: "StopSignals",
             data_state = data_it.get_state()  # the stream position matching `state`
             guard.add(step, metrics)
             guard.poll()  # the steps finished so far; never waits
-            bar.update(1)
+            tracker.add(step, metrics["loss"])  # waits only past MAX_INFLIGHT_STEPS
             window.append((step, metrics))
             if step == start + 1:  # the first step includes compilation: time it apart
-                jax.block_until_ready(metrics)
-                log.info("first step (with compilation) took %.1f s",
-                         time.perf_counter() - t0)
-                t0 = time.perf_counter()
-            else:
-                timed += 1
+                tracker.drain()
+                log.info("first step (with compilation) took %.1f s", tracker.done_at - t0)
+                rates.start(step, tracker.done_at)
             if step % config.log_every_steps == 0 or step == config.total_steps:
                 guard.poll(block=True)
-                host = jax.device_get([m for _, m in window])  # waits for the window
-                dt = time.perf_counter() - t0
+                tracker.drain()  # at most MAX_INFLIGHT_STEPS to wait for
+                host = jax.device_get([m for _, m in window])
+                rate = rates.rate(tracker.completed, tracker.done_at)
                 ok = [m for (s, _), m in zip(window, host) if s not in guard.skipped]
                 rec = dict(loss=np.mean([m["loss"] for m in ok]) if ok else float("nan"),
                            lr=host[-1]["lr"],
@@ -593,13 +595,15 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop: "StopSignals",
                            epoch=step * config.batch_size / epoch_len)
                 if len(ok) < len(host):
                     rec["skipped_steps"] = len(host) - len(ok)
-                if timed:  # a window of only the compiling first step has no rate
-                    rec.update(steps_per_sec=timed / dt,
-                               pixels_per_sec=timed / dt * pixels_per_step)
+                if rate is not None:  # a window of only the compiling first step has none
+                    rec.update(steps_per_sec=rate, pixels_per_sec=rate * pixels_per_step)
                 logger.write(step, "train", rec)
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}",
                                 sps=f"{rec.get('steps_per_sec', 0):.2f}")
-                window, timed, t0 = [], 0, time.perf_counter()
+                # The next window opens where this one's steps finished: the time spent
+                # logging counts, as it does on the wall clock and the bar.
+                window = []
+                rates.start(tracker.completed, tracker.done_at)
                 if not single:
                     stopping = _any_process(stop.requested())
             if single:
@@ -622,7 +626,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop: "StopSignals",
                 bar.write(f"step {step}: " + ", ".join(f"{k} {v:.2f}"
                                                        for k, v in val.items()))
                 result.val = val
-                timed, t0 = 0, time.perf_counter()  # keep validation out of the throughput
+                tracker.drain()
+                rates.start(step, time.perf_counter())  # keep validation out of the rate
             if (step % config.checkpoint.every_steps == 0 or step == config.total_steps
                     or val is not None):
                 guard.poll(block=True)
@@ -631,6 +636,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop: "StopSignals",
                           metrics={"val_psnr": best} if best is not None else None)
             if stop_after_step is not None and step >= stop_after_step:
                 break
+        tracker.drain()
         if stopping:
             _save_on_signal(stop.signum or signal.SIGTERM, step, start, state, data_state,
                             ckpt, guard)
