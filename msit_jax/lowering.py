@@ -185,6 +185,8 @@ _TENSOR = re.compile(r"tensor<([0-9x?]*)x?([a-z0-9]+)>")
 _PREC = re.compile(r"precision(?:_config)? = \[([^\]]*)\]")
 _CALLBACK = re.compile(r"custom_call @([A-Za-z0-9_.]*callback[A-Za-z0-9_.]*)", re.I)
 _CUSTOM = re.compile(r"custom_call @([A-Za-z0-9_.]+)")
+# A contraction's signature: `: (lhs type, rhs type) -> result type`.
+_SIGNATURE = re.compile(r":\s*\((tensor<[^>]*>),\s*(tensor<[^>]*>)\)\s*->\s*(tensor<[^>]*>)")
 
 
 def _elements(dims: str) -> int:
@@ -201,6 +203,11 @@ def _result_type(line: str) -> tuple[str, int]:
     return m.group(0), _elements(m.group(1))
 
 
+def _element(tensor_type: str) -> str:
+    """'tensor<8x64xbf16>' -> 'bf16'."""
+    return tensor_type[len("tensor<"):-1].rsplit("x", 1)[-1]
+
+
 def line_precisions(line: str) -> list[str]:
     """The precisions (HIGHEST / HIGH / DEFAULT) on one StableHLO op's line; [] if unset."""
     m = _PREC.search(line)
@@ -214,13 +221,15 @@ def analyse(mlir: str, top: int = 5) -> dict:
 
     ops: count by op kind; contractions: dot_general + convolution counts by
     precision ('none' where unset); unset_precision: those lacking one (first
-    lines); f64: whether any float64 tensor appears; callbacks: host callback
+    lines); mixed_operands: contractions whose two operands differ in element type
+    (e.g. f32 x bf16, first lines as mixed_operand_examples); f64: whether any float64
+    tensor appears; callbacks: host callback
     custom_calls; custom_calls: every custom_call target; gathers / scatters:
     the largest by result size.
     """
     ops: collections.Counter = collections.Counter()
     contractions: collections.Counter = collections.Counter()
-    unset, gathers, scatters = [], [], []
+    unset, gathers, scatters, mixed = [], [], [], []
     for line in mlir.splitlines():
         found = _OP.findall(line)
         if not found:
@@ -233,6 +242,9 @@ def analyse(mlir: str, top: int = 5) -> dict:
             contractions[f"{kind}:{key}"] += 1
             if not precs:
                 unset.append(line.strip()[:200])
+            sig = _SIGNATURE.search(line)
+            if sig and _element(sig.group(1)) != _element(sig.group(2)):
+                mixed.append(line.strip()[:200])
         elif kind in ("gather", "dynamic_gather", "scatter"):
             ty, n = _result_type(line)
             (scatters if kind == "scatter" else gathers).append({"type": ty, "elements": n})
@@ -242,6 +254,8 @@ def analyse(mlir: str, top: int = 5) -> dict:
         "contractions": dict(sorted(contractions.items())),
         "unset_precision": len(unset),
         "unset_precision_examples": unset[:top],
+        "mixed_operands": len(mixed),
+        "mixed_operand_examples": mixed[:top],
         "f64": bool(re.search(r"\bf64\b|xf64>", mlir)),
         "callbacks": sorted(set(_CALLBACK.findall(mlir))),
         "custom_calls": sorted(set(_CUSTOM.findall(mlir))),

@@ -6,7 +6,8 @@ the stage-1 / stage-2 train steps sharded over 8 virtual devices, lowered with
   * lowering succeeds, with no float64 and no host callback;
   * the accelerator method is chosen: the program equals the one built with
     XLA's own conv rules (conv_impl='xla') and contains no FFT;
-  * every dot_general and convolution carries the configured precision;
+  * every dot_general and convolution carries the configured precision, and takes
+    two operands of one element type (no f32 x bf16 backward dots);
   * it is the program a TPU host would build: with `jax.default_backend()`
     reporting the platform while tracing, the op counts are the same.
 The lowering runs in a subprocess (the device count is fixed at start-up);
@@ -108,6 +109,9 @@ def test_accelerator_lowering(lowered, program, platform, dtype):
     assert auto["unset_precision"] == 0, auto["unset_precision_examples"]
     assert set(k.split(":")[1] for k in auto["contractions"]) == {"HIGHEST"}
     assert sum(auto["contractions"].values()) > 0
+    # Every contraction takes operands of one type: the backward of bf16 dots runs
+    # bf16 x bf16 (ops.matmul), never f32 x bf16 (the slow f32 algorithm on a TPU).
+    assert auto["mixed_operands"] == 0, auto["mixed_operand_examples"]
     if "emulated_host" in entry:
         assert entry["emulated_host"]["ops"] == auto["ops"]
     if "precision_high" in entry:

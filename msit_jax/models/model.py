@@ -46,8 +46,10 @@ class MSIT(nn.Module):
         self.conv_vs_0 = rim_or_plain_conv(c.conv, c.dim, 3, "torch", "conv_vs_0", prec, dtype,
                                            impl=rt.conv_impl)
         self.multi_conv_qs_0 = QKBranch(c.dim, c.qk_heads, c.conv, **bn, **conv_kw, **fft)
-        self.decoder = BatchedDecoder(c.heads, c.posenc_scale, c.posenc_dims,
-                                      tuple(c.mlp_hidden), c.use_cell, **kw)
+        # Rematerialised: the same module (same parameters) whose backward recomputes it.
+        decoder = nn.remat(BatchedDecoder) if rt.remat_decoder else BatchedDecoder
+        self.decoder = decoder(c.heads, c.posenc_scale, c.posenc_dims, tuple(c.mlp_hidden),
+                               c.use_cell, **kw)
 
     def encode(self, inp: Array, train: bool = False) -> tuple[Array, Array]:
         """Feature maps for the decoder: inp (B, H, W, 3) -> (feat_q, feat_v), each (B, H, W, dim)."""

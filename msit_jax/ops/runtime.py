@@ -44,12 +44,18 @@ class RuntimeOptions:
     fft_min_kernel: multi-scale convs with kernels at least this large convolve
     by FFT on every platform; 0 never; -1 (default) the per-platform choice.
     conv_impl: 'auto' (default) or 'xla', see CONV_IMPLS.
+    remat_decoder: recompute the per-query decoder in the backward pass instead of
+    keeping its activations (`jax.checkpoint`): about one more decoder forward per
+    train step for the memory of its largest residuals (the (B, Q, 49 * dim) MLP
+    input and the 7x7 K/V neighbourhoods). Same outputs and gradients; for large
+    per-chip batches. No effect without a backward pass.
     """
 
     precision: str = "highest"
     dtype: str = "float32"
     fft_min_kernel: int = FFT_AUTO
     conv_impl: str = "auto"
+    remat_decoder: bool = False
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
@@ -59,6 +65,9 @@ class RuntimeOptions:
         if not isinstance(self.fft_min_kernel, int) or self.fft_min_kernel < FFT_AUTO:
             raise ValueError(f"runtime fft_min_kernel={self.fft_min_kernel!r}: expected -1 "
                              "(per platform), 0 (never) or a kernel size")
+        if not isinstance(self.remat_decoder, bool):
+            raise ValueError(f"runtime remat_decoder={self.remat_decoder!r}: expected True "
+                             "or False")
         if self.conv_impl not in CONV_IMPLS:
             raise ValueError(f"runtime conv_impl={self.conv_impl!r}, expected one of "
                              f"{CONV_IMPLS}")
