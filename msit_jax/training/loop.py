@@ -533,7 +533,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop: "StopSignals",
         data_it.set_state(data_state)
 
     max_skips = int(config.get("skip_nonfinite_steps", 0))
-    step_fn = jit_train_step(model, tx, schedule, mesh, skip_nonfinite=max_skips > 0)
+    step_fn = jit_train_step(model, tx, schedule, mesh, skip_nonfinite=max_skips > 0,
+                             seed=config.seed)
     logger = MetricLogger(workdir, resume_step=start, enabled=is_main,
                           tensorboard=config.tensorboard)
     guard = NonFiniteGuard(max_skips, lambda: ckpt.describe_step(ckpt.last_good_step()),

@@ -23,8 +23,6 @@ from msit_jax.models.model import MSIT
 from msit_jax.training.state import TrainState
 
 DATA_AXIS = "data"
-# The key a stochastic encoder's per-step 'dropout' rng is folded from (with the step).
-DROPOUT_SEED = 0
 # Bits of the step's `nonfinite` metric: which quantity was NaN or infinite.
 NONFINITE_LOSS, NONFINITE_GRADS, NONFINITE_WEIGHTS = 1, 2, 4
 NONFINITE_NAMES = ((NONFINITE_LOSS, "loss"), (NONFINITE_GRADS, "gradients"),
@@ -65,8 +63,16 @@ def l1_loss(pred: jax.Array, gt: jax.Array) -> jax.Array:
     return jnp.mean(jnp.abs(pred - gt))
 
 
+def dropout_rng(seed: int, step: jax.Array) -> jax.Array:
+    """The 'dropout' rng of a stochastic encoder (SwinIR's drop path) at `step`: a
+    function of (run seed, step) only, so a resumed run draws what the uninterrupted
+    one did and two seeds draw different masks. Seed 0 gives the key every run used
+    before the seed was threaded through (PRNGKey(0) folded with the step)."""
+    return jax.random.fold_in(jax.random.PRNGKey(seed), step)
+
+
 def train_step(model: MSIT, tx: optax.GradientTransformation, schedule: optax.Schedule,
-               state: TrainState, batch: Batch, skip_nonfinite: bool = False
+               state: TrainState, batch: Batch, skip_nonfinite: bool = False, seed: int = 0
                ) -> tuple[TrainState, dict]:
     """One Adam update on a batch (`msit_jax.data.protocol.Batch`: inp (B, h, h, 3),
     geometry (coord (B, Q, 2), ...), gt (B, Q, 3)).
@@ -75,14 +81,13 @@ def train_step(model: MSIT, tx: optax.GradientTransformation, schedule: optax.Sc
     NONFINITE_* (0: loss, gradients and updated weights all finite). With
     skip_nonfinite, a step whose mask is not 0 changes nothing but the step
     counter (weights, BatchNorm statistics and Adam state keep their values).
+    seed: the run's seed (config.seed), the root of a stochastic encoder's rng.
     """
 
     def loss_fn(params):
         variables = state.replace(params=params).variables()
         mutable = ["batch_stats"] if state.batch_stats else []
-        # A stochastic encoder (SwinIR's drop path): its rng from the step, so a resumed
-        # run draws what the uninterrupted one did.
-        rngs = ({"dropout": jax.random.fold_in(jax.random.PRNGKey(DROPOUT_SEED), state.step)}
+        rngs = ({"dropout": dropout_rng(seed, state.step)}
                 if encoder_dropout(model.cfg) else None)
         pred, updates = model.apply(variables, batch.inp, batch.geometry, train=True,
                                     mutable=mutable, rngs=rngs)
@@ -112,16 +117,17 @@ def train_step(model: MSIT, tx: optax.GradientTransformation, schedule: optax.Sc
 
 
 def jit_train_step(model: MSIT, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                   mesh: Mesh, skip_nonfinite: bool = False
+                   mesh: Mesh, skip_nonfinite: bool = False, seed: int = 0
                    ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """train_step jitted with explicit shardings; the old state's buffers are donated.
+    seed: the run's seed (config.seed; a Python int, a constant of the compiled step).
 
     A new function each call: a run builds it once and calls it every step, so
     it compiles once per run.
     """
 
     def step(state, batch):
-        return train_step(model, tx, schedule, state, batch, skip_nonfinite)
+        return train_step(model, tx, schedule, state, batch, skip_nonfinite, seed)
 
     return jax.jit(step, in_shardings=(replicated(mesh), batch_sharding(mesh)),
                    out_shardings=(replicated(mesh), replicated(mesh)), donate_argnums=(0,))
