@@ -466,3 +466,75 @@ def test_the_shipped_msit_lite_is_the_recipe():
 
     shipped, _ = pretrained.load("msit-lite")
     assert shipped.to_dict() == load_config("msit_lite").model.to_dict()
+
+
+# --- stochastic depth: the drop-path rng comes from the run's seed ----------------------
+
+def _tiny_swinir_config(seed: int, drop_path_rate: float = 0.5):
+    """configs/tiny.py with the tiny SwinIR encoder and stochastic depth on."""
+    from msit_jax.models.config import tiny_model_config
+
+    cfg = load_config("tiny")
+    cfg.seed = seed
+    cfg.model = tiny_model_config("swinir", "plain")
+    cfg.model.update(dim=16, heads=2, msno_heads=2, qk_heads=1, mlp_hidden=(8,), posenc_dims=8)
+    cfg.model.swinir.drop_path_rate = drop_path_rate
+    return cfg
+
+
+@pytest.mark.slow  # ~9 s: two compilations of the SwinIR train step
+def test_drop_path_masks_follow_the_seed_argument():
+    """One state, one batch: the step's loss (the drop-path masks) is a function of
+    (seed, step) only: the same seed repeats it exactly, another seed changes it."""
+    from msit_jax.data.pipeline import host_dataset
+    from msit_jax.data.protocol import Batch, Protocol
+    from msit_jax.data.sources import EmbeddedSource
+    from msit_jax.models.model import dummy_inputs
+    from msit_jax.training.state import create_state, init_variables
+    from msit_jax.training.step import train_step
+
+    cfg = _tiny_swinir_config(seed=0)
+    model = build_model(cfg.model)
+    tx, schedule = make_optimizer(cfg)
+    d = cfg.data
+    v = init_variables(model, jax.random.PRNGKey(0),
+                       dummy_inputs(cfg.model, (d.inp_size, d.inp_size), d.sample_q))
+    batch = Batch.from_flat(next(iter(host_dataset(
+        EmbeddedSource("train"), Protocol(d.inp_size, d.sample_q, radius=cfg.model.radius),
+        global_batch=cfg.batch_size, seed=0, total_steps=1))))
+    # the seed traced: one compilation for every seed below
+    loss = jax.jit(lambda st, b, seed: train_step(model, tx, schedule, st, b, seed=seed)[1]["loss"])
+    state = create_state(v, tx)
+    l0, l0_again, l1, l2 = (float(loss(state, batch, s)) for s in (0, 0, 1, 2))
+    assert l0 == l0_again
+    assert len({l0, l1, l2}) == 3
+    # without drop path the seed changes nothing
+    cfg_off = _tiny_swinir_config(seed=0, drop_path_rate=0.0)
+    model_off = build_model(cfg_off.model)
+    off = jax.jit(lambda st, b, seed: train_step(model_off, tx, schedule, st, b,
+                                                 seed=seed)[1]["loss"])
+    assert float(off(state, batch, 0)) == float(off(state, batch, 1))
+
+
+@pytest.mark.slow
+def test_drop_path_seed_is_the_run_seed_and_resume_is_exact(tmp_path, monkeypatch):
+    """The loop hands config.seed to the step (so a seed-3 run draws seed-3 masks), and a
+    run killed at step 3 of 4 and resumed ends bit-identical to the uninterrupted one."""
+    from msit_jax.training import loop
+
+    seeds = []
+    real = loop.jit_train_step
+
+    def recording(*a, **kw):
+        seeds.append(kw.get("seed"))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(loop, "jit_train_step", recording)
+    cfg = _tiny_swinir_config(seed=3)
+    cfg.total_steps = 4
+    full = train_and_evaluate(cfg, str(tmp_path / "full"))
+    part = train_and_evaluate(cfg, str(tmp_path / "part"), stop_after_step=3)
+    res = train_and_evaluate(cfg, str(tmp_path / "part"))
+    assert seeds == [3, 3, 3]
+    assert (full.step, part.step, res.step) == (4, 3, 4)
+    assert_trees_equal(res.state, full.state)
