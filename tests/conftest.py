@@ -34,6 +34,7 @@ import pytest
 from PIL import Image
 
 from msit_jax import tiny_model_config
+from msit_jax.models.encoders import ENCODERS
 from msit_jax.models.random_init import random_variables
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -237,8 +238,16 @@ def pytest_collection_modifyitems(config, items):
                                 + ", ".join(stale))
 
 
-@pytest.fixture(params=["edsr-baseline", "rdn"])
-def encoder(request):
+# Every registered encoder. edsr-baseline and rdn keep their tiers (SLOW_TESTS picks
+# their slow cases); each case of the others costs seconds (compiling a tiny model),
+# more than the quick tier can take, so they run in the slow tier.
+_QUICK_TIER_ENCODERS = ("edsr-baseline", "rdn")
+
+
+@pytest.fixture(params=[name if name in _QUICK_TIER_ENCODERS
+                        else pytest.param(name, marks=pytest.mark.slow) for name in ENCODERS])
+def encoder(request) -> str:
+    """An encoder registry name (msit_jax.models.encoders.ENCODERS)."""
     return request.param
 
 
