@@ -680,7 +680,8 @@ def build_report(args: argparse.Namespace) -> tuple[dict, str]:
                          "run this file as a script so it can set XLA_FLAGS first")
     cfg = tiny_model_config() if args.tiny else model_config()
     shapes = Shapes(batch=8, lr_size=12, sample_q=64, chunk=256) if args.tiny else Shapes()
-    runtime = RuntimeOptions(precision=args.precision, dtype=args.dtype)
+    runtime = RuntimeOptions(precision=args.precision, dtype=args.dtype,
+                             remat_decoder=args.remat_decoder)
     train = args.program.startswith("train")
     timings = {}
 
@@ -767,7 +768,8 @@ def build_report(args: argparse.Namespace) -> tuple[dict, str]:
     report = {
         "date": time.strftime("%Y-%m-%d"),
         "platform": args.platform, "program": args.program, "dtype": args.dtype,
-        "precision": args.precision, "devices": args.devices, "tiny": bool(args.tiny),
+        "precision": args.precision, "remat_decoder": bool(args.remat_decoder),
+        "devices": args.devices, "tiny": bool(args.tiny),
         "shapes": dataclasses.asdict(shapes),
         "model": {"encoder": cfg.encoder, "dim": cfg.dim, "conv": stage_config(
             cfg, args.program).conv, "learnable_params": params},
@@ -913,6 +915,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     ap.add_argument("--json", required=True, help="write the report here")
     ap.add_argument("--no-compile", dest="compile", action="store_false",
                     help="skip compiling for CPU (XLA's fused bytes and memory figures)")
+    ap.add_argument("--remat_decoder", action="store_true",
+                    help="runtime.remat_decoder: recompute the per-query decoder in the "
+                         "backward (memory for time)")
     ap.add_argument("--tiny", action="store_true",
                     help="tiny model and shapes (batch 8, LR 12, 64 queries; for tests)")
     args = ap.parse_args(argv)

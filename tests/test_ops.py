@@ -224,8 +224,9 @@ def test_bf16_backward_is_within_bf16_rounding_of_the_float32_gradient():
 
 
 def test_bf16_backward_lowers_to_bf16_dots_for_tpu():
-    """Lowered for TPU, the forward and both backward dots take two bf16 operands and
-    return float32 (autodiff alone gives f32 x bf16 dots in the backward)."""
+    """Lowered for TPU, both backward dots take two bf16 operands and give the bf16
+    operand cotangents (the MXU accumulates in float32); autodiff alone gives
+    f32 x bf16 dots there."""
     a, b = _bf16((6, 64), 7), _bf16((64, 5), 8)
     w = jnp.ones((6, 5), jnp.float32)
     grad = jax.jit(jax.grad(lambda a, b: jnp.sum(ops.dot(a, b, HI) * w), (0, 1)))
@@ -234,15 +235,44 @@ def test_bf16_backward_lowers_to_bf16_dots_for_tpu():
                       r"(tensor<[^>]*>)", text)
     assert len(sigs) == 2, sigs  # the forward is dead in a gradient of a linear loss
     for lhs, rhs, out in sigs:
-        assert lhs.endswith("bf16>") and rhs.endswith("bf16>") and out.endswith("f32>"), sigs
+        assert lhs.endswith("bf16>") and rhs.endswith("bf16>") and out.endswith("bf16>"), sigs
 
 
-def test_contractions_outside_the_transposable_form_keep_autodiff():
-    """A spec whose operand has an index found nowhere else (summed within it) is left
-    to autodiff; its gradient is still the float32 one of the bf16 values."""
+def test_bf16_backward_of_a_contraction_summing_within_an_operand():
+    """A spec with an index summed within one operand (i, in a alone) and a vmapped
+    contraction with an unbatched operand (the per-query decoder's layers) get the same
+    rounded-cotangent backward, exactly as the reference on CPU."""
     a, b = _bf16((4, 8), 9), _bf16((8, 3), 10)
-    spec = "ij,jk->k"  # i is summed within a alone
-    da = jax.grad(lambda a: jnp.sum(ops.einsum(spec, a, b, HI)))(a)
-    ref = jax.grad(lambda a: jnp.sum(jnp.einsum(spec, a.astype(jnp.float32),
-                                                b.astype(jnp.float32), precision=HI)))(a)
+    spec = "ij,jk->k"
+    g = jnp.asarray(np.random.RandomState(11).randn(3).astype(np.float32))
+    da = jax.vjp(lambda a: ops.einsum(spec, a, b, HI), a)[1](g)[0]
+
+    def f32(a):
+        return jnp.einsum(spec, a.astype(jnp.float32), b.astype(jnp.float32), precision=HI)
+
+    g_low = g.astype(jnp.bfloat16).astype(jnp.float32)
+    ref = jax.vjp(f32, a)[1](g_low)[0].astype(jnp.bfloat16)
     np.testing.assert_array_equal(np.asarray(da, np.float32), np.asarray(ref, np.float32))
+
+    x, w = _bf16((5, 7, 8), 12), _bf16((8, 3), 13)
+    gy = jnp.asarray(np.random.RandomState(14).randn(5, 7, 3).astype(np.float32))
+    per_row = jax.vmap(jax.vmap(lambda r, w: ops.dot(r, w, HI), (0, None)), (0, None))
+    dw = jax.vjp(lambda w: per_row(x, w), w)[1](gy)[0]
+    ref_w = jax.vjp(lambda w: jnp.einsum("pqy,yz->pqz", x.astype(jnp.float32),
+                                         w.astype(jnp.float32), precision=HI), w)[1](
+        gy.astype(jnp.bfloat16).astype(jnp.float32))[0].astype(jnp.bfloat16)
+    np.testing.assert_allclose(np.asarray(dw, np.float32), np.asarray(ref_w, np.float32),
+                               rtol=2 ** -8)
+
+
+def test_vmapped_bf16_backward_contracts_over_the_batch_for_tpu():
+    """Under vmap with an unbatched weight (as the per-query decoder MLP), the weight's
+    cotangent is one bf16 dot contracting the batch axes: no per-example outer product
+    (a VJP rule under vmap would produce (P, Q, K, N) and sum it)."""
+    x, w = _bf16((32, 64, 96), 15), _bf16((96, 16), 16)
+    per_row = jax.vmap(jax.vmap(lambda r, w: ops.dot(r, w, HI), (0, None)), (0, None))
+    grad = jax.jit(jax.grad(lambda w: jnp.sum(per_row(x, w)), 0))
+    text = jax.export.export(grad, platforms=("tpu",))(w).mlir_module()
+    sizes = [int(np.prod([int(d) for d in t.split("x")[:-1]]))
+             for t in re.findall(r"stablehlo\.dot_general .*-> tensor<([0-9x]+[a-z0-9]+)>", text)]
+    assert sizes and max(sizes) <= 32 * 64 * 96, sizes

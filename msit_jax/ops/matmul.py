@@ -8,14 +8,16 @@ The branch is picked when the program is lowered.
 
 Backward in the compute dtype. When both operands are in a low-precision
 compute dtype (bf16), the float32 cotangent of the result is rounded to that
-dtype before the two backward contractions, which then run bf16 x bf16 with
-float32 accumulation like the forward. Left to autodiff, they would be
-f32 x bf16 dots: on a TPU at `HIGHEST` that is the 6-pass float32 algorithm for
-operands whose other side has no low bits (predicted 31% of the bf16 train
-step, the decoder MLP's backward). The operand cotangents are returned in the
-operands' dtype, as autodiff returns them. The cost is one bf16 rounding of
-each cotangent (relative error 2^-9), the mixed-precision convention of
-bf16 training; float32 programs are unchanged.
+dtype once, and the two backward contractions run low x low with a low-dtype
+result (the operands' cotangent dtype anyway; TPU MXUs and cuBLAS's default
+bf16 compute type accumulate in float32, and the CPU branch sums in float32). Left
+to autodiff, they would be f32 x bf16 dots: on a TPU at `HIGHEST`, the 6-pass
+float32 algorithm for operands whose other side has no low bits (predicted 31%
+of the bf16 train step, the decoder MLP's backward). The cost is one bf16
+rounding of each cotangent (relative 2^-9), the mixed-precision convention of
+bf16 training; float32 programs are unchanged. It is written as a JVP rule
+whose tangent terms are low-dtype contractions, which JAX transposes (see
+`_jvp`); forward-mode tangents are rounded to the low dtype likewise.
 """
 
 from __future__ import annotations
@@ -47,40 +49,37 @@ def _einsum_f32(spec: str, a: Array, b: Array, precision: jax.lax.Precision) -> 
     return jax.lax.platform_dependent(a, b, cpu=upcast, default=native)
 
 
-def _split(spec: str) -> tuple[str, str, str]:
-    ins, out = spec.replace(" ", "").split("->")
-    a, b = ins.split(",")
-    return a, b, out
+def _einsum_to(spec: str, a: Array, b: Array, precision: jax.lax.Precision, dtype) -> Array:
+    """The contraction with a `dtype` result (float32 accumulation), per platform."""
+    def upcast(a, b):
+        return jnp.einsum(spec, a.astype(jnp.float32), b.astype(jnp.float32),
+                          precision=precision).astype(dtype)
+
+    def native(a, b):
+        return jnp.einsum(spec, a, b, precision=precision, preferred_element_type=dtype)
+
+    return jax.lax.platform_dependent(a, b, cpu=upcast, default=native)
 
 
-def _transposable(spec: str) -> bool:
-    """Each operand's cotangent is one einsum of the result's cotangent with the other
-    operand: every index of an operand appears in the result or the other operand,
-    and no index repeats within an operand (no traces, no diagonals)."""
-    a, b, out = _split(spec)
-    return (len(set(a)) == len(a) and len(set(b)) == len(b)
-            and set(a) <= set(out) | set(b) and set(b) <= set(out) | set(a))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
 def _einsum_low_backward(spec: str, precision: jax.lax.Precision, a: Array, b: Array) -> Array:
     return _einsum_f32(spec, a, b, precision)
 
 
-def _fwd(spec, precision, a, b):
-    return _einsum_f32(spec, a, b, precision), (a, b)
-
-
-def _bwd(spec, precision, res, g):
-    a, b = res
-    sa, sb, so = _split(spec)
-    g = g.astype(a.dtype)  # both operands share the low dtype (see einsum)
-    da = _einsum_f32(f"{so},{sb}->{sa}", g, b, precision).astype(a.dtype)
-    db = _einsum_f32(f"{so},{sa}->{sb}", g, a, precision).astype(b.dtype)
-    return da, db
-
-
-_einsum_low_backward.defvjp(_fwd, _bwd)
+@_einsum_low_backward.defjvp
+def _jvp(spec, precision, primals, tangents):
+    # A JVP rule, not a VJP rule: JAX transposes it, so under vmap (the per-query
+    # decoder) an unbatched operand's cotangent stays one contraction over the batch
+    # axes instead of per-example outer products summed afterwards. Each tangent term
+    # is a low-dtype contraction; transposed, the result cotangent is rounded to the
+    # low dtype once and each operand's cotangent is a low x low -> low dot.
+    a, b = primals
+    ta, tb = tangents
+    low = a.dtype
+    out = _einsum_f32(spec, a, b, precision)
+    t = (_einsum_to(spec, ta, b, precision, low).astype(jnp.float32)
+         + _einsum_to(spec, a, tb, precision, low).astype(jnp.float32))
+    return out, t
 
 
 def einsum(spec: str, a: Array, b: Array, precision: jax.lax.Precision) -> Array:
@@ -88,7 +87,7 @@ def einsum(spec: str, a: Array, b: Array, precision: jax.lax.Precision) -> Array
     operands in one low-precision dtype, the backward runs in that dtype too (above)."""
     low = jnp.dtype(a.dtype)
     if (low != jnp.float32 and jnp.dtype(b.dtype) == low
-            and jnp.issubdtype(low, jnp.floating) and _transposable(spec)):
+            and jnp.issubdtype(low, jnp.floating)):
         return _einsum_low_backward(spec, precision, a, b)
     return _einsum_f32(spec, a, b, precision)
 
