@@ -55,6 +55,7 @@ from msit_jax.eval import reports, runner
 from msit_jax.io import model_dir, pretrained, workdir as workdir_io
 from msit_jax.io.torch_io import variables_to_state_dict
 from msit_jax.models import reparam
+from msit_jax.models.encoders import encoder_sizes, encoder_spec
 from msit_jax.training.metrics import read_jsonl
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -257,10 +258,10 @@ def fmt_duration(s: Optional[float]) -> str:
 
 
 def architecture(model_cfg) -> list[tuple[str, str]]:
+    """The model card's architecture rows: (field, value)."""
     c = model_cfg
-    enc = (f"EDSR-baseline, {c.edsr.n_resblocks} residual blocks x {c.edsr.n_feats} features"
-           if c.encoder == "edsr-baseline" else
-           f"RDN, {c.rdn.n_blocks} blocks x {c.rdn.n_layers} layers, growth {c.rdn.growth}")
+    # the registry's own description: any registered encoder, sized by its sub-config
+    enc = encoder_spec(c.encoder).describe(encoder_sizes(c))
     return [("encoder", enc),
             ("convolutions", f"{c.conv} (stage 1)" if c.conv == "plain" else
              f"{c.conv} (stage 2)"),
