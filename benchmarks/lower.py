@@ -681,7 +681,8 @@ def build_report(args: argparse.Namespace) -> tuple[dict, str]:
     cfg = tiny_model_config() if args.tiny else model_config()
     shapes = Shapes(batch=8, lr_size=12, sample_q=64, chunk=256) if args.tiny else Shapes()
     runtime = RuntimeOptions(precision=args.precision, dtype=args.dtype,
-                             remat_decoder=args.remat_decoder)
+                             remat_decoder=args.remat_decoder,
+                             s2d_min_kernel=args.s2d_min_kernel)
     train = args.program.startswith("train")
     timings = {}
 
@@ -769,6 +770,7 @@ def build_report(args: argparse.Namespace) -> tuple[dict, str]:
         "date": time.strftime("%Y-%m-%d"),
         "platform": args.platform, "program": args.program, "dtype": args.dtype,
         "precision": args.precision, "remat_decoder": bool(args.remat_decoder),
+        "s2d_min_kernel": int(args.s2d_min_kernel),
         "devices": args.devices, "tiny": bool(args.tiny),
         "shapes": dataclasses.asdict(shapes),
         "model": {"encoder": cfg.encoder, "dim": cfg.dim, "conv": stage_config(
@@ -918,6 +920,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     ap.add_argument("--remat_decoder", action="store_true",
                     help="runtime.remat_decoder: recompute the per-query decoder in the "
                          "backward (memory for time)")
+    ap.add_argument("--s2d_min_kernel", type=int, default=0,
+                    help="runtime.s2d_min_kernel: multi-scale convs with kernels at least "
+                         "this large on 4x4 pixel blocks (0: never)")
     ap.add_argument("--tiny", action="store_true",
                     help="tiny model and shapes (batch 8, LR 12, 64 queries; for tests)")
     args = ap.parse_args(argv)

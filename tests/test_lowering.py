@@ -36,6 +36,9 @@ DTYPES = ("float32", "bfloat16")
 # SwinIR (window attention: einsums, a bias-table gather, rolls) the stage-1 train step.
 ENCODER_PROGRAMS = (("edsr", "encode"), ("rcan", "encode"), ("rcan", "train_stage2"),
                     ("swinir", "encode"), ("swinir", "train_stage1"))
+# Runtime options that change the program, not the function: the stage-1 train step
+# with each (the multi-scale heads on pixel blocks; the decoder rematerialised).
+RUNTIME_VARIANTS = (("s2d", dict(s2d_min_kernel=3)), ("remat", dict(remat_decoder=True)))
 
 
 def worker(out: str) -> None:
@@ -76,6 +79,14 @@ def worker(out: str) -> None:
                 results[f"{encoder}:{program}/{platform}/{dtype}"] = {
                     "auto": facts(program, platform, rt, enc_cfg),
                     "xla": facts(program, platform, rt.replace(conv_impl="xla"), enc_cfg)}
+    for variant, options in RUNTIME_VARIANTS:
+        for platform in PLATFORMS:
+            for dtype in DTYPES:
+                rt = RuntimeOptions(dtype=dtype, **options)
+                results[f"{variant}:train_stage1/{platform}/{dtype}"] = {
+                    "auto": facts("train_stage1", platform, rt),
+                    "xla": facts("train_stage1", platform, rt.replace(conv_impl="xla")),
+                    "base": facts("train_stage1", platform, RuntimeOptions(dtype=dtype))}
     with open(out, "w") as f:
         json.dump(results, f)
 
@@ -92,7 +103,8 @@ def lowered(tmp_path_factory):
         return json.load(f)
 
 
-@pytest.mark.parametrize("program", PROGRAMS + tuple(f"{e}:{p}" for e, p in ENCODER_PROGRAMS))
+@pytest.mark.parametrize("program", PROGRAMS + tuple(f"{e}:{p}" for e, p in ENCODER_PROGRAMS)
+                         + tuple(f"{v}:train_stage1" for v, _ in RUNTIME_VARIANTS))
 @pytest.mark.parametrize("platform", PLATFORMS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_accelerator_lowering(lowered, program, platform, dtype):
@@ -133,6 +145,20 @@ def test_cpu_lowering_uses_the_cpu_methods(lowered, program):
     assert cpu.get("fft", 0) > 0
     assert cpu["dot_general"] > tpu["dot_general"]
     assert cpu["convolution"] < tpu["convolution"]
+
+
+@pytest.mark.parametrize("platform", PLATFORMS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_runtime_variants_change_the_program_as_intended(lowered, platform, dtype):
+    """s2d: each multi-scale conv is still one conv (forward and backward), now on the
+    block grid, plus the folds and the block-kernel gathers around it; remat: more
+    rematerialised regions than without it."""
+    s2d = lowered[f"s2d:train_stage1/{platform}/{dtype}"]
+    assert s2d["auto"]["ops"]["convolution"] == s2d["base"]["ops"]["convolution"]
+    assert s2d["auto"]["ops"] != s2d["base"]["ops"]  # the folds and the block-kernel gather
+    remat = lowered[f"remat:train_stage1/{platform}/{dtype}"]
+    assert (remat["auto"]["ops"].get("optimization_barrier", 0)
+            > remat["base"]["ops"].get("optimization_barrier", 0))
 
 
 def test_train_steps_gather_in_the_decoder_only(lowered):

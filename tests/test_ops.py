@@ -276,3 +276,75 @@ def test_vmapped_bf16_backward_contracts_over_the_batch_for_tpu():
     sizes = [int(np.prod([int(d) for d in t.split("x")[:-1]]))
              for t in re.findall(r"stablehlo\.dot_general .*-> tensor<([0-9x]+[a-z0-9]+)>", text)]
     assert sizes and max(sizes) <= 32 * 64 * 96, sizes
+
+
+# --- space-to-depth large-kernel convolution (ops.s2d) ---------------------------------
+
+@pytest.mark.parametrize("k,hw", [pytest.param(3, (12, 12), marks=pytest.mark.slow),
+                                  (9, (13, 10)),
+                                  pytest.param(33, (7, 5), marks=pytest.mark.slow)])
+def test_s2d_conv_equals_the_direct_conv(k, hw):
+    """On 4x4 pixel blocks (sizes that are and are not multiples of 4, a kernel larger
+    than the image): the float64 direct conv to float32 rounding, like lax's own, and
+    the same gradients."""
+    from msit_jax.ops.s2d import conv2d_s2d
+
+    x = rng.randn(2, *hw, 3).astype(np.float32)
+    w = rng.randn(k, k, 3, 4).astype(np.float32)
+    exact = _direct_f64(x, w)
+    out = np.asarray(conv2d_s2d(jnp.asarray(x), jnp.asarray(w), HI))
+    ref = np.asarray(ops.lax_conv(jnp.asarray(x), jnp.asarray(w), 1, k // 2, HI))
+    scale = np.abs(exact).max()
+    assert np.abs(out - exact).max() <= 4 * max(np.abs(ref - exact).max(), 1e-7 * scale)
+    assert np.abs(out - exact).max() <= 2e-6 * scale
+    g = rng.randn(2, *hw, 4).astype(np.float32)
+    d_s2d = jax.vjp(lambda x, w: conv2d_s2d(x, w, HI), jnp.asarray(x), jnp.asarray(w))[1](g)
+    d_ref = jax.vjp(lambda x, w: ops.lax_conv(x, w, 1, k // 2, HI), jnp.asarray(x),
+                    jnp.asarray(w))[1](g)
+    for a, b in zip(d_s2d, d_ref):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5,
+                                   atol=2e-6 * float(np.abs(np.asarray(b)).max()))
+
+
+def _direct_f64(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """'same' cross-correlation in float64 (numpy), the reference of the conv tests."""
+    k = w.shape[0]
+    p = k // 2
+    b, h, wd, _ = x.shape
+    xp = np.pad(x.astype(np.float64), ((0, 0), (p, p), (p, p), (0, 0)))
+    out = np.zeros((b, h, wd, w.shape[3]))
+    for dy in range(k):
+        for dx in range(k):
+            out += np.einsum("bhwc,co->bhwo", xp[:, dy:dy + h, dx:dx + wd], w[dy, dx])
+    return out
+
+
+def test_s2d_block_kernel_taps():
+    """Each block-kernel entry is the weight tap at input offset s*m + a' - a, or zero."""
+    from msit_jax.ops.s2d import block_kernel, block_taps
+
+    k, s = 5, 4
+    index, lo, hi = block_taps(k, s)
+    assert (lo, hi) == (-1, 1) and index.shape == (3, 4, 4)
+    w = rng.randn(k, k, 1, 1).astype(np.float32)
+    kk = np.asarray(block_kernel(jnp.asarray(w), s)).reshape(3, 3, s, s, s, s)  # m n a' b' a b
+    for m in range(3):
+        for ai in range(s):
+            for ao in range(s):
+                dy = s * (m + lo) + ai - ao
+                want = w[dy + 2, 2, 0, 0] if abs(dy) <= 2 else 0.0
+                assert kk[m, 1, ai, 0, ao, 0] == want
+
+
+def test_s2d_convs_fill_the_mxu_in_the_tpu_program():
+    """Lowered for TPU, a 16 -> 16 conv with k = 17 becomes one conv with 256 output
+    features on the 4x4-block grid."""
+    from msit_jax.ops.s2d import conv2d_s2d
+
+    x = jnp.zeros((2, 48, 48, 16), jnp.float32)
+    w = jnp.zeros((17, 17, 16, 16), jnp.float32)
+    text = jax.export.export(jax.jit(lambda x, w: conv2d_s2d(x, w, HI)),
+                             platforms=("tpu",))(x, w).mlir_module()
+    convs = [l for l in text.splitlines() if "stablehlo.convolution" in l]
+    assert len(convs) == 1 and "-> tensor<2x12x12x256xf32>" in convs[0], convs
+    assert "tensor<5x5x256x256xf32>" in convs[0]

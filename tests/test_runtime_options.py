@@ -78,3 +78,23 @@ def test_bf16_model_gradients_within_stated_distance_of_float32():
         if np.linalg.norm(x) > 1e-3 * scale:  # biases before a BatchNorm have ~0 gradient
             rel.append(err / float(np.linalg.norm(x)))
     assert 0 < float(np.median(rel)) < 0.05, np.median(rel)
+
+
+@pytest.mark.parametrize("conv", ["plain", pytest.param("rim", marks=pytest.mark.slow)])
+def test_s2d_multiscale_convs_give_the_same_outputs(conv):
+    """runtime.s2d_min_kernel: the multi-scale heads on 4x4 pixel blocks give the model's
+    outputs to float32 rounding, with the same parameters; 0 changes nothing."""
+    from msit_jax.models.model import dummy_inputs
+
+    cfg = tiny_model_config("edsr-baseline", conv)
+    v = random_variables(cfg)
+    inp, g, _ = batch(cfg)
+    plain = build_model(cfg).apply(v, inp, g)
+    blocks = build_model(cfg, RuntimeOptions(s2d_min_kernel=3)).apply(v, inp, g)
+    np.testing.assert_allclose(np.asarray(blocks), np.asarray(plain), rtol=0, atol=2e-5)
+    shapes = jax.eval_shape(build_model(cfg, RuntimeOptions(s2d_min_kernel=3)).init,
+                            jax.random.PRNGKey(0), *dummy_inputs(cfg, (8, 8), 16))
+    assert (jax.tree_util.tree_map(lambda x: x.shape, shapes["params"])
+            == jax.tree_util.tree_map(lambda x: x.shape, v["params"]))
+    with pytest.raises(ValueError, match="s2d_min_kernel"):
+        RuntimeOptions(s2d_min_kernel=-1)

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from msit_jax.ops import conv2d
+from msit_jax.ops.s2d import conv2d_s2d
 
 Array = jax.Array
 Dtype = Any
@@ -74,6 +75,7 @@ class Conv(nn.Module):
     dtype: Dtype = jnp.float32
     fft_min_kernel: int = 0  # see msit_jax.ops.conv2d
     impl: str = "auto"  # see msit_jax.ops.conv2d
+    s2d_min_kernel: int = 0  # see msit_jax.ops.s2d (0: never)
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -93,9 +95,18 @@ class Conv(nn.Module):
             raise ValueError(f"unknown init {self.init_scheme!r}")
         kernel = self.param("kernel", k_init, shape, jnp.float32)
         bias = self.param("bias", b_init, (self.features,), jnp.float32) if self.use_bias else None
-        return conv2d(x.astype(self.dtype), kernel, bias, groups=self.groups,
-                      precision=self.precision, fft_min_kernel=self.fft_min_kernel,
-                      impl=self.impl)
+        return _conv(self, x.astype(self.dtype), kernel, bias, self.groups)
+
+
+def _conv(m: nn.Module, x: Array, kernel: Array, bias, groups: int) -> Array:
+    """Conv / RIMConv's convolution: on pixel blocks (ops.s2d) from s2d_min_kernel,
+    else `msit_jax.ops.conv2d` with the module's options."""
+    k = kernel.shape[0]
+    if groups == 1 and m.s2d_min_kernel and k >= m.s2d_min_kernel:
+        y = conv2d_s2d(x, kernel, m.precision)
+        return y if bias is None else y + bias.astype(y.dtype)
+    return conv2d(x, kernel, bias, groups=groups, precision=m.precision,
+                  fft_min_kernel=m.fft_min_kernel, impl=m.impl)
 
 
 def rim_effective_kernel(base: Array, convmap: Array, rim_factor: Array) -> Array:
@@ -131,6 +142,7 @@ class RIMConv(nn.Module):
     dtype: Dtype = jnp.float32
     fft_min_kernel: int = 0  # see msit_jax.ops.conv2d
     impl: str = "auto"  # see msit_jax.ops.conv2d
+    s2d_min_kernel: int = 0  # see msit_jax.ops.s2d (0: never)
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -151,8 +163,7 @@ class RIMConv(nn.Module):
         rim_factor = self.param("scale", factor_init, (cin, cout), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros_init(), (cout,), jnp.float32)
         kernel = rim_effective_kernel(base, convmap, rim_factor)
-        return conv2d(x.astype(self.dtype), kernel, bias, precision=self.precision,
-                      fft_min_kernel=self.fft_min_kernel, impl=self.impl)
+        return _conv(self, x.astype(self.dtype), kernel, bias, 1)
 
 
 def _uniform_init(bound: float) -> Callable:

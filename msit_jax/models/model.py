@@ -41,7 +41,7 @@ class MSIT(nn.Module):
         bn = dict(batch_norm=c.batch_norm, bn_eps=c.bn_eps, bn_momentum=c.bn_momentum)
         self.encoder = make_encoder(c, prec, dtype, rt.conv_impl)
         self.conv_ch = Conv(c.dim, 1, **conv_kw)
-        fft = dict(fft_min_kernel=rt.fft_min_kernel)
+        fft = dict(fft_min_kernel=rt.fft_min_kernel, s2d_min_kernel=rt.s2d_min_kernel)
         self.amsno = MSNO(c.dim, c.msno_heads, c.use_lem, c.conv, **bn, **conv_kw, **fft)
         self.conv_vs_0 = rim_or_plain_conv(c.conv, c.dim, 3, "torch", "conv_vs_0", prec, dtype,
                                            impl=rt.conv_impl)

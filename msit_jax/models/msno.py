@@ -68,6 +68,7 @@ class MultiScaleConv(nn.Module):
     dtype: Any = jnp.float32
     fft_min_kernel: int = 0  # FFT threshold, see msit_jax.ops.conv2d (0: never)
     impl: str = "auto"  # conv implementation, see msit_jax.ops.conv2d
+    s2d_min_kernel: int = 0  # pixel-block threshold, see msit_jax.ops.s2d (0: never)
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -80,17 +81,17 @@ class MultiScaleConv(nn.Module):
             k = 3 + 2 * i
             layer = rim_or_plain_conv(self.conv, hc, k, self.init_scheme,
                                       self.name_fmt.format(i + 1), self.precision, self.dtype,
-                                      self.fft_min_kernel, self.impl)
+                                      self.fft_min_kernel, self.impl, self.s2d_min_kernel)
             outs.append(layer(xi))
         return jnp.concatenate(outs, axis=-1)
 
 
 def rim_or_plain_conv(kind: str, features: int, k: int, init: str, name: str,
                       precision: Precision, dtype: Any, fft_min_kernel: int = 0,
-                      impl: str = "auto") -> nn.Module:
+                      impl: str = "auto", s2d_min_kernel: int = 0) -> nn.Module:
     """A conv at a RIM position: RIMConv (stage 2) or a plain Conv (stage 1 / folded)."""
     kw = dict(init_scheme=init, precision=precision, dtype=dtype, fft_min_kernel=fft_min_kernel,
-              impl=impl, name=name)
+              impl=impl, s2d_min_kernel=s2d_min_kernel, name=name)
     if kind == "rim":
         return RIMConv(features, k, **kw)
     if kind == "plain":
@@ -140,6 +141,7 @@ class MSNO(nn.Module):
     dtype: Any = jnp.float32
     fft_min_kernel: int = 0
     impl: str = "auto"
+    s2d_min_kernel: int = 0
 
     @nn.compact
     def __call__(self, x: Array, train: bool) -> Array:
@@ -150,7 +152,8 @@ class MSNO(nn.Module):
         if self.use_lem:
             s = lem_shift(s)
         s = MultiScaleConv(self.heads, self.conv, "fan_out", "Ms_conv_{}", self.precision,
-                           self.dtype, self.fft_min_kernel, self.impl, name="msc")(s)
+                           self.dtype, self.fft_min_kernel, self.impl, self.s2d_min_kernel,
+                           name="msc")(s)
         s = MixHead(self.dim, self.heads, (BN_INPUT_CONV["sim"], "sim1"), self.batch_norm,
                     self.bn_eps, self.bn_momentum, self.precision, self.dtype, self.impl,
                     name="sim")(s, train)
@@ -170,6 +173,7 @@ class QKBranch(nn.Module):
     dtype: Any = jnp.float32
     fft_min_kernel: int = 0
     impl: str = "auto"
+    s2d_min_kernel: int = 0
 
     @nn.compact
     def __call__(self, x: Array, train: bool) -> Array:
@@ -177,7 +181,8 @@ class QKBranch(nn.Module):
                   impl=self.impl)
         y = Conv(self.dim, 1, name="proj0", **kw)(x)
         y = MultiScaleConv(self.heads, self.conv, "fan_out", "local_conv_{}", self.precision,
-                           self.dtype, self.fft_min_kernel, self.impl, name="msc")(y)
+                           self.dtype, self.fft_min_kernel, self.impl, self.s2d_min_kernel,
+                           name="msc")(y)
         return MixHead(self.dim, self.dim // self.heads, (BN_INPUT_CONV["mix"], "proj2"),
                        self.batch_norm, self.bn_eps, self.bn_momentum, self.precision,
                        self.dtype, self.impl, name="mix")(y, train)

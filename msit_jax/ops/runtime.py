@@ -44,6 +44,10 @@ class RuntimeOptions:
     fft_min_kernel: multi-scale convs with kernels at least this large convolve
     by FFT on every platform; 0 never; -1 (default) the per-platform choice.
     conv_impl: 'auto' (default) or 'xla', see CONV_IMPLS.
+    s2d_min_kernel: the multi-scale convs (MSNO and Q/K heads) with kernels at least
+    this large run on 4x4 pixel blocks folded into channels (`msit_jax.ops.s2d`: 16x
+    the output features, to fill an MXU; the same sums, float32 rounding
+    differences); 0 (default) never.
     remat_decoder: recompute the per-query decoder in the backward pass instead of
     keeping its activations (`jax.checkpoint`): about one more decoder forward per
     train step for the memory of its largest residuals (the (B, Q, 49 * dim) MLP
@@ -55,6 +59,7 @@ class RuntimeOptions:
     dtype: str = "float32"
     fft_min_kernel: int = FFT_AUTO
     conv_impl: str = "auto"
+    s2d_min_kernel: int = 0
     remat_decoder: bool = False
 
     def __post_init__(self):
@@ -65,6 +70,10 @@ class RuntimeOptions:
         if not isinstance(self.fft_min_kernel, int) or self.fft_min_kernel < FFT_AUTO:
             raise ValueError(f"runtime fft_min_kernel={self.fft_min_kernel!r}: expected -1 "
                              "(per platform), 0 (never) or a kernel size")
+        if (not isinstance(self.s2d_min_kernel, int) or isinstance(self.s2d_min_kernel, bool)
+                or self.s2d_min_kernel < 0):
+            raise ValueError(f"runtime s2d_min_kernel={self.s2d_min_kernel!r}: expected 0 "
+                             "(never) or a kernel size")
         if not isinstance(self.remat_decoder, bool):
             raise ValueError(f"runtime remat_decoder={self.remat_decoder!r}: expected True "
                              "or False")
