@@ -769,7 +769,7 @@ def build_report(args: argparse.Namespace) -> tuple[dict, str]:
     report = {
         "date": time.strftime("%Y-%m-%d"),
         "platform": args.platform, "program": args.program, "dtype": args.dtype,
-        "precision": args.precision, "remat_decoder": bool(args.remat_decoder),
+        "precision": args.precision, "remat_decoder": int(args.remat_decoder),
         "s2d_min_kernel": int(args.s2d_min_kernel),
         "devices": args.devices, "tiny": bool(args.tiny),
         "shapes": dataclasses.asdict(shapes),
@@ -917,9 +917,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     ap.add_argument("--json", required=True, help="write the report here")
     ap.add_argument("--no-compile", dest="compile", action="store_false",
                     help="skip compiling for CPU (XLA's fused bytes and memory figures)")
-    ap.add_argument("--remat_decoder", action="store_true",
-                    help="runtime.remat_decoder: recompute the per-query decoder in the "
-                         "backward (memory for time)")
+    ap.add_argument("--remat_decoder", type=int, default=0,
+                    help="runtime.remat_decoder: the per-query decoder in chunks of this many "
+                         "queries, recomputed in the backward (memory for time; 0: off)")
     ap.add_argument("--s2d_min_kernel", type=int, default=0,
                     help="runtime.s2d_min_kernel: multi-scale convs with kernels at least "
                          "this large on 4x4 pixel blocks (0: never)")

@@ -38,7 +38,7 @@ ENCODER_PROGRAMS = (("edsr", "encode"), ("rcan", "encode"), ("rcan", "train_stag
                     ("swinir", "encode"), ("swinir", "train_stage1"))
 # Runtime options that change the program, not the function: the stage-1 train step
 # with each (the multi-scale heads on pixel blocks; the decoder rematerialised).
-RUNTIME_VARIANTS = (("s2d", dict(s2d_min_kernel=3)), ("remat", dict(remat_decoder=True)))
+RUNTIME_VARIANTS = (("s2d", dict(s2d_min_kernel=3)), ("remat", dict(remat_decoder=16)))
 
 
 def worker(out: str) -> None:

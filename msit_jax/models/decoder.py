@@ -187,6 +187,12 @@ class BatchedDecoder(nn.Module):
     feat_q, feat_v: (B, H, W, dim); inp (B, H, W, 3); geom: QueryGeometry with
     coord (B, Q, 2), key_idx (B, Q, 2, 2r+1), rel (B, Q, 2, 2r+1), rel_cell (B, 2)
     -> (B, Q, 3).
+
+    remat_chunk > 0: the queries run in chunks of that many (a scan; the last chunk
+    padded by repeating the last query), each chunk recomputed in the backward pass
+    (`nn.remat`). Only one chunk's activations (its (B, chunk, 49 * dim) MLP input
+    and K/V neighbourhoods) are then alive at a time in the backward; the outputs
+    and parameters are those of the unchunked decoder.
     """
 
     heads: int
@@ -196,6 +202,7 @@ class BatchedDecoder(nn.Module):
     use_cell: bool = True
     precision: Precision = Precision.HIGHEST
     dtype: Any = jnp.float32
+    remat_chunk: int = 0
 
     @nn.compact
     def __call__(self, feat_q: Array, feat_v: Array, inp: Array, geom: QueryGeometry) -> Array:
@@ -205,6 +212,33 @@ class BatchedDecoder(nn.Module):
                             variable_axes={"params": None}, split_rngs={"params": False})
         per_image = nn.vmap(per_query, in_axes=(0, 0, 0, 0),
                             variable_axes={"params": None}, split_rngs={"params": False})
-        return per_image(self.heads, self.posenc_scale, self.posenc_dims, tuple(self.mlp_hidden),
-                         self.use_cell, self.precision, self.dtype, name="query")(
-            feat_q, feat_v, inp, geom)
+        decoder = per_image(self.heads, self.posenc_scale, self.posenc_dims,
+                            tuple(self.mlp_hidden), self.use_cell, self.precision, self.dtype,
+                            name="query")
+        if not self.remat_chunk:
+            return decoder(feat_q, feat_v, inp, geom)
+        return _chunked(decoder, int(self.remat_chunk), feat_q, feat_v, inp, geom)
+
+
+def _chunked(decoder: nn.Module, chunk: int, feat_q: Array, feat_v: Array, inp: Array,
+             geom: QueryGeometry) -> Array:
+    """`decoder` over query chunks: a scan of rematerialised chunk decodes, with the
+    decoder's parameters (and their path) shared by every chunk."""
+    b, q = geom.coord.shape[:2]
+    c = min(chunk, q)
+    n = -(-q // c)
+
+    def split(x: Array) -> Array:  # (B, Q, ...) -> (n, B, c, ...)
+        if n * c > q:
+            x = jnp.concatenate([x, jnp.repeat(x[:, -1:], n * c - q, axis=1)], axis=1)
+        return jnp.swapaxes(x.reshape((b, n, c) + x.shape[2:]), 0, 1)
+
+    def body(module, carry, xs):
+        coord, key_idx, rel = xs
+        return carry, module(feat_q, feat_v, inp, QueryGeometry(coord, key_idx, rel,
+                                                                geom.rel_cell))
+
+    scan = nn.scan(nn.remat(body), variable_broadcast="params", split_rngs={"params": False},
+                   length=n)
+    _, out = scan(decoder, None, (split(geom.coord), split(geom.key_idx), split(geom.rel)))
+    return jnp.swapaxes(out, 0, 1).reshape(b, n * c, -1)[:, :q]

@@ -46,10 +46,9 @@ class MSIT(nn.Module):
         self.conv_vs_0 = rim_or_plain_conv(c.conv, c.dim, 3, "torch", "conv_vs_0", prec, dtype,
                                            impl=rt.conv_impl)
         self.multi_conv_qs_0 = QKBranch(c.dim, c.qk_heads, c.conv, **bn, **conv_kw, **fft)
-        # Rematerialised: the same module (same parameters) whose backward recomputes it.
-        decoder = nn.remat(BatchedDecoder) if rt.remat_decoder else BatchedDecoder
-        self.decoder = decoder(c.heads, c.posenc_scale, c.posenc_dims, tuple(c.mlp_hidden),
-                               c.use_cell, **kw)
+        self.decoder = BatchedDecoder(c.heads, c.posenc_scale, c.posenc_dims,
+                                      tuple(c.mlp_hidden), c.use_cell, **kw,
+                                      remat_chunk=rt.remat_decoder)
 
     def encode(self, inp: Array, train: bool = False) -> tuple[Array, Array]:
         """Feature maps for the decoder: inp (B, H, W, 3) -> (feat_q, feat_v), each (B, H, W, dim)."""

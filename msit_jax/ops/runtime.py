@@ -48,11 +48,11 @@ class RuntimeOptions:
     this large run on 4x4 pixel blocks folded into channels (`msit_jax.ops.s2d`: 16x
     the output features, to fill an MXU; the same sums, float32 rounding
     differences); 0 (default) never.
-    remat_decoder: recompute the per-query decoder in the backward pass instead of
-    keeping its activations (`jax.checkpoint`): about one more decoder forward per
-    train step for the memory of its largest residuals (the (B, Q, 49 * dim) MLP
-    input and the 7x7 K/V neighbourhoods). Same outputs and gradients; for large
-    per-chip batches. No effect without a backward pass.
+    remat_decoder: 0 (default) or N: the per-query decoder runs over chunks of N
+    queries, each recomputed in the backward pass (`jax.checkpoint`), so only one
+    chunk's largest residuals (the (B, N, 49 * dim) MLP input and the 7x7 K/V
+    neighbourhoods) are alive at a time: about one more decoder forward per train
+    step for that memory. Same outputs and gradients; for large per-chip batches.
     """
 
     precision: str = "highest"
@@ -60,7 +60,7 @@ class RuntimeOptions:
     fft_min_kernel: int = FFT_AUTO
     conv_impl: str = "auto"
     s2d_min_kernel: int = 0
-    remat_decoder: bool = False
+    remat_decoder: int = 0
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
@@ -74,9 +74,10 @@ class RuntimeOptions:
                 or self.s2d_min_kernel < 0):
             raise ValueError(f"runtime s2d_min_kernel={self.s2d_min_kernel!r}: expected 0 "
                              "(never) or a kernel size")
-        if not isinstance(self.remat_decoder, bool):
-            raise ValueError(f"runtime remat_decoder={self.remat_decoder!r}: expected True "
-                             "or False")
+        if (not isinstance(self.remat_decoder, int) or isinstance(self.remat_decoder, bool)
+                or self.remat_decoder < 0):
+            raise ValueError(f"runtime remat_decoder={self.remat_decoder!r}: expected 0 (off) "
+                             "or the queries per recomputed chunk")
         if self.conv_impl not in CONV_IMPLS:
             raise ValueError(f"runtime conv_impl={self.conv_impl!r}, expected one of "
                              f"{CONV_IMPLS}")
