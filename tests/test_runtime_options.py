@@ -84,7 +84,8 @@ def test_bf16_model_gradients_within_stated_distance_of_float32():
     assert 0 < float(np.median(rel)) < 0.05, np.median(rel)
 
 
-@pytest.mark.parametrize("conv", ["plain", pytest.param("rim", marks=pytest.mark.slow)])
+@pytest.mark.slow  # two model compilations; the op-level s2d check is in test_ops (quick)
+@pytest.mark.parametrize("conv", ["plain", "rim"])
 def test_s2d_multiscale_convs_give_the_same_outputs(conv):
     """runtime.s2d_min_kernel: the multi-scale heads on 4x4 pixel blocks give the model's
     outputs to float32 rounding, with the same parameters; 0 changes nothing."""
