@@ -146,6 +146,27 @@ class _GraphOps:
     def f(self, value: float) -> str:
         return self.b.f(value)
 
+    def i(self, value: Any) -> str:
+        """An int64 constant (scalar or vector): shape arithmetic, Slice/Gather indices."""
+        return self.b.i(value)
+
+    def const(self, value: Any, hint: str = "c") -> str:
+        """An initialiser holding `value` as given (its dtype kept)."""
+        return self.b.const(value, hint)
+
+    def gelu(self, x: str) -> str:
+        return _gelu(self.b, x)
+
+    def dim(self, x: str, axis: int) -> str:
+        """The runtime size of x on `axis`: an int64 scalar."""
+        return self.b.op("Gather", self.b.op("Shape", x), self.b.i(axis), axis=0)
+
+    def vec(self, *parts: Any) -> str:
+        """An int64 vector (a shape or pad list) from ints and int64 scalar names."""
+        items = [self.b.op("Unsqueeze", p, self.b.i([0])) if isinstance(p, str)
+                 else self.b.i([int(p)]) for p in parts]
+        return items[0] if len(items) == 1 else self.b.op("Concat", *items, axis=0)
+
 
 def _encoder(b: _Builder, x: str, cfg, p: dict) -> str:
     from msit_jax.models.encoders import encoder_spec  # graph building only (see _lem)

@@ -190,8 +190,6 @@ def test_registry_entry_configs_and_official_args():
     with pytest.raises(ValueError, match="divisible"):
         validate_model_config(cfg)
     assert stored_family(_names(_tiny())) == "swinir"
-    with pytest.raises(ValueError, match="ONNX export of the swinir encoder is not implemented"):
-        spec.graph(None, "x", _tiny().swinir, {})
     from msit_jax import tiling
 
     assert not tiling.tileable(_tiny())  # windows over the padded image: tiles are not exact
@@ -250,15 +248,103 @@ def test_state_dict_holds_lte_buffers_and_round_trips():
         state_dict_to_variables(bad, cfg)
 
 
+# --- ONNX (msit_jax.models.swinir_onnx) ------------------------------------------------
+
+def _onnx_session(build, input_shape=(1, 3, "h", "w")):
+    """An onnxruntime session of the graph `build(g, "x") -> output name` (float32 input
+    x of `input_shape`, symbolic names dynamic) written with onnx_graph's builder."""
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    from onnx import TensorProto, helper
+
+    from msit_jax.onnx_graph import OPSET, _Builder, _GraphOps
+
+    b = _Builder()
+    out = build(_GraphOps(b), "x")
+    b.nodes.append(helper.make_node("Identity", [out], ["y"]))
+    graph = helper.make_graph(
+        b.nodes, "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(input_shape))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["a", "b", "c", "d"])], b.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = 8  # as onnx_graph.build_graph: the runtime may predate newer IRs
+    onnx.checker.check_model(model)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return lambda x: sess.run(None, {"x": x})[0]
+
+
+def test_onnx_shift_mask_is_computed_from_the_runtime_size():
+    """The in-graph mask of one graph (dynamic size) equals shift_attention_mask for
+    every padded size and window fed to it."""
+    from msit_jax.models.swinir_onnx import _Sizes, shift_mask
+
+    for w in (2, 4, 8):
+        run = _onnx_session(lambda g, x: shift_mask(g, _Sizes(g, x, w), w, w // 2))
+        for hp, wp in ((w, w), (2 * w, 3 * w), (5 * w, 2 * w)):
+            got = run(np.zeros((1, 3, hp, wp), np.float32))
+            want = shift_attention_mask(hp, wp, w, w // 2)[:, None]
+            assert got.dtype == np.float32 and np.array_equal(got, want), (w, hp, wp)
+
+
+def _random_params(enc, seed: int):
+    """Random values for every parameter of `enc` (shapes by eval_shape: no init compile),
+    so that biases, LayerNorm scales and the bias table all matter."""
+    shapes = jax.eval_shape(lambda: enc.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3))))
+    rs = np.random.RandomState(seed)
+    return jax.tree_util.tree_map(
+        lambda a: rs.uniform(-0.5, 0.5, a.shape).astype(np.float32), shapes["params"])
+
+
+@pytest.mark.parametrize("sizes, hws", [
+    (dict(embed_dim=8, depths=(2,), num_heads=(2,), window_size=4, num_feat=8),
+     [(8, 12), (9, 7)]),
+    pytest.param(dict(embed_dim=12, depths=(3, 2), num_heads=(2, 3), window_size=4, num_feat=6,
+                      resi_connection="3conv", qkv_bias=False, patch_norm=False),
+                 [(12, 8), (6, 11), (13, 19)], marks=pytest.mark.slow)],
+    ids=["tiny", "3conv-nobias-nonorm"])
+def test_onnx_encoder_graph_matches_the_flax_module(sizes, hws):
+    """One graph with dynamic h, w: sizes that are and are not multiples of the window
+    (reflect pad, shifted masks from the padded size, crop), features to 1e-5."""
+    enc = SwinIREncoder.from_config(sizes)
+    cfg = {**SWINIR_DEFAULTS, **sizes}
+    params = _random_params(enc, 1)
+    run = _onnx_session(lambda g, x: ENCODERS["swinir"].graph(g, x, cfg, params))
+    apply = jax.jit(lambda x: enc.apply({"params": params}, x))
+    for i, hw in enumerate(hws):
+        x = np.random.RandomState(i).uniform(-1, 1, (1, *hw, 3)).astype(np.float32)
+        got = run(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).transpose(0, 2, 3, 1)
+        want = np.asarray(apply(x))
+        assert got.shape == want.shape == (1, *hw, sizes["num_feat"])
+        assert np.abs(got - want).max() <= 1e-5, (hw, np.abs(got - want).max())
+
+
 @pytest.mark.slow
-def test_onnx_export_is_refused_in_one_message(tmp_path):
-    pytest.importorskip("onnx")
-    from msit_jax import export
+def test_onnx_graph_agrees_with_jax(tmp_path):
+    """The whole folded tiny MSIT-SwinIR: onnx_graph.load vs inference.upscale, to the
+    tolerance of tests/test_export.py (non-tie pixels <= 1e-4, no tie pixel off), for LR
+    sizes that are (12 x 8) and are not (13 x 11, 10 x 9) multiples of the window 4 and
+    scales x3, x3.5 and a non-integer, unequal pair."""
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from msit_jax import geometry, inference, onnx_graph
+    from msit_jax.models import reparam
 
     cfg = _tiny()
-    with pytest.raises(export.ExportError, match="ONNX export of the swinir encoder is not "
-                                                 "implemented yet; use StableHLO"):
-        export.export_variables(cfg, random_variables(cfg), str(tmp_path / "o"), "onnx")
+    variables = random_variables(cfg, seed=4)
+    onnx.save(onnx_graph.build_graph(*reparam.fold(cfg, variables), chunk=500, clamp=False),
+              str(tmp_path / "m.onnx"))
+    up = onnx_graph.load(str(tmp_path / "m.onnx"))
+    n_ties = 0
+    for i, (lr_hw, hw) in enumerate([((12, 8), (36, 24)), ((10, 9), (35, 31)),
+                                     ((13, 11), (30, 41)), ((12, 8), (42, 28))]):
+        lr = np.random.RandomState(i).rand(*lr_hw, 3).astype(np.float32)
+        got = up.upscale_array(lr, hw, clamp=False)
+        want = inference.upscale(cfg, variables, lr, hw, clamp=False)
+        err = np.abs(got - want).max(-1)
+        ties = geometry.tie_mask(hw, lr_hw)
+        n_ties += ties.sum()
+        assert err[~ties].max() <= 1e-4, (hw, err[~ties].max())
+        assert (err[ties] > 1e-4).sum() == 0, hw
+    assert n_ties > 0  # the x3.5 cases hit exact .5 ties
 
 
 def _reference_msit_state_dict(cfg, seed=0):
@@ -314,10 +400,15 @@ def test_official_layout_pth_loads_and_writes_back(tmp_path):
 
 
 @pytest.mark.slow
-def test_stablehlo_export_agrees_and_onnx_cli_is_one_line(tmp_path):
-    from msit_jax import export, exported, inference
+def test_stablehlo_export_and_onnx_cli_agree(tmp_path):
+    """The export CLI writes a swinir model.onnx that onnx_graph.load runs (10 x 9 LR: not a
+    multiple of the window, reflect-padded in the graph), equal to the clamped upscale
+    to 1e-4."""
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from msit_jax import export, exported, inference, onnx_graph
     from msit_jax.io import model_dir
-    from tests.conftest import assert_one_line_error, run_python
+    from tests.conftest import run_python
 
     cfg = _tiny()
     variables = random_variables(cfg, seed=4)
@@ -328,9 +419,12 @@ def test_stablehlo_export_agrees_and_onnx_cli_is_one_line(tmp_path):
     got = exported.load(str(tmp_path / "hlo")).upscale_array(lr, (30, 27), clamp=False)
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
     src = model_dir.save_model(str(tmp_path / "model"), cfg, variables)
-    proc = run_python(["-m", "msit_jax.export", src, str(tmp_path / "onnx"), "--format", "onnx"])
-    assert proc.returncode != 0
-    assert_one_line_error(proc.stderr, "ONNX export of the swinir encoder is not implemented")
+    proc = run_python(["-m", "msit_jax.export", src, str(tmp_path / "onnx"), "--format", "onnx",
+                       "--chunk", "256"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "wrote onnx" in proc.stdout
+    got = onnx_graph.load(str(tmp_path / "onnx")).upscale_array(lr, (30, 27))  # clamped
+    assert np.abs(got - np.clip(want, 0.0, 1.0)).max() <= 1e-4
 
 
 @pytest.mark.slow

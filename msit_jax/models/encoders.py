@@ -7,7 +7,7 @@ official defaults, the Flax module, the mapping to and from the official
 `encoder_spec.args`, the bound of its sizes by stored tensors (for untrusted
 configs) and its ONNX graph. Adding an encoder is one entry here (SwinIR, a
 transformer with LayerNorms and buffers, also has its LTE names and buffers mapped in
-`msit_jax.io.torch_io`; its ONNX graph is not implemented: the export refuses it).
+`msit_jax.io.torch_io`; its ONNX graph is written by `msit_jax.models.swinir_onnx`).
 
 As the official MSIT uses them: no upsampler (`no_upsampling=True`), and the
 MeanShift layers that the official EDSR / RCAN define are never applied (their
@@ -636,8 +636,9 @@ def _swinir_bound(e, b: Bounds) -> None:
 
 
 def _swinir_graph(g, x, e, p):
-    raise ValueError("ONNX export of the swinir encoder is not implemented yet; use StableHLO "
-                     "(--format stablehlo)")
+    from msit_jax.models.swinir_onnx import swinir_graph  # graph building only
+
+    return swinir_graph(g, x, e, p)
 
 
 def _swinir_describe(e) -> str:
