@@ -199,7 +199,8 @@ def save_output(path: str, rgb: np.ndarray, alpha: Optional[np.ndarray]) -> None
 def memory_estimate(model_cfg, in_hw: tuple[int, int], out_hw: tuple[int, int], chunk: int,
                     tile: int, self_ensemble: bool = False) -> dict[str, float]:
     """Estimated peak bytes of one image: {'output', 'input', 'decoder', 'encoder'}
-    (the encoder estimate is `tiling.auto_tile`'s: 64 bytes x dim per window pixel)."""
+    (the encoder estimate is `tiling.auto_tile`'s: 64 bytes x dim per window pixel, or the
+    encoder's own `EncoderSpec.bytes_per_pixel` where that is larger: SwinIR's attention)."""
 
     n = (2 * model_cfg.radius + 1) ** 2
     enc_hw = in_hw if tile <= 0 else tuple(min(s, tile + 2 * tiling.halo(model_cfg))
@@ -208,7 +209,19 @@ def memory_estimate(model_cfg, in_hw: tuple[int, int], out_hw: tuple[int, int], 
     return {"output": float(out_hw[0]) * out_hw[1] * out_px,
             "input": float(in_hw[0]) * in_hw[1] * INPUT_BYTES_PER_PIXEL,
             "decoder": float(chunk) * n * model_cfg.dim * DECODER_BYTES_PER_QUERY_FEATURE,
-            "encoder": float(enc_hw[0]) * enc_hw[1] * 64.0 * model_cfg.dim}
+            "encoder": float(enc_hw[0]) * enc_hw[1] * _encoder_bytes_per_pixel(model_cfg)}
+
+
+def _encoder_bytes_per_pixel(model_cfg) -> float:
+    """Feature-path bytes per LR pixel: 64 x dim (the convolutional stages after the
+    encoder and conv encoders), or the encoder's own estimate when it is larger; the
+    encoder's activations are freed before the stages after it run, so the peak is the
+    larger of the two, not their sum."""
+    spec = encoder_spec(model_cfg.encoder)
+    base = 64.0 * model_cfg.dim
+    if spec.bytes_per_pixel is None:
+        return base
+    return max(base, float(spec.bytes_per_pixel(model_cfg[spec.sub_config])))
 
 
 def _gb(x: float) -> str:

@@ -505,3 +505,35 @@ def test_hostile_swinir_file_config_is_refused_before_anything_is_built(
         pretrained.load(path)
     assert needle in str(e.value) and path in str(e.value) and "\n" not in str(e.value)
     assert time.monotonic() - t0 < 2.0
+
+
+def test_memory_estimate_counts_swinir_attention():
+    """SwinIR's encoder estimate is 4 bytes x (11 C + 2 h N + N) per LR pixel (C embed_dim,
+    h heads, N = window^2; see encoders._swinir_bytes_per_pixel), the larger of it and the
+    64 x dim rule; every other encoder keeps the 64 x dim rule (the measured figures are in
+    that function's docstring)."""
+    from msit_jax.upscale import memory_estimate
+
+    spec = ENCODERS["swinir"]
+    paper = model_config("swinir")
+    per_px = lambda c, h, w: 4.0 * (11 * c + 2 * h * w * w + w * w)
+    assert spec.bytes_per_pixel(paper.swinir) == per_px(180, 6, 8) == 11248.0
+    grown = paper.swinir.copy_and_resolve_references()
+    grown.embed_dim = 240
+    assert spec.bytes_per_pixel(grown) - per_px(180, 6, 8) == 4.0 * 11 * 60
+    grown.embed_dim, grown.window_size = 180, 16
+    assert spec.bytes_per_pixel(grown) == per_px(180, 6, 16)
+    grown.window_size, grown.num_heads = 8, (6, 6, 6, 6, 6, 12)  # the widest stage counts
+    assert spec.bytes_per_pixel(grown) == per_px(180, 12, 8)
+    est = lambda cfg: memory_estimate(cfg, (100, 50), (200, 100), 1024, 0)["encoder"]
+    # the paper MSIT (dim 256): its 64 x dim feature path outweighs the window-8 attention
+    assert est(paper) == 5000 * 64.0 * paper.dim > 5000 * 11248.0
+    wide = paper.copy_and_resolve_references()
+    wide.swinir.window_size = 16  # 4 x (1980 + 3072 + 256) = 21232 > 64 x 256
+    assert est(wide) == 5000 * per_px(180, 6, 16) > 5000 * 64.0 * paper.dim
+    tiny = tiny_model_config("swinir")  # 64 x dim exceeds its tiny attention: the max
+    assert spec.bytes_per_pixel(tiny.swinir) < 64 * tiny.dim and est(tiny) == 5000 * 64.0 * tiny.dim
+    for name, other in ENCODERS.items():
+        if name != "swinir":
+            cfg = model_config(name)
+            assert other.bytes_per_pixel is None and est(cfg) == 5000 * 64.0 * cfg.dim, name

@@ -250,13 +250,17 @@ class EncoderSpec:
     family       stored-tensor layout family (same family: same state_dict keys)
     detect       tensor names -> whether they hold this family's encoder
     bound        (sub, Bounds) -> compares every size field with the stored tensors
-    graph        (g, x, sub, params) -> ONNX output name; g has conv(x, p), op(...), f(v)
+    graph        (g, x, sub, params) -> ONNX output name; g (onnx_graph._GraphOps) has
+                 conv(x, p), op(...), f(v), i(v), const(v), gelu(x), dim(x, axis), vec(...)
     radius       sub -> LR pixels of context per side, None when global (pooling)
     describe     sub -> a short human-readable size
     mean_shift   the official module holds the (unused) MeanShift constants
     untiled      why tiles cannot reproduce it, for messages (when radius is None)
     dropout      sub -> whether training it is stochastic (SwinIR's stochastic depth):
                  the module then takes `train` and, training, a 'dropout' rng
+    bytes_per_pixel  sub -> peak float32 activation bytes of its forward per LR pixel, for
+                 `msit_jax.upscale.memory_estimate`; None: the convolutional rule there
+                 (64 bytes x the model dim per pixel) covers it
     """
 
     name: str
@@ -277,6 +281,7 @@ class EncoderSpec:
     mean_shift: bool = False
     untiled: str = "pools over the whole image (channel attention)"
     dropout: Callable = lambda e: False
+    bytes_per_pixel: Optional[Callable] = None
 
 
 def _int(v) -> bool:
@@ -641,6 +646,28 @@ def _swinir_graph(g, x, e, p):
     return swinir_graph(g, x, e, p)
 
 
+def _swinir_bytes_per_pixel(e) -> float:
+    """Peak live float32 values per (padded) LR pixel of a SwinIR forward, x 4 bytes.
+
+    The peak is a block's window attention. Per pixel, with C = embed_dim, heads h
+    (the widest stage) and N = window_size ** 2 tokens per window:
+      3C   held across it: conv_first's output (the final residual), the RSTB's input
+           and the block's input (its residual)
+      8C   the normed, shifted and partitioned tokens (C), qkv (3C), q / k / v laid
+           out per head (3C), the attention output (C)
+      2hN  the scores and their softmax: each pixel is a query of h x N scores
+      N    the shifted-window mask, (nW, N, N) over nW = pixels / N windows
+    The MLP's (5 + 2 mlp_ratio) C is smaller at SwinIR's ratio 2 (9C < 11C + 2hN).
+    Measured (slope of the peak RSS of one jitted encoder forward between two sizes, CPU,
+    two blocks): C 180 / h 6 / window 8: 11356 B/px (this: 11248); window 16: 19796
+    (21232); C 60 / h 6 / window 8: 6514 (5968); window 16: 14475 (15952)."""
+    c, n = int(e.embed_dim), int(e.window_size) ** 2
+    heads = max(int(h) for h in _tuple(e.num_heads))
+    attention = 11 * c + 2 * heads * n + n
+    mlp = (5 + 2 * float(e.mlp_ratio)) * c
+    return 4.0 * max(attention, mlp)
+
+
 def _swinir_describe(e) -> str:
     depths = _tuple(e.depths)
     return (f"SwinIR, {len(depths)} stages x {'/'.join(map(str, depths))} blocks, embed "
@@ -658,7 +685,7 @@ _SWINIR = EncoderSpec(
     # shifted windows, and padding to a multiple of the window: no exact tile halo
     radius=lambda e: None, describe=_swinir_describe,
     untiled="attends within shifted windows laid over the whole (padded) image",
-    dropout=lambda e: float(e.drop_path_rate) > 0.0)
+    dropout=lambda e: float(e.drop_path_rate) > 0.0, bytes_per_pixel=_swinir_bytes_per_pixel)
 
 
 ENCODERS: dict[str, EncoderSpec] = {spec.name: spec for spec in (
