@@ -294,15 +294,23 @@ def matmul_roofline(n: int = 2048, repeats: int = 5) -> float:
     return 2 * n ** 3 / statistics.median(ts) / 1e9
 
 
-def alternate(fns: dict, repeats: int) -> dict:
-    """Median seconds of each callable, interleaved; the first round is warm-up."""
+def alternate(fns: dict, repeats: int, cpu: Optional[dict] = None) -> dict:
+    """Median seconds of each callable, interleaved; the first round is warm-up.
+
+    cpu: if given, filled with each callable's median process CPU-seconds (all threads;
+    on a shared machine the CPU work is steadier than the wall time, which depends on
+    how often the other jobs preempt each library's worker threads)."""
     times = {k: [] for k in fns}
+    cpus = {k: [] for k in fns}
     for r in range(repeats + 1):
         for k, fn in fns.items():
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             fn()
             if r:
                 times[k].append(time.perf_counter() - t)
+                cpus[k].append(time.process_time() - c)
+    if cpu is not None:
+        cpu.update({k: statistics.median(v) for k, v in cpus.items()})
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -428,9 +436,10 @@ def main() -> int:
         fns = {"ours": lambda: up(lr, (out, out))}
         if theirs is not None:
             fns["theirs"] = lambda: theirs_upscale(theirs, lr, (out, out), tdev)
-        t = alternate(fns, args.repeats)
+        cpu: dict = {}
+        t = alternate(fns, args.repeats, cpu)
         fl = flop_model.inference_flops(cfg, (n, n), (out, out))
-        rows.append((f"inference {name}", t, fl))
+        rows.append((f"inference {name}", t, fl, cpu))
 
     if "train" in cases:
         sizes = train_sizes()
@@ -452,20 +461,27 @@ def main() -> int:
 
             opt = torch.optim.Adam(theirs.parameters(), lr=1e-4)
             fns["theirs"] = lambda: theirs_train_step(theirs, opt, batch, tdev)
-        t = alternate(fns, args.repeats)
+        cpu = {}
+        t = alternate(fns, args.repeats, cpu)
         rows.append((f"train step b{sizes['batch']} {sizes['lr_size']}^2 {sizes['queries']}q", t,
-                     flop_model.train_step_flops(cfg, **sizes)))
+                     flop_model.train_step_flops(cfg, **sizes), cpu))
 
     print()
-    print("| case | ours (s) | official (s) | speed-up | ours GFLOP/s (nominal) | of roofline |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for name, t, fl in rows:
+    print("| case | ours (s) | official (s) | speed-up | ours CPU-s | official CPU-s | "
+          "CPU-s ratio | ours GFLOP/s (nominal) | of roofline |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for name, t, fl, cpu in rows:
         ours_t, theirs_t = t["ours"], t.get("theirs")
+        ours_c, theirs_c = cpu["ours"], cpu.get("theirs")
         gfs = fl / ours_t / 1e9
         ratio = f"x{theirs_t / ours_t:.2f}" if theirs_t else "-"
         th = f"{theirs_t:.2f}" if theirs_t else "-"
-        print(f"| {name} | {ours_t:.2f} | {th} | {ratio} | {gfs:.1f} | {gfs / roof:.0%} |")
+        cratio = f"x{theirs_c / ours_c:.2f}" if theirs_c else "-"
+        tc = f"{theirs_c:.2f}" if theirs_c else "-"
+        print(f"| {name} | {ours_t:.2f} | {th} | {ratio} | {ours_c:.2f} | {tc} | {cratio} | "
+              f"{gfs:.1f} | {gfs / roof:.0%} |")
         results["cases"][name] = {"ours_s": ours_t, "official_s": theirs_t,
+                                  "ours_cpu_s": ours_c, "official_cpu_s": theirs_c,
                                   "nominal_gflop": fl / 1e9, "ours_gflops": gfs,
                                   "official_tf32": results.get("torch_tf32", {}).get("timings")}
     if theirs is not None and tdev == "cuda":
