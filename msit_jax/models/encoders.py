@@ -27,6 +27,7 @@ import jax.numpy as jnp
 
 from msit_jax.models.layers import Conv, Precision
 from msit_jax.models.swinir import SWINIR_DEFAULTS, SwinIREncoder, validate_swinir_config
+from msit_jax.models.swinir_onnx import swinir_graph
 
 Array = jax.Array
 
@@ -641,8 +642,6 @@ def _swinir_bound(e, b: Bounds) -> None:
 
 
 def _swinir_graph(g, x, e, p):
-    from msit_jax.models.swinir_onnx import swinir_graph  # graph building only
-
     return swinir_graph(g, x, e, p)
 
 
