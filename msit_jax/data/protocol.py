@@ -135,18 +135,16 @@ class Batch(NamedTuple):
     @classmethod
     def from_flat(cls, arrays: Mapping[str, Any]) -> "Batch":
         """The typed batch from a flat dict of `to_flat`'s keys (others, e.g. 'hr' and
-        the pipeline's 'step', are left out)."""
+        the pipeline's 'step', are left out). A lean batch: `lean.step_input`."""
         geom = geometry.QueryGeometry(*(arrays[k] for k in geometry.QueryGeometry._fields))
         return cls(arrays["inp"], geom, arrays["gt"])
 
 
-def make_example(img: np.ndarray, hr: int, p: Protocol, rng: np.random.Generator
-                 ) -> dict[str, np.ndarray]:
-    """One training example from an HR image (H, W, 3) uint8 and the batch's crop side hr.
-
-    Returns the example's `Batch` fields flattened (`Batch.to_flat`, shapes
-    without B) and hr () int32, the crop side (scale = hr / inp_size).
-    """
+def _draw(img: np.ndarray, hr: int, p: Protocol, rng: np.random.Generator
+          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The random part of an example, shared by both encodings (same draws, same order):
+    (crop (hr, hr, 3) uint8, LR (h, h, 3) uint8, query pixel indices (Q,) into the
+    crop's raster order)."""
     if img.ndim != 3 or img.shape[-1] != 3 or img.dtype != np.uint8:
         raise ValueError(f"expected an (H, W, 3) uint8 image, got {img.shape} {img.dtype}")
     flips = rng.random(3) < 0.5 if p.augment else np.zeros(3, bool)
@@ -157,13 +155,41 @@ def make_example(img: np.ndarray, hr: int, p: Protocol, rng: np.random.Generator
     y0 = int(rng.integers(0, h - hr + 1))
     x0 = int(rng.integers(0, w - hr + 1))
     crop = np.ascontiguousarray(view[y0:y0 + hr, x0:x0 + hr])
-    lr_hw = (p.inp_size, p.inp_size)
-    lr = resize_bicubic(crop, lr_hw)
+    lr = resize_bicubic(crop, (p.inp_size, p.inp_size))
     idx = rng.choice(hr * hr, p.sample_q, replace=False)
+    return crop, lr, idx
+
+
+def make_example(img: np.ndarray, hr: int, p: Protocol, rng: np.random.Generator
+                 ) -> dict[str, np.ndarray]:
+    """One training example from an HR image (H, W, 3) uint8 and the batch's crop side hr.
+
+    Returns the example's `Batch` fields flattened (`Batch.to_flat`, shapes
+    without B) and hr () int32, the crop side (scale = hr / inp_size).
+    `make_lean_example` is the same example in the lean encoding.
+    """
+    crop, lr, idx = _draw(img, hr, p, rng)
+    lr_hw = (p.inp_size, p.inp_size)
     coord = geometry.make_coord((hr, hr)).reshape(-1, 2)[idx]
     geom = geometry.query_geometry(coord, lr_hw, p.radius, geometry.rel_cell((hr, hr), lr_hw))
     example = Batch(normalize_uint8(lr), geom, normalize_uint8(crop.reshape(-1, 3)[idx]))
     return dict(example.to_flat(), hr=np.int32(hr))
+
+
+def make_lean_example(img: np.ndarray, hr: int, p: Protocol, rng: np.random.Generator
+                      ) -> dict[str, np.ndarray]:
+    """`make_example`'s example (same draws from `rng`) in the lean encoding
+    (`msit_jax.data.lean`): {'inp_u8' (h, h, 3) uint8 LR patch, 'gt_u8' (Q, 3) uint8 HR
+    values at the queries, 'q_rc' (Q, 2) int16 (row, col) of each query in the
+    crop, 'hr' () int32}. The float geometry and normalisation come from a per-batch
+    table (`lean.geometry_table`), expanded on the device (`lean.expand`).
+    """
+    if hr >= 2 ** 15:  # q_rc is int16
+        raise ValueError(f"crop side {hr} does not fit the lean encoding's int16 indices")
+    crop, lr, idx = _draw(img, hr, p, rng)
+    q_rc = np.empty((len(idx), 2), np.int16)
+    q_rc[:, 0], q_rc[:, 1] = np.divmod(idx, hr)  # make_coord's raster order
+    return dict(inp_u8=lr, gt_u8=crop.reshape(-1, 3)[idx], q_rc=q_rc, hr=np.int32(hr))
 
 
 class BatchPlanner:
