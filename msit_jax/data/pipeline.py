@@ -12,9 +12,16 @@ stream does not depend on the number of workers, threads or hosts; the grain
 iterator state is what a checkpoint stores to resume mid-stream.
 
 Shapes are static (Q = sample_q, h = inp_size, n = 2r+1), so the train step
-compiles once:
-  inp (B, h, h, 3) f32, coord (B, Q, 2) f32, key_idx (B, Q, 2, n) i32,
-  rel (B, Q, 2, n) f32, rel_cell (B, 2) f32, gt (B, Q, 3) f32, hr (B,) i32.
+compiles once. Two encodings of the same examples (`lean=`):
+  full (`protocol.Batch.to_flat`, host_dataset's default): inp (B, h, h, 3) f32,
+    coord (B, Q, 2) f32, key_idx (B, Q, 2, n) i32, rel (B, Q, 2, n) f32,
+    rel_cell (B, 2) f32, gt (B, Q, 3) f32, hr (B,) i32, step (B,) i32;
+  lean (`msit_jax.data.lean`, train_dataset's default: 23 KB per example instead
+    of 332 KB at the paper's sizes): inp_u8 (B, h, h, 3) u8, gt_u8 (B, Q, 3) u8,
+    q_rc (B, Q, 2) i16, hr (B,) i32, step (B,) i32, and the batch's geometry table
+    geo_coord (T,) f32, geo_key_idx (T, n) i32, geo_rel (T, n) f32,
+    geo_rel_cell (2,) f32, norm (256,) f32 (T = lean.hr_max; no batch axis,
+    replicated by `to_global`), expanded into the full batch inside the train step.
 """
 
 from __future__ import annotations
@@ -27,7 +34,8 @@ import jax
 import numpy as np
 from grain.experimental import ThreadPrefetchIterDataset
 
-from msit_jax.data.protocol import BatchPlanner, Protocol, make_example
+from msit_jax.data import lean as lean_encoding
+from msit_jax.data.protocol import BatchPlanner, Protocol, make_example, make_lean_example
 from msit_jax.data.sources import ImageSource
 from msit_jax.errors import InputError, one_line
 from msit_jax.images import ImageError
@@ -36,7 +44,8 @@ log = logging.getLogger(__name__)
 
 
 class ExampleMaker:
-    """grain map: element index -> one example dict (see `protocol.make_example`).
+    """grain map: element index -> one example dict (`protocol.make_example`, or
+    `protocol.make_lean_example` with lean=True: the same draws).
 
     An image that fails to load during training (a truncated body the header
     check could not see, a file changed or removed since the start) is logged
@@ -47,8 +56,9 @@ class ExampleMaker:
     """
 
     def __init__(self, source: ImageSource, planner: BatchPlanner, protocol: Protocol,
-                 local_batch: int, row_offset: int):
+                 local_batch: int, row_offset: int, lean: bool = False):
         self.source, self.planner, self.protocol = source, planner, protocol
+        self.make = make_lean_example if lean else make_example
         self.local_batch, self.row_offset = local_batch, row_offset
         self._plan_cache: tuple[int, Any] = (-1, None)
         self._bad: set[int] = set()  # indices known to fail (this process)
@@ -88,7 +98,7 @@ class ExampleMaker:
         idx, _, hr = self._plan_cache[1]
         img, i = self.image(int(idx[row]), hr, step)
         try:
-            ex = make_example(img, hr, self.protocol, self.planner.example_rng(step, row))
+            ex = self.make(img, hr, self.protocol, self.planner.example_rng(step, row))
         except ValueError as e:
             raise ValueError(f"{self.source.name(i)}: {e}") from e
         ex["step"] = np.int32(step)
@@ -133,16 +143,23 @@ def _ensure_absl_flags_parsed() -> None:
 def host_dataset(source: ImageSource, protocol: Protocol, *, global_batch: int, seed: int,
                  total_steps: int, repeat: int = 1, process_index: int = 0,
                  process_count: int = 1, num_workers: int = 0, num_threads: int = 1,
-                 buffer_size: int = 2) -> grain.IterDataset:
-    """Host-local numpy batches (global_batch / process_count rows) for steps [0, total_steps)."""
+                 buffer_size: int = 2, lean: bool = False) -> grain.IterDataset:
+    """Host-local numpy batches (global_batch / process_count rows) for steps [0, total_steps).
+
+    lean: the lean encoding (module docstring; every host adds the same table, a
+    function of the step's hr), else the full one.
+    """
     if global_batch % process_count:
         raise ValueError(f"batch_size={global_batch} is not divisible by the "
                          f"{process_count} processes")
     local_batch = global_batch // process_count
     planner = BatchPlanner(source.sizes, global_batch, seed, protocol, repeat)
-    maker = ExampleMaker(source, planner, protocol, local_batch, process_index * local_batch)
+    maker = ExampleMaker(source, planner, protocol, local_batch, process_index * local_batch,
+                         lean=lean)
     ds = grain.MapDataset.range(total_steps * local_batch).map(maker)
     ds = ds.batch(local_batch, drop_remainder=True)
+    if lean:  # a map of the batch: element k is still step k, the iterator state unchanged
+        ds = ds.map(lean_encoding.AddTable(protocol))
     # Threads overlap Pillow decoding/resizing (which release the GIL); the
     # buffer is counted in batches, each a few MB at the paper's sizes.
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
@@ -155,10 +172,27 @@ def host_dataset(source: ImageSource, protocol: Protocol, *, global_batch: int, 
     return it
 
 
+def replicated_like(sharding: jax.sharding.Sharding) -> jax.sharding.Sharding:
+    """The fully replicated sharding over the devices of a batch sharding."""
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+    if isinstance(sharding, jax.sharding.SingleDeviceSharding):
+        return sharding
+    raise TypeError(f"cannot replicate a lean batch's table over {sharding!r}: "
+                    "use a NamedSharding")
+
+
 def to_global(batch: dict[str, np.ndarray], sharding: jax.sharding.Sharding
               ) -> dict[str, jax.Array]:
-    """Host-local rows -> global arrays sharded over the batch axis (multi-host safe)."""
-    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+    """Host-local rows -> global arrays sharded over the batch axis (multi-host safe).
+
+    A lean batch's table (`lean.TABLE_KEYS`, no batch axis, the same on every host)
+    is replicated on every device instead.
+    """
+    rep = (replicated_like(sharding) if any(k in batch for k in lean_encoding.TABLE_KEYS)
+           else None)
+    return {k: jax.make_array_from_process_local_data(
+        rep if k in lean_encoding.TABLE_KEYS else sharding, v) for k, v in batch.items()}
 
 
 def device_prefetch(it: grain.IterDataset, sharding: jax.sharding.Sharding,
@@ -176,12 +210,16 @@ def device_prefetch(it: grain.IterDataset, sharding: jax.sharding.Sharding,
 def train_dataset(source: ImageSource, protocol: Protocol, *, global_batch: int, seed: int,
                   total_steps: int, sharding: Optional[jax.sharding.Sharding] = None,
                   repeat: int = 1, num_workers: int = 0, num_threads: int = 1,
-                  buffer_size: int = 2, device_buffer: int = 2) -> grain.IterDataset:
-    """The full pipeline; iterate it (`iter(ds)`) for a checkpointable DatasetIterator."""
+                  buffer_size: int = 2, device_buffer: int = 2, lean: bool = True
+                  ) -> grain.IterDataset:
+    """The full pipeline; iterate it (`iter(ds)`) for a checkpointable DatasetIterator.
+    lean: the lean encoding (the default in training; `lean.step_input` makes the
+    train step's input of a batch, either encoding)."""
     it = host_dataset(source, protocol, global_batch=global_batch, seed=seed,
                       total_steps=total_steps, repeat=repeat,
                       process_index=jax.process_index(), process_count=jax.process_count(),
-                      num_workers=num_workers, num_threads=num_threads, buffer_size=buffer_size)
+                      num_workers=num_workers, num_threads=num_threads, buffer_size=buffer_size,
+                      lean=lean)
     if sharding is not None:
         it = device_prefetch(it, sharding, buffer_size, device_buffer)
     return it

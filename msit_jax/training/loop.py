@@ -47,8 +47,9 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
+from msit_jax.data.lean import step_input
 from msit_jax.data.pipeline import train_dataset
-from msit_jax.data.protocol import Batch, Protocol
+from msit_jax.data.protocol import Protocol
 from msit_jax.data.sources import (ImageSource, check_disjoint, check_not_benchmark,
                                    make_source)
 from msit_jax.errors import (ConfigError, NonFiniteError, PeerLost, TrainingInterrupted,
@@ -571,8 +572,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stop: "StopSignals",
                 if got != step:
                     raise RuntimeError(f"data iterator is at step {got}, train state at "
                                        f"{step}: the checkpoint's data state does not match")
-            # The pipeline's flat dict becomes the step's typed batch here, once.
-            state, metrics = step_fn(state, Batch.from_flat(batch))
+            # The pipeline's flat dict becomes the step's typed batch here, once (lean:
+            # expanded into the Batch inside the jitted step).
+            state, metrics = step_fn(state, step_input(batch))
             step += 1
             data_state = data_it.get_state()  # the stream position matching `state`
             guard.add(step, metrics)

@@ -17,6 +17,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from msit_jax.data.lean import LeanBatch, expand
 from msit_jax.data.protocol import Batch
 from msit_jax.models.encoders import encoder_dropout
 from msit_jax.models.model import MSIT
@@ -72,10 +73,11 @@ def dropout_rng(seed: int, step: jax.Array) -> jax.Array:
 
 
 def train_step(model: MSIT, tx: optax.GradientTransformation, schedule: optax.Schedule,
-               state: TrainState, batch: Batch, skip_nonfinite: bool = False, seed: int = 0
-               ) -> tuple[TrainState, dict]:
+               state: TrainState, batch: Batch | LeanBatch, skip_nonfinite: bool = False,
+               seed: int = 0) -> tuple[TrainState, dict]:
     """One Adam update on a batch (`msit_jax.data.protocol.Batch`: inp (B, h, h, 3),
-    geometry (coord (B, Q, 2), ...), gt (B, Q, 3)).
+    geometry (coord (B, Q, 2), ...), gt (B, Q, 3)), or on a `msit_jax.data.lean.LeanBatch`,
+    expanded here into the identical Batch (gathers only: exact under jit).
 
     metrics: loss, lr, grad_norm (scalars) and nonfinite, an int32 bit mask of
     NONFINITE_* (0: loss, gradients and updated weights all finite). With
@@ -83,6 +85,8 @@ def train_step(model: MSIT, tx: optax.GradientTransformation, schedule: optax.Sc
     counter (weights, BatchNorm statistics and Adam state keep their values).
     seed: the run's seed (config.seed), the root of a stochastic encoder's rng.
     """
+    if isinstance(batch, LeanBatch):
+        batch = expand(batch)
 
     def loss_fn(params):
         variables = state.replace(params=params).variables()
@@ -116,11 +120,20 @@ def train_step(model: MSIT, tx: optax.GradientTransformation, schedule: optax.Sc
     return new_state, metrics
 
 
+def lean_sharding(mesh: Mesh) -> LeanBatch:
+    """A LeanBatch of shardings: the examples split over 'data', the table replicated."""
+    data = batch_sharding(mesh)
+    return LeanBatch(data, data, data, replicated(mesh))
+
+
 def jit_train_step(model: MSIT, tx: optax.GradientTransformation, schedule: optax.Schedule,
                    mesh: Mesh, skip_nonfinite: bool = False, seed: int = 0
-                   ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+                   ) -> Callable[[TrainState, Batch | LeanBatch], tuple[TrainState, dict]]:
     """train_step jitted with explicit shardings; the old state's buffers are donated.
     seed: the run's seed (config.seed; a Python int, a constant of the compiled step).
+
+    The step takes a `Batch` or a `LeanBatch` (each its own jitted program, compiled
+    on first use: a run feeds one kind).
 
     A new function each call: a run builds it once and calls it every step, so
     it compiles once per run.
@@ -129,8 +142,16 @@ def jit_train_step(model: MSIT, tx: optax.GradientTransformation, schedule: opta
     def step(state, batch):
         return train_step(model, tx, schedule, state, batch, skip_nonfinite, seed)
 
-    return jax.jit(step, in_shardings=(replicated(mesh), batch_sharding(mesh)),
-                   out_shardings=(replicated(mesh), replicated(mesh)), donate_argnums=(0,))
+    out = (replicated(mesh), replicated(mesh))
+    full = jax.jit(step, in_shardings=(replicated(mesh), batch_sharding(mesh)),
+                   out_shardings=out, donate_argnums=(0,))
+    lean = jax.jit(step, in_shardings=(replicated(mesh), lean_sharding(mesh)),
+                   out_shardings=out, donate_argnums=(0,))
+
+    def dispatch(state: TrainState, batch: Batch | LeanBatch) -> tuple[TrainState, dict]:
+        return (lean if isinstance(batch, LeanBatch) else full)(state, batch)
+
+    return dispatch
 
 
 def to_host(tree: Any) -> Any:
