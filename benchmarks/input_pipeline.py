@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import pickle
 import platform
 import sys
 import tempfile
@@ -41,6 +42,7 @@ if REPO not in sys.path:  # run as a script from anywhere
 
 from msit_jax import geometry  # noqa: E402
 from msit_jax.data import lean  # noqa: E402
+from msit_jax.data.pipeline import host_dataset  # noqa: E402
 from msit_jax.data.protocol import (BatchPlanner, Protocol, augment_view, collate,  # noqa: E402
                                     make_example, make_lean_example, normalize_uint8)
 from msit_jax.data.sources import FolderSource  # noqa: E402
@@ -168,6 +170,7 @@ class Case:
     bytes: dict = dataclasses.field(default_factory=dict)  # per sample, by array
     table_bytes: int = 0  # per batch (lean), one copy per device
     table_build_ms: float = 0.0  # one uncached build of a batch's table
+    pickle_ms: float = 0.0  # per sample: pickle round trip of a batch (a worker's hand-off)
 
 
 def run_case(source: FolderSource, encoding: str, read: str, p: Protocol, batch: int,
@@ -205,6 +208,10 @@ def run_case(source: FolderSource, encoding: str, read: str, p: Protocol, batch:
             if not np.array_equal(v, flat[k][row]) or v.dtype != flat[k].dtype:
                 raise AssertionError(f"{encoding}: {k} differs from {reference.__name__}")
     case.bytes = {k: int(v[0].nbytes) for k, v in flat.items() if k not in lean.TABLE_KEYS}
+    t = time.process_time()
+    for _ in range(3):
+        pickle.loads(pickle.dumps(flat, protocol=pickle.HIGHEST_PROTOCOL))
+    case.pickle_ms = (time.process_time() - t) * 1e3 / 3 / batch
     if encoding == "lean":
         case.table_bytes = sum(int(flat[k].nbytes) for k in lean.TABLE_KEYS)
     n = steps * batch
@@ -218,6 +225,22 @@ def run_case(source: FolderSource, encoding: str, read: str, p: Protocol, batch:
         lean.geometry_table(lean.hr_max(p), p.inp_size, p.radius, lean.hr_max(p))
         case.table_build_ms = (time.thread_time_ns() - t) / 1e6
     return case
+
+
+def pipeline_case(source: FolderSource, lean_encoding: bool, p: Protocol, batch: int,
+                  steps: int, seed: int = 0) -> dict:
+    """The real `host_dataset` (grain, no workers or threads) over `steps` batches after a
+    first one: process CPU-ms and wall-ms per sample, the check on the stage sums."""
+    it = iter(host_dataset(source, p, global_batch=batch, seed=seed, total_steps=steps + 1,
+                           num_threads=0, buffer_size=1, lean=lean_encoding))
+    next(it)  # start-up (grain's first element, the table cache) is not per-sample cost
+    t_wall, t_cpu = time.perf_counter(), time.process_time()
+    for _ in range(steps):
+        next(it)
+    n = steps * batch
+    return {"encoding": "lean" if lean_encoding else "current", "scale_max": p.scale_max,
+            "samples": n, "cpu_ms": (time.process_time() - t_cpu) * 1e3 / n,
+            "wall_ms": (time.perf_counter() - t_wall) * 1e3 / n}
 
 
 # --- report --------------------------------------------------------------------------
@@ -239,6 +262,9 @@ def stage_table(cases: Sequence[Case]) -> str:
 
 
 def bytes_table(cases: Sequence[Case], batch: int) -> str:
+    """Bytes per sample by array, and the host->device rate at the fastest predicted
+    steps (global batch 32; a replicated table is sent once per device)."""
+    fast = {t: min(per.values()) for t, per in PREDICTED_STEP_MS.items()}
     seen, rows = set(), []
     for c in cases:
         key = (c.encoding, c.scale_max)
@@ -250,9 +276,15 @@ def bytes_table(cases: Sequence[Case], batch: int) -> str:
         table = (f"{c.table_bytes:,} per batch per device ({c.table_bytes / batch:,.0f}/sample "
                  f"at batch {batch} on 1 device, {8 * c.table_bytes / batch:,.0f} on 8)"
                  if c.encoding == "lean" else "-")
-        rows.append(f"| {c.encoding} | {_scale(c)} | {arrays} | **{total:,}** | {table} |")
-    return "\n".join(["| encoding | scale | bytes per sample, by array | total per sample | "
-                      "replicated table |", "|---|---|---|---|---|"] + rows)
+        rates = " / ".join(
+            f"{(STEP_BATCH * total + DEVICES[t] * c.table_bytes) / ms / 1e3:,.0f}"
+            for t, ms in fast.items())
+        rows.append(f"| {c.encoding} | {_scale(c)} | {arrays} | **{total:,}** | {table} | "
+                    f"{rates} |")
+    head = " / ".join(f"{t} at {ms:.1f} ms" for t, ms in fast.items())
+    return "\n".join([f"| encoding | scale | bytes per sample, by array | total per sample | "
+                      f"replicated table | host->device MB/s ({head}) |",
+                      "|---|---|---|---|---|---|"] + rows)
 
 
 def cores_table(cases: Sequence[Case]) -> str:
@@ -281,6 +313,8 @@ def main(argv: Optional[Sequence[str]] = None, out: Callable[[str], None] = prin
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--png_steps", type=int, default=1, help="batches per PNG-decode case")
     ap.add_argument("--cache_steps", type=int, default=6, help="batches per cached case")
+    ap.add_argument("--pipeline_steps", type=int, default=4,
+                    help="batches of the real host_dataset per encoding (cached source)")
     ap.add_argument("--inp_size", type=int, default=48)
     ap.add_argument("--sample_q", type=int, default=2304)
     ap.add_argument("--scale_max", type=float, nargs="+", default=(4.0, 8.0))
@@ -289,8 +323,9 @@ def main(argv: Optional[Sequence[str]] = None, out: Callable[[str], None] = prin
     if args.quick:
         args.images, args.size, args.batch = 2, (200, 240), 4
         args.png_steps, args.cache_steps, args.inp_size, args.sample_q = 1, 1, 16, 64
+        args.pipeline_steps = 1
 
-    cases = []
+    cases, pipes = [], []
     with tempfile.TemporaryDirectory(prefix="msit-input-bench-") as tmp:
         folder = os.path.join(tmp, "hr")
         os.makedirs(folder)
@@ -310,6 +345,9 @@ def main(argv: Optional[Sequence[str]] = None, out: Callable[[str], None] = prin
                 for encoding in ("current", "lean"):
                     cases.append(run_case(source, encoding, read, p, args.batch, steps,
                                           args.seed))
+            for lean_encoding in (False, True):
+                pipes.append(pipeline_case(cached, lean_encoding, p, args.batch,
+                                           args.pipeline_steps, args.seed))
 
     out(f"## Input pipeline at the paper protocol (batch {args.batch}, inp {args.inp_size}, "
         f"sample_q {args.sample_q}, augmentation on)\n")
@@ -326,6 +364,14 @@ def main(argv: Optional[Sequence[str]] = None, out: Callable[[str], None] = prin
             out(f"Lean table of U(1,{c.scale_max:g}) (hr_max {lean.hr_max(Protocol(args.inp_size, args.sample_q, 1.0, c.scale_max))}): "
                 f"one uncached build {c.table_build_ms:.2f} CPU-ms per batch (cached per hr "
                 "in a run).")
+    out("\nA batch's pickle round trip (what crossing from a grain worker process costs at "
+        "least; not in the stage sums), CPU-ms per sample: " + ", ".join(
+            f"{c.encoding} {_scale(c)} {c.pickle_ms:.3f}" for c in cases if c.read == "cache"))
+    out("\nThe real pipeline (`host_dataset`, cached source, no workers/threads), per sample:\n")
+    out("| encoding | scale | samples | process CPU-ms | wall-ms |\n|---|---|---|---|---|")
+    for q in pipes:
+        out(f"| {q['encoding']} | U(1,{q['scale_max']:g}) | {q['samples']} | "
+            f"**{q['cpu_ms']:.2f}** | {q['wall_ms']:.2f} |")
     out("\nBytes per sample host->device:\n")
     out(bytes_table(cases, args.batch) + "\n")
     out("Host cores needed to feed the step (predicted train_stage1 step times from "

@@ -242,3 +242,44 @@ def test_benchmark_quick_mode_prints_its_tables():
     cur, thin = by[("current", "cache", 4.0)], by[("lean", "cache", 4.0)]
     assert sum(thin.bytes.values()) * 5 < sum(cur.bytes.values())
     assert all(c.cpu_ms > 0 and c.samples == 4 for c in cases)
+
+
+SHARDED_CHECK = r"""
+import jax, numpy as np
+from jax.sharding import PartitionSpec as P
+from msit_jax.data import lean
+from msit_jax.data.pipeline import host_dataset, to_global
+from msit_jax.data.protocol import Batch, Protocol
+from msit_jax.data.sources import EmbeddedSource
+from msit_jax.training.step import batch_sharding, lean_sharding, make_mesh
+
+assert jax.device_count() == 4
+p = Protocol(inp_size=16, sample_q=64, scale_max=8.0, radius=1)
+kw = dict(global_batch=8, seed=5, total_steps=3)
+thin = next(iter(host_dataset(EmbeddedSource("train"), p, lean=True, **kw)))
+full = Batch.from_flat(next(iter(host_dataset(EmbeddedSource("train"), p, **kw))))
+mesh = make_mesh()
+g = to_global(thin, batch_sharding(mesh))
+for k in lean.TABLE_KEYS:
+    assert g[k].sharding.is_fully_replicated and g[k].shape == thin[k].shape, k
+for k in lean.EXAMPLE_KEYS:
+    assert g[k].sharding.spec == P("data") and not g[k].sharding.is_fully_replicated, k
+fn = jax.jit(lean.expand, in_shardings=(lean_sharding(mesh),))
+got = jax.device_get(fn(lean.step_input(g)))
+for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(full)):
+    assert a.dtype == b.dtype and np.array_equal(a, b)
+print("SHARDED-OK")
+"""
+
+
+@pytest.mark.slow  # a subprocess with 4 virtual devices
+def test_lean_batch_transfers_and_expands_on_a_sharded_mesh():
+    """to_global shards the examples over 'data' and replicates the table; the jitted
+    expansion with the train step's in_shardings equals the full batch bit for bit."""
+    import subprocess
+
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    res = subprocess.run([sys.executable, "-c", SHARDED_CHECK], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and "SHARDED-OK" in res.stdout, res.stderr[-3000:]
