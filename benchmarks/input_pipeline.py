@@ -304,6 +304,17 @@ def cores_table(cases: Sequence[Case]) -> str:
     return "\n".join(rows) + f"\n\nCores = CPU-ms/sample x {STEP_BATCH} / step ms. Goals: {goals}."
 
 
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def main(argv: Optional[Sequence[str]] = None, out: Callable[[str], None] = print) -> list:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true",
@@ -351,7 +362,7 @@ def main(argv: Optional[Sequence[str]] = None, out: Callable[[str], None] = prin
 
     out(f"## Input pipeline at the paper protocol (batch {args.batch}, inp {args.inp_size}, "
         f"sample_q {args.sample_q}, augmentation on)\n")
-    out(f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores "
+    out(f"Machine: {cpu_name()}, {os.cpu_count()} cores "
         f"visible, Python {platform.python_version()}, numpy {np.__version__}, Pillow "
         f"{Image.__version__}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. "
         f"{args.images} synthetic {args.size[1]}x{args.size[0]} PNGs, {png_mb:.2f} MB each "
