@@ -195,8 +195,3 @@ def step_input(arrays: Mapping[str, Any]) -> Any:
     """A pipeline batch (flat dict) -> the train step's input: a `LeanBatch` for a lean
     batch (expanded inside the jitted step), else a `Batch`."""
     return LeanBatch.from_flat(arrays) if is_lean(arrays) else Batch.from_flat(arrays)
-
-
-def example_bytes(example: Mapping[str, np.ndarray]) -> dict[str, int]:
-    """Bytes of each array of a flat example or batch dict."""
-    return {k: int(np.asarray(v).nbytes) for k, v in example.items()}
