@@ -1,6 +1,9 @@
 """What re-parameterisation buys: parameters and inference time, before/after `fold`.
 
-    python benchmarks/fold_benchmark.py [--encoder edsr-baseline|rdn] [--lr 48] [--scale 4]
+    python benchmarks/fold_benchmark.py [--encoder NAME] [--lr 48] [--scale 4]
+
+--encoder: any registered encoder (msit_jax.models.encoders.ENCODERS), default
+edsr-baseline.
 
 Paper-size model with random weights (timings do not depend on the values).
 Prints the parameter count (learnable + frozen + BatchNorm statistics) and the
@@ -18,6 +21,7 @@ import numpy as np
 
 from msit_jax import inference, model_config
 from msit_jax.models import reparam
+from msit_jax.models.encoders import ENCODERS
 from msit_jax.models.random_init import random_variables
 
 
@@ -33,7 +37,7 @@ def median_time(fn, repeats: int) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--encoder", default="edsr-baseline", choices=("edsr-baseline", "rdn"))
+    p.add_argument("--encoder", default="edsr-baseline", choices=tuple(ENCODERS))
     p.add_argument("--lr", type=int, default=48, help="LR side length")
     p.add_argument("--scale", type=float, default=4.0)
     p.add_argument("--repeats", type=int, default=5)
@@ -55,8 +59,8 @@ def main() -> None:
 
     print(f"device: {jax.devices()[0].device_kind}, {args.encoder}, LR {args.lr}x{args.lr} "
           f"-> {out}x{out} (x{args.scale:g})")
-    print(f"| model | values (all) | learnable | encoder (s) | upscale (s) |")
-    print(f"|---|---:|---:|---:|---:|")
+    print("| model | values (all) | learnable | encoder (s) | upscale (s) |")
+    print("|---|---:|---:|---:|---:|")
     for name, n_all, n_learn, enc, full in rows:
         print(f"| {name} | {n_all:,} | {n_learn:,} | {enc:.3f} | {full:.2f} |")
     print(f"encoder speed-up x{rows[0][3] / rows[1][3]:.2f}, upscale speed-up "

@@ -4,6 +4,8 @@
     python benchmarks/train_throughput.py --conv plain          # stage 1
     python benchmarks/train_throughput.py --batch 32 --encoder rdn   # e.g. on a GPU
 
+--encoder: any registered encoder (msit_jax.models.encoders.ENCODERS).
+
 Batches follow the training protocol (48x48 LR, 2304 queries, one scale per
 batch) built from scikit-image's images; the step is the jitted, data-parallel
 train step of `msit_jax.training` over every local device. Prints the compile
@@ -17,10 +19,12 @@ import time
 
 import jax
 
+from msit_jax.models.encoders import ENCODERS
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--encoder", default="edsr-baseline", choices=("edsr-baseline", "rdn"))
+    ap.add_argument("--encoder", default="edsr-baseline", choices=tuple(ENCODERS))
     ap.add_argument("--conv", default="rim", choices=("rim", "plain"))
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--steps", type=int, default=5, help="timed steps after the first")
@@ -70,7 +74,7 @@ def main() -> None:
                                                     args.sample_q)))
     state = jit_create_state(tx, mesh)(variables)
     t_init = time.perf_counter() - t
-    step_fn = jit_train_step(model, tx, schedule, mesh)
+    step_fn = jit_train_step(model, tx, schedule, mesh, seed=cfg.seed)
 
     t = time.perf_counter()
     state, m = step_fn(state, batches[0])
