@@ -58,12 +58,14 @@ query_chunks = geometry.query_chunks  # re-exported: it lives with the geometry
 
 
 METHODS = ("auto", "grid", "query")
-# Queries per LR pixel from which the grid decoder wins: it spends ~3.2 M
-# multiply-adds per LR centre in small-K GEMMs (slow on XLA:CPU) to save
-# ~3.1 M per query. Measured on 2 CPU cores, paper-size model: x2.5 (6.25)
-# query 6.4 s vs grid 7.7 s; x3 (9) 3.7 vs 3.8 s and 8.7 vs 8.3 s; x4 (16)
-# 5.7 vs 3.8 s.
-GRID_MIN_QUERIES_PER_CENTRE = 9.0
+# Queries per LR pixel from which the grid decoder wins on XLA:CPU. Its cost
+# follows its padded query slots (LR centres x the widest group per axis); the
+# per-query decoder's follows the queries. Measured on 2 CPU cores, paper-size
+# model, decoders alone (s, 2026-12-03): 96^2 -> 106^2 (1.2 queries per centre)
+# query 1.05 vs grid 1.51; -> 120^2 (1.6) 1.28 vs 1.45; -> 134^2 (1.9) 1.56 vs
+# 1.57; 64^2 -> 96^2 (2.25) 1.18 vs 0.70; x2.5 of 96^2 4.86 vs 1.67; x4 of
+# 64^2 5.46 vs 1.14.
+GRID_MIN_QUERIES_PER_CENTRE = 2.25  # x1.5
 # On GPU/TPU small-K GEMMs are not penalised the way they are on XLA:CPU, so
 # the FLOP ratio decides: the grid decoder wins from ~1.1 queries per centre.
 # 4 is a conservative estimate, not a measurement (accel_check.py measures it).
@@ -83,7 +85,7 @@ class Upscaler:
     (`msit_jax.models.grid_decoder`, several times fewer FLOPs at large scales);
     'query' runs the per-query decoder, the reference formulation; 'auto'
     (default) picks grid from `grid_min_queries()` output pixels per input
-    pixel (9 on CPU). All give the same result to float32 re-association error.
+    pixel (2.25, x1.5, on CPU). All give the same result to float32 re-association error.
     chunk: queries per decoder call (None: `default_chunk()` of the platform).
     runtime: precision, compute dtype, FFT threshold (`msit_jax.ops.runtime`).
     self_ensemble: return the mean over the 8 flips/transposes of the input

@@ -422,7 +422,7 @@ def test_decoder_help_states_the_per_platform_threshold():
     cpu, accel = inference.grid_min_queries("cpu"), inference.grid_min_queries("gpu")
     assert (f"{cpu:g} (x{math.sqrt(cpu):g}) on CPU and {accel:g} (x{math.sqrt(accel):g}) "
             "on GPU/TPU") in text
-    assert "grid_min_queries()" in text and "2.2" not in text
+    assert "grid_min_queries()" in text and "9 (x3)" not in text
 
 
 @pytest.fixture(scope="module")

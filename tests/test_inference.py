@@ -102,8 +102,11 @@ def test_auto_method_picks_grid_for_large_scales(model):
     cfg, v = model
     up = inference.Upscaler(cfg, v)
     assert up.method == "auto"
-    assert not up.uses_grid((10, 10), (25, 25))  # x2.5: 6.25 queries per LR pixel
-    assert up.uses_grid((10, 10), (30, 30))  # x3: 9
+    cpu = inference.grid_min_queries("cpu")
+    assert cpu == 2.25 and up.uses_grid((10, 10), (15, 15))  # x1.5: 2.25 per LR pixel
+    assert not up.uses_grid((10, 10), (14, 14))  # x1.4: 1.96
+    assert not up.uses_grid((10, 10), (10, 10))
+    assert up.uses_grid((10, 10), (25, 25))  # x2.5: 6.25
     assert up.uses_grid((10, 10), (120, 120))
     assert inference.Upscaler(cfg, v, method="grid").uses_grid((10, 10), (10, 10))
     assert not inference.Upscaler(cfg, v, method="query").uses_grid((10, 10), (120, 120))
@@ -138,3 +141,42 @@ def test_bfloat16_grid_decoder_runs_on_cpu_within_stated_db(model):
     query_err = query - inference.upscale(cfg, v, lr, (96, 80), clamp=False, method="query",
                                           runtime=RuntimeOptions(dtype="bfloat16"))
     assert np.sqrt(np.mean(err ** 2)) < 3 * max(np.sqrt(np.mean(query_err ** 2)), 1e-6)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_grid_head_major_form_equals_the_einsum_form(dtype):
+    """The grid decoder's CPU form (head-major gathers, a scan over neighbour offsets
+    with 2-D GEMMs accumulated per head) is the accelerators' einsum form
+    re-associated: same rounded operands, other summation order. Centres at the
+    image border (zero keys) and queries outside it (zero-padded bilinear taps)."""
+    import jax
+    import jax.numpy as jnp
+
+    from msit_jax.models import grid_decoder as gd
+
+    rng = np.random.RandomState(3)
+    h, w, heads, hd, n, radius = 5, 6, 4, 6, 16, 2
+    k1 = 2 * radius + 1
+    fq = jnp.asarray(rng.randn(h, w, heads * hd), jnp.float32)
+    fv = jnp.asarray(rng.randn(h, w, heads * hd), jnp.float32)
+    ci = jnp.asarray([0, 0, 2, 4, 4, 1], jnp.int32)
+    cj = jnp.asarray([0, 5, 3, 0, 5, 2], jnp.int32)
+    gy, gx = 3, 2
+    cy = jnp.asarray(rng.uniform(-1.1, 1.1, (6, gy)), jnp.float32)
+    cx = jnp.asarray(rng.uniform(-1.1, 1.1, (6, gx)), jnp.float32)
+    ry = jnp.asarray(rng.randint(0, 7, (6, gy)), jnp.int32)
+    rx = jnp.asarray(rng.randint(0, 7, (6, gx)), jnp.int32)
+    c = gd._Centres(ci, cj, ry, rx, cy, cx)
+    pb_rows = jnp.asarray(rng.randn(7, k1, heads), jnp.float32)
+    pb_cols = jnp.asarray(rng.randn(7, k1, heads), jnp.float32)
+    pb_bias = jnp.asarray(rng.randn(heads), jnp.float32)
+    w1 = jnp.asarray(rng.randn(k1 * k1, heads, hd, n) * 0.3, jnp.float32)
+    kw = dict(heads=heads, radius=radius, dtype=jnp.dtype(dtype), prec=jax.lax.Precision.HIGHEST)
+    args = (c, fq, fv, pb_rows, pb_cols, pb_bias, w1)
+    ref = np.asarray(jax.jit(lambda *a: gd._first_layer_einsum(*a, **kw))(*args))
+    got = np.asarray(jax.jit(lambda *a: gd._first_layer_head_major(*a, **kw))(*args))
+    assert got.shape == (6, gy, gx, n) and got.dtype == np.float32
+    scale = np.abs(ref).max()
+    # float32 re-association only; bf16 operands rounded differently would be ~1e-2 off
+    np.testing.assert_allclose(got, ref, atol=(2e-6 if dtype == "float32" else 2e-3) * scale,
+                               rtol=0)

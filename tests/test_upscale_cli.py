@@ -308,7 +308,7 @@ def test_help_says_height_first_and_the_decoder_threshold_per_platform(capsys):
     cpu, gpu = inference.grid_min_queries("cpu"), inference.grid_min_queries("gpu")
     assert (f"grid_min_queries() pixels per input pixel, {cpu:g} (x{math.sqrt(cpu):g}) on "
             f"CPU and {gpu:g} (x{math.sqrt(gpu):g}) on GPU/TPU") in text
-    assert "2.2" not in text
+    assert "9 (x3)" not in text  # the threshold before the head-major grid decoder
 
 
 @pytest.fixture(scope="module")

@@ -119,6 +119,114 @@ def _bilinear_grid(img: jax.Array, cy: jax.Array, cx: jax.Array, border: bool) -
     return out
 
 
+class _Centres(NamedTuple):
+    """Where the queries of P LR centres sit (device arrays, all int32 but cy, cx).
+
+    ci, cj (P,): each centre's LR row / column; ry (P, Gy), rx (P, Gx): its HR
+    rows / columns (padded groups); cy (P, Gy), cx (P, Gx): their coordinates.
+    """
+
+    ci: jax.Array
+    cj: jax.Array
+    ry: jax.Array
+    rx: jax.Array
+    cy: jax.Array
+    cx: jax.Array
+
+
+def _first_layer_einsum(c: _Centres, feat_q: jax.Array, feat_v: jax.Array, pb_rows: jax.Array,
+                        pb_cols: jax.Array, pb_bias: jax.Array, w1: jax.Array, *, heads: int,
+                        radius: int, dtype: Any, prec: jax.lax.Precision) -> jax.Array:
+    """Attention over the 49 neighbours and the MLP's first layer (without its bias)
+    for every query of P centres: sum_{k,h} attn[p, y, x, k, h] Z[p, k, h] with
+    Z[p, k, h] = W1[k, h] . V[p + o_k, h]. -> (P, Gy, Gx, N) float32.
+
+    feat_q, feat_v (h, w, D); pb_rows (N_hr_rows, K1, heads), pb_cols likewise;
+    pb_bias (heads,); w1 (K, heads, hd, N). Z is formed once per centre (P x K x
+    heads x N values) and mixed by one contraction: large dots, the accelerators'
+    form.
+    """
+    p, gy, gx = c.ry.shape[0], c.ry.shape[1], c.rx.shape[1]
+    hd = feat_q.shape[-1] // heads
+    k1 = 2 * radius + 1
+    keys = _gather_neighbours(feat_q, c.ci, c.cj, radius).reshape(p, k1 * k1, heads, hd)
+    vals = _gather_neighbours(feat_v, c.ci, c.cj, radius).reshape(p, k1 * k1, heads, hd)
+    q = _bilinear_grid(feat_q, c.cy, c.cx, border=False).reshape(p, gy, gx, heads, hd)
+    logits = ops.einsum("pyxhc,pkhc->pyxkh", q.astype(dtype), keys.astype(dtype),
+                        prec) / np.float32(np.sqrt(hd))
+    bias = (pb_rows[c.ry][:, :, None, :, None, :] + pb_cols[c.rx][:, None, :, None, :, :]
+            ).reshape(p, gy, gx, k1 * k1, heads) + pb_bias
+    attn = jax.nn.softmax(logits + bias, axis=3)
+    z = ops.einsum("pkhc,khcn->pkhn", vals.astype(dtype), w1.astype(dtype), prec)
+    return ops.einsum("pyxkh,pkhn->pyxn", attn.astype(dtype), z.astype(dtype), prec)
+
+
+def _first_layer_head_major(c: _Centres, feat_q: jax.Array, feat_v: jax.Array,
+                            pb_rows: jax.Array, pb_cols: jax.Array, pb_bias: jax.Array,
+                            w1: jax.Array, *, heads: int, radius: int, dtype: Any,
+                            prec: jax.lax.Precision) -> jax.Array:
+    """`_first_layer_einsum` laid out for XLA:CPU: the same values, re-associated.
+
+    * The maps are made head-major (heads, h, w, hd) once, so queries, keys and
+      values are gathered straight into the layouts of their contractions: the
+      logits are one dot batched over (head, centre) and need no transposed copy
+      of the sampled queries or keys (on XLA:CPU those copies, strided gathers on
+      one thread, cost more than the dots).
+    * The first layer runs one neighbour offset k at a time (a scan): per head,
+      Z[:, k, h] is one plain 2-D GEMM (P, hd) x (hd, N), accumulated into the
+      result with its attention weights right away, so the (P, K, heads, N) array
+      of Z (103 MB at the paper's size and 256 centres) is never written nor laid
+      out again for a batched small-K contraction.
+    Float32 sums in another order; in bfloat16, the same operands are rounded
+    (Z included) and the products are exact in float32, as in the einsum form.
+    """
+    p, gy, gx = c.ry.shape[0], c.ry.shape[1], c.rx.shape[1]
+    h, w, dim = feat_q.shape
+    hd, k1 = dim // heads, 2 * radius + 1
+    n_keys, g = k1 * k1, gy * gx
+
+    def head_major(f):  # (h, w, D) -> (heads, h + 2r, w + 2r, hd), zeros around
+        f = f.reshape(h, w, heads, hd).transpose(2, 0, 1, 3)
+        return jnp.pad(f, ((0, 0), (radius, radius), (radius, radius), (0, 0)))
+
+    fq, fv = head_major(feat_q), head_major(feat_v)
+    off = jnp.arange(k1)
+    ky = (c.ci[:, None] + off)[:, :, None] + jnp.zeros((1, 1, k1), jnp.int32)  # (P, k1, k1)
+    kx = (c.cj[:, None] + off)[:, None, :] + jnp.zeros((1, k1, 1), jnp.int32)
+    keys = fq[:, ky.reshape(p, n_keys), kx.reshape(p, n_keys)].astype(dtype)  # (heads, P, K, hd)
+    vals = fv[:, ky.reshape(p, n_keys).T, kx.reshape(p, n_keys).T].astype(dtype)  # (heads, K, P, hd)
+
+    # Bilinear query samples (zero padding) from the padded head-major map.
+    iy, wy = jax.vmap(jax.vmap(lambda v: axis_taps(v, h, False)))(c.cy)  # (P, Gy, 2)
+    ix, wx = jax.vmap(jax.vmap(lambda v: axis_taps(v, w, False)))(c.cx)  # (P, Gx, 2)
+    q = 0.0
+    for ta in range(2):
+        for tb in range(2):
+            taps = fq[:, iy[:, :, None, ta] + radius, ix[:, None, :, tb] + radius]
+            wgt = (wy[:, :, None, ta] * wx[:, None, :, tb]).astype(fq.dtype)
+            q = q + wgt[None, ..., None] * taps  # (heads, P, Gy, Gx, hd)
+    q = q.reshape(heads, p, g, hd)
+
+    logits = ops.einsum("hpgc,hpkc->hpgk", q.astype(dtype), keys, prec) / np.float32(np.sqrt(hd))
+    bias = (pb_rows[c.ry].transpose(3, 0, 1, 2)[:, :, :, None, :, None]
+            + pb_cols[c.rx].transpose(3, 0, 1, 2)[:, :, None, :, None, :]
+            ).reshape(heads, p, g, n_keys) + pb_bias[:, None, None, None]
+    attn = jax.nn.softmax(logits + bias, axis=-1).astype(dtype)  # (heads, P, G, K)
+
+    def offset(y, xs):
+        k, w_k = xs
+        a_k = jax.lax.dynamic_index_in_dim(attn, k, axis=3, keepdims=False)  # (heads, P, G)
+        v_k = jax.lax.dynamic_index_in_dim(vals, k, axis=1, keepdims=False)  # (heads, P, hd)
+        for hh in range(heads):
+            z = ops.dot(v_k[hh], w_k[hh], prec).astype(dtype).astype(jnp.float32)  # (P, N)
+            y = y + a_k[hh][:, :, None].astype(jnp.float32) * z[:, None, :]
+        return y, None
+
+    y0 = jnp.zeros((p, g, w1.shape[-1]), jnp.float32)
+    y, _ = jax.lax.scan(offset, y0, (jnp.arange(n_keys), w1.astype(dtype)))
+    return y.reshape(p, gy, gx, -1)
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "runtime"))
 def decode_centres(cfg: ml_collections.FrozenConfigDict, runtime: RuntimeOptions, dec: dict,
                    feat_q: jax.Array, feat_v: jax.Array, inp: jax.Array, rows: tuple,
@@ -136,32 +244,21 @@ def decode_centres(cfg: ml_collections.FrozenConfigDict, runtime: RuntimeOptions
     prec = runtime.lax_precision
     dtype = runtime.compute_dtype
     h, w, dim = feat_q.shape
-    heads, hd, r = cfg.heads, dim // cfg.heads, cfg.radius
-    k1 = 2 * r + 1
+    heads, r = cfg.heads, cfg.radius
     ci, cj = centres // w, centres % w
     ry, rx = rows[1][ci], cols[1][cj]  # (P, Gy), (P, Gx) HR indices
-    cy, cx = rows[0][ry], cols[0][rx]
-    p, gy, gx = ry.shape[0], ry.shape[1], rx.shape[1]
-
-    keys = _gather_neighbours(feat_q, ci, cj, r).reshape(p, k1 * k1, heads, hd)
-    vals = _gather_neighbours(feat_v, ci, cj, r).reshape(p, k1 * k1, heads, hd)
-    # Z[p, k, h] = W1[k, h] . V[p + o_k, h]: the first layer, once per centre.
-    z = ops.einsum("pkhc,khcn->pkhn", vals.astype(dtype), dec["w1"].astype(dtype), prec)
-
-    q = _bilinear_grid(feat_q, cy, cx, border=False).reshape(p, gy, gx, heads, hd)
-    logits = ops.einsum("pyxhc,pkhc->pyxkh", q.astype(dtype), keys.astype(dtype),
-                        prec) / np.float32(np.sqrt(hd))
-    bias = (pb_rows[ry][:, :, None, :, None, :] + pb_cols[rx][:, None, :, None, :, :]
-            ).reshape(p, gy, gx, k1 * k1, heads) + dec["pb_bias"]
-    attn = jax.nn.softmax(logits + bias, axis=3)
-
-    y = ops.einsum("pyxkh,pkhn->pyxn", attn.astype(dtype), z.astype(dtype), prec)
+    c = _Centres(ci, cj, ry, rx, rows[0][ry], cols[0][rx])
+    kw = dict(heads=heads, radius=r, dtype=dtype, prec=prec)
+    y = jax.lax.platform_dependent(
+        c, feat_q, feat_v, pb_rows, pb_cols, dec["pb_bias"], dec["w1"],
+        cpu=functools.partial(_first_layer_head_major, **kw),
+        default=functools.partial(_first_layer_einsum, **kw))
     y = y + dec["b1"]
     if dec["w1_cell"].shape[0]:  # use_cell
         y = y + jnp.dot(rel_cell, dec["w1_cell"], precision=prec)
     for kernel, bias_ in dec["rest"]:
         y = ops.dot(gelu(y).astype(dtype), kernel.astype(dtype), prec) + bias_
-    return y + _bilinear_grid(inp, cy, cx, border=True)
+    return y + _bilinear_grid(inp, c.cy, c.cx, border=True)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "runtime"))
