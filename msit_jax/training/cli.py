@@ -1,14 +1,18 @@
 r"""Train MSIT (`msit-train`, or `python train.py` in a checkout).
 
-    msit-train --config configs/default.py --workdir runs/default
-    msit-train --config configs/msit_edsr_stage1.py --workdir runs/edsr_s1 \
+    msit-train --config default --workdir runs/default
+    msit-train --config configs/default.py --workdir runs/default      # the same, by path
+    msit-train --config msit_edsr_stage1 --workdir runs/edsr_s1 \
         --config.data.train.path=/data/DIV2K/DIV2K_train_HR
     msit-train --config configs/msit_edsr_stage2_rim.py --workdir runs/edsr_s2 \
         --config.init_from=runs/edsr_s1
 
-Any field of the config can be overridden with --config.<field>=value after
---config (see msit_jax/training/config.py for the fields). Flags are absl flags:
-booleans are --verbose / --noverbose.
+--config is a config file or the name of one that ships in the package
+(msit_jax/configs: default, tiny, msit_lite, msit_edsr_stage1, ...); an existing
+path always wins, and a configs/NAME.py that does not exist (outside a checkout)
+is the packaged NAME. Any field of the config can be overridden with
+--config.<field>=value after --config (see msit_jax/training/config.py for the
+fields). Flags are absl flags: booleans are --verbose / --noverbose.
 
 Re-running a command on an existing workdir resumes from its latest good
 checkpoint; a changed config is compared with the stored one first (see
@@ -34,13 +38,13 @@ from typing import Optional, Sequence
 from absl import flags
 from ml_collections import config_flags
 
-from msit_jax import console, errors, flags_util
+from msit_jax import configs, console, errors, flags_util
 
 PROG = "msit-train"
-USAGE = (f"usage: {PROG} --config FILE --workdir DIR [--config.<field>=value ...]\n\n"
+USAGE = (f"usage: {PROG} --config NAME|FILE --workdir DIR [--config.<field>=value ...]\n\n"
          f"{__doc__}")
 
-# Modules of the `train` extra (pip install 'msit-jax[train]'), by distribution name: a
+# Modules of the `train` extra (pip install "msit-jax[train]"), by distribution name: a
 # missing one is an incomplete install, said as such instead of as a traceback.
 TRAIN_MODULES = {"grain": "grain", "tensorflow_datasets": "tensorflow-datasets",
                  "array_record": "array-record"}
@@ -55,7 +59,8 @@ def define_flags(argv: Sequence[str]) -> flags.FlagValues:
     """
     fv = flags.FlagValues()
     config_flags.DEFINE_config_file(
-        "config", None, "Training config file (configs/*.py); override a field with "
+        "config", None, "Training config: a file (configs/*.py) or a packaged config's name "
+        f"({', '.join(configs.names())}); override a field with "
         "--config.<field>=value after it (see msit_jax/training/config.py for the "
         "fields).", flag_values=fv, lock_config=True,
         sys_argv=list(argv))
@@ -71,12 +76,40 @@ def _verbose_requested(argv: Sequence[str]) -> bool:
     return any(a in ("--verbose", "--verbose=true", "--verbose=True") for a in argv)
 
 
+def resolve_config_args(argv: Sequence[str]) -> list[str]:
+    """`argv` with the value of --config (`--config X`, `--config=X`) replaced by the file
+    it names (`msit_jax.configs.resolve`: a path, or a packaged config's name).
+
+    Raises errors.ConfigError (3) for a value that is neither an existing file nor a
+    packaged config: one line with the names, instead of ml_collections' loader error.
+    """
+    out = list(argv)
+    for i, arg in enumerate(out):
+        if arg == "--":
+            break
+        name, eq, value = arg.partition("=")
+        if name not in ("--config", "-config"):
+            continue
+        j = i if eq else i + 1
+        if j >= len(out):
+            break  # absl reports the missing value
+        value = value if eq else out[j]
+        resolved = configs.resolve(value)
+        if not os.path.exists(resolved) and ":" not in value:
+            raise errors.ConfigError(
+                f"--config {value}: no such file, and no packaged config of that name "
+                f"({', '.join(configs.names())})")
+        out[j] = f"{name}={resolved}" if eq else resolved
+    return out
+
+
 def parse_flags(fv: flags.FlagValues, argv: Sequence[str], *, known_only: bool = False
                 ) -> list[str]:
     """`flags_util.parse` with training's exit codes: errors.UsageError (2), or
     errors.ConfigError (3) for a --config.<field> flag, an unknown config field or a
-    config file that fails to load."""
-    argv = list(argv)
+    config file that fails to load. --config takes a packaged config's name too
+    (`resolve_config_args`)."""
+    argv = resolve_config_args(argv)
     try:
         return flags_util.parse(fv, argv, known_only=known_only)
     except errors.UsageError as e:
@@ -119,8 +152,8 @@ def run(fv: flags.FlagValues, positionals: Sequence[str]) -> int:
     except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - one line, see msit_jax.errors
         package = _missing_train_module(e)
         if package is not None and not fv.verbose:
-            print(f"error: training needs the {package} package: pip install "
-                  "'msit-jax[train]' (or pip install -r requirements.txt in a checkout)",
+            print(f"error: training needs the {package} package: "
+                  f"{console.install_hint('train')}",
                   file=sys.stderr, flush=True)
             return errors.EXIT_FAILURE
         code = errors.report(e, fv.verbose)
