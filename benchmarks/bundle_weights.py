@@ -66,10 +66,10 @@ MB = 1_000_000
 TRAIN_DATA = ("the 291 set: T91 (Yang et al. 2010) + BSD200 (the Berkeley Segmentation "
               "Dataset's 200 training images), as distributed in github.com/jiny2001/"
               "dcscn-super-resolution (data/yang91 + data/bsd200)")
-LICENSE_NOTE = ("The msit-jax code declares no license yet (no LICENSE file, no license "
-                "field in pyproject.toml); until it does, these weights carry none either. "
-                "The official MSIT code (github.com/Jinchen2028/MSIT) is MIT-licensed; this "
-                "is an independent re-implementation.")
+LICENSE_NOTE = ("The msit-jax code and these weights are licensed under the Apache License "
+                "2.0 (Apache-2.0: the LICENSE file, and `license` in pyproject.toml). The "
+                "official MSIT code (github.com/Jinchen2028/MSIT) is MIT-licensed; this is an "
+                "independent re-implementation.")
 
 
 def die(msg: str) -> None:

@@ -50,6 +50,19 @@ def quiet_logs(verbose: bool = False) -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
 
 
+# The requirements file that pins each extra in a checkout (the train extra and the core
+# dependencies: requirements.txt).
+REQUIREMENT_FILES = {"train": "requirements.txt"}
+
+
+def install_hint(extra: str) -> str:
+    """What to run for a missing optional dependency of the `extra` (pyproject's
+    optional-dependencies), as one line: `pip install "msit-jax[plot]" (in a checkout:
+    pip install -r requirements-plot.txt)`."""
+    requirements = REQUIREMENT_FILES.get(extra, f"requirements-{extra}.txt")
+    return f'pip install "msit-jax[{extra}]" (in a checkout: pip install -r {requirements})'
+
+
 def note(message: str, *, quiet: bool = False, stream: Optional[TextIO] = None) -> None:
     """One progress line on stderr (nothing when `quiet`)."""
     if not quiet:

@@ -1,8 +1,8 @@
 """A local web demo: upload an image, pick a scale, compare MSIT with bicubic.
 
-    pip install -r requirements-demo.txt
-    python -m msit_jax.demo                              # the bundled msit-lite weights
-    python -m msit_jax.demo --checkpoint epoch-best.pth [--port 7860] [--host 127.0.0.1]
+    pip install "msit-jax[demo]"                 # in a checkout: -r requirements-demo.txt
+    msit-demo                                            # the bundled msit-lite weights
+    msit-demo --checkpoint epoch-best.pth [--port 7860] [--host 127.0.0.1]
         [--max_seconds 180] [--max_queue 16] [--max_memory_gb 4] [--max_file_mb 50]
 
 The checkpoint is anything `msit_jax.Upscaler.from_pretrained` reads; without
@@ -56,10 +56,10 @@ import numpy as np
 from absl import flags
 from PIL import Image, UnidentifiedImageError
 
-from msit_jax import errors, flags_util, images, tiling, weights
+from msit_jax import console, errors, flags_util, images, tiling, weights
 from msit_jax.api import Upscaler
 
-INSTALL_HINT = "pip install -r requirements-demo.txt"
+INSTALL_HINT = console.install_hint("demo")
 SCALE_MIN, SCALE_MAX = 1.0, 30.0
 # Estimated bytes per pixel (see msit_jax/upscale.py, measured there): the output's float32
 # prediction, its copies and the uint8 images (MSIT and bicubic); the decoded input.

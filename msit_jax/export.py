@@ -133,8 +133,8 @@ def write_safetensors(out: str, model_cfg: ml_collections.ConfigDict, variables:
     try:  # an optional dependency, imported when used
         from safetensors.numpy import save_file
     except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError("writing .safetensors needs the safetensors package: "
-                          "pip install -r requirements-export.txt") from e
+        raise ImportError("writing .safetensors needs the safetensors package, a "
+                          "dependency of msit-jax: pip install safetensors") from e
     sd = official_state_dict(model_cfg, variables) if model_cfg.batch_norm else \
         variables_to_state_dict(variables, model_cfg)
     meta = {"format": "pt", pretrained.META_CONFIG: model_dir.config_to_json(model_cfg),
@@ -279,7 +279,7 @@ def write_onnx(out: str, model_cfg: ml_collections.ConfigDict, variables: Any, *
         import onnx
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError("ONNX export needs the onnx package: "
-                          "pip install -r requirements-export.txt") from e
+                          f"{console.install_hint('export')}") from e
     try:
         model = onnx_graph.build_graph(model_cfg, variables, chunk,
                                        opset or onnx_graph.OPSET, decoder=decoder)

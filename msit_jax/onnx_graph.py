@@ -42,7 +42,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from msit_jax import serving
+from msit_jax import console, serving
 from msit_jax.errors import InputError, one_line
 from msit_jax.serving import ImageUpscaler, Progress, artifact_error, check_image
 
@@ -676,7 +676,7 @@ class OnnxUpscaler(ImageUpscaler):
             import onnxruntime as ort
         except ImportError as e:  # pragma: no cover - depends on the environment
             raise ImportError("running ONNX exports needs onnxruntime: "
-                              "pip install -r requirements-export.txt") from e
+                              f"{console.install_hint('export')}") from e
         opts = ort.SessionOptions()
         opts.log_severity_level = 3  # errors only: the optimiser warns about names it leaves
         if threads:

@@ -1,5 +1,5 @@
 """The web demo (`python -m msit_jax.demo`): its core without a server, and the page
-driven over HTTP with gradio_client. Needs `pip install -r requirements-demo.txt`."""
+driven over HTTP with gradio_client. Needs `pip install "msit-jax[demo]"` (in a checkout: -r requirements-demo.txt)."""
 
 from __future__ import annotations
 
@@ -182,7 +182,8 @@ def test_without_gradio_one_line_error():
                        timeout=120)
     assert p.returncode == 2
     assert p.stderr.strip().splitlines() == [
-        "error: the demo needs gradio: pip install -r requirements-demo.txt"]
+        'error: the demo needs gradio: pip install "msit-jax[demo]" (in a checkout: pip install '
+        "-r requirements-demo.txt)"]
 
 
 def _free_port() -> int:

@@ -397,7 +397,8 @@ def test_plot_without_matplotlib_fails_before_any_work(tmp_path):
                        capture_output=True, text=True, timeout=300, cwd=REPO)
     assert p.returncode == errors.EXIT_USAGE
     assert p.stderr.splitlines() == ["error: --plot needs matplotlib, an optional dependency: "
-                                     "pip install -r requirements-plot.txt"]
+                                     'pip install "msit-jax[plot]" (in a checkout: pip install '
+                                     "-r requirements-plot.txt)"]
     assert p.stdout == "" and not out.exists()  # nothing opened, scored or written
 
 

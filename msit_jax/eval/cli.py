@@ -96,7 +96,7 @@ def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_string("save_images", None, "Save predictions as DIR/dataset/x{s}/name.png.",
                         flag_values=fv)
     flags.DEFINE_string("plot", None, "Save a PSNR-vs-scale plot (first dataset, with "
-                        "bicubic); needs matplotlib (pip install -r requirements-plot.txt).",
+                        "bicubic); needs matplotlib (pip install \"msit-jax[plot]\").",
                         flag_values=fv)
     flags.DEFINE_string("tfds_data_dir", None, "data_dir for tfds: datasets.", flag_values=fv)
     flags.DEFINE_bool("progress", True, "Show progress bars (--noprogress: none).",

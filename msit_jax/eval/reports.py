@@ -13,14 +13,13 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-from msit_jax import errors, images
+from msit_jax import console, errors, images
 from msit_jax.eval.protocol import center_crop, degrade, format_scale
 
 if TYPE_CHECKING:  # runner imports this module; the types only are needed here
     from msit_jax.eval.predictors import Predictor
     from msit_jax.eval.runner import Results
 
-PLOT_REQUIREMENTS = "requirements-plot.txt"
 
 
 def safe_component(name: str) -> str:
@@ -61,12 +60,12 @@ def check_writable(path: str, flag: str, directory: bool = False) -> None:
 
 
 def require_matplotlib(flag: str = "--plot") -> None:
-    """UsageError (exit 2) naming requirements-plot.txt unless matplotlib imports."""
+    """UsageError (exit 2) naming the plot extra unless matplotlib imports."""
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        raise errors.UsageError(f"{flag} needs matplotlib, an optional dependency: pip "
-                                f"install -r {PLOT_REQUIREMENTS}") from None
+        raise errors.UsageError(f"{flag} needs matplotlib, an optional dependency: "
+                                f"{console.install_hint('plot')}") from None
 
 
 # ---------------------------------------------------------------------------- evaluate.py

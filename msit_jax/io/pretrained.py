@@ -23,7 +23,7 @@ dict; `msit_jax.io.config_check`). A config asking for more blocks, wider layers
 a larger neighbourhood than the tensors hold is a CheckpointError (exit 5) naming the
 file and the first mismatching fields.
 
-PyTorch is needed only for `.pth` files (`pip install -r requirements-torch.txt`);
+PyTorch is needed only for `.pth` files (`pip install "msit-jax[torch]"`);
 safetensors files are read with numpy (`read_safetensors`): no extra package.
 """
 
@@ -39,7 +39,7 @@ import ml_collections
 import ml_dtypes
 import numpy as np
 
-from msit_jax import weights
+from msit_jax import console, weights
 from msit_jax.errors import CheckpointError, one_line
 from msit_jax.io import config_check, model_dir
 from msit_jax.io.torch_io import (StateDictError, detect_conv_kind, state_dict_to_variables,
@@ -50,13 +50,13 @@ from msit_jax.models.encoders import ENCODERS
 
 
 def import_torch():
-    """The torch module, or an ImportError naming requirements-torch.txt."""
+    """The torch module, or an ImportError naming the torch extra."""
     try:  # an optional dependency, imported when a .pth is read or written
         import torch
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError(
             "reading PyTorch .pth checkpoints needs PyTorch, an optional dependency: "
-            "pip install -r requirements-torch.txt") from e
+            f"{console.install_hint('torch')}") from e
     return torch
 
 

@@ -6,7 +6,7 @@ WORKDIR/metrics.jsonl holds one JSON object per line:
 TensorBoard files go to WORKDIR/tensorboard via tensorboardX (pure Python, no
 TensorFlow; skipped with a log line if it is not installed). Viewing them
 needs the `tensorboard` package, which training does not need
-(requirements-tensorboard.txt; `tensorboard --logdir WORKDIR/tensorboard`).
+(pip install "msit-jax[tensorboard]"; `tensorboard --logdir WORKDIR/tensorboard`).
 On resume, records after the restored step (written by the interrupted run
 past its last checkpoint) are dropped, so the log reads as one uninterrupted
 run. A metrics.jsonl with unreadable lines (not UTF-8, not JSON) is set aside
