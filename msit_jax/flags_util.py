@@ -21,7 +21,9 @@ behaviour:
       error: unknown flag --progres; did you mean --progress?
 
 * `--help` (`-h`, `-?`, `--helpfull`, ...) prints the command's usage (its module
-  docstring) and its flags on stdout and exits 0;
+  docstring) and its flags on stdout and exits 0; run from the command line, the
+  `usage:` line names the program as it was invoked (`msit-upscale`, `python -m
+  msit_jax.upscale`, `python evaluate.py`: `invoked_program`);
 * a command's `main(argv=None)`: without argv it runs `absl.app.run` on sys.argv and
   exits with the status (a console-script entry point); with argv (the arguments
   after the program name) it returns the status.
@@ -42,6 +44,8 @@ from __future__ import annotations
 
 import difflib
 import math
+import os
+import re
 import sys
 from typing import Callable, NoReturn, Optional, Protocol, Sequence
 
@@ -173,10 +177,41 @@ def wants_help(args: Sequence[str]) -> bool:
     return any(a in HELP_FLAGS for a in flag_args)
 
 
-def help_text(fv: flags.FlagValues, usage: str) -> str:
-    """`usage` and the help of `fv`'s flags (without absl's per-module headings)."""
+# The program in a command's `usage: PROG ...` line: `python -m MODULE`, `python FILE`
+# or one word (msit-train, evaluate.py).
+_USAGE_PROG = re.compile(r"^usage: (python3? -m \S+|python3? \S+|\S+)")
+# The package's folder: a module run as `python -m msit_jax.x` has argv[0] inside it.
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(errors.__file__))
+
+
+def invoked_program(argv0: Optional[str] = None) -> Optional[str]:
+    """The program as the user ran it, from `argv0` (default sys.argv[0]): a console
+    script's name (`msit-upscale`), `python -m msit_jax.upscale` for a module of this
+    package run with -m, `python evaluate.py` for another script; None when argv[0]
+    says nothing (`python -c`, an embedded interpreter)."""
+    argv0 = sys.argv[0] if argv0 is None else argv0
+    if not argv0 or argv0 in ("-c", "-"):
+        return None
+    path = os.path.abspath(argv0)
+    if path.endswith(".py") and path.startswith(_PACKAGE_DIR + os.sep):
+        rel = os.path.relpath(path, os.path.dirname(_PACKAGE_DIR))[:-len(".py")]
+        parts = rel.split(os.sep)
+        if parts[-1] == "__main__":
+            parts = parts[:-1]
+        return "python -m " + ".".join(parts)
+    name = os.path.basename(argv0)
+    return f"python {argv0}" if name.endswith(".py") else name
+
+
+def help_text(fv: flags.FlagValues, usage: str, prog: Optional[str] = None) -> str:
+    """`usage` and the help of `fv`'s flags (without absl's per-module headings); with
+    `prog`, the `usage:` line names that program instead of the one `usage` was written
+    with."""
+    usage = usage.strip()
+    if prog:
+        usage = _USAGE_PROG.sub(lambda m: f"usage: {prog}", usage, count=1)
     lines = fv.get_help(include_special_flags=False).splitlines()
-    return f"{usage.strip()}\n\nflags:\n" + "\n".join(ln for ln in lines if ln.startswith(" "))
+    return f"{usage}\n\nflags:\n" + "\n".join(ln for ln in lines if ln.startswith(" "))
 
 
 def run_command(fv: flags.FlagValues, command: Command, args: Sequence[str], usage: str, *,
@@ -210,7 +245,8 @@ def run_app(fv: flags.FlagValues, command: Command, usage: str, *,
 
     def flags_parser(argv: list[str]) -> list[str]:
         if wants_help(argv[1:]):
-            print(help_text(fv, usage), flush=True)
+            print(help_text(fv, usage, invoked_program(argv[0] if argv else None)),
+                  flush=True)
             sys.exit(errors.EXIT_OK)
         try:
             rest = parser(fv, argv, known_only=True)

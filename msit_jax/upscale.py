@@ -509,7 +509,7 @@ def _decode(up: StagedUpscaler, lr: np.ndarray, hw: tuple[int, int], tag: str, q
                 bar.close()
 
 
-main = flags_util.entry_point(define_flags, _upscale, USAGE)
+main = flags_util.entry_point(define_flags, _upscale, USAGE, prog=PROG)
 
 
 if __name__ == "__main__":

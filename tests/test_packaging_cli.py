@@ -120,3 +120,46 @@ def test_no_hint_names_only_a_requirements_file():
                         if "pip install -r requirements" in line:
                             bad.append(f"{f}:{i}")
     assert bad == []
+
+
+# --- usage lines ------------------------------------------------------------------------
+
+def test_usage_names_the_program_as_invoked():
+    from msit_jax import flags_util, upscale
+
+    pkg = os.path.join(REPO, "msit_jax")
+    assert flags_util.invoked_program("/venv/bin/msit-upscale") == "msit-upscale"
+    assert flags_util.invoked_program(os.path.join(pkg, "upscale.py")) == \
+        "python -m msit_jax.upscale"
+    assert flags_util.invoked_program(os.path.join(pkg, "eval", "cli.py")) == \
+        "python -m msit_jax.eval.cli"
+    assert flags_util.invoked_program("evaluate.py") == "python evaluate.py"
+    assert flags_util.invoked_program("-c") is None
+    from absl import flags
+
+    fv = flags.FlagValues()
+    upscale.define_flags(fv)
+    for prog in ("msit-upscale", "python -m msit_jax.upscale"):
+        text = flags_util.help_text(fv, upscale.USAGE, prog)
+        assert text.startswith(f"usage: {prog} [flags] INPUT...\n")
+    assert flags_util.help_text(fv, "usage: python evaluate.py --x\n\nDoc.", "msit-evaluate") \
+        .startswith("usage: msit-evaluate --x\n\nDoc.\n\nflags:\n")
+    assert flags_util.help_text(fv, upscale.USAGE).startswith(upscale.USAGE.strip())
+
+
+@pytest.mark.slow
+def test_console_scripts_print_their_own_usage(tmp_path):
+    """As console scripts (argv[0] the script's name), `--help` says that name; the demo's
+    help needs no gradio."""
+    code = ("import sys, runpy; sys.argv[0] = sys.argv.pop(1); "
+            "mod, fn = sys.argv.pop(1).split(':'); "
+            "sys.modules['gradio'] = None; "
+            "getattr(__import__(mod, fromlist=[fn]), fn)()")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+    scripts = _pyproject()["project"]["scripts"]
+    for name in ("msit-upscale", "msit-evaluate", "msit-export", "msit-demo", "msit-train"):
+        p = subprocess.run([sys.executable, "-c", code, f"/somewhere/bin/{name}",
+                            scripts[name], "--help"], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0, p.stderr[-2000:]
+        assert p.stdout.startswith(f"usage: {name} "), (name, p.stdout[:200])
