@@ -1,4 +1,5 @@
-"""What every command line prints: quiet third-party logs, timed stages.
+"""What every command line shares: quiet third-party logs, timed stages, install
+hints, and JAX's persistent compilation cache.
 
     from msit_jax import console
 
@@ -11,11 +12,19 @@ Libraries log a great deal at INFO and WARNING that a user cannot act on
 directory is read only"; TensorFlow prints CUDA probing). Our own progress
 goes to stderr through `stage` and `note`, so stdout stays the result
 (tables, paths) and can be piped.
+
+The command lines (msit-upscale, msit-evaluate, msit-train, msit-demo, run from
+a shell: `flags_util.run_app`) keep XLA's compiled programs between runs in
+JAX's persistent compilation cache (`enable_compile_cache`):
+$XDG_CACHE_HOME/msit-jax/jax, else ~/.cache/msit-jax/jax; off with
+--nocompile_cache or MSIT_JAX_NO_COMPILE_CACHE=1. A second run of the same sizes
+then loads its encoder and decoder programs instead of compiling them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import sys
@@ -28,13 +37,22 @@ NOISY_LOGGERS = ("absl", "orbax", "orbax.checkpoint", "tensorstore", "jax", "jax
                  "tensorflow", "tensorflow_datasets", "grain", "asyncio", "etils", "h5py")
 
 
+# Whether a command line asked for the libraries' logs (--verbose): the library's own
+# silencers (`quiet_library_logs`, the ONNX runner's session options) then stand aside.
+_VERBOSE = False
+
+
 def quiet_logs(verbose: bool = False) -> None:
     """Silence third-party INFO/WARNING logs (errors still show) unless `verbose`.
 
     Call it before the libraries are imported where possible: TensorFlow reads
-    TF_CPP_MIN_LOG_LEVEL once, at import.
+    TF_CPP_MIN_LOG_LEVEL once, at import. `verbose` also lets the warnings that the
+    library silences on its own (`quiet_library_logs`, the ONNX runner) through, until
+    the next call.
     """
+    global _VERBOSE
     logging.getLogger("msit_jax").setLevel(logging.INFO)
+    _VERBOSE = verbose
     if verbose:
         return
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -61,6 +79,148 @@ def install_hint(extra: str) -> str:
     pip install -r requirements-plot.txt)`."""
     requirements = REQUIREMENT_FILES.get(extra, f"requirements-{extra}.txt")
     return f'pip install "msit-jax[{extra}]" (in a checkout: pip install -r {requirements})'
+
+
+def verbose_logs() -> bool:
+    """Whether a command line asked for the libraries' logs (`quiet_logs(verbose=True)`)."""
+    return _VERBOSE
+
+
+@contextlib.contextmanager
+def quiet_library_logs(names: tuple[str, ...] = ("absl",)) -> Iterator[None]:
+    """Raise the loggers `names` to ERROR inside the block, unless a command line asked
+    for the libraries' logs (--verbose): for warnings a library prints on every call that
+    a user cannot act on (Orbax: "Given directory is read only" when it opens a workdir's
+    checkpoints to read them). The levels are restored on exit."""
+    if _VERBOSE:
+        yield
+        return
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(max(lg.getEffectiveLevel(), logging.ERROR))
+    try:
+        yield
+    finally:
+        for lg, lv in zip(loggers, levels):
+            lg.setLevel(lv)
+
+
+# ------------------------------------------------------------ the compilation cache
+
+NO_COMPILE_CACHE_ENV = "MSIT_JAX_NO_COMPILE_CACHE"
+# Programs that took at least this long to compile are cached. JAX's default (1 s) would
+# leave out the smaller decoder programs of the lite model on a fast machine; every
+# program under it is compiled again in well under a second.
+MIN_COMPILE_SECONDS = 0.5
+
+
+@dataclasses.dataclass
+class CompileCache:
+    """The cache a command line turned on: its folder, the entries it held when turned on,
+    and the compilations since: `requests` programs needed, `hits` of them loaded from
+    the cache, `written` compiled and stored (those that took MIN_COMPILE_SECONDS or
+    more); the others were compiled and not stored."""
+
+    directory: str
+    entries_before: int
+    requests: int = 0
+    hits: int = 0
+    written: int = 0
+
+    def entries(self) -> int:
+        return _cache_entries(self.directory)
+
+    def compiled(self) -> int:
+        """Programs compiled (not loaded) since the cache was turned on."""
+        return self.requests - self.hits
+
+    def summary(self) -> str:
+        """One line: 'compilation cache: 2 of 5 programs loaded, 3 compiled, 0 written
+        (DIR, 2 entries)'."""
+        return (f"compilation cache: {self.hits} of {self.requests} program(s) loaded, "
+                f"{self.compiled()} compiled, {self.written} written ({self.directory}, "
+                f"{self.entries()} entries)")
+
+
+_ACTIVE: Optional[CompileCache] = None
+_LISTENING = False
+
+
+def compile_cache_dir() -> str:
+    """$XDG_CACHE_HOME/msit-jax/jax, else ~/.cache/msit-jax/jax."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "msit-jax", "jax")
+
+
+def compile_cache_disabled() -> bool:
+    """Whether MSIT_JAX_NO_COMPILE_CACHE turns the cache off (any value but '', 0, false,
+    no)."""
+    return os.environ.get(NO_COMPILE_CACHE_ENV, "").strip().lower() not in ("", "0", "false",
+                                                                            "no")
+
+
+def _cache_entries(directory: str) -> int:
+    """Cached programs in `directory` (JAX writes one file per program, and an -atime file
+    beside each when it tracks use)."""
+    try:
+        return sum(1 for f in os.listdir(directory) if not f.endswith("-atime"))
+    except OSError:
+        return 0
+
+
+def _on_event(event: str, **_: object) -> None:
+    if _ACTIVE is None:
+        return
+    if event == "/jax/compilation_cache/compile_requests_use_cache":
+        _ACTIVE.requests += 1
+    elif event == "/jax/compilation_cache/cache_hits":
+        _ACTIVE.hits += 1
+    elif event == "/jax/compilation_cache/cache_misses":  # JAX's name for a write
+        _ACTIVE.written += 1
+
+
+def enable_compile_cache(enabled: bool = True, *, directory: Optional[str] = None,
+                         quiet: bool = False) -> Optional[CompileCache]:
+    """Turn on JAX's persistent compilation cache for this process, before the first
+    compilation; the active `CompileCache`, or None when it stays off.
+
+    Off when `enabled` is False (--nocompile_cache) or MSIT_JAX_NO_COMPILE_CACHE is set.
+    `directory` defaults to JAX's own setting (JAX_COMPILATION_CACHE_DIR) when the user
+    made one, else `compile_cache_dir()`. A folder that cannot be created leaves the cache
+    off with one note. Prints 'compilation cache: DIR (N entries)' unless `quiet`. The
+    setting is process-wide (JAX's config), which is why only the command lines call
+    this, never the library.
+    """
+    global _ACTIVE, _LISTENING
+    if not enabled or compile_cache_disabled():
+        return None
+    import jax
+    from jax import monitoring
+
+    directory = directory or jax.config.jax_compilation_cache_dir or compile_cache_dir()
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as e:
+        note(f"compilation cache off: {directory} cannot be created ({e.strerror or e})",
+             quiet=quiet)
+        return None
+    jax.config.update("jax_compilation_cache_dir", directory)
+    if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:  # the user's, if set
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)
+    if not _LISTENING:
+        monitoring.register_event_listener(_on_event)
+        _LISTENING = True
+    _ACTIVE = CompileCache(directory, _cache_entries(directory))
+    n = _ACTIVE.entries_before
+    note(f"compilation cache: {directory} ({n} entries)" if n else
+         f"compilation cache: {directory} (empty: this run compiles and fills it)", quiet=quiet)
+    return _ACTIVE
+
+
+def active_compile_cache() -> Optional[CompileCache]:
+    """The cache `enable_compile_cache` turned on in this process, or None."""
+    return _ACTIVE
 
 
 def note(message: str, *, quiet: bool = False, stream: Optional[TextIO] = None) -> None:

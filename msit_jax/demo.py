@@ -557,7 +557,7 @@ def quiet_logs() -> None:
     warnings.filterwarnings("ignore", category=UserWarning, module="gradio")
 
 
-PROG = "python -m msit_jax.demo"
+PROG = "msit-demo"
 USAGE = f"usage: {PROG} [--checkpoint PATH] [flags]\n\n{__doc__}"
 
 
@@ -581,6 +581,8 @@ def define_flags(fv: flags.FlagValues) -> None:
                        flag_values=fv)
     flags.DEFINE_integer("max_queue", MAX_QUEUE, "Most requests waiting for the model; "
                          "later ones are refused until one finishes.", flag_values=fv)
+    flags_util.define_compile_cache(fv)
+    flags_util.define_verbose(fv)
 
 
 def _serve_checkpoint(fv: flags.FlagValues, positionals: Sequence[str]) -> int:
@@ -592,7 +594,10 @@ def _serve_checkpoint(fv: flags.FlagValues, positionals: Sequence[str]) -> int:
         return errors.report(errors.UsageError(
             f"--checkpoint is empty: give a path, or leave it out for {weights.DEFAULT} "
             "(see --help)"))
-    quiet_logs()  # before gradio and JAX are imported
+    if fv.verbose:
+        console.quiet_logs(verbose=True)  # the libraries' warnings, gradio's included
+    else:
+        quiet_logs()  # before gradio and JAX are imported
     try:
         import_gradio()
     except ImportError as e:

@@ -51,7 +51,7 @@ from typing import Callable, NoReturn, Optional, Protocol, Sequence
 
 from absl import flags
 
-from msit_jax import errors, inference
+from msit_jax import console, errors, inference
 from msit_jax.ops.runtime import DTYPES, PRECISIONS
 
 # absl's help flags (and argparse's -h): answered with the command's own help, since
@@ -76,6 +76,20 @@ def define_verbose(fv: flags.FlagValues) -> flags.FlagHolder:
         return flags.FlagHolder(fv, fv["verbose"])
     return flags.DEFINE_bool("verbose", False, "Print the traceback of an error and the "
                              "libraries' INFO/WARNING logs.", flag_values=fv)
+
+
+def define_compile_cache(fv: flags.FlagValues) -> flags.FlagHolder:
+    """The shared --compile_cache flag on `fv`: JAX's persistent compilation cache, turned
+    on by `run_app` (the command-line path) for commands that define it."""
+    return flags.DEFINE_bool(
+        "compile_cache", True, "Keep compiled XLA programs between runs, in "
+        "$XDG_CACHE_HOME/msit-jax/jax (default ~/.cache/msit-jax/jax; JAX_COMPILATION_CACHE_DIR "
+        f"chooses another folder); --nocompile_cache or {console.NO_COMPILE_CACHE_ENV}=1 "
+        "turns it off.", flag_values=fv)
+
+
+def _flag(fv: flags.FlagValues, name: str, default: bool) -> bool:
+    return bool(fv[name].value) if name in fv else default
 
 
 def decoder_help() -> str:
@@ -240,6 +254,11 @@ def run_app(fv: flags.FlagValues, command: Command, usage: str, *,
     there (reported with `fv`'s spelling hints). app.run insists that FLAGS are parsed,
     and sets up absl logging as programs run by absl expect (training's absl warning
     lines keep their format).
+
+    A command that defines --compile_cache (`define_compile_cache`) gets JAX's persistent
+    compilation cache here, before it runs (`console.enable_compile_cache`; --quiet
+    silences its line): a process-wide setting, made for programs run from a shell and
+    never by `run_command` (a caller's own process).
     """
     from absl import app
 
@@ -257,7 +276,13 @@ def run_app(fv: flags.FlagValues, command: Command, usage: str, *,
         except errors.MsitError as e:
             sys.exit(errors.report(e))
 
-    app.run(lambda rest: command(list(rest[1:])), flags_parser=flags_parser)
+    def run(rest: list[str]) -> int:
+        if _flag(fv, "compile_cache", False):
+            console.quiet_logs(_flag(fv, "verbose", False))  # before jax is configured
+            console.enable_compile_cache(quiet=_flag(fv, "quiet", False))
+        return command(list(rest[1:]))
+
+    app.run(run, flags_parser=flags_parser)
     raise AssertionError("absl.app.run returned")  # it always exits
 
 

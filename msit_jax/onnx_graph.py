@@ -665,20 +665,25 @@ class OnnxUpscaler(ImageUpscaler):
 
     providers: onnxruntime execution providers (default: CPU). The graph decodes
     every chunk in one call, so there is no per-chunk progress (progress is ignored).
+    verbose: onnxruntime's warnings too (the optimiser's notes on the graph, once per
+    session); default: only with a command line's --verbose (`console.verbose_logs`).
     A missing, empty, truncated or undecodable file, or a graph without this module's
     interface (`check_session`), is an ArtifactError (a CheckpointError, exit code 5)
     naming the file.
     """
 
     def __init__(self, path: str, providers: Optional[list] = None,
-                 threads: Optional[int] = None):
+                 threads: Optional[int] = None, verbose: Optional[bool] = None):
         try:
             import onnxruntime as ort
         except ImportError as e:  # pragma: no cover - depends on the environment
             raise ImportError("running ONNX exports needs onnxruntime: "
                               f"{console.install_hint('export')}") from e
         opts = ort.SessionOptions()
-        opts.log_severity_level = 3  # errors only: the optimiser warns about names it leaves
+        if verbose is None:
+            verbose = console.verbose_logs()
+        # 3: errors only; the optimiser warns about the names it leaves, per session.
+        opts.log_severity_level = 2 if verbose else 3
         if threads:
             opts.intra_op_num_threads = threads
         if not os.path.isfile(path):
@@ -707,8 +712,8 @@ class OnnxUpscaler(ImageUpscaler):
         return np.clip(sr, 0.0, 1.0) if clamp else sr
 
 
-def load(path: str, providers: Optional[list] = None, threads: Optional[int] = None
-         ) -> OnnxUpscaler:
+def load(path: str, providers: Optional[list] = None, threads: Optional[int] = None,
+         verbose: Optional[bool] = None) -> OnnxUpscaler:
     """An `OnnxUpscaler` for an exported `model.onnx` (or the export folder holding it).
 
     InputError when nothing is at `path`; ArtifactError (a CheckpointError) when the
@@ -718,4 +723,4 @@ def load(path: str, providers: Optional[list] = None, threads: Optional[int] = N
         path = os.path.join(path, ONNX_FILE)
     elif not os.path.exists(path):
         raise InputError(f"{path}: no ONNX model there")
-    return OnnxUpscaler(path, providers, threads)
+    return OnnxUpscaler(path, providers, threads, verbose)

@@ -218,7 +218,8 @@ def test_server_upscales_a_set5_image(tmp_path, model, woman_lr):
     bad.write_bytes(b"\x89PNG\r\n\x1a\n but not really")
     log = str(tmp_path / "demo.log")
     port = _free_port()
-    env = dict(os.environ, PYTHONUNBUFFERED="1", GRADIO_TEMP_DIR=str(tmp_path / "gradio"))
+    env = dict(os.environ, PYTHONUNBUFFERED="1", GRADIO_TEMP_DIR=str(tmp_path / "gradio"),
+               XDG_CACHE_HOME=str(tmp_path / "cache"))  # the compilation cache: not the user's
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "msit_jax.demo", "--checkpoint",
                                  model[0], "--host", "127.0.0.1", "--port", str(port)],

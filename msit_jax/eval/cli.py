@@ -41,7 +41,7 @@ from msit_jax.eval.datasets import BENCHMARK_FLAGS, DATA_ENV
 from msit_jax.eval.predictors import MODELS
 from msit_jax.eval.protocol import DEGRADATIONS, LR_SOURCES
 
-PROG = "evaluate.py"
+PROG = "msit-evaluate"
 USAGE = (f"usage: {PROG} (--checkpoint PATH | --model bicubic | --model msit-lite) --data DATA "
          f"[flags]\n\n{__doc__}")
 
@@ -102,6 +102,7 @@ def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_bool("progress", True, "Show progress bars (--noprogress: none).",
                       flag_values=fv)
     flags_util.define_verbose(fv)
+    flags_util.define_compile_cache(fv)
 
 
 METHOD_NAMES = {"msit": "MSIT", "bicubic": "Bicubic", "bicubic_y": "Bicubic (Y, MATLAB)"}

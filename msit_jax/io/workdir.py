@@ -28,6 +28,7 @@ saving, retention and resuming (train state and data iterator).
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import json
@@ -41,6 +42,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from msit_jax import console
 from msit_jax.errors import CheckpointError, one_line
 from msit_jax.io.model_dir import (CONFIG_FILE, quiet_orbax, read_model_config,
                                    shape_differences, short_error)
@@ -236,11 +238,15 @@ class CheckpointReader:
     def __init__(self, workdir: str, options: Optional[ocp.CheckpointManagerOptions] = None):
         self.workdir = os.path.abspath(workdir)
         self.directory = os.path.join(self.workdir, CHECKPOINT_DIR)
-        if options is None:
-            options = ocp.CheckpointManagerOptions(best_fn=best_metric, best_mode="max",
-                                                   enable_async_checkpointing=False,
-                                                   read_only=True, create=False)
-        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        # Read-only options and their manager log an absl warning each (read_only sets
+        # save_interval_steps=0; "Given directory is read only"): what was asked for.
+        read_only = options is None or options.read_only
+        with (console.quiet_library_logs() if read_only else contextlib.nullcontext()):
+            if options is None:
+                options = ocp.CheckpointManagerOptions(best_fn=best_metric, best_mode="max",
+                                                       enable_async_checkpointing=False,
+                                                       read_only=True, create=False)
+            self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     # ------------------------------------------------------------------ queries
 

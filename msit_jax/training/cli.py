@@ -68,6 +68,7 @@ def define_flags(argv: Sequence[str]) -> flags.FlagValues:
                         "(created with its parents; an existing one is resumed).",
                         flag_values=fv)
     flags_util.define_verbose(fv)
+    flags_util.define_compile_cache(fv)
     flags.mark_flags_as_required(["config", "workdir"], flag_values=fv)
     return fv
 
