@@ -1,10 +1,12 @@
 """Upscale images to any size with MSIT.
 
     msit-upscale photo.png --scale 3 --output out/      # the bundled msit-lite weights
-    python -m msit_jax.upscale photo.jpg --checkpoint epoch-best.pth --scale 3.5 --output out/
-    python -m msit_jax.upscale a.png b.png --checkpoint ckpt/ --scale 2,3 --output out/
-    python -m msit_jax.upscale icon.png --checkpoint ckpt/ --size 4100x4100 --output big.png
-    python -m msit_jax.upscale --input a.png --model epoch-best.pth --resolution 300,400 \\
+    msit-upscale photo.jpg --checkpoint epoch-best.pth --scale 3.5 --output out/
+    msit-upscale a.png b.png --checkpoint ckpt/ --scale 2,3 --output out/
+    msit-upscale photos/ --scale 2 --output out/ --suffix _x2   # out/NAME_x2.png per image
+    msit-upscale 'photos/*.jpg' --scale 2 --output out/ --suffix _x2.jpg  # JPEG outputs
+    msit-upscale icon.png --checkpoint ckpt/ --size 4100x4100 --output big.webp
+    msit-upscale --input a.png --model epoch-best.pth --resolution 300,400 \\
         --output b.png                                   # the official demo's flags
 
 Sizes are H x W, height first, everywhere: --size 300x400 (or --resolution
@@ -17,15 +19,26 @@ don't fit) and the HR pixels are decoded in fixed-size chunks. Inputs:
 anything Pillow reads (PNG, JPEG, ...), as arguments or --input. Grayscale is
 replicated to RGB; 16-bit images are reduced to 8 bits; an alpha channel is
 upscaled separately with bicubic interpolation and kept (--alpha drop removes
-it). Outputs are 8-bit PNG, written atomically; an output never replaces an
-input, and an existing output is replaced only with --overwrite.
+it). An input may be a directory (its images, sorted, not recursive) or a
+quoted glob pattern ('photos/*.png'; the images it matches, sorted). Outputs
+are 8-bit images, written atomically, in the format of the output's extension:
+--output FILE.png|.jpg|.jpeg|.webp|.bmp|.tif|.tiff for one input, or a
+directory, which gets INPUT_STEM + --suffix + .png per input (a --suffix ending
+in one of those extensions chooses that format: --suffix _x2.jpg). JPEG keeps
+no alpha (it is dropped, with a note); WebP is written lossless, JPEG at
+quality 95. An output never replaces an input, and an existing output is
+replaced only with --overwrite.
 
 Before any work the output sizes, the decoder chunk and the encoder tile are
 checked against --max_memory_gb. Each input is processed independently: one
 that fails (unreadable, over Pillow's decompression-bomb limit, over the memory
 budget, a non-finite model output) is reported in one line and skipped, and the
 others go on. Progress (timed stages: load checkpoint, fold, compile+encode,
-decode) goes to stderr; --quiet leaves only errors. Errors are one line with
+decode) goes to stderr, with one bar over the images when there are several;
+--quiet leaves only errors. The command line keeps compiled programs in JAX's
+persistent compilation cache (--nocompile_cache, MSIT_JAX_NO_COMPILE_CACHE=1: off;
+see msit_jax.console), and ends with a line saying how many programs it loaded
+from there. Errors are one line with
 the exit codes of `msit_jax.errors` (1 when inputs failed with different
 causes); --verbose adds tracebacks and third-party logs. Flags are absl flags:
 booleans are --fold / --nofold, --progress / --noprogress.
@@ -34,6 +47,8 @@ booleans are --fold / --nofold, --progress / --noprogress.
 from __future__ import annotations
 
 import contextlib
+import functools
+import glob
 import math
 import os
 import re
@@ -54,7 +69,7 @@ from msit_jax.models.encoders import encoder_spec
 from msit_jax.errors import NonFiniteError, OutputError, ResourceError, UsageError
 from msit_jax.ops.runtime import RuntimeOptions
 
-PROG = "python -m msit_jax.upscale"
+PROG = "msit-upscale"
 USAGE = f"usage: {PROG} [flags] INPUT...\n\n{__doc__}"
 
 ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
@@ -69,6 +84,16 @@ INPUT_BYTES_PER_PIXEL = 40
 DECODER_BYTES_PER_QUERY_FEATURE = 12
 # Self-ensemble: the float32 running sum of the 8 passes, beside each pass's output.
 ENSEMBLE_BYTES_PER_PIXEL = 12
+
+
+# Output formats by extension: Pillow's format name and its save options (WebP lossless:
+# the model's output, not a re-compression of it).
+OUTPUT_FORMATS: dict[str, tuple[str, dict[str, Any]]] = {
+    ".png": ("PNG", {}), ".jpg": ("JPEG", {"quality": 95}), ".jpeg": ("JPEG", {"quality": 95}),
+    ".webp": ("WEBP", {"lossless": True}), ".bmp": ("BMP", {}), ".tif": ("TIFF", {}),
+    ".tiff": ("TIFF", {})}
+NO_ALPHA_FORMATS = ("JPEG",)
+_GLOB_CHARS = re.compile(r"[*?[]")
 
 
 def parse_scale(text: str) -> tuple[float, float]:
@@ -135,6 +160,35 @@ def read_input(path: str) -> tuple[np.ndarray, Optional[np.ndarray]]:
     return rgb, alpha
 
 
+def expand_inputs(args: Sequence[str]) -> list[str]:
+    """The input files named by `args`, in order: a directory gives its images
+    (`images.list_images`: sorted, not recursive), a glob pattern that is not itself a
+    path gives the images it matches (sorted), anything else is itself (a missing or
+    unreadable file is reported when its turn comes, as is a directory without images).
+    A file named twice is processed once. UsageError for a pattern that matches no image.
+    """
+    out: list[str] = []
+    for arg in args:
+        if os.path.isdir(arg) and images.list_images(arg):
+            found = images.list_images(arg)
+        elif not os.path.exists(arg) and _GLOB_CHARS.search(arg):
+            found = sorted(p for p in glob.glob(arg) if os.path.isfile(p)
+                           and p.lower().endswith(images.IMAGE_EXTENSIONS))
+            if not found:
+                raise UsageError(f"{arg}: no image file matches this pattern "
+                                 f"({', '.join(images.IMAGE_EXTENSIONS)})")
+        else:
+            found = [arg]
+        out.extend(p for p in found if p not in out)
+    return out
+
+
+def output_format(path: str) -> Optional[str]:
+    """Pillow's format for an output path by its extension (OUTPUT_FORMATS), or None."""
+    fmt = OUTPUT_FORMATS.get(os.path.splitext(path)[1].lower())
+    return fmt[0] if fmt else None
+
+
 def _blocking_file(path: str) -> Optional[str]:
     """The nearest existing ancestor of `path` if it is not a directory (then nothing can
     be created under it), else None."""
@@ -144,10 +198,14 @@ def _blocking_file(path: str) -> Optional[str]:
     return parent if parent and not os.path.isdir(parent) else None
 
 
-def output_paths(inputs: Sequence[str], output: str) -> list[str]:
-    """One PNG path per input: `output` itself for one input and a .png name, else
-    output/STEM.png; UsageError when `output` cannot hold them (several inputs, one file)."""
-    if len(inputs) == 1 and output.lower().endswith(".png") and not os.path.isdir(output):
+def output_paths(inputs: Sequence[str], output: str, suffix: str = "") -> list[str]:
+    """One output path per input: `output` itself for one input and an image file name
+    (OUTPUT_FORMATS), else output/STEM + suffix (+ .png unless `suffix` ends in an image
+    extension); UsageError when `output` cannot hold them (several inputs, one file)."""
+    if os.sep in suffix or (os.altsep and os.altsep in suffix):
+        raise UsageError(f"--suffix {suffix}: a file name ending, not a path")
+    exts = ", ".join(OUTPUT_FORMATS)
+    if len(inputs) == 1 and output_format(output) and not os.path.isdir(output):
         paths = [output]
     else:
         is_dir = os.path.isdir(output)
@@ -158,12 +216,14 @@ def output_paths(inputs: Sequence[str], output: str) -> list[str]:
             raise UsageError(f"{len(inputs)} inputs but --output {output} is a single file; "
                              "give a directory")
         if not is_dir and os.path.splitext(output)[1]:
-            raise UsageError(f"--output {output}: outputs are PNG; give a .png file (one "
-                             "input) or a directory")
+            raise UsageError(f"--output {output}: outputs are PNG or another image format "
+                             f"by extension ({exts}); give an image file (one input) or a "
+                             "directory")
         if os.path.exists(output) and not is_dir:
-            raise UsageError(f"--output {output}: is a file, not a .png name; give a .png "
-                             "file or a directory")
-        paths = [os.path.join(output, os.path.splitext(os.path.basename(p))[0] + ".png")
+            raise UsageError(f"--output {output}: is a file, not an image name; give an "
+                             f"image file ({exts}) or a directory")
+        ending = suffix if output_format(suffix) else suffix + ".png"
+        paths = [os.path.join(output, os.path.splitext(os.path.basename(p))[0] + ending)
                  for p in inputs]
     block = _blocking_file(paths[0])
     if block is not None:
@@ -191,9 +251,26 @@ def check_outputs(inputs: Sequence[str], outs: Sequence[str], overwrite: bool) -
 
 
 def save_output(path: str, rgb: np.ndarray, alpha: Optional[np.ndarray]) -> None:
-    """Save float [0, 1] RGB (+ uint8 alpha) as an 8-bit PNG (atomically)."""
+    """Save float [0, 1] RGB (H, W, 3) (+ uint8 alpha (H, W)) as an 8-bit image in the
+    format of `path`'s extension (PNG when it has none of OUTPUT_FORMATS), atomically:
+    written beside `path` and renamed. A format without alpha (JPEG) drops it."""
     rgb8 = images.to_uint8(rgb)
-    images.save_png(path, rgb8 if alpha is None else np.dstack([rgb8, alpha]))
+    fmt, options = OUTPUT_FORMATS.get(os.path.splitext(path)[1].lower(), OUTPUT_FORMATS[".png"])
+    if fmt in NO_ALPHA_FORMATS:
+        alpha = None
+    img = rgb8 if alpha is None else np.dstack([rgb8, alpha])
+    if fmt == "PNG":
+        images.save_png(path, img)
+        return
+    path = os.path.abspath(path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        Image.fromarray(img).save(tmp, format=fmt, **options)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def memory_estimate(model_cfg, in_hw: tuple[int, int], out_hw: tuple[int, int], chunk: int,
@@ -290,13 +367,33 @@ class _DecodeBar:
             self.bar.close()
 
 
+class _ImagesBar:
+    """A tqdm bar over the images of a run, on stderr; `write` prints a line above it."""
+
+    def __init__(self, total: int):
+        from tqdm.auto import tqdm
+
+        self._tqdm = tqdm
+        self.bar = tqdm(total=total, desc="images", unit="image", file=sys.stderr)
+
+    def write(self, message: str) -> None:
+        self._tqdm.write(message, file=sys.stderr)
+
+    def update(self) -> None:
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 # ---------------------------------------------------------------------------- flags
 
 def define_flags(fv: flags.FlagValues) -> None:
     """The command's flags, on `fv` (a private FlagValues: the global absl FLAGS would
     clash with evaluate.py's flags of the same names in one process)."""
-    flags.DEFINE_multi_string("input", [], "Input image (the official demo's flag); repeat "
-                              "it, or give the images as arguments.", flag_values=fv)
+    flags.DEFINE_multi_string("input", [], "Input image, directory of images or quoted glob "
+                              "pattern (the official demo's flag); repeat it, or give the "
+                              "inputs as arguments.", flag_values=fv)
     flags.DEFINE_string("checkpoint", weights.DEFAULT, "Weights: official MSIT .pth, "
                         ".safetensors, a msit-jax checkpoint or training workdir, or a bundled "
                         f"model name ({', '.join(weights.available())}; a real path of that "
@@ -308,8 +405,13 @@ def define_flags(fv: flags.FlagValues) -> None:
                         "4100x4100 or 300x400 (300 high, 400 wide).", flag_values=fv)
     flags.DEFINE_string("resolution", None, "Output size 'H,W', height first (the official "
                         "demo's flag; same as --size H x W).", flag_values=fv)
-    flags.DEFINE_string("output", None, "Output .png (one input) or directory (written as "
-                        "STEM.png).", short_name="o", flag_values=fv)
+    flags.DEFINE_string("output", None, "Output image (one input; the format by extension: "
+                        f"{', '.join(OUTPUT_FORMATS)}) or directory (written as "
+                        "STEM + --suffix + .png).", short_name="o", flag_values=fv)
+    flags.DEFINE_string("suffix", "", "Appended to each input's name in an --output "
+                        "directory: --suffix _x2 writes NAME_x2.png; ending in an image "
+                        "extension it chooses the format (--suffix _x2.jpg). Default: none "
+                        "(NAME.png).", flag_values=fv)
     flags.DEFINE_bool("fold", True, "Fold RIMs/BatchNorms into plain convs first (faster; "
                       "--nofold keeps the training form).", flag_values=fv)
     flags.DEFINE_integer("chunk", None, "HR pixels per decoder call: memory vs. speed "
@@ -333,6 +435,7 @@ def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_bool("quiet", False, "Print only errors (no stages, progress or per-image "
                       "lines).", flag_values=fv)
     flags_util.define_verbose(fv)
+    flags_util.define_compile_cache(fv)
 
 
 # ---------------------------------------------------------------------------- command
@@ -366,7 +469,7 @@ def _check_flags(f: flags.FlagValues, inputs: Sequence[str]):
         raise UsageError(f"--fft_min_kernel: {e}") from None
     if f.tile != "auto" and not re.fullmatch(r"\d+", f.tile):
         raise UsageError(f"--tile must be a non-negative integer or 'auto', got {f.tile}")
-    outs = output_paths(inputs, f.output)
+    outs = output_paths(inputs, f.output, f.suffix)
     check_outputs(inputs, outs, f.overwrite)
     budget = f.max_memory_gb * 2 ** 30
     if size is not None and size[0] * size[1] * OUTPUT_BYTES_PER_PIXEL > budget:
@@ -381,9 +484,9 @@ def _check_flags(f: flags.FlagValues, inputs: Sequence[str]):
 def _upscale(f: flags.FlagValues, positionals: Sequence[str]) -> int:
     """The command on parsed flags: upscale every input; the exit status."""
     console.quiet_logs(f.verbose)
-    inputs = list(positionals) + list(f.input)
     quiet = f.quiet
     try:
+        inputs = expand_inputs(list(positionals) + list(f.input))
         scale, size, size_flag, outs, runtime = _check_flags(f, inputs)
     except (errors.MsitError, ValueError) as e:
         return errors.report(e, f.verbose)
@@ -409,6 +512,11 @@ def _upscale(f: flags.FlagValues, positionals: Sequence[str]) -> int:
 
     failed: list[tuple[str, int]] = []
     pairs = list(zip(inputs, outs))
+    # Several images: one bar over them, and a line per image above it; the stages and
+    # the bar over each image's decoder chunks would share the bar's terminal line.
+    overall = _ImagesBar(len(pairs)) if len(pairs) > 1 and f.progress and not quiet else None
+    say = overall.write if overall is not None else functools.partial(console.note, quiet=quiet)
+    up.quiet = quiet or overall is not None  # its compile+encode stage line
     for i, (path, out) in enumerate(pairs):
         # Per-image lines name the image; with several, also how far along the run is.
         tag = f"[{i + 1}/{len(pairs)}] {path}: " if len(pairs) > 1 else f"{path}: "
@@ -443,7 +551,8 @@ def _upscale(f: flags.FlagValues, positionals: Sequence[str]) -> int:
                     f"{f.max_memory_gb:g}; use --tile auto or a smaller tile")
             rgb, alpha = read_input(path)
             t0 = time.perf_counter()
-            sr = _decode(up, images.to_float(rgb), hw, tag, quiet, f.progress)
+            sr = _decode(up, images.to_float(rgb), hw, tag, quiet or overall is not None,
+                         f.progress)
             finite = np.isfinite(sr)
             if not finite.all():
                 raise NonFiniteError(
@@ -451,6 +560,9 @@ def _upscale(f: flags.FlagValues, positionals: Sequence[str]) -> int:
                     f"value(s) of {finite.size}; nothing written (are the weights in "
                     f"{f.checkpoint} corrupt?)")
             sr = np.clip(sr, 0.0, 1.0)
+            if alpha is not None and f.alpha == "keep" and output_format(out) in NO_ALPHA_FORMATS:
+                say(f"{tag}{output_format(out)} has no alpha channel: alpha dropped in {out}")
+                alpha = None
             if alpha is not None and f.alpha == "keep":
                 alpha = np.asarray(Image.fromarray(alpha).resize((hw[1], hw[0]), Image.BICUBIC))
             else:
@@ -459,9 +571,8 @@ def _upscale(f: flags.FlagValues, positionals: Sequence[str]) -> int:
                 save_output(out, sr, alpha)
             except OSError as e:
                 raise OutputError(f"{out}: cannot be written ({e.strerror or e})") from e
-            console.note(f"{tag}{console.format_hw(rgb.shape[:2])} -> {console.format_hw(hw)} "
-                         f"(H x W), wrote {out} ({time.perf_counter() - t0:.1f} s)",
-                         quiet=quiet)
+            say(f"{tag}{console.format_hw(rgb.shape[:2])} -> {console.format_hw(hw)} "
+                f"(H x W), wrote {out} ({time.perf_counter() - t0:.1f} s)")
         except Exception as e:  # noqa: BLE001 - each input fails on its own
             if f.verbose:
                 traceback.print_exception(type(e), e, e.__traceback__, file=sys.stderr)
@@ -469,7 +580,17 @@ def _upscale(f: flags.FlagValues, positionals: Sequence[str]) -> int:
             if isinstance(e, MemoryError):
                 msg = f"{path}: out of memory ({msg}); lower --chunk or --max_memory_gb"
             failed.append((path, errors.exit_code_for(e)))
-            print(f"error: {msg}", file=sys.stderr, flush=True)
+            if overall is not None:
+                overall.write(f"error: {msg}")
+            else:
+                print(f"error: {msg}", file=sys.stderr, flush=True)
+        if overall is not None:
+            overall.update()
+    if overall is not None:
+        overall.close()
+    cache = console.active_compile_cache()
+    if cache is not None:
+        console.note(cache.summary(), quiet=quiet)
     if failed:
         print(f"error: {len(failed)} of {len(pairs)} input(s) failed: "
               f"{', '.join(p for p, _ in failed)}", file=sys.stderr)

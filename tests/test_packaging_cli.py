@@ -163,3 +163,155 @@ def test_console_scripts_print_their_own_usage(tmp_path):
                            capture_output=True, text=True, timeout=120)
         assert p.returncode == 0, p.stderr[-2000:]
         assert p.stdout.startswith(f"usage: {name} "), (name, p.stdout[:200])
+
+
+# --- the persistent compilation cache -----------------------------------------------------
+
+def test_compile_cache_place_and_switches(tmp_path, monkeypatch):
+    """The folder follows XDG_CACHE_HOME (else ~/.cache); the env var and the flag turn it
+    off before JAX is configured (nothing is created)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert console.compile_cache_dir() == str(tmp_path / "xdg" / "msit-jax" / "jax")
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert console.compile_cache_dir() == str(tmp_path / "home" / ".cache" / "msit-jax" / "jax")
+    for value, off in (("1", True), ("yes", True), ("0", False), ("", False)):
+        monkeypatch.setenv(console.NO_COMPILE_CACHE_ENV, value)
+        assert console.compile_cache_disabled() is off
+    monkeypatch.setenv(console.NO_COMPILE_CACHE_ENV, "1")
+    assert console.enable_compile_cache(directory=str(tmp_path / "c")) is None
+    monkeypatch.delenv(console.NO_COMPILE_CACHE_ENV)
+    assert console.enable_compile_cache(False, directory=str(tmp_path / "c")) is None
+    assert not (tmp_path / "c").exists() and not (tmp_path / "home").exists()
+    from absl import flags
+
+    from msit_jax import demo, upscale
+    from msit_jax.eval import cli as eval_cli
+
+    for define in (upscale.define_flags, eval_cli.define_flags, demo.define_flags,
+                   lambda fv: None):
+        fv = train_cli.define_flags(["p"]) if define is None else flags.FlagValues()
+        if define is not None:
+            define(fv)
+        if "compile_cache" in fv:
+            fv(["p", "--nocompile_cache"])
+            assert fv.compile_cache is False
+    assert "compile_cache" in train_cli.define_flags(["p"])
+
+
+_CACHE_CODE = """
+import sys, jax, jax.numpy as jnp
+from msit_jax import console
+cache = console.enable_compile_cache(directory=sys.argv[1])
+f = jax.jit(lambda x: jnp.sin(x) @ x.T + 1)
+f(jnp.ones((8, 8))).block_until_ready()
+print(cache.hits, cache.written, cache.entries(), cache.requests)
+"""
+
+
+@pytest.mark.slow
+def test_compile_cache_writes_into_the_given_folder_and_is_read_back(tmp_path):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO,
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")  # cache even tiny programs
+    env.pop(console.NO_COMPILE_CACHE_ENV, None)
+    runs = [subprocess.run([sys.executable, "-c", _CACHE_CODE, str(tmp_path / "c")], env=env,
+                           capture_output=True, text=True, timeout=120) for _ in range(2)]
+    for p in runs:
+        assert p.returncode == 0, p.stderr[-2000:]
+    first, second = ([int(v) for v in p.stdout.split()] for p in runs)
+    assert first[0] == 0 and first[1] >= 1 and first[2] >= 1  # compiled and written
+    assert second[0] == second[3] >= 1 and second[1] == 0 and second[2] == first[2]  # loaded
+    assert f"compilation cache: {tmp_path / 'c'} (empty" in runs[0].stderr
+    assert f"compilation cache: {tmp_path / 'c'} ({first[2]} entries)" in runs[1].stderr
+
+
+@pytest.mark.slow
+def test_a_second_upscale_of_the_same_size_loads_its_programs(tmp_path):
+    """Two `python -m msit_jax.upscale` runs (the bundled msit-lite, its default cache
+    threshold): the second loads the encoder and decoder programs the first compiled,
+    and writes the same bytes. MSIT_JAX_NO_COMPILE_CACHE=1: no cache at all."""
+    Image = pytest.importorskip("PIL.Image")
+    import numpy as np
+
+    src = tmp_path / "in.png"
+    Image.fromarray(np.random.RandomState(0).randint(0, 256, (40, 48, 3)).astype(np.uint8)
+                    ).save(src)
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO,
+               XDG_CACHE_HOME=str(tmp_path / "xdg"))
+    env.pop(console.NO_COMPILE_CACHE_ENV, None)
+    env.pop("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", None)
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    cache_dir = tmp_path / "xdg" / "msit-jax" / "jax"
+
+    def run(name, **extra):
+        p = subprocess.run([sys.executable, "-m", "msit_jax.upscale", str(src), "--scale", "3",
+                            "-o", str(tmp_path / name), "--noprogress"], cwd=tmp_path,
+                           env={**env, **extra}, capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stderr[-3000:]
+        return p.stderr
+
+    import re
+
+    def counts(err):
+        m = re.search(r"compilation cache: (\d+) of (\d+) program\(s\) loaded, (\d+) "
+                      r"compiled, (\d+) written", err)
+        assert m, err
+        return tuple(int(g) for g in m.groups())
+
+    first, second = run("a.png"), run("b.png")
+    assert f"compilation cache: {cache_dir} (empty" in first
+    loaded1, requests1, compiled1, written1 = counts(first)
+    loaded2, requests2, compiled2, written2 = counts(second)
+    assert loaded1 == 0 and written1 >= 1 and requests1 == compiled1 >= 2
+    assert re.search(rf"compilation cache: {re.escape(str(cache_dir))} \({written1} entries\)",
+                     second)
+    # the programs written (the encoder's at least) are loaded, not compiled
+    assert loaded2 == written1 and written2 == 0 and compiled2 == compiled1 - written1
+    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
+    off = run("c.png", MSIT_JAX_NO_COMPILE_CACHE="1")
+    assert "compilation cache" not in off
+    assert (tmp_path / "c.png").read_bytes() == (tmp_path / "a.png").read_bytes()
+
+
+# --- no third-party log noise through the API ---------------------------------------------
+
+def test_reading_a_workdir_logs_no_orbax_warnings(tmp_path, caplog, monkeypatch):
+    """A read-only open of a workdir's checkpoints: Orbax's two absl warnings are not
+    shown, unless a command line asked for them (--verbose)."""
+    import logging
+
+    from msit_jax.io.workdir import CheckpointReader
+
+    (tmp_path / "checkpoints").mkdir()
+    caplog.set_level(logging.WARNING, logger="absl")
+    CheckpointReader(str(tmp_path))
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    monkeypatch.setattr(console, "_VERBOSE", True)  # what quiet_logs(verbose=True) sets
+    CheckpointReader(str(tmp_path))
+    shown = " ".join(r.getMessage() for r in caplog.records)
+    assert "read only" in shown and "save_interval_steps=0" in shown
+    assert logging.getLogger("absl").level == logging.WARNING  # levels restored
+
+
+@pytest.mark.slow
+def test_api_and_onnx_loads_print_nothing(tmp_path, tiny_run, tiny_cfg, tiny_vars, capfd):
+    """Upscaler.from_pretrained on a training workdir and the ONNX runner (session and a
+    call) write nothing to stdout or stderr (at the file-descriptor level: onnxruntime
+    logs from C++); the ONNX session logs errors only unless verbose."""
+    import numpy as np
+
+    from msit_jax import Upscaler, export, onnx_graph
+
+    pytest.importorskip("onnxruntime")
+    capfd.readouterr()
+    up = Upscaler.from_pretrained(tiny_run[1])
+    up(np.zeros((8, 8, 3), np.uint8), scale=2)
+    out = str(tmp_path / "onnx")
+    export.export_variables(tiny_cfg, tiny_vars, out, "onnx")
+    capfd.readouterr()
+    runner = onnx_graph.load(out)
+    runner(np.zeros((8, 8, 3), np.uint8), scale=2.5)
+    assert capfd.readouterr() == ("", "")
+    assert runner.session.get_session_options().log_severity_level == 3
+    assert onnx_graph.load(out, verbose=True).session.get_session_options() \
+        .log_severity_level == 2

@@ -123,7 +123,7 @@ def test_usage_errors(tmp_path, model, capsys):
                        "--output", str(tmp_path / "o"), "--noprogress"])
     assert rc == 2 and "smaller than the input" in capsys.readouterr().err
     rc = upscale.main([str(tmp_path / "a.png"), "--checkpoint", ckpt, "--scale", "2",
-                       "--output", str(tmp_path / "o.jpg")])
+                       "--output", str(tmp_path / "o.txt")])  # .jpg is JPEG since issue 20
     assert rc == 2 and "PNG" in capsys.readouterr().err
     rc = upscale.main([str(tmp_path / "a.png"), "--checkpoint", str(tmp_path / "nope"),
                        "--scale", "2", "--output", str(tmp_path / "o")])
@@ -202,7 +202,8 @@ def test_output_larger_than_4096_squared_in_bounded_memory(tmp_path):
     p = subprocess.run([sys.executable, "-m", "msit_jax.upscale", str(tmp_path / "in.png"),
                         "--checkpoint", ckpt, "--size", "4100x4100", "--chunk", "262144",
                         "--output", str(out), "--noprogress"],
-                       capture_output=True, text=True, timeout=600, cwd=REPO)
+                       capture_output=True, text=True, timeout=600, cwd=REPO,
+                       env=dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache")))
     assert p.returncode == 0, p.stderr
     peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     # ru_maxrss of children is the largest child so far; this one must dominate if large.
@@ -332,7 +333,8 @@ def test_console_script_shows_stages_and_no_library_noise(tmp_path, workdir):
     Image.fromarray(_img(80, 96, 13)).save(tmp_path / "in.png")
     cmd = [sys.executable, "-m", "msit_jax.upscale", str(tmp_path / "in.png"), "--checkpoint",
            workdir, "--scale", "2", "-o", str(tmp_path / "o.png")]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"))  # not the user's cache
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
     err = p.stderr
     assert p.returncode == 0, err
     assert "WARNING:absl" not in err and "read only" not in err, err
@@ -343,5 +345,94 @@ def test_console_script_shows_stages_and_no_library_noise(tmp_path, workdir):
     assert re.search(rf"{re.escape(tag)}decode: 100%.* (\d+)/\1 ", err), err  # the bar, done
     assert f"{tag}80 x 96 -> 160 x 192 (H x W), wrote" in err
     p = subprocess.run(cmd + ["--overwrite", "--verbose"], capture_output=True, text=True,
-                       timeout=300, cwd=REPO)
+                       timeout=300, cwd=REPO, env=env)
     assert p.returncode == 0 and "Given directory is read only" in p.stderr  # what was hidden
+
+
+# --- directory and glob inputs, --suffix, the format by extension (issue 20) -------------
+
+def test_inputs_expand_directories_and_globs(tmp_path):
+    for name in ("b.png", "a.jpg", "c.webp"):
+        Image.fromarray(_img(6, 6, 0)).save(tmp_path / name)
+    (tmp_path / "notes.txt").write_text("x")
+    (tmp_path / "sub").mkdir()  # not recursive
+    Image.fromarray(_img(6, 6, 0)).save(tmp_path / "sub" / "d.png")
+    (tmp_path / "empty").mkdir()
+    d = str(tmp_path)
+    images_in_d = [os.path.join(d, n) for n in ("a.jpg", "b.png", "c.webp")]
+    assert upscale.expand_inputs([d]) == images_in_d
+    assert upscale.expand_inputs([os.path.join(d, "*.png"), os.path.join(d, "*")]) == [
+        os.path.join(d, "b.png"), os.path.join(d, "a.jpg"), os.path.join(d, "c.webp")]
+    # a file named twice runs once; a missing file and an image-less directory stay inputs
+    # (each fails on its own when its turn comes, as before)
+    missing, empty = os.path.join(d, "missing.png"), os.path.join(d, "empty")
+    assert upscale.expand_inputs([images_in_d[1], d, missing, empty]) == [
+        images_in_d[1], images_in_d[0], images_in_d[2], missing, empty]
+    with pytest.raises(upscale.UsageError, match=r"\*\.gif: no image file matches"):
+        upscale.expand_inputs([os.path.join(d, "*.gif")])
+
+
+def test_output_paths_take_the_suffix_and_the_format_by_extension(tmp_path):
+    ins = ["x/a.png", "y/b.jpg"]
+    out = str(tmp_path / "out")
+    assert upscale.output_paths(ins, out) == [f"{out}/a.png", f"{out}/b.png"]
+    assert upscale.output_paths(ins, out, "_x2") == [f"{out}/a_x2.png", f"{out}/b_x2.png"]
+    assert upscale.output_paths(ins, out, "_x2.JPG") == [f"{out}/a_x2.JPG", f"{out}/b_x2.JPG"]
+    for name in ("o.png", "o.jpg", "o.jpeg", "o.webp", "o.bmp", "o.tif", "o.TIFF"):
+        assert upscale.output_paths(["a.png"], str(tmp_path / name), "_x2") == [
+            str(tmp_path / name)]  # one file: its own name, no suffix
+    with pytest.raises(upscale.UsageError, match="outputs are PNG or another image format"):
+        upscale.output_paths(["a.png"], str(tmp_path / "o.txt"))
+    with pytest.raises(upscale.UsageError, match="--suffix a/b: a file name ending"):
+        upscale.output_paths(ins, out, "a/b")
+    with pytest.raises(upscale.UsageError, match="would both be written"):
+        upscale.output_paths(["x/a.png", "y/a.jpg"], out)
+
+
+@pytest.mark.slow  # three runs of the command, ~4 s
+def test_directory_and_glob_inputs_with_suffix_and_formats(tmp_path, model, capsys):
+    ckpt, cfg, variables = model
+    src = tmp_path / "in"
+    src.mkdir()
+    rgb = _img(12, 14, 20)
+    Image.fromarray(rgb).save(src / "p.png")
+    rgba = np.dstack([rgb, np.full((12, 14), 128, np.uint8)])
+    Image.fromarray(rgba, "RGBA").save(src / "q.png")
+    want = _expected(cfg, variables, rgb, (24, 28))
+    out = tmp_path / "out"
+    rc = upscale.main([str(src), "--checkpoint", ckpt, "--scale", "2", "-o", str(out),
+                       "--suffix", "_x2", "--noprogress"])
+    assert rc == 0, capsys.readouterr().err
+    assert sorted(os.listdir(out)) == ["p_x2.png", "q_x2.png"]
+    np.testing.assert_array_equal(images.read_image(str(out / "p_x2.png")), want)
+    # a glob, JPEG by the suffix's extension: the alpha is dropped, with a note
+    rc = upscale.main([os.path.join(str(src), "*.png"), "--checkpoint", ckpt, "--scale", "2",
+                       "-o", str(out), "--suffix", "_x2.jpg", "--noprogress"])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert f"JPEG has no alpha channel: alpha dropped in {out / 'q_x2.jpg'}" in err
+    for name in ("p_x2.jpg", "q_x2.jpg"):
+        with Image.open(out / name) as im:
+            assert (im.format, im.mode, im.size) == ("JPEG", "RGB", (28, 24))
+    # one input, WebP by the file's extension: lossless, the same pixels as the PNG
+    rc = upscale.main([str(src / "p.png"), "--checkpoint", ckpt, "--scale", "2",
+                       "-o", str(tmp_path / "one.webp"), "--noprogress"])
+    assert rc == 0
+    with Image.open(tmp_path / "one.webp") as im:
+        assert im.format == "WEBP"
+        np.testing.assert_array_equal(np.asarray(im.convert("RGB")), want)
+    assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]  # atomic writes, cleaned up
+
+
+def test_several_images_show_one_bar_over_them(tmp_path, model, capsys):
+    ckpt, _, _ = model
+    for i in range(3):
+        Image.fromarray(_img(10, 12, 30 + i)).save(tmp_path / f"m{i}.png")
+    rc = upscale.main([str(tmp_path / "m*.png"), "--checkpoint", ckpt, "--scale", "2",
+                       "-o", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert re.search(r"images: 100%.* 3/3 ", err), err
+    assert "compile+encode ..." not in err and "chunk" not in err  # no per-image bars/stages
+    for i in range(3):
+        assert f"[{i + 1}/3] {tmp_path / f'm{i}.png'}: 10 x 12 -> 20 x 24 (H x W), wrote" in err
