@@ -136,11 +136,11 @@ class CompileCache:
         return self.requests - self.hits
 
     def summary(self) -> str:
-        """One line: 'compilation cache: 2 of 5 programs loaded, 3 compiled, 0 written
-        (DIR, 2 entries)'."""
+        """One line: 'compilation cache: 2 of 5 program(s) loaded, 3 compiled, 0 written
+        (DIR: 2 -> 2 entries)'."""
         return (f"compilation cache: {self.hits} of {self.requests} program(s) loaded, "
-                f"{self.compiled()} compiled, {self.written} written ({self.directory}, "
-                f"{self.entries()} entries)")
+                f"{self.compiled()} compiled, {self.written} written ({self.directory}: "
+                f"{self.entries_before} -> {self.entries()} entries)")
 
 
 _ACTIVE: Optional[CompileCache] = None
@@ -180,17 +180,18 @@ def _on_event(event: str, **_: object) -> None:
         _ACTIVE.written += 1
 
 
-def enable_compile_cache(enabled: bool = True, *, directory: Optional[str] = None,
-                         quiet: bool = False) -> Optional[CompileCache]:
+def enable_compile_cache(enabled: bool = True, *, directory: Optional[str] = None
+                         ) -> Optional[CompileCache]:
     """Turn on JAX's persistent compilation cache for this process, before the first
     compilation; the active `CompileCache`, or None when it stays off.
 
     Off when `enabled` is False (--nocompile_cache) or MSIT_JAX_NO_COMPILE_CACHE is set.
     `directory` defaults to JAX's own setting (JAX_COMPILATION_CACHE_DIR) when the user
-    made one, else `compile_cache_dir()`. A folder that cannot be created leaves the cache
-    off with one note. Prints 'compilation cache: DIR (N entries)' unless `quiet`. The
-    setting is process-wide (JAX's config), which is why only the command lines call
-    this, never the library.
+    made one, else `compile_cache_dir()`; JAX creates it at the first program it writes
+    (a run that compiles nothing leaves no folder; one that cannot be written is a JAX
+    warning, and the run goes on). Silent: the command lines end their work with
+    `note_compile_cache` (what was loaded and written). The setting is process-wide
+    (JAX's config), which is why only the command lines call this, never the library.
     """
     global _ACTIVE, _LISTENING
     if not enabled or compile_cache_disabled():
@@ -199,12 +200,6 @@ def enable_compile_cache(enabled: bool = True, *, directory: Optional[str] = Non
     from jax import monitoring
 
     directory = directory or jax.config.jax_compilation_cache_dir or compile_cache_dir()
-    try:
-        os.makedirs(directory, exist_ok=True)
-    except OSError as e:
-        note(f"compilation cache off: {directory} cannot be created ({e.strerror or e})",
-             quiet=quiet)
-        return None
     jax.config.update("jax_compilation_cache_dir", directory)
     if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:  # the user's, if set
         jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)
@@ -212,15 +207,19 @@ def enable_compile_cache(enabled: bool = True, *, directory: Optional[str] = Non
         monitoring.register_event_listener(_on_event)
         _LISTENING = True
     _ACTIVE = CompileCache(directory, _cache_entries(directory))
-    n = _ACTIVE.entries_before
-    note(f"compilation cache: {directory} ({n} entries)" if n else
-         f"compilation cache: {directory} (empty: this run compiles and fills it)", quiet=quiet)
     return _ACTIVE
 
 
 def active_compile_cache() -> Optional[CompileCache]:
     """The cache `enable_compile_cache` turned on in this process, or None."""
     return _ACTIVE
+
+
+def note_compile_cache(*, quiet: bool = False) -> None:
+    """The active cache's `summary` as a progress line (nothing when it is off): how many
+    of this run's programs were loaded instead of compiled, and the folder's entries."""
+    if _ACTIVE is not None:
+        note(_ACTIVE.summary(), quiet=quiet)
 
 
 def note(message: str, *, quiet: bool = False, stream: Optional[TextIO] = None) -> None:

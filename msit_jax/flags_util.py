@@ -256,9 +256,9 @@ def run_app(fv: flags.FlagValues, command: Command, usage: str, *,
     lines keep their format).
 
     A command that defines --compile_cache (`define_compile_cache`) gets JAX's persistent
-    compilation cache here, before it runs (`console.enable_compile_cache`; --quiet
-    silences its line): a process-wide setting, made for programs run from a shell and
-    never by `run_command` (a caller's own process).
+    compilation cache here, before it runs (`console.enable_compile_cache`): a
+    process-wide setting, made for programs run from a shell and never by `run_command`
+    (a caller's own process).
     """
     from absl import app
 
@@ -279,7 +279,7 @@ def run_app(fv: flags.FlagValues, command: Command, usage: str, *,
     def run(rest: list[str]) -> int:
         if _flag(fv, "compile_cache", False):
             console.quiet_logs(_flag(fv, "verbose", False))  # before jax is configured
-            console.enable_compile_cache(quiet=_flag(fv, "quiet", False))
+            console.enable_compile_cache()
         return command(list(rest[1:]))
 
     app.run(run, flags_parser=flags_parser)

@@ -588,9 +588,7 @@ def _upscale(f: flags.FlagValues, positionals: Sequence[str]) -> int:
             overall.update()
     if overall is not None:
         overall.close()
-    cache = console.active_compile_cache()
-    if cache is not None:
-        console.note(cache.summary(), quiet=quiet)
+    console.note_compile_cache(quiet=quiet)
     if failed:
         print(f"error: {len(failed)} of {len(pairs)} input(s) failed: "
               f"{', '.join(p for p, _ in failed)}", file=sys.stderr)

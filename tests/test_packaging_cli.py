@@ -183,6 +183,7 @@ def test_compile_cache_place_and_switches(tmp_path, monkeypatch):
     monkeypatch.delenv(console.NO_COMPILE_CACHE_ENV)
     assert console.enable_compile_cache(False, directory=str(tmp_path / "c")) is None
     assert not (tmp_path / "c").exists() and not (tmp_path / "home").exists()
+    assert console.active_compile_cache() is None  # JAX's config untouched
     from absl import flags
 
     from msit_jax import demo, upscale
@@ -221,8 +222,6 @@ def test_compile_cache_writes_into_the_given_folder_and_is_read_back(tmp_path):
     first, second = ([int(v) for v in p.stdout.split()] for p in runs)
     assert first[0] == 0 and first[1] >= 1 and first[2] >= 1  # compiled and written
     assert second[0] == second[3] >= 1 and second[1] == 0 and second[2] == first[2]  # loaded
-    assert f"compilation cache: {tmp_path / 'c'} (empty" in runs[0].stderr
-    assert f"compilation cache: {tmp_path / 'c'} ({first[2]} entries)" in runs[1].stderr
 
 
 @pytest.mark.slow
@@ -259,12 +258,11 @@ def test_a_second_upscale_of_the_same_size_loads_its_programs(tmp_path):
         return tuple(int(g) for g in m.groups())
 
     first, second = run("a.png"), run("b.png")
-    assert f"compilation cache: {cache_dir} (empty" in first
     loaded1, requests1, compiled1, written1 = counts(first)
     loaded2, requests2, compiled2, written2 = counts(second)
     assert loaded1 == 0 and written1 >= 1 and requests1 == compiled1 >= 2
-    assert re.search(rf"compilation cache: {re.escape(str(cache_dir))} \({written1} entries\)",
-                     second)
+    assert f"({cache_dir}: 0 -> {written1} entries)" in first
+    assert f"({cache_dir}: {written1} -> {written1} entries)" in second
     # the programs written (the encoder's at least) are loaded, not compiled
     assert loaded2 == written1 and written2 == 0 and compiled2 == compiled1 - written1
     assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()

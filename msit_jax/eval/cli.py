@@ -204,6 +204,7 @@ def evaluate(fv: flags.FlagValues, positionals: Sequence[str]) -> int:
     name = METHOD_NAMES[cfg.model] + ("+" if cfg.self_ensemble else "")
     rows = [(name, results)] + ([("Bicubic", baseline)] if baseline else [])
     print(reports.markdown_table(rows, [float(s) for s in cfg.scales]), flush=True)
+    console.note_compile_cache()
     if failures:
         print(f"error: {len(failures)} image evaluation(s) or output(s) failed:",
               file=sys.stderr)

@@ -167,6 +167,7 @@ def run(fv: flags.FlagValues, positionals: Sequence[str]) -> int:
         return code
     console.note(f"trained to step {result.step} in {time.perf_counter() - t0:.0f} s; "
                  f"checkpoints and logs in {fv.workdir}")
+    console.note_compile_cache()
     return errors.EXIT_OK
 
 
