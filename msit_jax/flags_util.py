@@ -264,8 +264,12 @@ def run_app(fv: flags.FlagValues, command: Command, usage: str, *,
 
     def flags_parser(argv: list[str]) -> list[str]:
         if wants_help(argv[1:]):
-            print(help_text(fv, usage, invoked_program(argv[0] if argv else None)),
-                  flush=True)
+            try:
+                print(help_text(fv, usage, invoked_program(argv[0] if argv else None)),
+                      flush=True)
+            except BrokenPipeError:  # `--help | head`: the reader stopped, which is fine
+                # Python's recipe: point stdout at devnull so its flush at exit is silent.
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             sys.exit(errors.EXIT_OK)
         try:
             rest = parser(fv, argv, known_only=True)
