@@ -133,8 +133,11 @@ def cpu_kernel_method(shape: tuple, cin: int, groups: int, p: int) -> str:
 
     Measured on 48x48 maps, batch 4 (the training shapes), 2 cores: 'dense'
     (one matmul, block diagonal when grouped) for 1x1; 'fft' for large kernels
-    on few channels; 'shifts' (k*k matmuls) for 3x3 and small narrow kernels;
-    'xla' (XLA's own rule) otherwise.
+    on few channels; 'shifts' (k*k matmuls) for small narrow kernels; 'xla'
+    (XLA's own rule) otherwise, 3x3 included: alone, XLA's 3x3 kernel gradient
+    costs what the shifts do (16-256 channels, within 5%), and in the paper train
+    step it is cheaper (5.3 -> 4.6-4.7 CPU-s per step, 2026-12-03): the shifts'
+    padded copy and nine windows, rematerialised, are extra work there.
     """
     k, _, _, cout = shape
     narrow = cin * cout <= 32 * 32
@@ -143,7 +146,7 @@ def cpu_kernel_method(shape: tuple, cin: int, groups: int, p: int) -> str:
     if groups == 1 and p == k // 2:
         if (k >= 9 and narrow) or k >= 15:
             return "fft"
-        if k == 3 or (k <= 7 and narrow):
+        if 3 < k <= 7 and narrow:
             return "shifts"
     return "xla"
 
