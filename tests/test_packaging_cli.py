@@ -240,6 +240,8 @@ def test_a_second_upscale_of_the_same_size_loads_its_programs(tmp_path):
     env.pop(console.NO_COMPILE_CACHE_ENV, None)
     env.pop("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", None)
     env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    # conftest's faster, unoptimised compilation would put programs under the threshold
+    env.pop("JAX_DISABLE_MOST_OPTIMIZATIONS", None)
     cache_dir = tmp_path / "xdg" / "msit-jax" / "jax"
 
     def run(name, **extra):
