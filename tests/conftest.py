@@ -38,6 +38,10 @@ from msit_jax.models.encoders import ENCODERS
 from msit_jax.models.random_init import random_variables
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The command lines' compilation cache (msit_jax.console.enable_compile_cache) stays off
+# in tests, and out of the user's home: subprocesses inherit this. Tests of the cache
+# unset it themselves.
+os.environ.setdefault("MSIT_JAX_NO_COMPILE_CACHE", "1")
 PY = sys.executable
 SHARED_DATA = os.path.join(os.path.dirname(REPO), "shared", "data")
 # Programs that compile faster than this are not worth a cache file (reading and

@@ -68,8 +68,10 @@ def test_types_round_trip(folder, up):
 
 def test_progress_per_chunk(up):
     calls = []
-    up(np.zeros((8, 8, 3), np.float32), size=(20, 20), progress=lambda d, t: calls.append((d, t)))
-    # 400 pixels at x2.5: the per-query decoder, 128 queries per chunk
+    up(np.zeros((16, 16, 3), np.float32), size=(22, 22),
+       progress=lambda d, t: calls.append((d, t)))
+    # 484 pixels at x1.375 (below the CPU grid threshold): the per-query decoder,
+    # 128 queries per chunk
     assert calls == [(1, 4), (2, 4), (3, 4), (4, 4)]
 
 
