@@ -42,6 +42,7 @@ def test_from_pretrained_is_folded_and_matches_upscale(folder, up):
     np.testing.assert_allclose(out, inference.upscale(cfg, v, lr, (32, 24)), atol=1e-5)
 
 
+@pytest.mark.slow  # quick tier under 90 s
 def test_types_round_trip(folder, up):
     rs = np.random.RandomState(1)
     u8 = (rs.rand(8, 6, 3) * 255).astype(np.uint8)

@@ -169,6 +169,7 @@ def test_numpy_reader_refuses_malformed_files_in_one_line(tmp_path, case, reason
         and reason in msg, msg
 
 
+@pytest.mark.slow  # quick tier under 90 s
 def test_upscale_cli_default_model_writes_the_right_size(tmp_path, capsys):
     fv = flags.FlagValues()
     upscale.define_flags(fv)

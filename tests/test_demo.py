@@ -51,6 +51,7 @@ def reference(model, lr: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
                                              images.to_float(lr), hw))
 
 
+@pytest.mark.slow  # quick tier under 90 s
 def test_upscale_pair_equals_inference_and_bicubic(model, up, woman_lr):
     assert woman_lr.shape == (86, 57, 3)
     sr, bic, info = demo.upscale_pair(up, woman_lr, 3.5)

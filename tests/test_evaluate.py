@@ -158,6 +158,7 @@ def test_div2k_preset_is_rgb_with_extra_shave(tmp_path):
         metrics.ssim(pred, g, shave=8, y_channel=False), abs=1e-12)
 
 
+@pytest.mark.slow  # quick tier under 90 s
 def test_msit_predictor_follows_the_protocol(tmp_path, tiny_ckpt):
     from msit_jax.io import pretrained
 

@@ -122,6 +122,7 @@ def test_stablehlo_runner_needs_no_model_code(stablehlo_dir, model, tmp_path):
     np.testing.assert_allclose(np.load(tmp_path / "sr.npy"), want, atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow  # quick tier under 90 s
 def test_stablehlo_unfolded_export(tmp_path, model):
     cfg, v = model
     out = str(tmp_path / "unfolded")
@@ -152,6 +153,7 @@ def onnx_model(request, tmp_path_factory):
     return cfg, v, path
 
 
+@pytest.mark.slow  # quick tier under 90 s
 def test_onnx_agrees_with_jax(onnx_model):
     """Non-tie pixels to 1e-4 (measured ~1e-6); exact-tie pixels all agree."""
     cfg, v, path = onnx_model

@@ -57,6 +57,7 @@ def test_clamp(model):
     assert (raw < 0).any() or (raw > 1).any()  # random weights overshoot; clamping mattered
 
 
+@pytest.mark.slow  # quick tier under 90 s
 def test_upscaler_reuse_matches_one_shot(model):
     cfg, v = model
     up = inference.Upscaler(cfg, v, chunk=64)

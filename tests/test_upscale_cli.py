@@ -171,6 +171,7 @@ def test_tiling_geometry_helpers(model):
     assert tiling.window((36, 37), 5, 37, 12) == (15, 37)
 
 
+@pytest.mark.slow  # quick tier under 90 s
 def test_cli_tiled_matches_tiled_api(tmp_path, model):
     ckpt, cfg, variables = model
     rgb = _img(30, 34, 5)
@@ -233,6 +234,7 @@ def test_official_demo_flags(tmp_path, model, capsys):
     np.testing.assert_array_equal(got, _expected(cfg, variables, rgb, (300, 400)))
 
 
+@pytest.mark.slow  # quick tier under 90 s
 def test_sizes_are_read_and_logged_height_first(tmp_path, model, capsys):
     """96 wide, 80 high -> --size 100x300: 100 high, 300 wide, logged as H x W; --nofold
     (absl spelling) runs the unfolded model; the stages are timed lines on stderr."""
