@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -230,18 +230,23 @@ def to_uint8(img: np.ndarray) -> np.ndarray:
     return np.clip(np.round(np.asarray(img, np.float64) * 255.0), 0, 255).astype(np.uint8)
 
 
-def save_png(path: str, img: np.ndarray) -> None:
-    """Save an RGB(A) image (uint8, or float in [0, 1]) as PNG, atomically: the file is
-    written beside `path` and renamed, so an interrupted save never leaves a partial
-    file (nor a partly overwritten one)."""
+def save_image(path: str, img: np.ndarray, format: str = "PNG", **options: Any) -> None:
+    """Save an RGB(A) image (uint8, or float in [0, 1]) in Pillow's `format` (with its
+    save `options`), atomically: the file is written beside `path` and renamed, so an
+    interrupted save never leaves a partial file (nor a partly overwritten one)."""
     if img.dtype != np.uint8:
         img = to_uint8(img)
     path = os.path.abspath(path)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp.png"
+    tmp = f"{path}.{os.getpid()}.tmp.{format.lower()}"
     try:
-        Image.fromarray(img).save(tmp, format="PNG")
+        Image.fromarray(img).save(tmp, format=format, **options)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def save_png(path: str, img: np.ndarray) -> None:
+    """`save_image` as PNG."""
+    save_image(path, img, "PNG")

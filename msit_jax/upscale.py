@@ -169,8 +169,9 @@ def expand_inputs(args: Sequence[str]) -> list[str]:
     """
     out: list[str] = []
     for arg in args:
-        if os.path.isdir(arg) and images.list_images(arg):
-            found = images.list_images(arg)
+        listed = images.list_images(arg) if os.path.isdir(arg) else []
+        if listed:
+            found = listed
         elif not os.path.exists(arg) and _GLOB_CHARS.search(arg):
             found = sorted(p for p in glob.glob(arg) if os.path.isfile(p)
                            and p.lower().endswith(images.IMAGE_EXTENSIONS))
@@ -258,19 +259,8 @@ def save_output(path: str, rgb: np.ndarray, alpha: Optional[np.ndarray]) -> None
     fmt, options = OUTPUT_FORMATS.get(os.path.splitext(path)[1].lower(), OUTPUT_FORMATS[".png"])
     if fmt in NO_ALPHA_FORMATS:
         alpha = None
-    img = rgb8 if alpha is None else np.dstack([rgb8, alpha])
-    if fmt == "PNG":
-        images.save_png(path, img)
-        return
-    path = os.path.abspath(path)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        Image.fromarray(img).save(tmp, format=fmt, **options)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    images.save_image(path, rgb8 if alpha is None else np.dstack([rgb8, alpha]), fmt,
+                      **options)
 
 
 def memory_estimate(model_cfg, in_hw: tuple[int, int], out_hw: tuple[int, int], chunk: int,
