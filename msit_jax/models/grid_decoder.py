@@ -191,21 +191,15 @@ def _first_layer_head_major(c: _Centres, feat_q: jax.Array, feat_v: jax.Array,
 
     fq, fv = head_major(feat_q), head_major(feat_v)
     off = jnp.arange(k1)
-    ky = (c.ci[:, None] + off)[:, :, None] + jnp.zeros((1, 1, k1), jnp.int32)  # (P, k1, k1)
-    kx = (c.cj[:, None] + off)[:, None, :] + jnp.zeros((1, k1, 1), jnp.int32)
-    keys = fq[:, ky.reshape(p, n_keys), kx.reshape(p, n_keys)].astype(dtype)  # (heads, P, K, hd)
-    vals = fv[:, ky.reshape(p, n_keys).T, kx.reshape(p, n_keys).T].astype(dtype)  # (heads, K, P, hd)
-
-    # Bilinear query samples (zero padding) from the padded head-major map.
-    iy, wy = jax.vmap(jax.vmap(lambda v: axis_taps(v, h, False)))(c.cy)  # (P, Gy, 2)
-    ix, wx = jax.vmap(jax.vmap(lambda v: axis_taps(v, w, False)))(c.cx)  # (P, Gx, 2)
-    q = 0.0
-    for ta in range(2):
-        for tb in range(2):
-            taps = fq[:, iy[:, :, None, ta] + radius, ix[:, None, :, tb] + radius]
-            wgt = (wy[:, :, None, ta] * wx[:, None, :, tb]).astype(fq.dtype)
-            q = q + wgt[None, ..., None] * taps  # (heads, P, Gy, Gx, hd)
-    q = q.reshape(heads, p, g, hd)
+    # Padded-map rows / columns of each centre's k1 x k1 keys, flattened: (P, K).
+    ky = jnp.broadcast_to((c.ci[:, None] + off)[:, :, None], (p, k1, k1)).reshape(p, n_keys)
+    kx = jnp.broadcast_to((c.cj[:, None] + off)[:, None, :], (p, k1, k1)).reshape(p, n_keys)
+    keys = fq[:, ky, kx].astype(dtype)  # (heads, P, K, hd)
+    vals = fv[:, ky.T, kx.T].astype(dtype)  # (heads, K, P, hd)
+    # Bilinear query samples per head, from the unpadded interior (zero padding).
+    interior = fq[:, radius:radius + h, radius:radius + w]
+    q = jax.vmap(lambda m: _bilinear_grid(m, c.cy, c.cx, border=False))(interior)
+    q = q.reshape(heads, p, g, hd)  # (heads, P, Gy x Gx, hd)
 
     logits = ops.einsum("hpgc,hpkc->hpgk", q.astype(dtype), keys, prec) / np.float32(np.sqrt(hd))
     bias = (pb_rows[c.ry].transpose(3, 0, 1, 2)[:, :, :, None, :, None]
