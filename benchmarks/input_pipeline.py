@@ -28,7 +28,6 @@ import dataclasses
 import os
 import pickle
 import platform
-import sys
 import tempfile
 import time
 from typing import Callable, Optional, Sequence
@@ -36,17 +35,13 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 from PIL import Image
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:  # run as a script from anywhere
-    sys.path.insert(0, REPO)
-
-from msit_jax import geometry  # noqa: E402
-from msit_jax.data import lean  # noqa: E402
-from msit_jax.data.pipeline import host_dataset  # noqa: E402
-from msit_jax.data.protocol import (BatchPlanner, Protocol, augment_view, collate,  # noqa: E402
+from msit_jax import geometry
+from msit_jax.data import lean
+from msit_jax.data.pipeline import host_dataset
+from msit_jax.data.protocol import (BatchPlanner, Protocol, augment_view, collate,
                                     make_example, make_lean_example, normalize_uint8)
-from msit_jax.data.sources import FolderSource  # noqa: E402
-from msit_jax.images import resize_bicubic  # noqa: E402
+from msit_jax.data.sources import FolderSource
+from msit_jax.images import resize_bicubic
 
 # Predicted train_stage1 step times (ms) at the global batch of 32, from BENCHMARKS.md
 # ("Predicted times (one chip, whole program)" and the bottleneck table below it; model
