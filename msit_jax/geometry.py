@@ -121,6 +121,23 @@ def query_geometry(coord: np.ndarray, lr_hw: tuple[int, int], radius: int,
     return QueryGeometry(coord, key_idx, rel, rel_cell)
 
 
+def axis_geometry(n_hr: int, n_lr: int, radius: int
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One axis's geometry for the pixel centres of an HR axis of n_hr on an LR axis of
+    n_lr: coord (n_hr,), key_idx (n_hr, 2r+1) and rel (n_hr, 2r+1), what
+    `query_geometry` gives a query on HR row i of a square grid (the axis as that grid's
+    diagonal: the same call, so the same float32 roundings).
+
+    On a grid a query's row geometry depends on its row alone, provided its nearest LR
+    centre lies inside the image on both axes (`query_geometry` zeroes the centre
+    otherwise); the callers (the grid decoder's plans, the lean training batches) check it.
+    """
+    coord = coord_axis(n_hr)
+    g = query_geometry(np.stack([coord, coord], -1), (n_lr, n_lr), radius,
+                       rel_cell((n_hr, n_hr), (n_lr, n_lr)))
+    return coord, g.key_idx[:, 0], g.rel[:, 0]
+
+
 def rel_cell(out_hw: tuple[int, int], lr_hw: tuple[int, int]) -> np.ndarray:
     """The decoder's cell input, cell * (H_lr, W_lr) with cell = 2 / HR size: (2,)."""
     cell = np.array([2.0 / out_hw[0], 2.0 / out_hw[1]], f32)

@@ -111,14 +111,13 @@ def geometry_table(hr: int, inp_size: int, radius: int, rows: int) -> GeometryTa
     """The table of crop side hr (LR side inp_size), padded to `rows` rows (read-only
     arrays; cached, since a run has few distinct hr). Pure function of its arguments.
 
-    Row i holds what `geometry.query_geometry` gives a query on HR row i (the same
-    call, so the same float32 roundings); by symmetry of the square crop and patch,
-    the same for column i.
+    Row i holds what `geometry.query_geometry` gives a query on HR row i
+    (`geometry.axis_geometry`: the same call, so the same float32 roundings); by
+    symmetry of the square crop and patch, the same for column i.
     """
     if not 1 <= hr <= rows:
         raise ValueError(f"crop side {hr} is outside the table's 1..{rows} rows "
                          "(data.scale_max sets them)")
-    lr_hw = (inp_size, inp_size)
     ys = geometry.coord_axis(hr)
     near = geometry.nearest_index(ys, inp_size)
     if near.min() < 0 or near.max() >= inp_size:
@@ -126,14 +125,13 @@ def geometry_table(hr: int, inp_size: int, radius: int, rows: int) -> GeometryTa
         # would make an axis depend on the other one: the table could not express it.
         raise ValueError(f"crop side {hr}: a query's nearest LR centre falls outside the "
                          f"{inp_size}-pixel patch")
-    g = geometry.query_geometry(np.stack([ys, ys], axis=-1), lr_hw, radius,
-                                geometry.rel_cell((hr, hr), lr_hw))
     n = 2 * radius + 1
     coord = np.zeros(rows, f32)
     key_idx = np.zeros((rows, n), np.int32)
     rel = np.zeros((rows, n), f32)
-    coord[:hr], key_idx[:hr], rel[:hr] = ys, g.key_idx[:, 0], g.rel[:, 0]
-    table = GeometryTable(coord, key_idx, rel, g.rel_cell, norm_table())
+    coord[:hr], key_idx[:hr], rel[:hr] = geometry.axis_geometry(hr, inp_size, radius)
+    table = GeometryTable(coord, key_idx, rel,
+                          geometry.rel_cell((hr, hr), (inp_size, inp_size)), norm_table())
     for a in table:
         a.setflags(write=False)
     return table

@@ -54,17 +54,13 @@ class AxisPlan(NamedTuple):
 
 def plan_axis(n_hr: int, n_lr: int, radius: int) -> AxisPlan:
     """The plan of one HR axis of n_hr pixels over an LR axis of n_lr pixels."""
-    coord = geometry.coord_axis(n_hr)
-    # The axis as the diagonal of an n_hr x n_hr grid on n_lr x n_lr: row and column
-    # geometry are the same, and the row half is this axis's.
-    g = geometry.query_geometry(np.stack([coord, coord], -1), (n_lr, n_lr), radius,
-                                geometry.rel_cell((n_hr, n_hr), (n_lr, n_lr)))
+    coord, key_idx, rel = geometry.axis_geometry(n_hr, n_lr, radius)
     idx = geometry.nearest_index(coord, n_lr)
     # On a grid every query lies inside the image, so its nearest centre is valid
     # and key a sits at centre + a. Checked, not assumed: the keys came from the
     # reference's float32 arithmetic in `query_geometry`.
     if idx.min() < 0 or idx.max() >= n_lr or not np.array_equal(
-            g.key_idx[:, 0], idx[:, None] + np.arange(-radius, radius + 1)):
+            key_idx, idx[:, None] + np.arange(-radius, radius + 1)):
         raise AssertionError("grid geometry is not centre + offset; use the per-query decoder")
     counts = np.bincount(idx, minlength=n_lr)
     width = max(1, int(counts.max()))
@@ -74,7 +70,7 @@ def plan_axis(n_hr: int, n_lr: int, radius: int) -> AxisPlan:
         members = np.nonzero(idx == i)[0]
         groups[i] = np.concatenate([members, np.full(width - len(members), members[0])])
         valid[i, :len(members)] = True
-    return AxisPlan(coord, g.rel[:, 0], groups, valid)
+    return AxisPlan(coord, rel, groups, valid)
 
 
 def split_decoder_params(params: Any, cfg: ml_collections.ConfigDict) -> dict:
