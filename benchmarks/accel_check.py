@@ -69,7 +69,7 @@ import compare_torch  # noqa: E402  (its official-model helpers and timing loop)
 
 from msit_jax import model_config, tiny_model_config
 from msit_jax.models import reparam  # noqa: E402
-from msit_jax.inference import Upscaler, default_chunk, grid_min_queries  # noqa: E402
+from msit_jax.inference.engine import Engine, default_chunk, grid_min_queries  # noqa: E402
 from msit_jax.models.model import MSIT, build_model  # noqa: E402
 from msit_jax.ops.runtime import RuntimeOptions  # noqa: E402
 from msit_jax.models.random_init import random_variables  # noqa: E402
@@ -236,7 +236,7 @@ class Run:
     def device_output(self, method: str, runtime: RuntimeOptions) -> np.ndarray:
         """The folded model's unclamped output (H', W', 3) on the agreement input."""
         lr, out_hw = self.agreement_input()
-        return Upscaler(self.fcfg, self.fvars, method=method, runtime=runtime)(
+        return Engine(self.fcfg, self.fvars, method=method, runtime=runtime)(
             lr, out_hw, clamp=False)
 
     def reference_output(self, method: str) -> np.ndarray:
@@ -249,7 +249,7 @@ class Run:
         """The same upscale on the host CPU; checks that it really ran there."""
         lr, out_hw = self.agreement_input()
         with jax.default_device(self.host):
-            up = Upscaler(self.fcfg, self.fvars, chunk=default_chunk("cpu"), method=method,
+            up = Engine(self.fcfg, self.fvars, chunk=default_chunk("cpu"), method=method,
                           runtime=self.host_rt)
             out = up(lr, out_hw, clamp=False)
             where = platforms(up.variables) | platforms(up.features(lr))
@@ -346,7 +346,7 @@ class Run:
             return str(jaxpr).count(" fft[")
 
         ffts = {name: fft_ops(rt) for name, rt in rts.items()}
-        ups = {name: Upscaler(self.fcfg, self.fvars, runtime=rt) for name, rt in rts.items()}
+        ups = {name: Engine(self.fcfg, self.fvars, runtime=rt) for name, rt in rts.items()}
         t = median_times({name: (lambda u=u: jax.block_until_ready(u.features(lr)))
                           for name, u in ups.items()}, self.repeats)
         return {"fft_min_kernel": k, "max_abs": err, "fft_ops": ffts,
@@ -356,7 +356,7 @@ class Run:
     def crossover(self, deadline: float) -> dict:
         n = self.sizes["cross_lr"]
         lr = random_image(n, 2)
-        ups = {m: Upscaler(self.fcfg, self.fvars, method=m, runtime=self.rt)
+        ups = {m: Engine(self.fcfg, self.fvars, method=m, runtime=self.rt)
                for m in ("grid", "query")}
         rows = []
         for s in self.sizes["scales"]:
@@ -387,7 +387,7 @@ class Run:
         for c in self.sizes["chunks"]:
             if time.perf_counter() > deadline:
                 break
-            up = Upscaler(self.fcfg, self.fvars, chunk=c, method="query", runtime=self.rt)
+            up = Engine(self.fcfg, self.fvars, chunk=c, method="query", runtime=self.rt)
             times[c] = median_times({"q": lambda: up(lr, hw)}, self.repeats)["q"]
         best = min(times, key=times.get) if times else None
         return {"case": f"x4 {n}x{n} -> {hw[0]}x{hw[1]} ({hw[0] * hw[1]} queries), query decoder",
@@ -426,7 +426,7 @@ class Run:
         ref = compare_torch.theirs_upscale(theirs, lr, out_hw, tdev)
         parity = {}
         for method in ("grid", "query"):
-            ours = Upscaler(self.fcfg, self.fvars, method=method, runtime=self.rt)(
+            ours = Engine(self.fcfg, self.fvars, method=method, runtime=self.rt)(
                 lr, out_hw, clamp=False)
             parity[method] = max_abs(ours, ref)
             self.checks.add(f"official model parity ({method})", "torch_parity_max_abs",
@@ -440,7 +440,7 @@ class Run:
             return res
         n, m = self.sizes["torch_case"]
         lr = random_image(n, 4)
-        up = Upscaler(self.fcfg, self.fvars, runtime=self.rt)
+        up = Engine(self.fcfg, self.fvars, runtime=self.rt)
         fns = {"ours": lambda: up(lr, (m, m))}
         if gpu:
             def with_tf32(flags: dict) -> Callable[[], Any]:

@@ -15,7 +15,7 @@
    (the card names it).
 3. Refuses files over --max_mb (default 5 MB = 5,000,000 bytes).
 4. Scores THE FILE TO BE SHIPPED through the evaluation runner (`msit_jax.eval.runner`:
-   `pretrained.load` + fold + `inference.Upscaler`, what `Upscaler.from_pretrained`
+   `pretrained.load` + fold + `inference.Engine`, what `Upscaler.from_pretrained`
    builds) on Set5, Set14 and B100 at x2, x3, x4, x6, x8 with the benchmark protocol
    (PSNR / SSIM on Y, shave = scale, LR made as the reference does), plus bicubic.
 5. Moves msit_jax/weights/NAME.safetensors, NAME.md (the model card) and NAME.json
@@ -49,7 +49,9 @@ from typing import Any, Optional
 
 import numpy as np
 
-from msit_jax import export, weights
+from msit_jax import weights
+
+from msit_jax.export import cli as export
 from msit_jax.data.sources import named_source
 from msit_jax.eval import reports, runner
 from msit_jax.io import model_dir, pretrained, workdir as workdir_io

@@ -40,8 +40,10 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import compare_torch  # noqa: E402  (timm stand-ins, the official chop_forward call)
 
-from msit_jax import build_model, inference, model_config  # noqa: E402
-from msit_jax import export as msit_export  # noqa: E402
+from msit_jax import build_model, model_config  # noqa: E402
+
+from msit_jax.inference import engine as inference
+from msit_jax.export import cli as msit_export  # noqa: E402
 from msit_jax.io import pretrained  # noqa: E402
 from msit_jax.models import reparam  # noqa: E402
 from msit_jax.models.encoders import encoder_spec  # noqa: E402

@@ -36,7 +36,17 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from msit_jax import api, export, exported, geometry, inference, model_config, onnx_graph  # noqa: E402,E501
+from msit_jax import geometry, model_config  # noqa: E402,E501
+
+from msit_jax.inference import api
+
+from msit_jax.export import cli as export
+
+from msit_jax.export import stablehlo as exported
+
+from msit_jax.inference import engine as inference
+
+from msit_jax.export import onnx_graph
 from msit_jax.io import pretrained  # noqa: E402
 from msit_jax.models import reparam  # noqa: E402
 
@@ -131,7 +141,7 @@ def main() -> int:
     runners = {"stablehlo": exported.load(dirs["stablehlo"]),
                "onnx": onnx_graph.load(raw_onnx)}
     onnx_clamped = onnx_graph.load(dirs["onnx"])
-    jax_up = inference.Upscaler(fcfg, fvars)
+    jax_up = inference.Engine(fcfg, fvars)
 
     source_sd = pretrained.read_pth(src)["model"]["sd"]
     source_sd = {k: v.numpy() for k, v in source_sd.items()}

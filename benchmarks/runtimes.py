@@ -4,7 +4,7 @@
     python benchmarks/runtimes.py --quick        # tiny model, one repeat (a smoke test)
 
 The paper-size model (random weights, RIM and BatchNorm folded: what both
-runtimes deploy) runs as `msit_jax.inference.Upscaler` (JAX on the CPU, its
+runtimes deploy) runs as `msit_jax.inference.Engine` (JAX on the CPU, its
 `auto` decoder and each decoder forced) and as its ONNX graph
 (`msit_jax.onnx_graph.build_graph`, clamp off) in onnxruntime's CPU provider.
 Cases: x4 64^2 -> 256^2 and x2.5 96^2 -> 240^2. Every callable runs once per
@@ -30,7 +30,11 @@ import jax
 import numpy as np
 import onnx
 
-from msit_jax import geometry, inference, model_config, onnx_graph, tiny_model_config
+from msit_jax import geometry, model_config, tiny_model_config
+
+from msit_jax.inference import engine as inference
+
+from msit_jax.export import onnx_graph
 from msit_jax.models import reparam
 from msit_jax.models.random_init import random_variables
 
@@ -68,7 +72,7 @@ def main(argv=None) -> int:
     path = os.path.join(tempfile.mkdtemp(prefix="msit_runtimes_"), "model.onnx")
     onnx.save(onnx_graph.build_graph(fcfg, fvars, clamp=False), path)
     ort_up = onnx_graph.load(path)
-    ups = {m: inference.Upscaler(fcfg, fvars, method=m) for m in inference.METHODS}
+    ups = {m: inference.Engine(fcfg, fvars, method=m) for m in inference.METHODS}
     print(f"device: {jax.devices()[0].device_kind}, {args.encoder}, "
           f"{'tiny' if args.quick else 'paper-size'} model, folded; repeats {repeats}")
     report: dict = dict(encoder=args.encoder, quick=args.quick, cases={})

@@ -1,8 +1,8 @@
 """msit-jax: the Multi-Scale Implicit Transformer (MSIT) for arbitrary-scale SR in JAX/Flax.
 
 Top-level names are imported lazily, so light modules (`msit_jax.geometry`,
-`msit_jax.serving`, the exported-artifact runner `msit_jax.exported`) can be
-used without importing Flax or the model.
+`msit_jax.inference.frontend`, the exported-artifact runner
+`msit_jax.export.stablehlo`) can be used without importing Flax or the model.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ _LAZY = {
     "build_model": "msit_jax.models.model",
     "model_config": "msit_jax.models.config",
     "tiny_model_config": "msit_jax.models.config",
-    "Upscaler": "msit_jax.api",
+    "Upscaler": "msit_jax.inference.api",
 }
 
 __all__ = ["MSIT", "Upscaler", "build_model", "model_config", "tiny_model_config"]

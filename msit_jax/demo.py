@@ -56,8 +56,10 @@ import numpy as np
 from absl import flags
 from PIL import Image, UnidentifiedImageError
 
-from msit_jax import console, errors, flags_util, images, tiling, weights
-from msit_jax.api import Upscaler
+from msit_jax import console, errors, flags_util, images, weights
+
+from msit_jax.inference import tiling
+from msit_jax.inference.api import Upscaler
 
 INSTALL_HINT = console.install_hint("demo")
 SCALE_MIN, SCALE_MAX = 1.0, 30.0

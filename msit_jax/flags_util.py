@@ -1,7 +1,7 @@
 """The one flag-handling path of every command line: absl flags on a private FlagValues.
 
 Every entry point (train.py / msit-train, evaluate.py / msit-evaluate,
-`python -m msit_jax.upscale`, `python -m msit_jax.convert`, `python -m
+`python -m msit_jax.inference`, `python -m msit_jax.convert`, `python -m
 msit_jax.export`, `python -m msit_jax.demo`) defines its flags on a
 `flags.FlagValues()` of its own, made per call: commands that share a flag
 name (--checkpoint, --chunk, --fold) do not clash in one process, and
@@ -51,7 +51,9 @@ from typing import Callable, NoReturn, Optional, Protocol, Sequence
 
 from absl import flags
 
-from msit_jax import console, errors, inference
+from msit_jax import console, errors
+
+from msit_jax.inference import engine as inference
 from msit_jax.ops.runtime import DTYPES, PRECISIONS
 
 # absl's help flags (and argparse's -h): answered with the command's own help, since
@@ -200,7 +202,7 @@ _PACKAGE_DIR = os.path.dirname(os.path.abspath(errors.__file__))
 
 def invoked_program(argv0: Optional[str] = None) -> Optional[str]:
     """The program as the user ran it, from `argv0` (default sys.argv[0]): a console
-    script's name (`msit-upscale`), `python -m msit_jax.upscale` for a module of this
+    script's name (`msit-upscale`), `python -m msit_jax.inference` for a module of this
     package run with -m, `python evaluate.py` for another script; None when argv[0]
     says nothing (`python -c`, an embedded interpreter)."""
     argv0 = sys.argv[0] if argv0 is None else argv0

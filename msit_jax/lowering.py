@@ -26,6 +26,7 @@ import numpy as np
 import optax
 
 from msit_jax import geometry
+from msit_jax.export.stablehlo import PLATFORMS
 from msit_jax.data.protocol import Batch
 from msit_jax.models import grid_decoder
 from msit_jax.models.model import MSIT, build_model, variable_shapes
@@ -34,7 +35,6 @@ from msit_jax.training.state import create_state
 from msit_jax.training.step import batch_sharding, make_mesh, replicated, train_step
 
 PROGRAMS = ("encode", "decode", "grid", "train_stage1", "train_stage2")
-PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
 # A platform_dependent branch lowered for one platform stays wrapped in a
 # one-branch `case` (XLA inlines it: compiled programs have no conditional).
 WRAPPERS = ("case", "return")

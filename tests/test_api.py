@@ -8,7 +8,9 @@ from PIL import Image
 
 import msit_jax
 from msit_jax.io import model_dir
-from msit_jax import inference, serving, tiny_model_config
+from msit_jax import tiny_model_config
+from msit_jax.inference import engine as inference
+from msit_jax.inference import frontend as serving
 from msit_jax.models import reparam
 from msit_jax.models.random_init import random_variables
 

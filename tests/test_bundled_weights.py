@@ -20,7 +20,9 @@ import pytest
 from absl import flags
 from PIL import Image
 
-from msit_jax import Upscaler, demo, upscale, weights
+from msit_jax import Upscaler, demo, weights
+
+from msit_jax.inference import cli as upscale
 from msit_jax.eval import cli as eval_cli
 from msit_jax.eval import runner
 from msit_jax.io import model_dir, pretrained

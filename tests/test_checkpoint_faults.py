@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 
 from msit_jax.io import pretrained
-from msit_jax import errors, upscale
+from msit_jax import errors
+from msit_jax.inference import cli as upscale
 from msit_jax.training import train_and_evaluate
 from msit_jax.training.checkpoints import (FILES_MANIFEST, REJECTED_DIR, Checkpointer,
                                            load_workdir_model)

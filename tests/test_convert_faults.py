@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from msit_jax.io import pretrained
-from msit_jax import errors, upscale
+from msit_jax import errors
+from msit_jax.inference import cli as upscale
 from tests.conftest import assert_one_line_error, run_python, save_img
 
 

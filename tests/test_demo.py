@@ -16,7 +16,9 @@ from PIL import Image
 pytest.importorskip("gradio")
 
 import msit_jax  # noqa: E402
-from msit_jax import demo, images, inference, tiling, tiny_model_config  # noqa: E402
+from msit_jax import demo, images, tiny_model_config  # noqa: E402
+from msit_jax.inference import engine as inference
+from msit_jax.inference import tiling
 from msit_jax.io import model_dir  # noqa: E402
 from msit_jax.models import reparam  # noqa: E402
 from tests.conftest import REPO, shared_data  # noqa: E402

@@ -14,7 +14,9 @@ import jax
 import numpy as np
 import pytest
 
-from msit_jax import inference, model_config, tiny_model_config
+from msit_jax import model_config, tiny_model_config
+
+from msit_jax.inference import engine as inference
 from msit_jax.io import config_check, pretrained
 from msit_jax.io.torch_io import layout, state_dict_to_variables, variables_to_state_dict
 from msit_jax.models import reparam
@@ -272,7 +274,11 @@ def test_exports_agree_with_upscale(tmp_path, name, torch):
     pytest.importorskip("onnxruntime")
     import onnx
 
-    from msit_jax import export, exported, onnx_graph
+    from msit_jax.export import cli as export
+
+    from msit_jax.export import stablehlo as exported
+
+    from msit_jax.export import onnx_graph
 
     cfg = tiny_model_config(name, "rim")
     variables = random_variables(cfg, seed=4)

@@ -6,11 +6,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from msit_jax import ensemble, tiny_model_config
-from msit_jax.inference import Upscaler
+from msit_jax import tiny_model_config
+
+from msit_jax.inference import ensemble
+from msit_jax.inference.engine import Engine
 from msit_jax.models import reparam
 from msit_jax.models.random_init import random_variables
-from msit_jax.tiling import TiledUpscaler
+from msit_jax.inference.tiling import TiledUpscaler
 
 LR_HW, OUT_HW = (11, 8), (29, 17)  # non-square, scales 2.64 x 2.125
 
@@ -98,8 +100,8 @@ def test_model_self_ensemble_equals_plain_only_for_a_symmetric_model(folded, met
     cfg, variables = folded
     lr = _lr(1)
     for v, symmetric in ((_symmetric(variables), True), (variables, False)):
-        plain = Upscaler(cfg, v, chunk=64, method=method)(lr, OUT_HW, clamp=False)
-        plus = Upscaler(cfg, v, chunk=64, method=method, self_ensemble=True)(
+        plain = Engine(cfg, v, chunk=64, method=method)(lr, OUT_HW, clamp=False)
+        plus = Engine(cfg, v, chunk=64, method=method, self_ensemble=True)(
             lr, OUT_HW, clamp=False)
         assert plus.shape == (*OUT_HW, 3)
         diff = np.abs(plus - plain).max()
@@ -108,7 +110,7 @@ def test_model_self_ensemble_equals_plain_only_for_a_symmetric_model(folded, met
         else:
             assert diff > 1e-4, diff
             # ...and it is the mean of the 8 plain passes, each mapped back.
-            up = Upscaler(cfg, v, chunk=64, method=method)
+            up = Engine(cfg, v, chunk=64, method=method)
             mean = sum(t.inverse(up(t.forward(lr), t.size(OUT_HW), clamp=False))
                        for t in ensemble.TRANSFORMS) / 8
             np.testing.assert_allclose(plus, mean, atol=1e-6)
@@ -144,7 +146,9 @@ def model_folder(tmp_path_factory):
 def test_upscale_and_evaluate_commands_take_self_ensemble(tmp_path, model_folder, capsys):
     from PIL import Image
 
-    from msit_jax import images, upscale
+    from msit_jax import images
+
+    from msit_jax.inference import cli as upscale
     from msit_jax.eval import cli as evaluate_cli
 
     path, cfg, variables = model_folder
@@ -156,7 +160,7 @@ def test_upscale_and_evaluate_commands_take_self_ensemble(tmp_path, model_folder
     assert rc == 0, err
     assert err.count("decode x8 (self-ensemble)") == 1  # one stage for the 8 passes
     fcfg, fvars = reparam.fold(cfg, variables)
-    want = Upscaler(fcfg, fvars, self_ensemble=True)(images.to_float(rgb), (30, 27))
+    want = Engine(fcfg, fvars, self_ensemble=True)(images.to_float(rgb), (30, 27))
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "o.png")),
                                   images.to_uint8(want))
 
@@ -181,7 +185,7 @@ def test_the_public_upscaler_takes_self_ensemble(model_folder):
     lr = (_lr(7, (10, 6)) * 255).astype(np.uint8)
     plus = PublicUpscaler.from_pretrained(path, self_ensemble=True)(lr, size=(23, 13))
     fcfg, fvars = reparam.fold(cfg, variables)
-    want = Upscaler(fcfg, fvars, self_ensemble=True)(lr / np.float32(255), (23, 13))
+    want = Engine(fcfg, fvars, self_ensemble=True)(lr / np.float32(255), (23, 13))
     from msit_jax import images
 
     np.testing.assert_array_equal(plus, images.to_uint8(want))

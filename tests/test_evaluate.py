@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from msit_jax import errors, images, inference, tiny_model_config
+from msit_jax import errors, images, tiny_model_config
+
+from msit_jax.inference import engine as inference
 from msit_jax.eval import datasets, metrics, predictors, protocol, reports, runner
 from msit_jax.eval.matlab_resize import imresize
 from msit_jax.io import model_dir

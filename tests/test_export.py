@@ -25,10 +25,18 @@ pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 pytest.importorskip("safetensors")
 
-from msit_jax import export, exported, geometry, inference, onnx_graph, tiny_model_config
+from msit_jax import geometry, tiny_model_config
+
+from msit_jax.export import cli as export
+
+from msit_jax.export import stablehlo as exported
+
+from msit_jax.inference import engine as inference
+
+from msit_jax.export import onnx_graph
 from msit_jax.io import pretrained
 from msit_jax.models import reparam
-from msit_jax.export import ExportError
+from msit_jax.export.cli import ExportError
 from tests.conftest import REPO
 from msit_jax.models.random_init import random_variables
 from tests.test_convert import official_args, trees_equal
@@ -107,7 +115,7 @@ def test_stablehlo_runner_needs_no_model_code(stablehlo_dir, model, tmp_path):
     np.save(tmp_path / "lr.npy", lr)
     r = run_blocked(f"""
         import numpy as np
-        from msit_jax import exported
+        from msit_jax.export import stablehlo as exported
         up = exported.load({stablehlo_dir!r})
         lr = np.load({str(tmp_path / 'lr.npy')!r})
         np.save({str(tmp_path / 'sr.npy')!r}, up(lr, size=(84, 70), clamp=False))
@@ -115,7 +123,7 @@ def test_stablehlo_runner_needs_no_model_code(stablehlo_dir, model, tmp_path):
         assert not [m for m in sys.modules if m.startswith("flax")]
         print("ok")
     """, ("flax", "torch", "ml_collections", "msit_jax.models.model", "msit_jax.models.decoder",
-          "msit_jax.models.encoders", "msit_jax.models.msno", "msit_jax.models.layers", "msit_jax.inference",
+          "msit_jax.models.encoders", "msit_jax.models.msno", "msit_jax.models.layers", "msit_jax.inference.engine",
           "msit_jax.models.grid_decoder", "msit_jax.io.pretrained", "msit_jax.models.config"))
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]
     want = inference.upscale(cfg, v, lr, (84, 70), clamp=False)
@@ -286,7 +294,7 @@ def test_safetensors_hub_folder_loads_without_torch(tmp_path):
     np.save(tmp_path / "lr.npy", lr)
     r = run_blocked(f"""
         import numpy as np
-        from msit_jax import inference
+        from msit_jax.inference import engine as inference
         from msit_jax.io import pretrained
         lr = np.load({str(tmp_path / 'lr.npy')!r})
         for i, path in enumerate([{str(out)!r}, {files[0]!r}]):

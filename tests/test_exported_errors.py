@@ -25,9 +25,11 @@ import numpy as np
 import pytest
 from jax import export as jax_export
 
-from msit_jax import errors, exported
+from msit_jax import errors
+
+from msit_jax.export import stablehlo as exported
 from msit_jax.errors import CheckpointError, InputError
-from msit_jax.serving import ArtifactError
+from msit_jax.inference.frontend import ArtifactError
 from tests.conftest import REPO
 
 CHUNK, RADIUS, DIM = 8, 1, 4
@@ -270,7 +272,7 @@ def onnx_bytes():
 
 
 def onnx_refused(path: str, *needles: str) -> None:
-    from msit_jax import onnx_graph
+    from msit_jax.export import onnx_graph
 
     with pytest.raises(ArtifactError) as info:
         onnx_graph.load(path)
@@ -282,7 +284,7 @@ def onnx_refused(path: str, *needles: str) -> None:
 
 
 def test_damaged_onnx_is_one_typed_error(onnx_bytes, tmp_path):
-    from msit_jax import onnx_graph
+    from msit_jax.export import onnx_graph
 
     path = str(tmp_path / "model.onnx")
     write(path, onnx_bytes["good"])
@@ -320,7 +322,7 @@ def test_huge_chunk_allocates_nothing(export_copy, tmp_path):
         import resource
         resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
         import numpy as np
-        from msit_jax import exported
+        from msit_jax.export import stablehlo as exported
         try:
             up = exported.load({export_copy!r})
             up(np.zeros((5, 4, 3), np.float32), scale=2)
@@ -375,7 +377,7 @@ def test_export_killed_mid_write_leaves_no_output(tmp_path, tiny_cfg, tiny_vars)
                 f.write(data[:len(data) // 2]); f.flush()
             time.sleep(600)
         onnx.save = stalled
-        from msit_jax import export
+        from msit_jax.export import cli as export
         sys.exit(export.main([{src!r}, {str(out)!r}, "--format", "onnx", "--chunk", "64"]))
     """)
     proc = subprocess.Popen([sys.executable, "-c", code], env=env(), cwd=REPO,
@@ -399,7 +401,7 @@ def test_export_killed_mid_write_leaves_no_output(tmp_path, tiny_cfg, tiny_vars)
                        text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert os.listdir(out) == ["model.onnx"] and partials(tmp_path, "out") == []
-    from msit_jax import onnx_graph
+    from msit_jax.export import onnx_graph
 
     assert onnx_graph.load(str(out)).clamped
 

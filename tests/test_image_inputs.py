@@ -3,7 +3,7 @@
 Float data in [0, 1] is used as is; values outside are clipped with one warning
 line; NaN/inf is refused with an ImageError naming the file; 16-bit integers are
 scaled by 65535. Pillow cannot read float RGB TIFFs: they are refused with the
-reason. The slow test runs `python -m msit_jax.upscale` on float TIFFs with the
+reason. The slow test runs `python -m msit_jax.inference` on float TIFFs with the
 bundled msit-lite weights.
 """
 
@@ -20,7 +20,7 @@ from PIL import Image
 
 from msit_jax import errors, images
 from msit_jax.images import ImageError
-from msit_jax.serving import ImageUpscaler
+from msit_jax.inference.frontend import ImageRunner
 from tests.conftest import REPO
 
 
@@ -140,7 +140,7 @@ def test_float_tiffs_pillow_cannot_read_are_refused_with_the_reason(tmp_path, dt
     assert "32-bit float TIFFs with one channel only" in msg, msg
 
 
-class NearestX2(ImageUpscaler):
+class NearestX2(ImageRunner):
     """Repeats every pixel (a stand-in model for the image front end)."""
 
     def upscale_array(self, lr, out_hw, *, clamp=True, progress=False):
@@ -164,7 +164,7 @@ def test_upscaler_takes_a_float_pil_image_at_full_precision(capsys):
 
 @pytest.mark.slow
 def test_upscale_cli_on_float_tiffs(tmp_path):
-    """`python -m msit_jax.upscale` with the bundled msit-lite weights: a float TIFF in
+    """`python -m msit_jax.inference` with the bundled msit-lite weights: a float TIFF in
     [0, 1] gives the same 8-bit PNG as the same image rounded to 8 bits (the CLI reads
     inputs at 8 bits); out-of-range values are clipped with one warning line; a NaN
     TIFF fails alone with exit code 4, naming the file."""
@@ -177,7 +177,7 @@ def test_upscale_cli_on_float_tiffs(tmp_path):
     Image.fromarray(nan).save(tmp_path / "nan.tif")
     names = ["f.tif", "q.png", "wide.tif", "nan.tif"]
     out = tmp_path / "out"
-    r = subprocess.run([sys.executable, "-m", "msit_jax.upscale",
+    r = subprocess.run([sys.executable, "-m", "msit_jax.inference",
                         *[str(tmp_path / n) for n in names], "--scale", "2", "--output",
                         str(out), "--noprogress", "--quiet"],
                        capture_output=True, text=True, cwd=REPO, timeout=300,

@@ -3,7 +3,9 @@
 import numpy as np
 import pytest
 
-from msit_jax import inference, tiny_model_config
+from msit_jax import tiny_model_config
+
+from msit_jax.inference import engine as inference
 from msit_jax.ops.runtime import RuntimeOptions
 from msit_jax.models.random_init import random_variables
 
@@ -60,7 +62,7 @@ def test_clamp(model):
 @pytest.mark.slow  # quick tier under 90 s
 def test_upscaler_reuse_matches_one_shot(model):
     cfg, v = model
-    up = inference.Upscaler(cfg, v, chunk=64)
+    up = inference.Engine(cfg, v, chunk=64)
     rs = np.random.RandomState(3)
     for hw in [(7, 9), (10, 6)]:
         lr = rs.rand(*hw, 3).astype(np.float32)
@@ -81,9 +83,9 @@ def test_bad_inputs(model):
         with pytest.raises(ValueError, match="out_hw"):
             inference.upscale(cfg, v, ok, bad)
     with pytest.raises(ValueError, match="chunk"):
-        inference.Upscaler(cfg, v, chunk=0)
+        inference.Engine(cfg, v, chunk=0)
     with pytest.raises(ValueError, match="method"):
-        inference.Upscaler(cfg, v, method="fast")
+        inference.Engine(cfg, v, method="fast")
 
 
 def test_bfloat16_compute_is_close_to_float32(model):
@@ -101,7 +103,7 @@ def test_bfloat16_compute_is_close_to_float32(model):
 
 def test_auto_method_picks_grid_for_large_scales(model):
     cfg, v = model
-    up = inference.Upscaler(cfg, v)
+    up = inference.Engine(cfg, v)
     assert up.method == "auto"
     cpu = inference.grid_min_queries("cpu")
     assert cpu == 2.25 and up.uses_grid((10, 10), (15, 15))  # x1.5: 2.25 per LR pixel
@@ -109,8 +111,8 @@ def test_auto_method_picks_grid_for_large_scales(model):
     assert not up.uses_grid((10, 10), (10, 10))
     assert up.uses_grid((10, 10), (25, 25))  # x2.5: 6.25
     assert up.uses_grid((10, 10), (120, 120))
-    assert inference.Upscaler(cfg, v, method="grid").uses_grid((10, 10), (10, 10))
-    assert not inference.Upscaler(cfg, v, method="query").uses_grid((10, 10), (120, 120))
+    assert inference.Engine(cfg, v, method="grid").uses_grid((10, 10), (10, 10))
+    assert not inference.Engine(cfg, v, method="query").uses_grid((10, 10), (120, 120))
 
 
 def test_fft_multiscale_convs_match_direct(model):

@@ -12,7 +12,9 @@ import pytest
 
 torch = pytest.importorskip("torch")  # the PyTorch reference (requirements-torch.txt)
 
-from msit_jax import build_model, geometry, inference, tiny_model_config
+from msit_jax import build_model, geometry, tiny_model_config
+
+from msit_jax.inference import engine as inference
 from msit_jax.io.torch_io import state_dict_to_variables
 from tests.torch_reference import TorchMSIT, randomize_, torch_make_coord
 

@@ -124,9 +124,9 @@ def test_console_scripts_point_at_zero_argument_mains():
     scripts = _pyproject()["project"]["scripts"]
     assert scripts == {"msit-train": "msit_jax.training.cli:main",
                        "msit-evaluate": "msit_jax.eval.cli:main",
-                       "msit-upscale": "msit_jax.upscale:main",
+                       "msit-upscale": "msit_jax.inference.cli:main",
                        "msit-convert": "msit_jax.io.convert:main",
-                       "msit-export": "msit_jax.export:main",
+                       "msit-export": "msit_jax.export.cli:main",
                        "msit-demo": "msit_jax.demo:main"}
     for name, target in scripts.items():
         module, func = target.split(":")

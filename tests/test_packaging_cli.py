@@ -125,12 +125,15 @@ def test_no_hint_names_only_a_requirements_file():
 # --- usage lines ------------------------------------------------------------------------
 
 def test_usage_names_the_program_as_invoked():
-    from msit_jax import flags_util, upscale
+    from msit_jax import flags_util
+    from msit_jax.inference import cli as upscale
 
     pkg = os.path.join(REPO, "msit_jax")
     assert flags_util.invoked_program("/venv/bin/msit-upscale") == "msit-upscale"
-    assert flags_util.invoked_program(os.path.join(pkg, "upscale.py")) == \
-        "python -m msit_jax.upscale"
+    assert flags_util.invoked_program(os.path.join(pkg, "inference", "__main__.py")) == \
+        "python -m msit_jax.inference"
+    assert flags_util.invoked_program(os.path.join(pkg, "inference", "cli.py")) == \
+        "python -m msit_jax.inference.cli"
     assert flags_util.invoked_program(os.path.join(pkg, "eval", "cli.py")) == \
         "python -m msit_jax.eval.cli"
     assert flags_util.invoked_program("evaluate.py") == "python evaluate.py"
@@ -139,7 +142,7 @@ def test_usage_names_the_program_as_invoked():
 
     fv = flags.FlagValues()
     upscale.define_flags(fv)
-    for prog in ("msit-upscale", "python -m msit_jax.upscale"):
+    for prog in ("msit-upscale", "python -m msit_jax.inference"):
         text = flags_util.help_text(fv, upscale.USAGE, prog)
         assert text.startswith(f"usage: {prog} [flags] INPUT...\n")
     assert flags_util.help_text(fv, "usage: python evaluate.py --x\n\nDoc.", "msit-evaluate") \
@@ -186,7 +189,9 @@ def test_compile_cache_place_and_switches(tmp_path, monkeypatch):
     assert console.active_compile_cache() is None  # JAX's config untouched
     from absl import flags
 
-    from msit_jax import demo, upscale
+    from msit_jax import demo
+
+    from msit_jax.inference import cli as upscale
     from msit_jax.eval import cli as eval_cli
 
     for define in (upscale.define_flags, eval_cli.define_flags, demo.define_flags,
@@ -226,7 +231,7 @@ def test_compile_cache_writes_into_the_given_folder_and_is_read_back(tmp_path):
 
 @pytest.mark.slow
 def test_a_second_upscale_of_the_same_size_loads_its_programs(tmp_path):
-    """Two `python -m msit_jax.upscale` runs (the bundled msit-lite, its default cache
+    """Two `python -m msit_jax.inference` runs (the bundled msit-lite, its default cache
     threshold): the second loads the encoder and decoder programs the first compiled,
     and writes the same bytes. MSIT_JAX_NO_COMPILE_CACHE=1: no cache at all."""
     Image = pytest.importorskip("PIL.Image")
@@ -245,7 +250,7 @@ def test_a_second_upscale_of_the_same_size_loads_its_programs(tmp_path):
     cache_dir = tmp_path / "xdg" / "msit-jax" / "jax"
 
     def run(name, **extra):
-        p = subprocess.run([sys.executable, "-m", "msit_jax.upscale", str(src), "--scale", "3",
+        p = subprocess.run([sys.executable, "-m", "msit_jax.inference", str(src), "--scale", "3",
                             "-o", str(tmp_path / name), "--noprogress"], cwd=tmp_path,
                            env={**env, **extra}, capture_output=True, text=True, timeout=300)
         assert p.returncode == 0, p.stderr[-3000:]
@@ -300,7 +305,11 @@ def test_api_and_onnx_loads_print_nothing(tmp_path, tiny_run, tiny_cfg, tiny_var
     logs from C++); the ONNX session logs errors only unless verbose."""
     import numpy as np
 
-    from msit_jax import Upscaler, export, onnx_graph
+    from msit_jax import Upscaler
+
+    from msit_jax.export import cli as export
+
+    from msit_jax.export import onnx_graph
 
     pytest.importorskip("onnxruntime")
     capfd.readouterr()

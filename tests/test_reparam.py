@@ -6,7 +6,9 @@ import jax
 import numpy as np
 import pytest
 
-from msit_jax import inference, tiny_model_config
+from msit_jax import tiny_model_config
+
+from msit_jax.inference import engine as inference
 from msit_jax.models import reparam
 from msit_jax.models.random_init import random_variables
 

@@ -190,7 +190,7 @@ def test_registry_entry_configs_and_official_args():
     with pytest.raises(ValueError, match="divisible"):
         validate_model_config(cfg)
     assert stored_family(_names(_tiny())) == "swinir"
-    from msit_jax import tiling
+    from msit_jax.inference import tiling
 
     assert not tiling.tileable(_tiny())  # windows over the padded image: tiles are not exact
     with pytest.raises(ValueError, match="swinir encoder attends within shifted windows"):
@@ -257,7 +257,7 @@ def _onnx_session(build, input_shape=(1, 3, "h", "w")):
     ort = pytest.importorskip("onnxruntime")
     from onnx import TensorProto, helper
 
-    from msit_jax.onnx_graph import OPSET, _Builder, _GraphOps
+    from msit_jax.export.onnx_graph import OPSET, _Builder, _GraphOps
 
     b = _Builder()
     out = build(_GraphOps(b), "x")
@@ -325,7 +325,9 @@ def test_onnx_graph_agrees_with_jax(tmp_path):
     scales x3, x3.5 and a non-integer, unequal pair."""
     onnx = pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
-    from msit_jax import geometry, inference, onnx_graph
+    from msit_jax import geometry
+    from msit_jax.inference import engine as inference
+    from msit_jax.export import onnx_graph
     from msit_jax.models import reparam
 
     cfg = _tiny()
@@ -359,7 +361,7 @@ def _reference_msit_state_dict(cfg, seed=0):
 
 @pytest.mark.slow
 def test_official_layout_pth_loads_and_writes_back(tmp_path):
-    from msit_jax import inference
+    from msit_jax.inference import engine as inference
     from msit_jax.models.reparam import fold
 
     cfg = _tiny()
@@ -406,7 +408,10 @@ def test_stablehlo_export_and_onnx_cli_agree(tmp_path):
     to 1e-4."""
     pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
-    from msit_jax import export, exported, inference, onnx_graph
+    from msit_jax.export import cli as export
+    from msit_jax.export import stablehlo as exported
+    from msit_jax.inference import engine as inference
+    from msit_jax.export import onnx_graph
     from msit_jax.io import model_dir
     from tests.conftest import run_python
 
@@ -481,7 +486,7 @@ def test_hostile_swinir_file_config_is_refused_before_anything_is_built(
     import json
     import time
 
-    from msit_jax import export
+    from msit_jax.export import cli as export
     from msit_jax.models import model as model_module
     from tests.test_untrusted_configs import read_raw_safetensors, write_raw_safetensors
 
@@ -512,7 +517,7 @@ def test_memory_estimate_counts_swinir_attention():
     h heads, N = window^2; see encoders._swinir_bytes_per_pixel), the larger of it and the
     64 x dim rule; every other encoder keeps the 64 x dim rule (the measured figures are in
     that function's docstring)."""
-    from msit_jax.upscale import memory_estimate
+    from msit_jax.inference.cli import memory_estimate
 
     spec = ENCODERS["swinir"]
     paper = model_config("swinir")

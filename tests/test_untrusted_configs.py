@@ -26,7 +26,7 @@ import pytest
 from PIL import Image
 
 from msit_jax import errors, tiny_model_config
-from msit_jax.api import Upscaler
+from msit_jax.inference.api import Upscaler
 from msit_jax.io import model_dir as mdir, pretrained
 from msit_jax.io.torch_io import layout, variables_to_state_dict
 from msit_jax.models import model as model_module
@@ -302,7 +302,7 @@ CLI_CASES = [("safetensors", f) for f in HOSTILE] + [("dir", "n_resblocks"),
 def test_upscale_cli_refuses_hostile_configs_fast_in_bounded_memory(
         hostile_files, tmp_path, kind, field):
     path = hostile_files[kind, field]
-    assert_cli_refused(["-m", "msit_jax.upscale", hostile_files["image", None], "--checkpoint",
+    assert_cli_refused(["-m", "msit_jax.inference", hostile_files["image", None], "--checkpoint",
                         path, "--scale", "2", "-o", str(tmp_path / "out.png"), "--noprogress"],
                        path, HOSTILE[field][2])
     assert not os.path.exists(tmp_path / "out.png")

@@ -1,4 +1,4 @@
-"""`python -m msit_jax.upscale` and LR tiling, on tiny models."""
+"""`python -m msit_jax.inference` and LR tiling, on tiny models."""
 
 from __future__ import annotations
 
@@ -15,7 +15,10 @@ import pytest
 from PIL import Image
 
 from msit_jax.io import model_dir
-from msit_jax import images, inference, tiling, tiny_model_config, upscale
+from msit_jax import images, tiny_model_config
+from msit_jax.inference import engine as inference
+from msit_jax.inference import tiling
+from msit_jax.inference import cli as upscale
 from msit_jax.models import reparam
 from msit_jax.io.workdir import MODEL_CONFIG_FILE
 from msit_jax.training.checkpoints import Checkpointer
@@ -200,7 +203,7 @@ def test_output_larger_than_4096_squared_in_bounded_memory(tmp_path):
     Image.fromarray(_img(256, 256, 6)).save(tmp_path / "in.png")
     out = tmp_path / "big.png"
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    p = subprocess.run([sys.executable, "-m", "msit_jax.upscale", str(tmp_path / "in.png"),
+    p = subprocess.run([sys.executable, "-m", "msit_jax.inference", str(tmp_path / "in.png"),
                         "--checkpoint", ckpt, "--size", "4100x4100", "--chunk", "262144",
                         "--output", str(out), "--noprogress"],
                        capture_output=True, text=True, timeout=600, cwd=REPO,
@@ -330,10 +333,10 @@ def workdir(tmp_path_factory):
 
 
 def test_console_script_shows_stages_and_no_library_noise(tmp_path, workdir):
-    """`python -m msit_jax.upscale` (absl.app.run, as the msit-upscale script): timed stages
+    """`python -m msit_jax.inference` (absl.app.run, as the msit-upscale script): timed stages
     and a decode bar on stderr; Orbax's absl warnings only with --verbose."""
     Image.fromarray(_img(80, 96, 13)).save(tmp_path / "in.png")
-    cmd = [sys.executable, "-m", "msit_jax.upscale", str(tmp_path / "in.png"), "--checkpoint",
+    cmd = [sys.executable, "-m", "msit_jax.inference", str(tmp_path / "in.png"), "--checkpoint",
            workdir, "--scale", "2", "-o", str(tmp_path / "o.png")]
     env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"))  # not the user's cache
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO, env=env)

@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 
 from msit_jax.io import model_dir as mdir, pretrained
-from msit_jax import errors, images, tiny_model_config, upscale
+from msit_jax import errors, images, tiny_model_config
+from msit_jax.inference import cli as upscale
 from msit_jax.models.random_init import random_variables
 from tests.conftest import assert_one_line_error, run_python, save_img
 

@@ -20,7 +20,9 @@ import numpy as np
 import pytest
 from orbax.checkpoint._src.path.atomicity_types import TMP_DIR_SUFFIX
 
-from msit_jax import errors, tiny_model_config, upscale
+from msit_jax import errors, tiny_model_config
+
+from msit_jax.inference import cli as upscale
 from msit_jax.io import model_dir as mdir
 from msit_jax.io.workdir import CheckpointReader, leaf_records, load_workdir_model, saved_steps
 from msit_jax.models.random_init import random_variables

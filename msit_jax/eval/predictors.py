@@ -20,7 +20,7 @@ import numpy as np
 
 from msit_jax import console, errors, images
 from msit_jax.eval import matlab_resize
-from msit_jax.inference import Upscaler
+from msit_jax.inference.engine import Engine
 from msit_jax.io import pretrained
 from msit_jax.models import reparam
 from msit_jax.ops.runtime import RuntimeOptions
@@ -84,7 +84,7 @@ class BicubicYPredictor(Predictor):
 
 
 class MSITPredictor(Predictor):
-    """MSIT through `msit_jax.inference.Upscaler` (encoder once, chunked queries).
+    """MSIT through `msit_jax.inference.Engine` (encoder once, chunked queries).
 
     check_finite: raise NonFiniteError for a prediction with NaN/inf values
     (evaluation reports the image and goes on); False passes them through, so a
@@ -99,7 +99,7 @@ class MSITPredictor(Predictor):
                  runtime: Optional[Any] = None, check_finite: bool = True,
                  self_ensemble: bool = False):
 
-        self.up = Upscaler(model_cfg, variables, chunk=chunk, method=method, runtime=runtime,
+        self.up = Engine(model_cfg, variables, chunk=chunk, method=method, runtime=runtime,
                            self_ensemble=self_ensemble)
         self.name = name + ("+" if self_ensemble else "")  # EDSR's convention: "EDSR+"
         self.check_finite = check_finite

@@ -119,7 +119,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.shave_extra = 6  # DIV2K protocol: shave scale + 6
     c.eval.y_channel = False
     c.eval.chunk = 0  # queries per decoder call; 0: per platform (4096 on CPU)
-    c.eval.method = "auto"  # decoder: 'auto' | 'grid' | 'query' (msit_jax.inference.Upscaler)
+    c.eval.method = "auto"  # decoder: 'auto' | 'grid' | 'query' (msit_jax.inference.Engine)
 
     c.checkpoint = ml_collections.ConfigDict(dict(every_steps=5000, keep=3, keep_best=True,
                                                   async_save=True))

@@ -62,7 +62,9 @@ import numpy as np
 from absl import flags
 from PIL import Image
 
-from msit_jax import console, errors, flags_util, images, tiling, weights
+from msit_jax import console, errors, flags_util, images, weights
+
+from msit_jax.inference import tiling
 from msit_jax.io import pretrained
 from msit_jax.models import reparam
 from msit_jax.models.encoders import encoder_spec

@@ -42,12 +42,13 @@ from typing import Any, Optional
 
 import numpy as np
 
-from msit_jax import console, serving
+from msit_jax import console
 from msit_jax.errors import InputError, one_line
-from msit_jax.serving import ImageUpscaler, Progress, artifact_error, check_image
+from msit_jax.inference import frontend as serving
+from msit_jax.inference.frontend import (DEFAULT_CHUNK, ImageRunner, Progress, artifact_error,
+                                         check_image)
 
 OPSET = 17
-DEFAULT_CHUNK = 4096
 f32 = np.float32
 
 
@@ -660,7 +661,7 @@ def check_session(path: str, session: Any) -> dict[str, str]:
     return props
 
 
-class OnnxUpscaler(ImageUpscaler):
+class OnnxRunner(ImageRunner):
     """Runs an exported graph with onnxruntime: `up(image, scale=... | size=...)`.
 
     providers: onnxruntime execution providers (default: CPU). The graph decodes
@@ -713,14 +714,14 @@ class OnnxUpscaler(ImageUpscaler):
 
 
 def load(path: str, providers: Optional[list] = None, threads: Optional[int] = None,
-         verbose: Optional[bool] = None) -> OnnxUpscaler:
-    """An `OnnxUpscaler` for an exported `model.onnx` (or the export folder holding it).
+         verbose: Optional[bool] = None) -> OnnxRunner:
+    """An `OnnxRunner` for an exported `model.onnx` (or the export folder holding it).
 
     InputError when nothing is at `path`; ArtifactError (a CheckpointError) when the
-    folder has no model.onnx or the file is bad (see OnnxUpscaler)."""
+    folder has no model.onnx or the file is bad (see OnnxRunner)."""
     path = os.fspath(path)
     if os.path.isdir(path):
         path = os.path.join(path, ONNX_FILE)
     elif not os.path.exists(path):
         raise InputError(f"{path}: no ONNX model there")
-    return OnnxUpscaler(path, providers, threads, verbose)
+    return OnnxRunner(path, providers, threads, verbose)

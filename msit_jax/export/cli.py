@@ -48,7 +48,10 @@ import numpy as np
 from absl import flags
 from jax import export as jax_export
 
-from msit_jax import console, errors, exported, flags_util, onnx_graph
+from msit_jax import console, errors, flags_util
+from msit_jax.export import onnx_graph
+from msit_jax.export import stablehlo as exported
+from msit_jax.inference.frontend import DEFAULT_CHUNK
 from msit_jax.geometry import QueryGeometry
 from msit_jax.io import model_dir, pretrained
 from msit_jax.io.convert import commit_partial, partial_dir
@@ -60,9 +63,7 @@ from msit_jax.ops.runtime import RuntimeOptions
 
 FORMATS = ("stablehlo", "onnx", "pth", "safetensors")
 DEFAULT_FOLD = {"stablehlo": True, "onnx": True, "pth": False, "safetensors": False}
-PLATFORMS = ("cpu", "cuda", "tpu")
-KNOWN_PLATFORMS = ("cpu", "cuda", "rocm", "tpu")  # what jax.export lowers for
-DEFAULT_CHUNK = 4096
+DEFAULT_PLATFORMS = ("cpu", "cuda", "tpu")  # stablehlo: lowered together unless --platforms
 PTH_FILE = "model.pth"
 ONNX_FILE = "model.onnx"
 
@@ -219,7 +220,7 @@ sr = up(image, scale=3.5)                              # PIL image or array, any
 
 
 def write_stablehlo(out: str, model_cfg: ml_collections.ConfigDict, variables: Any, *,
-                    chunk: int = DEFAULT_CHUNK, platforms: Sequence[str] = PLATFORMS
+                    chunk: int = DEFAULT_CHUNK, platforms: Sequence[str] = DEFAULT_PLATFORMS
                     ) -> list[str]:
     """OUT/encoder.jaxexport, decoder.jaxexport, export.json (see msit_jax.exported).
 
@@ -294,7 +295,7 @@ def write_onnx(out: str, model_cfg: ml_collections.ConfigDict, variables: Any, *
 
 def export_variables(model_cfg: ml_collections.ConfigDict, variables: Any, out: str, fmt: str,
                      *, fold: Optional[bool] = None, chunk: int = DEFAULT_CHUNK,
-                     platforms: Sequence[str] = PLATFORMS, opset: Optional[int] = None,
+                     platforms: Sequence[str] = DEFAULT_PLATFORMS, opset: Optional[int] = None,
                      decoder: str = "auto") -> list[str]:
     """Export (model_cfg, variables) to a new directory `out`; returns the files written.
 
@@ -306,10 +307,10 @@ def export_variables(model_cfg: ml_collections.ConfigDict, variables: Any, out: 
     fold = DEFAULT_FOLD[fmt] if fold is None else bool(fold)
     if chunk < 1:
         raise ExportError(f"chunk must be >= 1, got {chunk}")
-    unknown = [p for p in platforms if p not in KNOWN_PLATFORMS]
+    unknown = [p for p in platforms if p not in exported.PLATFORMS]
     if fmt == "stablehlo" and (unknown or not platforms):
         raise ExportError(f"unknown platform(s) {unknown or list(platforms)}: choose from "
-                          f"{', '.join(KNOWN_PLATFORMS)}")
+                          f"{', '.join(exported.PLATFORMS)}")
     if fmt == "pth" and fold:
         raise ExportError("pth cannot express a folded model: the official layout keeps "
                           "BatchNorm (and RIMs, stage 2); drop --fold, or use --format "
@@ -340,7 +341,7 @@ def export_variables(model_cfg: ml_collections.ConfigDict, variables: Any, out: 
 
 
 def export(src: str, out: str, fmt: str, *, fold: Optional[bool] = None,
-           chunk: int = DEFAULT_CHUNK, platforms: Sequence[str] = PLATFORMS,
+           chunk: int = DEFAULT_CHUNK, platforms: Sequence[str] = DEFAULT_PLATFORMS,
            opset: Optional[int] = None, decoder: str = "auto",
            model_cfg: Optional[ml_collections.ConfigDict] = None) -> list[str]:
     """Load `src` (`pretrained.load`) and export it; see `export_variables`."""
@@ -364,7 +365,7 @@ def define_flags(fv: flags.FlagValues) -> None:
                       "and onnx, --nofold for pth and safetensors).", flag_values=fv)
     flags.DEFINE_integer("chunk", DEFAULT_CHUNK, "Queries per decoder call in stablehlo and "
                          "onnx.", flag_values=fv)
-    flags.DEFINE_list("platforms", list(PLATFORMS), "stablehlo: platforms lowered together.",
+    flags.DEFINE_list("platforms", list(DEFAULT_PLATFORMS), "stablehlo: platforms lowered together.",
                       flag_values=fv)
     flags.DEFINE_integer("opset", None, "onnx: opset (default 17).", flag_values=fv)
     flags.DEFINE_enum("decoder", "auto", ["auto", "grid", "query"], "onnx: decoder "

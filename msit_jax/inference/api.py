@@ -18,26 +18,26 @@ from typing import Any, Optional
 import ml_collections
 import numpy as np
 
-from msit_jax import inference
+from msit_jax.inference import engine as inference
 from msit_jax.io import pretrained
 from msit_jax.models import reparam
 from msit_jax.ops.runtime import RuntimeOptions
-from msit_jax.serving import ImageUpscaler, Progress
+from msit_jax.inference.frontend import ImageRunner, Progress
 
 
-class Upscaler(ImageUpscaler):
+class Upscaler(ImageRunner):
     """A ready model: `up(image, scale=s | (sy, sx))` or `up(image, size=(h, w))`.
 
     image: a PIL image, or an (H, W, 3) uint8 / float [0, 1] array; the result
     has the same type (see `msit_jax.serving`). chunk, method, runtime: see
-    `msit_jax.inference.Upscaler`. self_ensemble: the mean over the 8
+    `msit_jax.inference.Engine`. self_ensemble: the mean over the 8
     flips/transposes of the input (EDSR's "+"; `msit_jax.ensemble`), 8x the work.
     """
 
     def __init__(self, model_cfg: ml_collections.ConfigDict, variables: Any, *,
                  chunk: Optional[int] = None, method: str = "auto",
                  runtime: Optional[RuntimeOptions] = None, self_ensemble: bool = False):
-        self.engine = inference.Upscaler(model_cfg, variables, chunk, method, runtime,
+        self.engine = inference.Engine(model_cfg, variables, chunk, method, runtime,
                                          self_ensemble=self_ensemble)
 
     @classmethod

@@ -15,7 +15,7 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 
-from msit_jax.serving import Progress
+from msit_jax.inference.frontend import Progress
 
 N_TRANSFORMS = 8
 

@@ -28,6 +28,11 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from msit_jax.errors import CheckpointError, one_line
+
+# Queries per decoder call unless a platform says otherwise (the engine's
+# per-platform table, the exports' fixed chunk). Each query gathers 2 x 49 x dim
+# features, so at dim 256 a 4096-query chunk holds ~0.6 GB of intermediates.
+DEFAULT_CHUNK = 4096
 from msit_jax.images import pil_to_rgb_float, pil_to_rgb_uint8, to_uint8
 
 f32 = np.float32
@@ -167,7 +172,7 @@ def track(items: Iterable, total: int, progress: Progress, desc: str = "decode")
     yield from tqdm(items, total=total, desc=desc, unit="chunk", leave=False)
 
 
-class ImageUpscaler:
+class ImageRunner:
     """Base of the one-call upscalers: `up(image, scale=... | size=...)`.
 
     Subclasses implement `upscale_array(lr, out_hw, *, clamp, progress)`:

@@ -21,7 +21,7 @@ opposite edge. Tiled outputs therefore equal untiled ones (to float32
 round-off) except in HR pixels that lie within that many LR pixels of an
 image border along an axis split into several tiles; there they are close
 approximations (the reference has no tiling; use tile >= the image size, or
-the untiled `msit_jax.inference.Upscaler`, where that matters).
+the untiled `msit_jax.inference.Engine`, where that matters).
 
 Encoding and decoding use the untiled path's jitted `inference.encode` /
 `inference.decode` (one compilation per window size), with query geometry from
@@ -39,11 +39,13 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from msit_jax import geometry, inference
-from msit_jax.inference import Upscaler
+from msit_jax import geometry
+
+from msit_jax.inference import engine as inference
+from msit_jax.inference.engine import Engine
 from msit_jax.models.encoders import encoder_sizes, encoder_spec
 from msit_jax.ops.runtime import RuntimeOptions
-from msit_jax.serving import Progress, denormalize, normalize
+from msit_jax.inference.frontend import Progress, denormalize, normalize
 
 f32 = np.float32
 
@@ -146,10 +148,10 @@ class _Counter:
             self.bar.close()
 
 
-class TiledUpscaler(Upscaler):
-    """`Upscaler` that encodes and decodes LR tiles of `tile` x `tile` (see module doc).
+class TiledUpscaler(Engine):
+    """`Engine` that encodes and decodes LR tiles of `tile` x `tile` (see module doc).
 
-    tile <= 0 or tile >= both LR sides runs the untiled `Upscaler` (with `method`);
+    tile <= 0 or tile >= both LR sides runs the untiled `Engine` (with `method`);
     tiles are decoded per query (the reference formulation).
     """
 

@@ -42,9 +42,9 @@ from jax import export
 
 from msit_jax import geometry
 from msit_jax.errors import InputError, one_line
-from msit_jax import serving
-from msit_jax.serving import (ImageUpscaler, Progress, artifact_error, check_image, denormalize,
-                              normalize, track)
+from msit_jax.inference import frontend as serving
+from msit_jax.inference.frontend import (ImageRunner, Progress, artifact_error, check_image,
+                                         denormalize, normalize, track)
 
 FORMAT = "msit-jax-stablehlo"
 VERSION = 1
@@ -52,6 +52,7 @@ ENCODER_FILE = "encoder.jaxexport"
 DECODER_FILE = "decoder.jaxexport"
 META_FILE = "export.json"
 MAX_META_BYTES = 1 << 20  # export.json is a few KB; a larger one is not ours, not read
+PLATFORMS = ("cpu", "cuda", "rocm", "tpu")  # what jax.export lowers for
 
 ArtifactError = serving.ArtifactError  # what `load` raises for a bad folder (a CheckpointError)
 
@@ -224,7 +225,7 @@ def check_programs(folder: str, meta: dict[str, Any], encoder: export.Exported,
                              "from different exports")
 
 
-class ExportedUpscaler(ImageUpscaler):
+class StableHLORunner(ImageRunner):
     """Upscales with a StableHLO export: the encoder once per image, then the
     decoder over fixed-size chunks of queries (geometry on the host, one compiled
     decoder per LR size). `up(image, scale=... | size=...)`; see msit_jax.serving.
@@ -267,10 +268,10 @@ class ExportedUpscaler(ImageUpscaler):
         return np.clip(out, 0.0, 1.0) if clamp else out
 
 
-def load(folder: str) -> ExportedUpscaler:
+def load(folder: str) -> StableHLORunner:
     """The runner for a StableHLO export folder: InputError when there is no folder,
     ArtifactError (a CheckpointError, exit code 5) when it is incomplete or corrupt."""
     folder = os.fspath(folder)
     if not os.path.isdir(folder):
         raise InputError(f"{folder}: no StableHLO export folder there")
-    return ExportedUpscaler(folder)
+    return StableHLORunner(folder)

@@ -19,18 +19,18 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from msit_jax import ensemble, geometry
+from msit_jax import geometry
+
+from msit_jax.inference import ensemble
 from msit_jax.models import grid_decoder
 from msit_jax.models.model import MSIT, build_model
 from msit_jax.ops.runtime import RuntimeOptions
-from msit_jax.serving import (Progress, check_image, check_out_hw, denormalize,  # noqa: F401
-                              normalize, track)
+from msit_jax.inference.frontend import (DEFAULT_CHUNK, Progress, check_image,  # noqa: F401
+                                         check_out_hw, denormalize, normalize, track)
 
-# Queries per decoder call, per platform. Each query gathers 2 x 49 x dim
-# features, so at dim 256 a 4096-query chunk holds ~0.6 GB of intermediates.
+# Queries per decoder call, per platform (DEFAULT_CHUNK: see the front end).
 # CPU: measured. GPU/TPU: larger calls keep the device busy; 16384 (~2.4 GB)
 # is an estimate until `benchmarks/accel_check.py` has measured it.
-DEFAULT_CHUNK = 4096
 PLATFORM_CHUNK = {"cpu": 4096, "gpu": 16384, "cuda": 16384, "rocm": 16384, "tpu": 16384}
 
 
@@ -42,7 +42,7 @@ def default_chunk(platform: Optional[str] = None) -> int:
 @functools.partial(jax.jit, static_argnums=0)
 def encode(model: MSIT, variables: Any, inp: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Jitted `MSIT.encode`: inp (B, H, W, 3) -> (feat_q, feat_v), each (B, H, W, dim).
-    Shared by `Upscaler` and `msit_jax.tiling` so they compile one encoder per input size."""
+    Shared by `Engine` and `msit_jax.tiling` so they compile one encoder per input size."""
     return model.apply(variables, inp, method=MSIT.encode)
 
 
@@ -78,7 +78,7 @@ def grid_min_queries(platform: Optional[str] = None) -> float:
     return PLATFORM_GRID_MIN.get(platform or jax.default_backend(), ACCELERATOR_GRID_MIN)
 
 
-class Upscaler:
+class Engine:
     """Holds a model and its device-resident variables; call it per image.
 
     method: 'grid' decodes queries grouped by their nearest LR centre
@@ -218,7 +218,7 @@ def upscale(model_cfg: ml_collections.ConfigDict, variables: Any, lr: Any, out_h
     (non-integer and per-axis scales). Returns (out_h, out_w, 3) float32, clamped
     to [0, 1] unless clamp=False (then the raw denormalised prediction).
     chunk bounds the queries decoded per call (memory); method, runtime,
-    self_ensemble: see `Upscaler`.
+    self_ensemble: see `Engine`.
     """
-    up = Upscaler(model_cfg, variables, chunk, method, runtime, self_ensemble=self_ensemble)
+    up = Engine(model_cfg, variables, chunk, method, runtime, self_ensemble=self_ensemble)
     return up(lr, out_hw, clamp=clamp, progress=progress)
