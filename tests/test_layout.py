@@ -10,6 +10,14 @@
     dependency cycle or a layering problem. Lazy imports of optional heavy
     third-party packages (torch, tensorflow_datasets, onnx, gradio, ...) are not
     msit_jax imports and are fine; LAZY_ALLOWED lists the msit_jax exceptions.
+(e) imports go down the layers (LAYERS), never up: the foundations (errors,
+    geometry, images, ops, ...) know nothing of the model, models/ and ops/ know
+    nothing of io/, inference/ or export/, the running model and the exports know
+    nothing of training or evaluation, and only the command-line surfaces sit on top;
+(f) nothing in msit_jax/inference/ imports msit_jax.training or msit_jax.eval (the
+    running model needs no trainer, whatever layer a module is put in);
+(g) the module import graph (module-level imports, `if TYPE_CHECKING:` blocks left
+    out: they never run) has no cycle.
 """
 
 from __future__ import annotations
@@ -24,6 +32,22 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = "msit_jax"
 
 MODELS_MAY_IMPORT = ("msit_jax.models", "msit_jax.ops", "msit_jax.geometry")
+# Rule (e): a module's layer is that of the longest prefix listed; a module imports only
+# its own layer or lower ones. 0 foundations, 1 the model, 2 weights and data in and out,
+# 3 the running model and its exports, 4 training, evaluation and lowering checks,
+# 5 the command-line surfaces (and the package face, which names everything lazily).
+LAYERS: dict[str, int] = {
+    "msit_jax.errors": 0, "msit_jax.geometry": 0, "msit_jax.console": 0, "msit_jax.images": 0,
+    "msit_jax.weights": 0, "msit_jax.ops": 0,
+    "msit_jax.models": 1,
+    "msit_jax.io": 2, "msit_jax.data": 2,
+    "msit_jax.inference": 3, "msit_jax.export": 3,
+    "msit_jax.eval": 4, "msit_jax.training": 4, "msit_jax.lowering": 4, "msit_jax.configs": 4,
+    "msit_jax": 5, "msit_jax.flags_util": 5, "msit_jax.demo": 5, "msit_jax.convert": 5,
+    "msit_jax.pretrained": 5, "msit_jax.reparam": 5, "msit_jax.io.convert": 5,
+    "msit_jax.inference.cli": 5, "msit_jax.inference.__main__": 5, "msit_jax.export.cli": 5,
+    "msit_jax.export.__main__": 5, "msit_jax.eval.cli": 5, "msit_jax.training.cli": 5,
+}
 # (importing module, imported module) pairs allowed as function-level imports, each
 # with its reason: an optional dependency stands behind the msit_jax module. None of
 # them works around a cycle (rule (d) finds any other).
@@ -48,6 +72,7 @@ class Import:
     target: str  # the imported msit_jax module, e.g. msit_jax.training.checkpoints
     names: tuple[str, ...]  # names taken from it by `from ... import`; () for `import`
     lazy: bool  # inside a def or class
+    typing_only: bool = False  # inside `if TYPE_CHECKING:` (never executed)
 
     def where(self) -> str:
         return f"{self.path}:{self.line}"
@@ -84,6 +109,7 @@ class _Scanner(ast.NodeVisitor):
         self.module = _module_name(root, path)
         self.is_package = os.path.basename(path) == "__init__.py"
         self.depth = 0  # enclosing defs / classes
+        self.typing_only = 0  # enclosing `if TYPE_CHECKING:` blocks
         self.imports: list[Import] = []
         self.module_aliases: dict[str, str] = {}  # local name -> msit_jax module
         self.private_uses: list[tuple[int, str]] = []  # (line, "msit_jax.x._y")
@@ -95,9 +121,21 @@ class _Scanner(ast.NodeVisitor):
 
     visit_FunctionDef = visit_AsyncFunctionDef = visit_ClassDef = visit_Lambda = _scoped
 
+    def visit_If(self, node: ast.If):
+        test = node.test
+        name = test.id if isinstance(test, ast.Name) else getattr(test, "attr", None)
+        if name != "TYPE_CHECKING":
+            return self.generic_visit(node)
+        self.typing_only += 1
+        for child in node.body:
+            self.visit(child)
+        self.typing_only -= 1
+        for child in node.orelse:
+            self.visit(child)
+
     def _record(self, node, target: str, names: tuple[str, ...]):
         self.imports.append(Import(self.module, self.rel, node.lineno, target, names,
-                                   self.depth > 0))
+                                   self.depth > 0, self.typing_only > 0))
 
     def visit_Import(self, node: ast.Import):
         for alias in node.names:
@@ -163,11 +201,61 @@ def scan(root: str) -> list[_Scanner]:
     return out
 
 
+def layer(module: str) -> int:
+    """Rule (e)'s layer of a msit_jax module: that of its longest prefix in LAYERS."""
+    best = max((p for p in LAYERS if _under(module, p)), key=len)
+    return LAYERS[best]
+
+
+def import_cycles(scanners: list[_Scanner]) -> list[list[str]]:
+    """The cycles of the module graph (module-level, executed imports): each strongly
+    connected component of more than one module, sorted (Tarjan's algorithm)."""
+    graph = {s.module: sorted({i.target for i in s.imports if not i.lazy and not i.typing_only
+                               and i.target != s.module})
+             for s in scanners}
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    cycles = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return sorted(cycles)
+
+
 def violations(root: str) -> dict[str, list[str]]:
     """Rule letter -> offender lines ('path:line: what'), for the tree at `root`."""
-    found: dict[str, list[str]] = {"a": [], "b": [], "c": [], "d": []}
-    for s in scan(root):
+    found: dict[str, list[str]] = {r: [] for r in "abcdefg"}
+    scanners = scan(root)
+    for s in scanners:
         for imp in s.imports:
+            if layer(imp.target) > layer(s.module):
+                found["e"].append(f"{imp.where()}: {s.module} (layer {layer(s.module)}) "
+                                  f"imports {imp.target} (layer {layer(imp.target)})")
+            if (_under(s.module, "msit_jax.inference")
+                    and any(_under(imp.target, p) for p in ("msit_jax.training",
+                                                            "msit_jax.eval"))):
+                found["f"].append(f"{imp.where()}: {s.module} imports {imp.target}")
             if (_under(s.module, "msit_jax.models")
                     and not any(_under(imp.target, p) for p in MODELS_MAY_IMPORT)):
                 found["a"].append(f"{imp.where()}: {s.module} imports {imp.target}")
@@ -181,6 +269,8 @@ def violations(root: str) -> dict[str, list[str]]:
                                   "inside a function")
         for line, name in s.private_uses:
             found["c"].append(f"{s.rel}:{line}: {s.module} uses {name}")
+    for cycle in import_cycles(scanners):
+        found["g"].append("import cycle: " + " <-> ".join(cycle))
     return found
 
 
@@ -189,6 +279,9 @@ RULES = {
     "b": "msit_jax/io/ imports msit_jax.training",
     "c": "a module imports or uses another module's private name",
     "d": "msit_jax is imported inside a function (not in LAZY_ALLOWED)",
+    "e": "a module imports one of a higher layer (LAYERS)",
+    "f": "msit_jax/inference/ imports msit_jax.training or msit_jax.eval",
+    "g": "the module import graph has a cycle",
 }
 
 
@@ -226,6 +319,18 @@ CLEAN = {
     "training/__init__.py": "",
     "training/loop.py": ("from msit_jax.io import pretrained\nfrom msit_jax import geometry as g\n"
                          "x = g.public()\n"),
+    "inference/__init__.py": "",
+    "inference/engine.py": "from msit_jax.models import model\nfrom msit_jax.io import pretrained\n",
+    "inference/cli.py": "from msit_jax.inference import engine\nfrom msit_jax import flags_util\n",
+    "export/__init__.py": "",
+    "export/stablehlo.py": "from msit_jax.inference import engine\n",
+    "eval/__init__.py": "",
+    "eval/runner.py": ("from typing import TYPE_CHECKING\nfrom msit_jax.eval import reports\n"
+                       "from msit_jax.inference import engine\n"),
+    "eval/reports.py": ("from typing import TYPE_CHECKING\n"
+                        "if TYPE_CHECKING:  # types only: not a cycle\n"
+                        "    from msit_jax.eval import runner\n"),
+    "flags_util.py": "from msit_jax.inference import engine\n",
 }
 
 
@@ -242,6 +347,10 @@ def test_checker_passes_a_clean_tree(tmp_path):
     assert not any(found.values()), report(found)
 
 
+# Rules a case breaks as well as its own: importing a higher layer (e) is what (a) and (b)
+# forbid too, and an import up to a module that imports back down closes a cycle (g).
+ALSO = {"models-imports-training": ("e", "g"), "models-imports-io-package": ("e",),
+        "io-imports-training": ("e", "g"), "models-imports-export": ("a",)}
 VIOLATIONS = {  # id: (rule, module file, its text, the one offender line expected)
     "models-imports-training": (
         "a", "models/layers.py", "from msit_jax.training import loop\n",
@@ -264,11 +373,34 @@ VIOLATIONS = {  # id: (rule, module file, its text, the one offender line expect
     "private-via-relative-import": (
         "c", "io/pretrained.py", "from ..ops import conv as c\nc._private = 1\n",
         "io/pretrained.py:2: msit_jax.io.pretrained uses msit_jax.ops.conv._private"),
+    "ops-imports-inference": (
+        "e", "ops/conv.py", "from msit_jax import inference\n",
+        "ops/conv.py:1: msit_jax.ops.conv (layer 0) imports msit_jax.inference (layer 3)"),
+    "models-imports-export": (
+        "e", "models/model.py", "import msit_jax.export\n",
+        "models/model.py:1: msit_jax.models.model (layer 1) imports msit_jax.export (layer 3)"),
+    "io-imports-flags": (
+        "e", "io/workdir.py", "from msit_jax import flags_util\n",
+        "io/workdir.py:1: msit_jax.io.workdir (layer 2) imports msit_jax.flags_util (layer 5)"),
+    "inference-cli-imports-training": (
+        "f", "inference/cli.py", "from msit_jax.training import loop\n",
+        "inference/cli.py:1: msit_jax.inference.cli imports msit_jax.training.loop"),
     "function-level-import": (
         "d", "training/loop.py", "def f():\n    from msit_jax.io import pretrained\n",
         "training/loop.py:2: msit_jax.training.loop imports msit_jax.io.pretrained inside a "
         "function"),
 }
+
+
+def test_checker_reports_an_import_cycle(tmp_path):
+    """A runtime import back from reports to runner closes a cycle (rule g); the same
+    import under `if TYPE_CHECKING:` (the clean tree) does not."""
+    files = dict(CLEAN)
+    files["eval/reports.py"] = "from msit_jax.eval import runner\n"
+    found = violations(_write(tmp_path, files))
+    assert found["g"] == ["import cycle: msit_jax.eval.reports <-> msit_jax.eval.runner"], \
+        report(found)
+    assert all(not v for r, v in found.items() if r != "g"), report(found)
 
 
 @pytest.mark.parametrize("case", sorted(VIOLATIONS))
@@ -278,4 +410,6 @@ def test_checker_reports_a_deliberate_violation(tmp_path, case):
     files[rel] = text  # the module, rewritten with the violation
     found = violations(_write(tmp_path, files))
     assert found[rule] == ["msit_jax/" + expected], report(found)
-    assert all(not v for r, v in found.items() if r != rule), report(found)
+    also = ALSO.get(case, ())
+    assert all(not v for r, v in found.items() if r != rule and r not in also), report(found)
+    assert all(found[r] for r in also), report(found)
