@@ -120,8 +120,9 @@ def test_stablehlo_runner_needs_no_model_code(stablehlo_dir, model, tmp_path):
         assert not [m for m in sys.modules if m.startswith("flax")]
         print("ok")
     """, ("flax", "torch", "ml_collections", "msit_jax.models.model", "msit_jax.models.decoder",
-          "msit_jax.models.encoders", "msit_jax.models.msno", "msit_jax.models.layers", "msit_jax.inference.engine",
-          "msit_jax.models.grid_decoder", "msit_jax.io.pretrained", "msit_jax.models.config"))
+          "msit_jax.models.encoders", "msit_jax.models.msno", "msit_jax.models.layers",
+          "msit_jax.inference.engine", "msit_jax.models.grid_decoder", "msit_jax.io.pretrained",
+          "msit_jax.models.config"))
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]
     want = inference.upscale(cfg, v, lr, (84, 70), clamp=False)
     np.testing.assert_allclose(np.load(tmp_path / "sr.npy"), want, atol=1e-5, rtol=0)
@@ -207,8 +208,9 @@ def test_onnx_graph_interface(tmp_path, model):
     assert u8.dtype == np.uint8 and u8.shape == (26, 22, 3)
 
 
-# The graph builder and everything it stands on: the ONNX runner must load none of it.
-BUILDER_MODULES = ("flax", "torch", "ml_collections", "onnx", "msit_jax.models",
+# The graph builder and everything it stands on: the ONNX runner must load none of it
+# (not even JAX: numpy and onnxruntime are a whole deployment).
+BUILDER_MODULES = ("jax", "jaxlib", "flax", "torch", "ml_collections", "onnx", "msit_jax.models",
                    "msit_jax.export.onnx_graph", "msit_jax.export.cli",
                    "msit_jax.export.stablehlo", "msit_jax.inference.engine",
                    "msit_jax.io.pretrained")
@@ -217,7 +219,7 @@ BUILDER_MODULES = ("flax", "torch", "ml_collections", "onnx", "msit_jax.models",
 @pytest.mark.slow  # a subprocess
 def test_onnx_runner_needs_no_builder_or_model_code(tmp_path, model):
     """An exported graph runs through `msit_jax.export.load_onnx` (the package's lazy
-    face, = onnx_runner.load) in an interpreter where the builder, `onnx`, Flax and
+    face, = onnx_runner.load) in an interpreter where the builder, `onnx`, JAX, Flax and
     every model module are blocked from importing; the result equals the in-process
     runner's and the folded model's."""
     cfg, v = model

@@ -12,9 +12,9 @@ later, batch 1, NCHW):
                    metadata field 'clamp' is 'false': the raw prediction)
 
 Everything (normalisation, encoder, query geometry, decoder) happens in the graph, so
-this runner needs numpy, onnxruntime and the image front end alone: it imports neither
-the graph builder (nor `onnx`) nor Flax and the model modules. onnxruntime is an
-optional dependency, imported when a runner is made.
+this runner needs numpy, onnxruntime and the image front end alone: it imports none of
+the graph builder, `onnx`, JAX, Flax or the model modules (tests/test_export.py blocks
+them). onnxruntime is an optional dependency, imported when a runner is made.
 """
 
 from __future__ import annotations
