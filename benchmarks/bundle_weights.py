@@ -51,7 +51,7 @@ import numpy as np
 
 from msit_jax import weights
 
-from msit_jax.export import cli as export
+from msit_jax.export import cli as export_cli
 from msit_jax.data.sources import named_source
 from msit_jax.eval import reports, runner
 from msit_jax.io import model_dir, pretrained, workdir as workdir_io
@@ -321,7 +321,7 @@ def model_card(name: str, run: dict, model_cfg, n_params: int, n_values: int, si
                       "final checkpoint, not the best-validating one." if final_step else
                       f"* This is {step_note}, chosen by hand (--step); if it was chosen by "
                       "its validation PSNR, the validation images took part in the choice.")
-    return f"""{export.CARD_FRONT_MATTER}
+    return f"""{export_cli.CARD_FRONT_MATTER}
 # {name}
 
 A small MSIT (Multi-Scale Implicit Transformer, Zhu et al., arXiv 2403.06536) for
@@ -474,7 +474,7 @@ def main() -> None:
     stage = tempfile.mkdtemp(prefix=f".{args.name}-", dir=weights.HERE)
     try:
         hub = os.path.join(stage, "hub")
-        export.export_variables(model_cfg, variables, hub, "safetensors", fold=False)
+        export_cli.export_variables(model_cfg, variables, hub, "safetensors", fold=False)
         staged = os.path.join(stage, args.name + weights.WEIGHTS_SUFFIX)
         os.replace(os.path.join(hub, pretrained.SAFETENSORS_FILE), staged)
         size = os.path.getsize(staged)

@@ -18,7 +18,7 @@ The encoder's own output is compared first (relative to its magnitude). Then,
 per scale, one LR image of --lr_size (seeded uniform noise in [0, 1])
 is upscaled by the official `chop_forward` and by `inference.upscale` (plain and
 folded), unclamped, image space; the max abs differences are printed. The
-model is also exported back to .pth (`export.export_variables(..., 'pth')`)
+model is also exported back to .pth (`export_cli.export_variables(..., 'pth')`)
 and that file loaded with `load_state_dict(strict=True)` into a freshly built
 official model, whose output is compared too. Parameter counts (official
 `parameters()`, the encoder's and the whole model's) are printed beside ours.
@@ -43,7 +43,7 @@ import compare_torch  # noqa: E402  (timm stand-ins, the official chop_forward c
 from msit_jax import build_model, model_config  # noqa: E402
 
 from msit_jax.inference import engine as inference
-from msit_jax.export import cli as msit_export  # noqa: E402
+from msit_jax.export import cli as export_cli  # noqa: E402
 from msit_jax.io import pretrained  # noqa: E402
 from msit_jax.models import reparam  # noqa: E402
 from msit_jax.models.encoders import encoder_spec  # noqa: E402
@@ -121,7 +121,7 @@ def run(args, name: str) -> dict:
         fcfg, fvars = reparam.fold(got_cfg, variables)
 
         out_dir = os.path.join(tmp, "export")
-        files = msit_export.export_variables(got_cfg, variables, out_dir, "pth")
+        files = export_cli.export_variables(got_cfg, variables, out_dir, "pth")
         pth = next(f for f in files if f.endswith(".pth"))
         back = torch.load(pth, map_location="cpu", weights_only=False)
         back = back["model"] if "model" in back else {"sd": back, "args": model_spec["args"]}

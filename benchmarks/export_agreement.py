@@ -18,7 +18,7 @@
    pth also through the PyTorch reference's forward pass.
 4. Speed on x4 64^2 -> 256^2 (warm, median of --repeats, interleaved):
    JAX CPU (`msit_jax.Upscaler`, folded, auto decoder), onnxruntime CPU
-   (model.onnx), the StableHLO runner (`msit_jax.exported`).
+   (model.onnx), the StableHLO runner (`msit_jax.export.stablehlo`).
 """
 
 from __future__ import annotations
@@ -40,13 +40,13 @@ from msit_jax import geometry, model_config  # noqa: E402,E501
 
 from msit_jax.inference import api
 
-from msit_jax.export import cli as export
+from msit_jax.export import cli as export_cli
 
-from msit_jax.export import stablehlo as exported
+from msit_jax.export import stablehlo
 
 from msit_jax.inference import engine as inference
 
-from msit_jax.export import onnx_graph
+from msit_jax.export import onnx_graph, onnx_runner
 from msit_jax.io import pretrained  # noqa: E402
 from msit_jax.models import reparam  # noqa: E402
 
@@ -125,10 +125,10 @@ def main() -> int:
     report: dict = {"encoder": args.encoder, "export_seconds": {}, "size_mib": {}}
 
     dirs = {}
-    for fmt in export.FORMATS:
+    for fmt in export_cli.FORMATS:
         dirs[fmt] = os.path.join(root, fmt)
         t0 = time.perf_counter()
-        files = export.export(src, dirs[fmt], fmt)
+        files = export_cli.export(src, dirs[fmt], fmt)
         report["export_seconds"][fmt] = round(time.perf_counter() - t0, 2)
         report["size_mib"][fmt] = round(sum(os.path.getsize(f) for f in files) / 2 ** 20, 1)
         print(f"exported {fmt}: {', '.join(os.path.basename(f) for f in files)} "
@@ -138,21 +138,22 @@ def main() -> int:
     import onnx
 
     onnx.save(onnx_graph.build_graph(fcfg, fvars, clamp=False), raw_onnx)
-    runners = {"stablehlo": exported.load(dirs["stablehlo"]),
-               "onnx": onnx_graph.load(raw_onnx)}
-    onnx_clamped = onnx_graph.load(dirs["onnx"])
+    runners = {"stablehlo": stablehlo.load(dirs["stablehlo"]),
+               "onnx": onnx_runner.load(raw_onnx)}
+    onnx_clamped = onnx_runner.load(dirs["onnx"])
     jax_up = inference.Engine(fcfg, fvars)
 
     source_sd = pretrained.read_pth(src)["model"]["sd"]
     source_sd = {k: v.numpy() for k, v in source_sd.items()}
-    pth = pretrained.read_pth(os.path.join(dirs["pth"], export.PTH_FILE))
+    pth = pretrained.read_pth(os.path.join(dirs["pth"], export_cli.PTH_FILE))
     pth_sd = {k: v.numpy() for k, v in pth["model"]["sd"].items()}
     st_sd, _ = pretrained.read_safetensors(os.path.join(dirs["safetensors"],
                                                         pretrained.SAFETENSORS_FILE))
     report["tensors_identical"] = {"pth": tensors_equal(pth_sd, source_sd),
                                    "safetensors": tensors_equal(st_sd, source_sd)}
     reloaded = {fmt: reparam.fold(*pretrained.load(path)) for fmt, path in (
-        ("pth", os.path.join(dirs["pth"], export.PTH_FILE)), ("safetensors", dirs["safetensors"]))}
+        ("pth", os.path.join(dirs["pth"], export_cli.PTH_FILE)),
+        ("safetensors", dirs["safetensors"]))}
 
     report["agreement"] = {}
     rs = np.random.RandomState(0)
@@ -168,7 +169,7 @@ def main() -> int:
                                  lr_hw, out_hw)
         if lr_hw[0] * lr_hw[1] <= 24 * 20:  # the torch reference is slow: small case only
             row["pth (PyTorch reference forward)"] = agreement(
-                torch_forward(os.path.join(dirs["pth"], export.PTH_FILE), cfg, lr, out_hw),
+                torch_forward(os.path.join(dirs["pth"], export_cli.PTH_FILE), cfg, lr, out_hw),
                 want, lr_hw, out_hw)
         report["agreement"][name] = row
         for fmt, a in row.items():
@@ -181,7 +182,8 @@ def main() -> int:
     one_call = api.Upscaler(fcfg, fvars)
     fns = {"JAX CPU (msit_jax.Upscaler)": lambda: one_call(lr, size=out_hw),
            "onnxruntime CPU (model.onnx)": lambda: onnx_clamped(lr, size=out_hw),
-           "StableHLO runner (msit_jax.exported)": lambda: runners["stablehlo"](lr, size=out_hw)}
+           "StableHLO runner (msit_jax.export.stablehlo)":
+               lambda: runners["stablehlo"](lr, size=out_hw)}
     for fn in fns.values():  # warm-up: compilation, session set-up
         fn()
     times = {k: [] for k in fns}

@@ -6,7 +6,7 @@
 The paper-size model (random weights, RIM and BatchNorm folded: what both
 runtimes deploy) runs as `msit_jax.inference.Engine` (JAX on the CPU, its
 `auto` decoder and each decoder forced) and as its ONNX graph
-(`msit_jax.onnx_graph.build_graph`, clamp off) in onnxruntime's CPU provider.
+(`msit_jax.export.onnx_graph.build_graph`, clamp off) in onnxruntime's CPU provider.
 Cases: x4 64^2 -> 256^2 and x2.5 96^2 -> 240^2. Every callable runs once per
 round, rounds alternate the runtimes so load drift hits all alike; the first
 round is warm-up (compilation, session set-up). Figures: median wall seconds
@@ -34,7 +34,7 @@ from msit_jax import geometry, model_config, tiny_model_config
 
 from msit_jax.inference import engine as inference
 
-from msit_jax.export import onnx_graph
+from msit_jax.export import onnx_graph, onnx_runner
 from msit_jax.models import reparam
 from msit_jax.models.random_init import random_variables
 
@@ -71,7 +71,7 @@ def main(argv=None) -> int:
     fcfg, fvars = reparam.fold(cfg, random_variables(cfg, 0))
     path = os.path.join(tempfile.mkdtemp(prefix="msit_runtimes_"), "model.onnx")
     onnx.save(onnx_graph.build_graph(fcfg, fvars, clamp=False), path)
-    ort_up = onnx_graph.load(path)
+    ort_up = onnx_runner.load(path)
     ups = {m: inference.Engine(fcfg, fvars, method=m) for m in inference.METHODS}
     print(f"device: {jax.devices()[0].device_kind}, {args.encoder}, "
           f"{'tiny' if args.quick else 'paper-size'} model, folded; repeats {repeats}")

@@ -274,11 +274,8 @@ def test_exports_agree_with_upscale(tmp_path, name, torch):
     pytest.importorskip("onnxruntime")
     import onnx
 
-    from msit_jax.export import cli as export
-
-    from msit_jax.export import stablehlo as exported
-
-    from msit_jax.export import onnx_graph
+    from msit_jax.export import cli as export_cli
+    from msit_jax.export import onnx_graph, onnx_runner, stablehlo
 
     cfg = tiny_model_config(name, "rim")
     variables = random_variables(cfg, seed=4)
@@ -287,13 +284,13 @@ def test_exports_agree_with_upscale(tmp_path, name, torch):
     path = str(tmp_path / f"{name}.onnx")
     onnx.save(onnx_graph.build_graph(*reparam.fold(cfg, variables), chunk=256, clamp=False),
               path)
-    got = onnx_graph.load(path).upscale_array(lr, (30, 27), clamp=False)
+    got = onnx_runner.load(path).upscale_array(lr, (30, 27), clamp=False)
     assert np.abs(got - want).max() <= 1e-4
-    export.export_variables(cfg, variables, str(tmp_path / "hlo"), "stablehlo", chunk=256,
-                            platforms=("cpu",))
-    got = exported.load(str(tmp_path / "hlo")).upscale_array(lr, (30, 27), clamp=False)
+    export_cli.export_variables(cfg, variables, str(tmp_path / "hlo"), "stablehlo", chunk=256,
+                                platforms=("cpu",))
+    got = stablehlo.load(str(tmp_path / "hlo")).upscale_array(lr, (30, 27), clamp=False)
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
-    files = export.export_variables(cfg, variables, str(tmp_path / "pth"), "pth")
+    files = export_cli.export_variables(cfg, variables, str(tmp_path / "pth"), "pth")
     got_cfg, back = pretrained.load(next(f for f in files if f.endswith(".pth")))
     assert used(got_cfg) == used(cfg)
     jax.tree_util.tree_map(np.testing.assert_array_equal,

@@ -27,13 +27,10 @@ pytest.importorskip("safetensors")
 
 from msit_jax import geometry, tiny_model_config
 
-from msit_jax.export import cli as export
-
-from msit_jax.export import stablehlo as exported
-
 from msit_jax.inference import engine as inference
 
-from msit_jax.export import onnx_graph
+from msit_jax.export import cli as export_cli
+from msit_jax.export import onnx_graph, onnx_runner, stablehlo
 from msit_jax.io import pretrained
 from msit_jax.models import reparam
 from msit_jax.export.cli import ExportError
@@ -88,13 +85,13 @@ def model():
 @pytest.fixture(scope="module")
 def stablehlo_dir(tmp_path_factory, model):
     out = str(tmp_path_factory.mktemp("exports") / "stablehlo")
-    export.export_variables(*model, out, "stablehlo", chunk=CHUNK)
+    export_cli.export_variables(*model, out, "stablehlo", chunk=CHUNK)
     return out
 
 
 def test_stablehlo_matches_upscale_on_every_platform_export(stablehlo_dir, model):
     cfg, v = model
-    up = exported.load(stablehlo_dir)
+    up = stablehlo.load(stablehlo_dir)
     # one file lowered for every backend; it runs here on CPU
     assert up.platforms == ("cpu", "cuda", "tpu") and up.chunk == CHUNK
     assert up.decoder.platforms == ("cpu", "cuda", "tpu")
@@ -115,16 +112,17 @@ def test_stablehlo_runner_needs_no_model_code(stablehlo_dir, model, tmp_path):
     np.save(tmp_path / "lr.npy", lr)
     r = run_blocked(f"""
         import numpy as np
-        from msit_jax.export import stablehlo as exported
-        up = exported.load({stablehlo_dir!r})
+        from msit_jax.export import stablehlo
+        up = stablehlo.load({stablehlo_dir!r})
         lr = np.load({str(tmp_path / 'lr.npy')!r})
         np.save({str(tmp_path / 'sr.npy')!r}, up(lr, size=(84, 70), clamp=False))
         import sys
         assert not [m for m in sys.modules if m.startswith("flax")]
         print("ok")
     """, ("flax", "torch", "ml_collections", "msit_jax.models.model", "msit_jax.models.decoder",
-          "msit_jax.models.encoders", "msit_jax.models.msno", "msit_jax.models.layers", "msit_jax.inference.engine",
-          "msit_jax.models.grid_decoder", "msit_jax.io.pretrained", "msit_jax.models.config"))
+          "msit_jax.models.encoders", "msit_jax.models.msno", "msit_jax.models.layers",
+          "msit_jax.inference.engine", "msit_jax.models.grid_decoder", "msit_jax.io.pretrained",
+          "msit_jax.models.config"))
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]
     want = inference.upscale(cfg, v, lr, (84, 70), clamp=False)
     np.testing.assert_allclose(np.load(tmp_path / "sr.npy"), want, atol=1e-5, rtol=0)
@@ -134,12 +132,12 @@ def test_stablehlo_runner_needs_no_model_code(stablehlo_dir, model, tmp_path):
 def test_stablehlo_unfolded_export(tmp_path, model):
     cfg, v = model
     out = str(tmp_path / "unfolded")
-    export.export_variables(cfg, v, out, "stablehlo", fold=False, chunk=256,
-                            platforms=("cpu",))
-    meta = exported.read_meta(out)
+    export_cli.export_variables(cfg, v, out, "stablehlo", fold=False, chunk=256,
+                                platforms=("cpu",))
+    meta = stablehlo.read_meta(out)
     assert meta["layout"] == "rim (stage 2)" and meta["platforms"] == ["cpu"]
     lr = lr_image((10, 9), 5)
-    np.testing.assert_allclose(exported.load(out).upscale_array(lr, (25, 31), clamp=False),
+    np.testing.assert_allclose(stablehlo.load(out).upscale_array(lr, (25, 31), clamp=False),
                                inference.upscale(cfg, v, lr, (25, 31), clamp=False),
                                atol=1e-5, rtol=0)
 
@@ -165,7 +163,7 @@ def onnx_model(request, tmp_path_factory):
 def test_onnx_agrees_with_jax(onnx_model):
     """Non-tie pixels to 1e-4 (measured ~1e-6); exact-tie pixels all agree."""
     cfg, v, path = onnx_model
-    up = onnx_graph.load(path)
+    up = onnx_runner.load(path)
     n_ties = 0
     for i, (lr_hw, hw) in enumerate(CASES):
         lr = lr_image(lr_hw, i)
@@ -183,7 +181,7 @@ def test_onnx_graph_interface(tmp_path, model):
     import onnx
 
     cfg, v = model
-    files = export.export_variables(cfg, v, str(tmp_path / "o"), "onnx", chunk=CHUNK)
+    files = export_cli.export_variables(cfg, v, str(tmp_path / "o"), "onnx", chunk=CHUNK)
     m = onnx.load(files[0])
     assert [o.version for o in m.opset_import if o.domain == ""] == [onnx_graph.OPSET]
     dims = lambda vi: [d.dim_param or d.dim_value for d in vi.type.tensor_type.shape.dim]
@@ -205,9 +203,50 @@ def test_onnx_graph_interface(tmp_path, model):
     assert sr.shape == (1, 3, 30, 41) and sr.min() >= 0 and sr.max() <= 1
     np.testing.assert_allclose(sr[0].transpose(1, 2, 0), want, atol=1e-4, rtol=0)
     # the one-call runner: uint8 in, uint8 out
-    up = onnx_graph.load(str(tmp_path / "o"))
+    up = onnx_runner.load(str(tmp_path / "o"))
     u8 = up((lr * 255).round().astype(np.uint8), scale=2)
     assert u8.dtype == np.uint8 and u8.shape == (26, 22, 3)
+
+
+# The graph builder and everything it stands on: the ONNX runner must load none of it
+# (not even JAX: numpy and onnxruntime are a whole deployment).
+BUILDER_MODULES = ("jax", "jaxlib", "flax", "torch", "ml_collections", "onnx", "msit_jax.models",
+                   "msit_jax.export.onnx_graph", "msit_jax.export.cli",
+                   "msit_jax.export.stablehlo", "msit_jax.inference.engine",
+                   "msit_jax.io.pretrained")
+
+
+@pytest.mark.slow  # a subprocess
+def test_onnx_runner_needs_no_builder_or_model_code(tmp_path, model):
+    """An exported graph runs through `msit_jax.export.load_onnx` (the package's lazy
+    face, = onnx_runner.load) in an interpreter where the builder, `onnx`, JAX, Flax and
+    every model module are blocked from importing; the result equals the in-process
+    runner's and the folded model's."""
+    cfg, v = model
+    export_cli.export_variables(cfg, v, str(tmp_path / "o"), "onnx", chunk=CHUNK)
+    lr = lr_image((13, 11), 1)
+    np.save(tmp_path / "lr.npy", lr)
+    r = run_blocked(f"""
+        import sys
+        import numpy as np
+        import msit_jax.export
+        from msit_jax.export import onnx_runner
+        assert msit_jax.export.load_onnx is onnx_runner.load
+        up = msit_jax.export.load_onnx({str(tmp_path / 'o')!r})
+        lr = np.load({str(tmp_path / 'lr.npy')!r})
+        np.save({str(tmp_path / 'sr.npy')!r}, up.upscale_array(lr, (30, 41)))
+        blocked = {BUILDER_MODULES!r}
+        loaded = [m for m in sys.modules if any(m == b or m.startswith(b + ".")
+                                                for b in blocked)]
+        assert not loaded, loaded
+        print("ok")
+    """, BUILDER_MODULES)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]
+    got = np.load(tmp_path / "sr.npy")
+    np.testing.assert_array_equal(
+        got, onnx_runner.load(str(tmp_path / "o")).upscale_array(lr, (30, 41)))
+    np.testing.assert_allclose(got, inference.upscale(*reparam.fold(cfg, v), lr, (30, 41)),
+                               atol=1e-4, rtol=0)
 
 
 # --- pth ---------------------------------------------------------------------------------
@@ -219,7 +258,7 @@ def test_pth_round_trip_official_to_official(tmp_path, conv):
     cfg = tiny_model_config("edsr-baseline", conv)
     src = tmp_path / "official.pth"
     tm = official_checkpoint(src, cfg)
-    files = export.export(str(src), str(tmp_path / "out"), "pth")
+    files = export_cli.export(str(src), str(tmp_path / "out"), "pth")
     ckpt = torch.load(files[0], map_location="cpu", weights_only=True)
     spec = ckpt["model"]
     assert spec["name"] == "amsit" and spec["args"] == pretrained.official_args(cfg)
@@ -247,14 +286,14 @@ def test_pth_round_trip_official_to_official(tmp_path, conv):
 def test_pth_refuses_what_it_cannot_express(tmp_path, model):
     cfg, v = model
     with pytest.raises(ExportError, match="pth cannot express a folded model"):
-        export.export_variables(cfg, v, str(tmp_path / "a"), "pth", fold=True)
+        export_cli.export_variables(cfg, v, str(tmp_path / "a"), "pth", fold=True)
     fcfg, fv = reparam.fold(cfg, v)
     with pytest.raises(ExportError, match="pth cannot express a folded model"):
-        export.export_variables(fcfg, fv, str(tmp_path / "b"), "pth")
+        export_cli.export_variables(fcfg, fv, str(tmp_path / "b"), "pth")
     rdn = tiny_model_config("rdn")  # 2 blocks x 2 layers: no official RDNconfig preset
     with pytest.raises(ExportError, match=r"RDN blocks/layers/growth \(2, 2, 8\) match no "
                                           "RDNconfig preset"):
-        export.export_variables(rdn, random_variables(rdn), str(tmp_path / "c"), "pth")
+        export_cli.export_variables(rdn, random_variables(rdn), str(tmp_path / "c"), "pth")
     assert not os.listdir(tmp_path)  # nothing half-written
 
 
@@ -278,7 +317,7 @@ def test_safetensors_hub_folder_loads_without_torch(tmp_path):
     src = tmp_path / "official.pth"
     official_checkpoint(src, cfg, seed=2)
     out = tmp_path / "hub"
-    files = export.export(str(src), str(out), "safetensors")
+    files = export_cli.export(str(src), str(out), "safetensors")
     assert sorted(os.listdir(out)) == ["README.md", "config.json", "model.safetensors"]
     sd, meta = pretrained.read_safetensors(files[0])
     official = torch.load(src, weights_only=True)["model"]["sd"]
@@ -313,7 +352,7 @@ def test_safetensors_hub_folder_loads_without_torch(tmp_path):
 
 def test_safetensors_folded(tmp_path, model):
     cfg, v = model
-    export.export_variables(cfg, v, str(tmp_path / "f"), "safetensors", fold=True)
+    export_cli.export_variables(cfg, v, str(tmp_path / "f"), "safetensors", fold=True)
     fcfg, fv = pretrained.load(str(tmp_path / "f"))
     assert (fcfg.conv, fcfg.batch_norm) == ("plain", False)
     assert trees_equal(fv, reparam.fold(cfg, v)[1])
@@ -362,10 +401,10 @@ def test_cli_flags_are_absl_style(tmp_path, capsys):
                           "--nofold (or --fold)"),
                          ([src, "--format", "pth"], "give SRC (the weights) and OUT"),
                          ([src, str(tmp_path / "o")], "give --format: one of stablehlo")]:
-        assert export.main(args) == 2
+        assert export_cli.main(args) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and needle in err and err.count("\n") == 1, err
-    assert export.main(["--help"]) == 0
+    assert export_cli.main(["--help"]) == 0
     out = " ".join(capsys.readouterr().out.split())
     assert out.startswith("usage: python -m msit_jax.export SRC OUT --format FORMAT")
     assert "--[no]fold: Export the folded model" in out and "--format: One of stablehlo" in out
@@ -375,8 +414,8 @@ def test_cli_flags_are_absl_style(tmp_path, capsys):
 def test_export_api_errors(tmp_path, model):
     cfg, v = model
     with pytest.raises(ExportError, match="unknown format 'tflite'"):
-        export.export_variables(cfg, v, str(tmp_path / "a"), "tflite")
+        export_cli.export_variables(cfg, v, str(tmp_path / "a"), "tflite")
     with pytest.raises(ExportError, match=r"unknown platform\(s\) \['nosuchchip'\]"):
-        export.export_variables(cfg, v, str(tmp_path / "b"), "stablehlo",
-                                platforms=("cpu", "nosuchchip"))
+        export_cli.export_variables(cfg, v, str(tmp_path / "b"), "stablehlo",
+                                    platforms=("cpu", "nosuchchip"))
     assert not os.listdir(tmp_path)

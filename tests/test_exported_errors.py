@@ -1,7 +1,7 @@
 """Tampered, truncated and interrupted export artifacts: one typed error each.
 
 The StableHLO checks run on stand-in programs with the export's interface (tiny
-jax.export functions, milliseconds to lower): `msit_jax.exported.load` checks the
+jax.export functions, milliseconds to lower): `msit_jax.export.stablehlo.load` checks the
 files and export.json against the programs' own shapes before anything runs, so a
 real model is not needed. The ONNX checks run on a one-node graph with the graph
 interface. The slow tests start processes: peak memory with "chunk": 1e9, and
@@ -27,7 +27,7 @@ from jax import export as jax_export
 
 from msit_jax import errors
 
-from msit_jax.export import stablehlo as exported
+from msit_jax.export import stablehlo
 from msit_jax.errors import CheckpointError, InputError
 from msit_jax.inference.frontend import ArtifactError
 from tests.conftest import REPO
@@ -37,7 +37,7 @@ CHUNK, RADIUS, DIM = 8, 1, 4
 
 def fake_stablehlo(folder: str, chunk: int = CHUNK, radius: int = RADIUS, dim: int = DIM) -> str:
     """A StableHLO export folder whose programs have the real interface (module doc of
-    msit_jax.exported) but compute nothing of interest."""
+    msit_jax.export.stablehlo) but compute nothing of interest."""
     os.makedirs(folder, exist_ok=True)
     h, w = jax_export.symbolic_shape("h, w")
     spec, f32, k = jax.ShapeDtypeStruct, jnp.float32, 2 * radius + 1
@@ -51,13 +51,13 @@ def fake_stablehlo(folder: str, chunk: int = CHUNK, radius: int = RADIUS, dim: i
                             spec((1, chunk, 2, k), jnp.int32), spec((1, chunk, 2, k), f32),
                             spec((1, 2), f32))
     files = {}
-    for name, prog in ((exported.ENCODER_FILE, enc), (exported.DECODER_FILE, dec)):
+    for name, prog in ((stablehlo.ENCODER_FILE, enc), (stablehlo.DECODER_FILE, dec)):
         data = prog.serialize()
-        files[name] = exported.file_record(data)
+        files[name] = stablehlo.file_record(data)
         with open(os.path.join(folder, name), "wb") as f:
             f.write(data)
-    with open(os.path.join(folder, exported.META_FILE), "w") as f:
-        json.dump({"format": exported.FORMAT, "version": exported.VERSION, "platforms": ["cpu"],
+    with open(os.path.join(folder, stablehlo.META_FILE), "w") as f:
+        json.dump({"format": stablehlo.FORMAT, "version": stablehlo.VERSION, "platforms": ["cpu"],
                    "chunk": chunk, "radius": radius, "dim": dim, "files": files}, f)
     return folder
 
@@ -76,7 +76,7 @@ def export_copy(good_export, tmp_path):
 
 def edit_meta(folder: str, **fields) -> None:
     """Set (or with None, remove) export.json fields."""
-    path = os.path.join(folder, exported.META_FILE)
+    path = os.path.join(folder, stablehlo.META_FILE)
     with open(path) as f:
         meta = json.load(f)
     for k, v in fields.items():
@@ -100,9 +100,9 @@ def truncate(path: str, keep: float = 0.5) -> None:
 
 
 def refused(folder: str, file: str, *needles: str) -> ArtifactError:
-    """exported.load(folder) raises one ArtifactError (exit code 5) naming `file`."""
+    """stablehlo.load(folder) raises one ArtifactError (exit code 5) naming `file`."""
     with pytest.raises(ArtifactError) as info:
-        exported.load(folder)
+        stablehlo.load(folder)
     e = info.value
     msg = str(e)
     assert isinstance(e, CheckpointError) and errors.exit_code_for(e) == errors.EXIT_CHECKPOINT
@@ -113,7 +113,7 @@ def refused(folder: str, file: str, *needles: str) -> ArtifactError:
 
 
 def test_good_export_loads(good_export):
-    up = exported.load(good_export)
+    up = stablehlo.load(good_export)
     assert (up.chunk, up.radius, up.platforms) == (CHUNK, RADIUS, ("cpu",))
 
 
@@ -143,7 +143,7 @@ def test_good_export_loads(good_export):
 ], ids=lambda v: "-".join(f"{k}={v[k]}" for k in v) if isinstance(v, dict) else "")
 def test_tampered_export_json_is_one_typed_error(export_copy, fields, needles):
     edit_meta(export_copy, **fields)
-    refused(export_copy, exported.META_FILE, *needles)
+    refused(export_copy, stablehlo.META_FILE, *needles)
 
 
 @pytest.mark.parametrize("text, needle", [
@@ -155,17 +155,17 @@ def test_tampered_export_json_is_one_typed_error(export_copy, fields, needles):
     (b"[" * 100000, "is not valid JSON"),
 ])
 def test_unreadable_export_json_is_one_typed_error(export_copy, text, needle):
-    write(os.path.join(export_copy, exported.META_FILE), text)
-    refused(export_copy, exported.META_FILE, needle)
+    write(os.path.join(export_copy, stablehlo.META_FILE), text)
+    refused(export_copy, stablehlo.META_FILE, needle)
 
 
 def test_oversized_export_json_is_refused_unread(export_copy):
-    write(os.path.join(export_copy, exported.META_FILE), b" " * (exported.MAX_META_BYTES + 1))
-    refused(export_copy, exported.META_FILE, "bytes, over the")
+    write(os.path.join(export_copy, stablehlo.META_FILE), b" " * (stablehlo.MAX_META_BYTES + 1))
+    refused(export_copy, stablehlo.META_FILE, "bytes, over the")
 
 
 @pytest.mark.parametrize("records", [True, False], ids=["with-files", "without-files"])
-@pytest.mark.parametrize("file", [exported.ENCODER_FILE, exported.DECODER_FILE])
+@pytest.mark.parametrize("file", [stablehlo.ENCODER_FILE, stablehlo.DECODER_FILE])
 @pytest.mark.parametrize("damage", ["half", "head", "empty", "missing", "garbage"])
 def test_damaged_program_is_one_typed_error(export_copy, file, damage, records):
     """With export.json's 'files' records (sizes, sha256) the size is checked before the
@@ -189,7 +189,7 @@ def test_damaged_program_is_one_typed_error(export_copy, file, damage, records):
     refused(export_copy, file, needle)
 
 
-@pytest.mark.parametrize("file", [exported.ENCODER_FILE, exported.DECODER_FILE])
+@pytest.mark.parametrize("file", [stablehlo.ENCODER_FILE, stablehlo.DECODER_FILE])
 def test_recorded_size_and_digest_catch_what_deserialises(good_export, export_copy, file):
     """Cutting a program's last bytes (its trailing name string) or flipping bytes in its
     constants still deserialises and runs: export.json's 'files' catches both."""
@@ -198,8 +198,8 @@ def test_recorded_size_and_digest_catch_what_deserialises(good_export, export_co
         data = f.read()
     write(path, data[:-10])
     edit_meta(export_copy, files=None)
-    exported.load(export_copy)  # no record: nothing to tell
-    with open(os.path.join(good_export, exported.META_FILE)) as f:
+    stablehlo.load(export_copy)  # no record: nothing to tell
+    with open(os.path.join(good_export, stablehlo.META_FILE)) as f:
         edit_meta(export_copy, files=json.load(f)["files"])  # the records of the whole files
     refused(export_copy, file, f"is {len(data) - 10} bytes but export.json 'files' says "
             f"{len(data)}")
@@ -218,30 +218,30 @@ def test_recorded_size_and_digest_catch_what_deserialises(good_export, export_co
 ])
 def test_malformed_file_records_are_refused(export_copy, files, needle):
     edit_meta(export_copy, files=files)
-    refused(export_copy, exported.META_FILE, needle)
+    refused(export_copy, stablehlo.META_FILE, needle)
 
 
 def test_missing_export_json_and_missing_folder(export_copy, tmp_path):
-    os.remove(os.path.join(export_copy, exported.META_FILE))
-    refused(export_copy, exported.META_FILE, "missing", "not a complete StableHLO export")
+    os.remove(os.path.join(export_copy, stablehlo.META_FILE))
+    refused(export_copy, stablehlo.META_FILE, "missing", "not a complete StableHLO export")
     with pytest.raises(InputError, match="no StableHLO export folder"):
-        exported.load(str(tmp_path / "nothing"))
+        stablehlo.load(str(tmp_path / "nothing"))
 
 
 def test_swapped_or_foreign_programs_are_refused(good_export, export_copy, tmp_path):
-    enc, dec = (os.path.join(export_copy, f) for f in (exported.ENCODER_FILE,
-                                                        exported.DECODER_FILE))
+    enc, dec = (os.path.join(export_copy, f) for f in (stablehlo.ENCODER_FILE,
+                                                        stablehlo.DECODER_FILE))
     os.rename(enc, enc + ".x")
     os.rename(dec, enc)
     os.rename(enc + ".x", dec)
-    refused(export_copy, exported.ENCODER_FILE, "bytes but export.json 'files' says")
+    refused(export_copy, stablehlo.ENCODER_FILE, "bytes but export.json 'files' says")
     edit_meta(export_copy, files=None)  # without the records: the programs' interfaces
-    refused(export_copy, exported.ENCODER_FILE, "is not an MSIT encoder program")
+    refused(export_copy, stablehlo.ENCODER_FILE, "is not an MSIT encoder program")
     # this encoder (dim 4) with the decoder of another export (dim 6)
     other = fake_stablehlo(str(tmp_path / "other"), dim=6)
-    shutil.copy(os.path.join(good_export, exported.ENCODER_FILE), enc)
-    shutil.copy(os.path.join(other, exported.DECODER_FILE), dec)
-    refused(export_copy, exported.DECODER_FILE, "expected feat_q, feat_v (1, h, w, 4)")
+    shutil.copy(os.path.join(good_export, stablehlo.ENCODER_FILE), enc)
+    shutil.copy(os.path.join(other, stablehlo.DECODER_FILE), dec)
+    refused(export_copy, stablehlo.DECODER_FILE, "expected feat_q, feat_v (1, h, w, 4)")
 
 
 # --- ONNX ------------------------------------------------------------------------------
@@ -272,10 +272,10 @@ def onnx_bytes():
 
 
 def onnx_refused(path: str, *needles: str) -> None:
-    from msit_jax.export import onnx_graph
+    from msit_jax.export import onnx_runner
 
     with pytest.raises(ArtifactError) as info:
-        onnx_graph.load(path)
+        onnx_runner.load(path)
     msg = str(info.value)
     assert errors.exit_code_for(info.value) == errors.EXIT_CHECKPOINT
     assert "model.onnx" in msg and "\n" not in msg, msg
@@ -284,11 +284,11 @@ def onnx_refused(path: str, *needles: str) -> None:
 
 
 def test_damaged_onnx_is_one_typed_error(onnx_bytes, tmp_path):
-    from msit_jax.export import onnx_graph
+    from msit_jax.export import onnx_runner
 
     path = str(tmp_path / "model.onnx")
     write(path, onnx_bytes["good"])
-    assert onnx_graph.load(str(tmp_path)).clamped
+    assert onnx_runner.load(str(tmp_path)).clamped
     for data, needle in [(onnx_bytes["good"][:len(onnx_bytes["good"]) // 2],
                           "cannot be loaded by onnxruntime"),
                          (onnx_bytes["good"][:7], "cannot be loaded by onnxruntime"),
@@ -302,7 +302,7 @@ def test_damaged_onnx_is_one_typed_error(onnx_bytes, tmp_path):
     os.remove(path)
     onnx_refused(str(tmp_path), "missing")
     with pytest.raises(InputError, match="no ONNX model there"):
-        onnx_graph.load(str(tmp_path / "nothing.onnx"))
+        onnx_runner.load(str(tmp_path / "nothing.onnx"))
 
 
 # --- processes ---------------------------------------------------------------------------
@@ -322,9 +322,9 @@ def test_huge_chunk_allocates_nothing(export_copy, tmp_path):
         import resource
         resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
         import numpy as np
-        from msit_jax.export import stablehlo as exported
+        from msit_jax.export import stablehlo
         try:
-            up = exported.load({export_copy!r})
+            up = stablehlo.load({export_copy!r})
             up(np.zeros((5, 4, 3), np.float32), scale=2)
             print("ran")
         except Exception as e:
@@ -377,8 +377,8 @@ def test_export_killed_mid_write_leaves_no_output(tmp_path, tiny_cfg, tiny_vars)
                 f.write(data[:len(data) // 2]); f.flush()
             time.sleep(600)
         onnx.save = stalled
-        from msit_jax.export import cli as export
-        sys.exit(export.main([{src!r}, {str(out)!r}, "--format", "onnx", "--chunk", "64"]))
+        from msit_jax.export import cli as export_cli
+        sys.exit(export_cli.main([{src!r}, {str(out)!r}, "--format", "onnx", "--chunk", "64"]))
     """)
     proc = subprocess.Popen([sys.executable, "-c", code], env=env(), cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -401,9 +401,9 @@ def test_export_killed_mid_write_leaves_no_output(tmp_path, tiny_cfg, tiny_vars)
                        text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert os.listdir(out) == ["model.onnx"] and partials(tmp_path, "out") == []
-    from msit_jax.export import onnx_graph
+    from msit_jax.export import onnx_runner
 
-    assert onnx_graph.load(str(out)).clamped
+    assert onnx_runner.load(str(out)).clamped
 
 
 @pytest.mark.slow

@@ -52,13 +52,6 @@ LAYERS: dict[str, int] = {
 # with its reason: an optional dependency stands behind the msit_jax module. None of
 # them works around a cycle (rule (d) finds any other).
 LAZY_ALLOWED: dict[tuple[str, str], str] = {
-    ("msit_jax.export.onnx_graph", "msit_jax.models.msno"):
-        "graph building only: the ONNX runner in the same module needs no Flax",
-    ("msit_jax.export.onnx_graph", "msit_jax.models.decoder"):
-        "graph building only: the ONNX runner in the same module needs no Flax",
-    ("msit_jax.export.onnx_graph", "msit_jax.models.encoders"):
-        "graph building only (each encoder's ONNX writer is its registry entry): the ONNX "
-        "runner in the same module needs no Flax",
     ("msit_jax.training.cli", "msit_jax.training"):
         "the loop needs the `train` extra (grain, TFDS); the CLI reports it missing in one line",
 }

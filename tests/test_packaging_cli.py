@@ -307,20 +307,19 @@ def test_api_and_onnx_loads_print_nothing(tmp_path, tiny_run, tiny_cfg, tiny_var
 
     from msit_jax import Upscaler
 
-    from msit_jax.export import cli as export
-
-    from msit_jax.export import onnx_graph
+    from msit_jax.export import cli as export_cli
+    from msit_jax.export import onnx_runner
 
     pytest.importorskip("onnxruntime")
     capfd.readouterr()
     up = Upscaler.from_pretrained(tiny_run[1])
     up(np.zeros((8, 8, 3), np.uint8), scale=2)
     out = str(tmp_path / "onnx")
-    export.export_variables(tiny_cfg, tiny_vars, out, "onnx")
+    export_cli.export_variables(tiny_cfg, tiny_vars, out, "onnx")
     capfd.readouterr()
-    runner = onnx_graph.load(out)
+    runner = onnx_runner.load(out)
     runner(np.zeros((8, 8, 3), np.uint8), scale=2.5)
     assert capfd.readouterr() == ("", "")
     assert runner.session.get_session_options().log_severity_level == 3
-    assert onnx_graph.load(out, verbose=True).session.get_session_options() \
+    assert onnx_runner.load(out, verbose=True).session.get_session_options() \
         .log_severity_level == 2

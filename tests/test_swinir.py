@@ -319,7 +319,7 @@ def test_onnx_encoder_graph_matches_the_flax_module(sizes, hws):
 
 @pytest.mark.slow
 def test_onnx_graph_agrees_with_jax(tmp_path):
-    """The whole folded tiny MSIT-SwinIR: onnx_graph.load vs inference.upscale, to the
+    """The whole folded tiny MSIT-SwinIR: onnx_runner.load vs inference.upscale, to the
     tolerance of tests/test_export.py (non-tie pixels <= 1e-4, no tie pixel off), for LR
     sizes that are (12 x 8) and are not (13 x 11, 10 x 9) multiples of the window 4 and
     scales x3, x3.5 and a non-integer, unequal pair."""
@@ -327,14 +327,14 @@ def test_onnx_graph_agrees_with_jax(tmp_path):
     pytest.importorskip("onnxruntime")
     from msit_jax import geometry
     from msit_jax.inference import engine as inference
-    from msit_jax.export import onnx_graph
+    from msit_jax.export import onnx_graph, onnx_runner
     from msit_jax.models import reparam
 
     cfg = _tiny()
     variables = random_variables(cfg, seed=4)
     onnx.save(onnx_graph.build_graph(*reparam.fold(cfg, variables), chunk=500, clamp=False),
               str(tmp_path / "m.onnx"))
-    up = onnx_graph.load(str(tmp_path / "m.onnx"))
+    up = onnx_runner.load(str(tmp_path / "m.onnx"))
     n_ties = 0
     for i, (lr_hw, hw) in enumerate([((12, 8), (36, 24)), ((10, 9), (35, 31)),
                                      ((13, 11), (30, 41)), ((12, 8), (42, 28))]):
@@ -403,15 +403,14 @@ def test_official_layout_pth_loads_and_writes_back(tmp_path):
 
 @pytest.mark.slow
 def test_stablehlo_export_and_onnx_cli_agree(tmp_path):
-    """The export CLI writes a swinir model.onnx that onnx_graph.load runs (10 x 9 LR: not a
+    """The export CLI writes a swinir model.onnx that onnx_runner.load runs (10 x 9 LR: not a
     multiple of the window, reflect-padded in the graph), equal to the clamped upscale
     to 1e-4."""
     pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
-    from msit_jax.export import cli as export
-    from msit_jax.export import stablehlo as exported
+    from msit_jax.export import cli as export_cli
+    from msit_jax.export import onnx_runner, stablehlo
     from msit_jax.inference import engine as inference
-    from msit_jax.export import onnx_graph
     from msit_jax.io import model_dir
     from tests.conftest import run_python
 
@@ -419,16 +418,16 @@ def test_stablehlo_export_and_onnx_cli_agree(tmp_path):
     variables = random_variables(cfg, seed=4)
     lr = np.random.RandomState(5).rand(10, 9, 3).astype(np.float32)
     want = inference.upscale(cfg, variables, lr, (30, 27), clamp=False)
-    export.export_variables(cfg, variables, str(tmp_path / "hlo"), "stablehlo", chunk=256,
-                            platforms=("cpu",))
-    got = exported.load(str(tmp_path / "hlo")).upscale_array(lr, (30, 27), clamp=False)
+    export_cli.export_variables(cfg, variables, str(tmp_path / "hlo"), "stablehlo", chunk=256,
+                                platforms=("cpu",))
+    got = stablehlo.load(str(tmp_path / "hlo")).upscale_array(lr, (30, 27), clamp=False)
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
     src = model_dir.save_model(str(tmp_path / "model"), cfg, variables)
     proc = run_python(["-m", "msit_jax.export", src, str(tmp_path / "onnx"), "--format", "onnx",
                        "--chunk", "256"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "wrote onnx" in proc.stdout
-    got = onnx_graph.load(str(tmp_path / "onnx")).upscale_array(lr, (30, 27))  # clamped
+    got = onnx_runner.load(str(tmp_path / "onnx")).upscale_array(lr, (30, 27))  # clamped
     assert np.abs(got - np.clip(want, 0.0, 1.0)).max() <= 1e-4
 
 
@@ -486,13 +485,13 @@ def test_hostile_swinir_file_config_is_refused_before_anything_is_built(
     import json
     import time
 
-    from msit_jax.export import cli as export
+    from msit_jax.export import cli as export_cli
     from msit_jax.models import model as model_module
     from tests.test_untrusted_configs import read_raw_safetensors, write_raw_safetensors
 
     cfg = _tiny()
-    files = export.export_variables(cfg, random_variables(cfg), str(tmp_path / "st"),
-                                    "safetensors")
+    files = export_cli.export_variables(cfg, random_variables(cfg), str(tmp_path / "st"),
+                                        "safetensors")
     header, body = read_raw_safetensors(next(f for f in files if f.endswith(".safetensors")))
     meta = header["__metadata__"]
     c = json.loads(meta[pretrained.META_CONFIG])

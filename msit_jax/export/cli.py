@@ -9,10 +9,11 @@ directory (an existing non-empty one is refused):
   stablehlo    encoder.jaxexport, decoder.jaxexport, export.json: `jax.export`
                programs lowered for --platforms (default cpu,cuda,tpu) at once;
                the encoder takes any LR size (symbolic), the decoder a fixed
-               --chunk of queries. Run with `msit_jax.exported.load(OUT)`.
+               --chunk of queries. Run with `msit_jax.export.stablehlo.load(OUT)`.
   onnx         model.onnx: one graph, LR image + output size in, SR image out
                (opset --opset, default 17; --decoder auto|grid|query; see
-               msit_jax.onnx_graph). Run with `msit_jax.onnx_graph.load(OUT)`.
+               msit_jax.export.onnx_graph). Run with
+               `msit_jax.export.onnx_runner.load(OUT)`.
   pth          model.pth: the official PyTorch checkpoint format
                {'model': {'name': 'amsit', 'args', 'sd'}} (stage-2 RIM or stage-1
                plain layout, as the source), for the official code.
@@ -49,8 +50,8 @@ from absl import flags
 from jax import export as jax_export
 
 from msit_jax import console, errors, flags_util
-from msit_jax.export import onnx_graph
-from msit_jax.export import stablehlo as exported
+from msit_jax.export import onnx_graph, stablehlo
+from msit_jax.export.onnx_runner import ONNX_FILE
 from msit_jax.inference.frontend import DEFAULT_CHUNK
 from msit_jax.geometry import QueryGeometry
 from msit_jax.io import model_dir, pretrained
@@ -65,7 +66,6 @@ FORMATS = ("stablehlo", "onnx", "pth", "safetensors")
 DEFAULT_FOLD = {"stablehlo": True, "onnx": True, "pth": False, "safetensors": False}
 DEFAULT_PLATFORMS = ("cpu", "cuda", "tpu")  # stablehlo: lowered together unless --platforms
 PTH_FILE = "model.pth"
-ONNX_FILE = "model.onnx"
 
 
 class ExportError(ValueError):
@@ -222,7 +222,7 @@ sr = up(image, scale=3.5)                              # PIL image or array, any
 def write_stablehlo(out: str, model_cfg: ml_collections.ConfigDict, variables: Any, *,
                     chunk: int = DEFAULT_CHUNK, platforms: Sequence[str] = DEFAULT_PLATFORMS
                     ) -> list[str]:
-    """OUT/encoder.jaxexport, decoder.jaxexport, export.json (see msit_jax.exported).
+    """OUT/encoder.jaxexport, decoder.jaxexport, export.json (see msit_jax.export.stablehlo).
 
     The decoder program's inputs are flat arrays (the artifact's interface for any
     runner); they are assembled into the model's `QueryGeometry` inside it."""
@@ -246,14 +246,14 @@ def write_stablehlo(out: str, model_cfg: ml_collections.ConfigDict, variables: A
         spec((1, chunk, 2), f32), spec((1, chunk, 2, k), jnp.int32),
         spec((1, chunk, 2, k), f32), spec((1, 2), f32))
     files, digests = [], {}
-    for name, prog in ((exported.ENCODER_FILE, enc), (exported.DECODER_FILE, dec)):
+    for name, prog in ((stablehlo.ENCODER_FILE, enc), (stablehlo.DECODER_FILE, dec)):
         files.append(os.path.join(out, name))
         data = prog.serialize()
-        digests[name] = exported.file_record(data)
+        digests[name] = stablehlo.file_record(data)
         with open(files[-1], "wb") as f:
             f.write(data)
     meta = {
-        "format": exported.FORMAT, "version": exported.VERSION,
+        "format": stablehlo.FORMAT, "version": stablehlo.VERSION,
         "files": digests,  # sizes and sha256: the loader detects a truncated or altered program
         "platforms": list(enc.platforms), "chunk": chunk, "radius": model_cfg.radius,
         "dim": dim, "layout": layout_name(model_cfg), "jax_version": jax.__version__,
@@ -266,7 +266,7 @@ def write_stablehlo(out: str, model_cfg: ml_collections.ConfigDict, variables: A
                     "outputs": ["pred float32 (1, chunk, 3), normalised: sr = pred * 0.5 + 0.5"],
                     "geometry": "msit_jax.geometry.query_chunks / query_geometry / rel_cell"},
     }
-    files.append(os.path.join(out, exported.META_FILE))
+    files.append(os.path.join(out, stablehlo.META_FILE))
     with open(files[-1], "w") as f:
         json.dump(meta, f, indent=2)
     return files
@@ -275,7 +275,7 @@ def write_stablehlo(out: str, model_cfg: ml_collections.ConfigDict, variables: A
 def write_onnx(out: str, model_cfg: ml_collections.ConfigDict, variables: Any, *,
                chunk: int = DEFAULT_CHUNK, opset: Optional[int] = None,
                decoder: str = "auto") -> list[str]:
-    """OUT/model.onnx (see msit_jax.onnx_graph)."""
+    """OUT/model.onnx (see msit_jax.export.onnx_graph)."""
     try:  # an optional dependency, imported when used
         import onnx
     except ImportError as e:  # pragma: no cover - depends on the environment
@@ -307,10 +307,10 @@ def export_variables(model_cfg: ml_collections.ConfigDict, variables: Any, out: 
     fold = DEFAULT_FOLD[fmt] if fold is None else bool(fold)
     if chunk < 1:
         raise ExportError(f"chunk must be >= 1, got {chunk}")
-    unknown = [p for p in platforms if p not in exported.PLATFORMS]
+    unknown = [p for p in platforms if p not in stablehlo.PLATFORMS]
     if fmt == "stablehlo" and (unknown or not platforms):
         raise ExportError(f"unknown platform(s) {unknown or list(platforms)}: choose from "
-                          f"{', '.join(exported.PLATFORMS)}")
+                          f"{', '.join(stablehlo.PLATFORMS)}")
     if fmt == "pth" and fold:
         raise ExportError("pth cannot express a folded model: the official layout keeps "
                           "BatchNorm (and RIMs, stage 2); drop --fold, or use --format "

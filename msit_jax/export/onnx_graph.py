@@ -2,10 +2,11 @@
 
     model = build_graph(model_cfg, variables)          # a folded model (reparam.fold)
     onnx.save(model, "msit.onnx")
-    up = load("msit.onnx")                             # onnxruntime; PIL / uint8 / float
+    up = msit_jax.export.onnx_runner.load("msit.onnx")  # onnxruntime; PIL / uint8 / float
     sr = up(image, scale=3.5)
 
-Graph interface (opset `OPSET`, batch 1, NCHW):
+Graph interface (opset `OPSET`, batch 1, NCHW; the runner checks it as
+`onnx_runner.GRAPH_INPUTS` / `GRAPH_OUTPUTS`):
 
   input  lr        float32 [1, 3, height, width]   RGB in [0, 1]; height, width dynamic
   input  out_size  int64   [2]                      (out_height, out_width), each >= 1
@@ -30,23 +31,21 @@ Gather, MatMul, Softmax, Erf, elementwise), and the chunk loop and the
 value-dependent output size need ONNX's own `Loop` and shape ops, which JAX
 traces cannot express.
 
-Imports: `onnx` and `onnxruntime` are optional dependencies, imported where they
-are used; the model modules (Flax) only where a graph is built, so the runner
-(`load`) needs numpy, Pillow and onnxruntime alone.
+Imports: `onnx` is an optional dependency, imported where a graph is built (the
+export command imports this module without it). The runner is
+`msit_jax.export.onnx_runner`, which needs none of this module.
 """
 
 from __future__ import annotations
 
-import os
 from typing import Any, Optional
 
 import numpy as np
 
-from msit_jax import console
-from msit_jax.errors import InputError, one_line
-from msit_jax.inference import frontend as serving
-from msit_jax.inference.frontend import (DEFAULT_CHUNK, ImageRunner, Progress, artifact_error,
-                                         check_image)
+from msit_jax.inference.frontend import DEFAULT_CHUNK
+from msit_jax.models.decoder import posenc_frequencies
+from msit_jax.models.encoders import encoder_spec
+from msit_jax.models.msno import lem_mask
 
 OPSET = 17
 f32 = np.float32
@@ -118,8 +117,6 @@ def _wrap_pad(b: _Builder, x: str, axis: int) -> str:
 def _lem(b: _Builder, x: str, dim: int) -> str:
     """LEM pixel shift: a depthwise 3x3 conv with the fixed 0/1 mask on the circularly
     padded map (each output is a sum of one or two inputs, exact as msno.lem_shift)."""
-    from msit_jax.models.msno import lem_mask  # graph building only: the runner needs no Flax
-
     xp = _wrap_pad(b, _wrap_pad(b, x, 2), 3)
     w = b.const(lem_mask(dim)[:, None], "lem")
     return b.op("Conv", xp, w, kernel_shape=[3, 3], pads=[0, 0, 0, 0], group=dim)
@@ -170,8 +167,6 @@ class _GraphOps:
 
 
 def _encoder(b: _Builder, x: str, cfg, p: dict) -> str:
-    from msit_jax.models.encoders import encoder_spec  # graph building only (see _lem)
-
     spec = encoder_spec(cfg.encoder)
     return spec.graph(_GraphOps(b), x, cfg[spec.sub_config], p["encoder"])
 
@@ -288,9 +283,6 @@ class _Ctx:
     the decoder weights (as initialiser names) and sizes."""
 
     def __init__(self, b: _Builder, cfg, p: dict, fq: str, fv: str, inp: str, chunk: int):
-        # graph building only: the runner needs no Flax
-        from msit_jax.models.decoder import posenc_frequencies
-
         self.cfg, self.chunk = cfg, chunk
         self.dim, self.heads, self.r = cfg.dim, cfg.heads, cfg.radius
         self.hd, self.k1 = self.dim // self.heads, 2 * self.r + 1
@@ -622,106 +614,3 @@ def build_graph(model_cfg, variables: Any, chunk: int = DEFAULT_CHUNK, opset: in
         "clamp": str(bool(clamp)).lower(), "layout": "NCHW, batch 1"})
     onnx.checker.check_model(model)
     return model
-
-
-# --- running it ------------------------------------------------------------------------
-
-ONNX_FILE = "model.onnx"
-ArtifactError = serving.ArtifactError  # what `load` raises for a bad file (a CheckpointError)
-# The graph interface (module docstring): name, element type, shape (None: dynamic).
-GRAPH_INPUTS = (("lr", "tensor(float)", (1, 3, None, None)), ("out_size", "tensor(int64)", (2,)))
-GRAPH_OUTPUTS = (("sr", "tensor(float)", (1, 3, None, None)),)
-
-
-def _interface(args) -> tuple:
-    return tuple((a.name, a.type, tuple(d if isinstance(d, int) else None for d in a.shape))
-                 for a in args)
-
-
-def check_session(path: str, session: Any) -> dict[str, str]:
-    """The graph has this module's interface (GRAPH_INPUTS, GRAPH_OUTPUTS) and its
-    metadata (clamp, chunk, radius) is well formed; returns the metadata. ArtifactError
-    names the file and the input, output or field at fault."""
-    got_in, got_out = _interface(session.get_inputs()), _interface(session.get_outputs())
-    if got_in != GRAPH_INPUTS or got_out != GRAPH_OUTPUTS:
-        fmt = lambda sig: ", ".join(f"{n} {t} {['?' if d is None else d for d in s]}"
-                                    for n, t, s in sig)
-        raise artifact_error(path, f"is not an MSIT graph: inputs {fmt(got_in)} -> outputs "
-                             f"{fmt(got_out)}; expected {fmt(GRAPH_INPUTS)} -> "
-                             f"{fmt(GRAPH_OUTPUTS)}")
-    props = dict(session.get_modelmeta().custom_metadata_map)
-    if props.get("clamp", "true") not in ("true", "false"):
-        raise artifact_error(path, f"metadata field 'clamp' is {props['clamp']!r}, expected "
-                             "'true' or 'false'")
-    for name, low in (("chunk", 1), ("radius", 0)):
-        v = props.get(name)
-        if v is not None and not (v.isdigit() and len(v) <= 12 and int(v) >= low):
-            raise artifact_error(path, f"metadata field {name!r} is {one_line(repr(v), 80)}, "
-                                 f"expected an integer >= {low}")
-    return props
-
-
-class OnnxRunner(ImageRunner):
-    """Runs an exported graph with onnxruntime: `up(image, scale=... | size=...)`.
-
-    providers: onnxruntime execution providers (default: CPU). The graph decodes
-    every chunk in one call, so there is no per-chunk progress (progress is ignored).
-    verbose: onnxruntime's warnings too (the optimiser's notes on the graph, once per
-    session); default: only with a command line's --verbose (`console.verbose_logs`).
-    A missing, empty, truncated or undecodable file, or a graph without this module's
-    interface (`check_session`), is an ArtifactError (a CheckpointError, exit code 5)
-    naming the file.
-    """
-
-    def __init__(self, path: str, providers: Optional[list] = None,
-                 threads: Optional[int] = None, verbose: Optional[bool] = None):
-        try:
-            import onnxruntime as ort
-        except ImportError as e:  # pragma: no cover - depends on the environment
-            raise ImportError("running ONNX exports needs onnxruntime: "
-                              f"{console.install_hint('export')}") from e
-        opts = ort.SessionOptions()
-        if verbose is None:
-            verbose = console.verbose_logs()
-        # 3: errors only; the optimiser warns about the names it leaves, per session.
-        opts.log_severity_level = 2 if verbose else 3
-        if threads:
-            opts.intra_op_num_threads = threads
-        if not os.path.isfile(path):
-            raise artifact_error(path, "missing: the ONNX export is incomplete")
-        if os.path.getsize(path) == 0:
-            raise artifact_error(path, "is empty (an interrupted export?)")
-        try:
-            self.session = ort.InferenceSession(path, opts,
-                                                providers=providers or ["CPUExecutionProvider"])
-        except Exception as e:  # noqa: BLE001 - InvalidProtobuf, Fail, ...: a bad file
-            raise artifact_error(path, "cannot be loaded by onnxruntime (truncated or corrupt: "
-                                 "re-export it)", e) from e
-        props = check_session(path, self.session)
-        self.clamped = props.get("clamp", "true") == "true"
-
-    def upscale_array(self, lr: np.ndarray, out_hw: tuple[int, int], *, clamp: bool = True,
-                      progress: Progress = False) -> np.ndarray:
-        if not clamp and self.clamped:
-            raise ValueError("this ONNX graph clamps its output; export with clamp=False "
-                             "for the raw prediction")
-        lr = check_image(lr)
-        nchw = np.ascontiguousarray(lr.transpose(2, 0, 1)[None])
-        (sr,) = self.session.run(["sr"], {"lr": nchw,
-                                          "out_size": np.asarray(out_hw, np.int64)})
-        sr = sr[0].transpose(1, 2, 0)
-        return np.clip(sr, 0.0, 1.0) if clamp else sr
-
-
-def load(path: str, providers: Optional[list] = None, threads: Optional[int] = None,
-         verbose: Optional[bool] = None) -> OnnxRunner:
-    """An `OnnxRunner` for an exported `model.onnx` (or the export folder holding it).
-
-    InputError when nothing is at `path`; ArtifactError (a CheckpointError) when the
-    folder has no model.onnx or the file is bad (see OnnxRunner)."""
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        path = os.path.join(path, ONNX_FILE)
-    elif not os.path.exists(path):
-        raise InputError(f"{path}: no ONNX model there")
-    return OnnxRunner(path, providers, threads, verbose)

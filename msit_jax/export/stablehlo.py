@@ -1,7 +1,7 @@
 """Run a StableHLO export from its artifacts alone.
 
-    up = msit_jax.exported.load("msit_stablehlo/")   # written by python -m msit_jax.export
-    sr = up(image, scale=3.5)                         # PIL / uint8 / float, as msit_jax.Upscaler
+    up = msit_jax.export.stablehlo.load("msit_stablehlo/")  # by python -m msit_jax.export
+    sr = up(image, scale=3.5)                    # PIL / uint8 / float, as msit_jax.Upscaler
 
 The folder holds two serialised `jax.export` programs and `export.json`:
 
@@ -42,7 +42,7 @@ from jax import export
 
 from msit_jax import geometry
 from msit_jax.errors import InputError, one_line
-from msit_jax.inference import frontend as serving
+from msit_jax.inference import frontend
 from msit_jax.inference.frontend import (ImageRunner, Progress, artifact_error, check_image,
                                          denormalize, normalize, track)
 
@@ -54,7 +54,7 @@ META_FILE = "export.json"
 MAX_META_BYTES = 1 << 20  # export.json is a few KB; a larger one is not ours, not read
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")  # what jax.export lowers for
 
-ArtifactError = serving.ArtifactError  # what `load` raises for a bad folder (a CheckpointError)
+ArtifactError = frontend.ArtifactError  # what `load` raises for a bad folder (a CheckpointError)
 
 
 def _is_int(v: Any) -> bool:
@@ -228,7 +228,8 @@ def check_programs(folder: str, meta: dict[str, Any], encoder: export.Exported,
 class StableHLORunner(ImageRunner):
     """Upscales with a StableHLO export: the encoder once per image, then the
     decoder over fixed-size chunks of queries (geometry on the host, one compiled
-    decoder per LR size). `up(image, scale=... | size=...)`; see msit_jax.serving.
+    decoder per LR size). `up(image, scale=... | size=...)`; see
+    msit_jax.inference.frontend.
 
     The folder is checked when loaded (`read_meta`, `read_program`,
     `check_programs`): a missing, truncated or tampered file is an ArtifactError
