@@ -543,7 +543,7 @@ def summary_lines(results: dict) -> list[str]:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m benchmarks.accel_check", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", default="accel_check.json", help="write all figures here")
     p.add_argument("--checkpoint", help="weights: anything msit_jax.pretrained.load reads "
