@@ -1,8 +1,8 @@
 """One command for whoever has a GPU or TPU for ten minutes.
 
-    python benchmarks/accel_check.py --json accel.json [--reference /path/to/MSIT]
+    python -m benchmarks.accel_check --json accel.json [--reference /path/to/MSIT]
         [--checkpoint epoch-best.pth] [--budget_s 420]
-    python benchmarks/accel_check.py --allow_cpu --tiny --json out.json   # CPU smoke test
+    python -m benchmarks.accel_check --allow_cpu --tiny --json out.json   # CPU smoke test
 
 Checks the numerics on the device against the host CPU and measures the
 choices this project has only estimated for accelerators (decoder crossover,
@@ -63,9 +63,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-import compare_torch  # noqa: E402  (its official-model helpers and timing loop)
+from benchmarks import compare_torch  # noqa: E402  (its official-model helpers and timing loop)
 
 from msit_jax import model_config, tiny_model_config
 from msit_jax.models import reparam  # noqa: E402
@@ -545,7 +543,7 @@ def summary_lines(results: dict) -> list[str]:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m benchmarks.accel_check", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", default="accel_check.json", help="write all figures here")
     p.add_argument("--checkpoint", help="weights: anything msit_jax.pretrained.load reads "

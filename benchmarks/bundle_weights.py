@@ -1,6 +1,6 @@
 """Ship a training run's weights inside the package, with its model card and figures.
 
-    python benchmarks/bundle_weights.py WORKDIR [--name msit-lite] [--data_root /work/data] \\
+    python -m benchmarks.bundle_weights WORKDIR [--name msit-lite] [--data_root /work/data] \\
         [--machine "1 core of ..."] [--step latest|N] [--context published.json]
 
 1. Reads the run: WORKDIR/config.json, model_config.json, metrics.jsonl,

@@ -1,8 +1,8 @@
 """Side-by-side speed and memory: msit-jax vs the official PyTorch MSIT.
 
-    python benchmarks/compare_torch.py --reference /path/to/MSIT [--device cpu|gpu] [--json OUT]
+    python -m benchmarks.compare_torch --reference /path/to/MSIT [--device cpu|gpu] [--json OUT]
         [--dtype float32|bfloat16] [--precision highest|high|default] [--torch_tf32 off|on]
-    python benchmarks/compare_torch.py            # ours alone
+    python -m benchmarks.compare_torch            # ours alone
 
 The official model is imported from the user's checkout at run time (its
 `models` package; `.cuda()` patched to a no-op on CPU; minimal stand-ins for
@@ -53,8 +53,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import flops as flop_model  # noqa: E402
+from benchmarks import flops as flop_model  # noqa: E402
 
 from msit_jax import geometry, model_config
 

@@ -1,6 +1,6 @@
 """Full-size encoder parity with the official MSIT: EDSR and RCAN checkpoints.
 
-    python benchmarks/encoder_parity.py --official_root /path/to/MSIT
+    python -m benchmarks.encoder_parity --official_root /path/to/MSIT
         [--encoders edsr rcan] [--scales 3 4] [--lr_size 24 20] [--json OUT]
         [--encoder_args '{"rcan": {"n_resgroups": 2}}']
 
@@ -37,8 +37,7 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import compare_torch  # noqa: E402  (timm stand-ins, the official chop_forward call)
+from benchmarks import compare_torch  # noqa: E402  (timm stand-ins, the official chop_forward call)
 
 from msit_jax import build_model, model_config  # noqa: E402
 

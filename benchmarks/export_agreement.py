@@ -1,6 +1,6 @@
 """Export the paper-size official random checkpoint to every format; print agreement and speed.
 
-    python benchmarks/export_agreement.py [--encoder edsr-baseline|rdn] [--out DIR]
+    python -m benchmarks.export_agreement [--encoder edsr-baseline|rdn] [--out DIR]
                                           [--repeats 3] [--json OUT]
 
 1. An official training checkpoint `{'model': {'name', 'args', 'sd'}}` of the
@@ -32,9 +32,6 @@ import tempfile
 import time
 
 import numpy as np
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 
 from msit_jax import geometry, model_config  # noqa: E402,E501
 

@@ -1,6 +1,6 @@
 """What re-parameterisation buys: parameters and inference time, before/after `fold`.
 
-    python benchmarks/fold_benchmark.py [--encoder NAME] [--lr 48] [--scale 4]
+    python -m benchmarks.fold_benchmark [--encoder NAME] [--lr 48] [--scale 4]
 
 --encoder: any registered encoder (msit_jax.models.encoders.ENCODERS), default
 edsr-baseline.

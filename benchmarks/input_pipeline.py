@@ -1,7 +1,7 @@
 """Host cost of the training input pipeline at the paper protocol: CPU-ms per sample by stage.
 
-    python benchmarks/input_pipeline.py            # 8 DIV2K-sized PNGs, batch 32, U(1,4) and U(1,8)
-    python benchmarks/input_pipeline.py --quick    # a smoke test (tiny images, a few samples)
+    python -m benchmarks.input_pipeline            # 8 DIV2K-sized PNGs, batch 32, U(1,4) and U(1,8)
+    python -m benchmarks.input_pipeline --quick    # a smoke test (tiny images, a few samples)
 
 Synthetic photo-like PNGs of DIV2K's size (2040 x 1356: smooth random fields, edges
 and fine texture, so that PNG compression and decoding cost about what real photos

@@ -1,9 +1,9 @@
 """Learning parity: train the same small MSIT with the official PyTorch code and with
 msit-jax, on the same data and protocol, and compare the final PSNRs.
 
-    python benchmarks/learning_parity.py --reference /path/to/MSIT --data /data/_291 \
+    python -m benchmarks.learning_parity --reference /path/to/MSIT --data /data/_291 \
         --eval_data /data [--steps 2000] [--seeds 0 1] [--side ours|theirs|both] [--out DIR]
-    python benchmarks/learning_parity.py --report_only --out DIR   # table + plot from DIR
+    python -m benchmarks.learning_parity --report_only --out DIR   # table + plot from DIR
 
 Both sides train one reduced MSIT (configs/default.py's model: EDSR-baseline 2 x 16,
 dim 32, 4 heads, r 1, 4 MSNO heads, 2 Q/K heads, MLP (64, 64), posenc 16, plain convs)

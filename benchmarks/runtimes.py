@@ -1,7 +1,7 @@
 """JAX vs onnxruntime on the same folded model, interleaved in one process (CPU).
 
-    python benchmarks/runtimes.py [--encoder edsr-baseline] [--repeats 5] [--json OUT]
-    python benchmarks/runtimes.py --quick        # tiny model, one repeat (a smoke test)
+    python -m benchmarks.runtimes [--encoder edsr-baseline] [--repeats 5] [--json OUT]
+    python -m benchmarks.runtimes --quick        # tiny model, one repeat (a smoke test)
 
 The paper-size model (random weights, RIM and BatchNorm folded: what both
 runtimes deploy) runs as `msit_jax.inference.Engine` (JAX on the CPU, its

@@ -1,6 +1,6 @@
 """SwinIR encoder parity against LTE's own `models/swinir.py` (a local LTE checkout).
 
-    python benchmarks/swinir_parity.py --lte_root /path/to/lte [--sizes 48x48,45x53]
+    python -m benchmarks.swinir_parity --lte_root /path/to/lte [--sizes 48x48,45x53]
 
 Builds LTE's encoder exactly as its configs do (`models.make({'name': 'swinir',
 'args': {'no_upsampling': True}})`: embed 180, depths 6x6, heads 6, window 8,

@@ -1,10 +1,10 @@
 """Train the paper-size MSIT (EDSR-baseline, stage 1) for N minutes on a lent accelerator.
 
-    python benchmarks/train_on_device.py --minutes 7 --data 291 --data_root carry/data \
+    python -m benchmarks.train_on_device --minutes 7 --data 291 --data_root carry/data \
         --eval_data carry/data --workdir /tmp/run --json $OUT/train.json [--batch 32]
-    python benchmarks/train_on_device.py --allow_cpu --tiny --minutes 3 --data 291 \
+    python -m benchmarks.train_on_device --allow_cpu --tiny --minutes 3 --data 291 \
         --data_root carry/data --workdir /tmp/tiny --json tiny.json   # CPU smoke test
-    python benchmarks/train_on_device.py --pack carry/data --data_root /work/data \
+    python -m benchmarks.train_on_device --pack carry/data --data_root /work/data \
         --eval_data /work/data                   # make the carry folder (no JAX needed)
 
 What it runs is what users run: configs/msit_edsr_stage1.py (model_config('edsr-baseline',
@@ -72,7 +72,7 @@ array-record, portpicker, ml-collections or tensorboardX: their cp312 wheels tra
 in .whl (4.6 MB; the device tool's README). Prepare here, once (.whl/ is ignored
 already; carry/ must be too):
     echo /carry/ >> .git/info/exclude
-    python benchmarks/train_on_device.py --pack carry/data --data_root /work/data \
+    python -m benchmarks.train_on_device --pack carry/data --data_root /work/data \
         --eval_data /work/data
     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
         --implementation cp --platform manylinux_2_28_x86_64 --platform \
@@ -82,7 +82,7 @@ then one `run` with carry ["carry", ".whl"] and timeout_s 560, the command (one 
     set -o pipefail; python3 -m pip install -q --no-index --no-deps --no-compile
     --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export
     PYTHONPATH=/tmp/site || exit; export PYTHONUNBUFFERED=1; python3
-    benchmarks/train_on_device.py --minutes 7.5 --data 291 --data_root carry/data
+    -m benchmarks.train_on_device --minutes 7.5 --data 291 --data_root carry/data
     --eval_data carry/data --workdir /tmp/run --cache_root /tmp/msit_cache
     --json $OUT/train.json 2>&1 | tee $OUT/train.log
 The 15 device minutes: ~1-2 to start the machine, 7.5 for this command (the budget
@@ -94,8 +94,8 @@ for $OUT: 8 files, 2 folders deep); train.json and train.log come back. Carried 
 all: ~30 MB of data, 4.6 MB of wheels and the working tree (~2.5 MB now; other
 untracked files count too). accel_check.py (7 min by default) does not fit beside a
 7.5-minute training: give it its own session, or shorten both, e.g.
-`python benchmarks/accel_check.py --budget_s 120 --sections agreement_infer,
-agreement_grad --json $OUT/accel.json; python3 benchmarks/train_on_device.py
+`python -m benchmarks.accel_check --budget_s 120 --sections agreement_infer,
+agreement_grad --json $OUT/accel.json; python -m benchmarks.train_on_device
 --minutes 5 ...` (';', not '&&': a failed tolerance must not cancel the training).
 """
 
@@ -117,9 +117,8 @@ import traceback
 from typing import Any, Callable, Optional
 
 T_START = time.perf_counter()  # the budget counts from here (imports included)
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)  # the device machine runs the tree uninstalled
+# The device machine runs the tree uninstalled: `python -m benchmarks.train_on_device`
+# from the repository root puts the root (the cwd) on sys.path for msit_jax.
 
 SCHEMA = "msit-jax/train_on_device/1"
 EXIT_OK, EXIT_ERROR, EXIT_PARTIAL, EXIT_DEADLINE = 0, 1, 3, 4
@@ -1007,7 +1006,7 @@ def print_summary(res: dict) -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m benchmarks.train_on_device", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--minutes", type=float, default=7.0,
                    help="wall-clock budget of the whole command, compile and evaluation "

@@ -1,8 +1,8 @@
 """Train-step throughput of MSIT: steps/s and HR pixels/s (queried pixels, batch x sample_q).
 
-    python benchmarks/train_throughput.py                       # paper EDSR, stage 2 (RIM), batch 4
-    python benchmarks/train_throughput.py --conv plain          # stage 1
-    python benchmarks/train_throughput.py --batch 32 --encoder rdn   # e.g. on a GPU
+    python -m benchmarks.train_throughput                       # paper EDSR, stage 2 (RIM), batch 4
+    python -m benchmarks.train_throughput --conv plain          # stage 1
+    python -m benchmarks.train_throughput --batch 32 --encoder rdn   # e.g. on a GPU
 
 --encoder: any registered encoder (msit_jax.models.encoders.ENCODERS).
 

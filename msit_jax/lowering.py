@@ -16,7 +16,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
-import re
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import jax
@@ -25,7 +24,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from msit_jax import geometry
+from msit_jax import geometry, hlo
 from msit_jax.export.stablehlo import PLATFORMS
 from msit_jax.data.protocol import Batch
 from msit_jax.models import grid_decoder
@@ -180,74 +179,43 @@ def lower_program(program: str, platform: str, model_cfg: ml_collections.ConfigD
 
 # --- reading StableHLO ----------------------------------------------------------
 
-_OP = re.compile(r'(?:^|\s|=\s)"?(stablehlo|chlo|mhlo)\.([a-z_0-9]+)"?')
-_TENSOR = re.compile(r"tensor<([0-9x?]*)x?([a-z0-9]+)>")
-_PREC = re.compile(r"precision(?:_config)? = \[([^\]]*)\]")
-_CALLBACK = re.compile(r"custom_call @([A-Za-z0-9_.]*callback[A-Za-z0-9_.]*)", re.I)
-_CUSTOM = re.compile(r"custom_call @([A-Za-z0-9_.]+)")
-# A contraction's signature: `: (lhs type, rhs type) -> result type`.
-_SIGNATURE = re.compile(r":\s*\((tensor<[^>]*>),\s*(tensor<[^>]*>)\)\s*->\s*(tensor<[^>]*>)")
+def analyse(program: hlo.Program, top: int = 5) -> dict:
+    """Facts about a StableHLO module (text, or a module parsed by `hlo.parse`).
 
-
-def _elements(dims: str) -> int:
-    parts = [p for p in dims.split("x") if p]
-    return int(np.prod([int(p) for p in parts])) if parts and "?" not in dims else 0
-
-
-def _result_type(line: str) -> tuple[str, int]:
-    """The last tensor type on an op's line (its result): (text, element count)."""
-    types = list(_TENSOR.finditer(line))
-    if not types:
-        return "", 0
-    m = types[-1]
-    return m.group(0), _elements(m.group(1))
-
-
-def _element(tensor_type: str) -> str:
-    """'tensor<8x64xbf16>' -> 'bf16'."""
-    return tensor_type[len("tensor<"):-1].rsplit("x", 1)[-1]
-
-
-def line_precisions(line: str) -> list[str]:
-    """The precisions (HIGHEST / HIGH / DEFAULT) on one StableHLO op's line; [] if unset."""
-    m = _PREC.search(line)
-    if not m:
-        return []
-    return re.findall(r"(DEFAULT|HIGHEST|HIGH)", m.group(1))
-
-
-def analyse(mlir: str, top: int = 5) -> dict:
-    """Facts about a StableHLO module (text).
-
-    ops: count by op kind; contractions: dot_general + convolution counts by
-    precision ('none' where unset); unset_precision: those lacking one (first
-    lines); mixed_operands: contractions whose two operands differ in element type
-    (e.g. f32 x bf16, first lines as mixed_operand_examples); f64: whether any float64
-    tensor appears; callbacks: host callback
-    custom_calls; custom_calls: every custom_call target; gathers / scatters:
-    the largest by result size.
+    ops: count by op kind (stablehlo / chlo / mhlo ops, scalar bodies of reduces,
+    scatters, sorts ... not counted); contractions: dot_general + convolution
+    counts by precision ('none' where unset); unset_precision: those lacking one
+    (first ones as text); mixed_operands: contractions whose two operands differ
+    in element type (e.g. f32 x bf16, first ones as mixed_operand_examples); f64:
+    whether any float64 value appears; callbacks: host callback custom_calls;
+    custom_calls: every custom_call target; gathers / scatters: the largest by
+    result size.
     """
+    module = hlo.parse(program)
     ops: collections.Counter = collections.Counter()
     contractions: collections.Counter = collections.Counter()
     unset, gathers, scatters, mixed = [], [], [], []
-    for line in mlir.splitlines():
-        found = _OP.findall(line)
-        if not found:
+    for op in hlo.walk(module):
+        kind = hlo.kind(op)
+        if kind is None:
             continue
-        kind = found[0][1]
         ops[kind] += 1
-        if kind in ("dot_general", "convolution", "dot"):
-            precs = line_precisions(line)
+        if kind in hlo.CONTRACTIONS:
+            precs = hlo.precisions(op)
             key = "/".join(sorted(set(precs))) if precs else "none"
             contractions[f"{kind}:{key}"] += 1
             if not precs:
-                unset.append(line.strip()[:200])
-            sig = _SIGNATURE.search(line)
-            if sig and _element(sig.group(1)) != _element(sig.group(2)):
-                mixed.append(line.strip()[:200])
+                unset.append(hlo.op_text(op))
+            args = hlo.operands(op)
+            if len(args) >= 2 and args[0].dtype != args[1].dtype:
+                mixed.append(hlo.op_text(op))
         elif kind in ("gather", "dynamic_gather", "scatter"):
-            ty, n = _result_type(line)
-            (scatters if kind == "scatter" else gathers).append({"type": ty, "elements": n})
+            res = hlo.results(op)
+            n = res[0].elements if res and not res[0].dynamic else 0
+            (scatters if kind == "scatter" else gathers).append(
+                {"type": hlo.result_type_text(op), "elements": n})
+    targets = {t for t in map(hlo.custom_call_target, hlo.walk(module, scalar_bodies=True))
+               if t is not None}
     key = lambda d: -d["elements"]
     return {
         "ops": dict(sorted(ops.items())),
@@ -256,13 +224,12 @@ def analyse(mlir: str, top: int = 5) -> dict:
         "unset_precision_examples": unset[:top],
         "mixed_operands": len(mixed),
         "mixed_operand_examples": mixed[:top],
-        "f64": bool(re.search(r"\bf64\b|xf64>", mlir)),
-        "callbacks": sorted(set(_CALLBACK.findall(mlir))),
-        "custom_calls": sorted(set(_CUSTOM.findall(mlir))),
+        "f64": any(t in ("f64", "complex<f64>") for t in hlo.element_types(module)),
+        "callbacks": sorted(t for t in targets if "callback" in t.lower()),
+        "custom_calls": sorted(targets),
         "gathers": sorted(gathers, key=key)[:top],
         "scatters": sorted(scatters, key=key)[:top],
     }
-
 
 
 def compute_ops(ops: dict) -> dict:

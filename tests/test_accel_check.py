@@ -1,5 +1,5 @@
-"""Smoke tests of the accelerator scripts on CPU: benchmarks/accel_check.py
-(tiny model, --allow_cpu) and benchmarks/compare_torch.py (ours alone).
+"""Smoke tests of the accelerator scripts on CPU: benchmarks.accel_check
+(tiny model, --allow_cpu) and benchmarks.compare_torch (ours alone).
 
 They run the scripts as users do (subprocesses, with timeouts) and check the
 exit status and the JSON they write; the figures themselves mean nothing on CPU.
@@ -16,8 +16,9 @@ import sys
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ACCEL = os.path.join(REPO, "benchmarks", "accel_check.py")
-COMPARE = os.path.join(REPO, "benchmarks", "compare_torch.py")
+# Run as users do, from the repository root (run_script's cwd).
+ACCEL = ("-m", "benchmarks.accel_check")
+COMPARE = ("-m", "benchmarks.compare_torch")
 NUMERIC_SECTIONS = ("agreement_infer", "agreement_grad", "drift", "fft", "crossover", "chunks")
 
 
@@ -42,7 +43,7 @@ def numbers(tree) -> list[float]:
 @pytest.fixture(scope="module")
 def accel_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("accel") / "accel.json"
-    proc = run_script([ACCEL, "--allow_cpu", "--tiny", "--repeats", "1", "--json", str(out)],
+    proc = run_script([*ACCEL, "--allow_cpu", "--tiny", "--repeats", "1", "--json", str(out)],
                       timeout=240)
     return proc, out
 
@@ -87,7 +88,7 @@ def test_accel_check_tiny_passes_and_writes_every_section(accel_run):
 def test_accel_check_failing_tolerance_exits_1(tmp_path):
     out = tmp_path / "fail.json"
     # bf16 differs from float32, so no PSNR reaches 1000 dB: the check must fail.
-    proc = run_script([ACCEL, "--allow_cpu", "--tiny", "--sections", "drift",
+    proc = run_script([*ACCEL, "--allow_cpu", "--tiny", "--sections", "drift",
                        "--tolerance", "bf16_min_db=1000", "--json", str(out)], timeout=120)
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "FAILED" in proc.stdout and "bf16 drift" in proc.stdout
@@ -99,14 +100,14 @@ def test_accel_check_failing_tolerance_exits_1(tmp_path):
 
 
 def test_accel_check_rejects_cpu_without_allow_cpu(tmp_path):
-    proc = run_script([ACCEL, "--tiny", "--json", str(tmp_path / "x.json")], timeout=60)
+    proc = run_script([*ACCEL, "--tiny", "--json", str(tmp_path / "x.json")], timeout=60)
     assert proc.returncode != 0
     assert "not a GPU or TPU" in proc.stderr and "--allow_cpu" in proc.stderr
 
 
 def test_compare_torch_quick_ours_alone(tmp_path):
     out = tmp_path / "compare.json"
-    proc = run_script([COMPARE, "--quick", "--cases", "infer", "--repeats", "1",
+    proc = run_script([*COMPARE, "--quick", "--cases", "infer", "--repeats", "1",
                        "--json", str(out)], timeout=120)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads(out.read_text())
@@ -118,12 +119,8 @@ def test_compare_torch_quick_ours_alone(tmp_path):
 
 def test_compare_torch_helpers():
     """Batch rounding and the agreement tolerance, without running the models."""
-    saved = list(sys.path)
-    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
-    try:
-        import compare_torch
-    finally:
-        sys.path[:] = saved  # compare_torch adds benchmarks/ too
+    from benchmarks import compare_torch
+
     assert compare_torch.train_sizes(1)["batch"] == 4
     assert compare_torch.train_sizes(8)["batch"] == 8
     assert compare_torch.train_sizes(3)["batch"] == 6

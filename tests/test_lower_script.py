@@ -1,11 +1,11 @@
-"""benchmarks/lower.py, the lowering report: run as a user would (tiny model,
-8 virtual devices set by the script itself), and its StableHLO cost reader on
-a hand-written module whose costs are known.
+"""benchmarks.lower, the lowering report: run as a user would (`python -m
+benchmarks.lower`, tiny model, 8 virtual devices set by the script itself), and
+its cost model (benchmarks.cost_model) on a hand-written module whose costs are
+known.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -14,15 +14,13 @@ import sys
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(REPO, "benchmarks", "lower.py")
+SCRIPT = ("-m", "benchmarks.lower")  # run from the repository root (cwd=REPO)
 
 
 def _load_lower():
-    spec = importlib.util.spec_from_file_location("lower_report", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses resolve annotations through it
-    spec.loader.exec_module(mod)
-    return mod
+    from benchmarks import cost_model
+
+    return cost_model
 
 
 def _run(tmp_path, *flags: str) -> tuple[subprocess.CompletedProcess, dict]:
@@ -30,7 +28,7 @@ def _run(tmp_path, *flags: str) -> tuple[subprocess.CompletedProcess, dict]:
     # No XLA_FLAGS from here: the script must set the device count itself.
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
     env["PYTHONPATH"] = REPO
-    proc = subprocess.run([sys.executable, SCRIPT, "--tiny", *flags, "--json", str(out)],
+    proc = subprocess.run([sys.executable, *SCRIPT, "--tiny", *flags, "--json", str(out)],
                           env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     with open(out) as f:
@@ -96,13 +94,13 @@ def test_inference_report(tmp_path):
 
 
 def test_bad_flags_are_refused():
-    proc = subprocess.run([sys.executable, SCRIPT, "--platform", "tpu", "--program", "train",
+    proc = subprocess.run([sys.executable, *SCRIPT, "--platform", "tpu", "--program", "train",
                            "--dtype", "float32", "--json", "x.json"],
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=60, cwd=REPO)
     assert proc.returncode == 2 and "--program" in proc.stderr
-    proc = subprocess.run([sys.executable, SCRIPT, "--platform", "tpu", "--program",
+    proc = subprocess.run([sys.executable, *SCRIPT, "--platform", "tpu", "--program",
                            "train_stage1", "--dtype", "float32", "--devices", "3", "--json",
-                           "x.json"], capture_output=True, text=True, timeout=60)
+                           "x.json"], capture_output=True, text=True, timeout=60, cwd=REPO)
     assert proc.returncode == 2 and "does not divide" in proc.stderr
 
 
@@ -114,6 +112,7 @@ module @jit_f {
     %2 = call @relu(%0) : (tensor<4x16xf32>) -> tensor<4x16xf32> loc(#loc5)
     %3 = call @relu(%2) : (tensor<4x16xf32>) -> tensor<4x16xf32> loc(#loc5)
     %cst = stablehlo.constant dense<0.000000e+00> : tensor<f32>
+    %c = stablehlo.constant dense<0> : tensor<i32>
     %4 = stablehlo.reduce(%3 init: %cst) applies stablehlo.add across dimensions = [0] : (tensor<4x16xf32>, tensor<f32>) -> tensor<16xf32> loc(#loc3)
     %5 = "stablehlo.case"(%c) ({
       %6 = stablehlo.multiply %3, %3 : tensor<4x16xf32> loc(#loc3)
@@ -128,12 +127,13 @@ module @jit_f {
     return %0 : tensor<4x16xf32>
   }
 }
+#loc1 = loc("f.py":1:1)
 #loc3 = loc("jit(f)/jvp(MSIT)/MSIT.decode/decoder/mlp/layers_0/dot_general"(#loc1))
 #loc4 = loc("jit(f)/transpose(jvp(MSIT))/MSIT.encode/encoder/head/conv_general_dilated"(#loc1))
-#loc5 = loc(callsite(#loc7 at #loc8))
 #loc6 = loc("max")
 #loc7 = loc("relu")
 #loc8 = loc("jit(f)/jvp(MSIT)/MSIT.encode/act/relu"(#loc1))
+#loc5 = loc(callsite(#loc7 at #loc8))
 """
 
 

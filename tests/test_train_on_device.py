@@ -1,4 +1,4 @@
-"""benchmarks/train_on_device.py without training: the plan (budget -> total_steps, the
+"""benchmarks.train_on_device without training: the plan (budget -> total_steps, the
 warm-up, the deadlines), the worker choice, the probes that time the loop's input
 pipeline, the JSON schema, and --pack. The whole command (calibration, run,
 evaluation) needs minutes even tiny on CPU: run it by hand, as its docstring says
@@ -9,15 +9,14 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from benchmarks import train_on_device as tod
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "benchmarks"))
-import train_on_device as tod  # noqa: E402
 
 
 def args(**kw):
