@@ -32,11 +32,11 @@ import time
 import types
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from msit_jax.io.swinir_import import infer_swinir_config, swinir_params_from_state_dict
 from msit_jax.models.swinir import SwinIREncoder
+from msit_jax.ops.runtime import RuntimeOptions
 
 
 def _timm_standin(torch):
@@ -140,7 +140,7 @@ def main(argv=None) -> int:
     cfg = infer_swinir_config(state)
     params = swinir_params_from_state_dict(state, config=cfg)
     cfg.pop("drop_path_rate")
-    enc = SwinIREncoder.from_config(cfg, precision=jax.lax.Precision.HIGHEST, dtype=jnp.float32)
+    enc = SwinIREncoder.from_config(cfg, RuntimeOptions(precision="highest", dtype="float32"))
     n_params = sum(int(np.prod(v.shape)) for v in jax.tree_util.tree_leaves(params))
     n_torch = sum(p.numel() for p in model.parameters())
     print(f"LTE swinir: {cfg}")

@@ -12,6 +12,7 @@ import torch.nn.functional as F  # noqa: E402
 from msit_jax.models import layers, msno
 from msit_jax import ops
 from msit_jax.models.decoder import Dense, posenc_frequencies, torch_linspace
+from msit_jax.ops.runtime import RuntimeOptions
 from tests.torch_reference import LEM, RIM
 
 rng = np.random.RandomState(0)
@@ -67,7 +68,7 @@ def test_rim_kernel_and_conv_match_torch(k, cin, cout):
         want[:, :, i, o] = w_t[o, i] + mapped * s_t[c] * w_t[o, i]
     np.testing.assert_allclose(np.asarray(kernel), want, atol=1e-6, rtol=1e-5)
 
-    mod = layers.RIMConv(cout, k, precision=jax.lax.Precision.HIGHEST)
+    mod = layers.RIMConv(cout, k, runtime=RuntimeOptions(fft_min_kernel=0))
     variables = {"params": {"convmap": convmap, "scale": scale, "bias": rim.bias.detach().numpy()},
                  layers.FROZEN: {"kernel": base}}
     ours = mod.apply(variables, jnp.asarray(x))
@@ -124,7 +125,7 @@ def test_dense_matches_linear():
     lin = torch.nn.Linear(37, 5)
     x = rng.randn(4, 37).astype(np.float32)
     v = {"params": {"kernel": lin.weight.detach().numpy().T, "bias": lin.bias.detach().numpy()}}
-    out = Dense(5, precision=jax.lax.Precision.HIGHEST).apply(v, jnp.asarray(x))
+    out = Dense(5, runtime=RuntimeOptions()).apply(v, jnp.asarray(x))
     np.testing.assert_allclose(np.asarray(out), lin(torch.from_numpy(x)).detach().numpy(),
                                atol=1e-5, rtol=1e-5)
 

@@ -103,3 +103,92 @@ def test_s2d_multiscale_convs_give_the_same_outputs(conv):
             == jax.tree_util.tree_map(lambda x: x.shape, v["params"]))
     with pytest.raises(ValueError, match="s2d_min_kernel"):
         RuntimeOptions(s2d_min_kernel=-1)
+
+
+# --- the one `runtime` field of the Flax modules ----------------------------------------
+
+@pytest.mark.parametrize("name,want", [("highest", jax.lax.Precision.HIGHEST),
+                                       ("high", jax.lax.Precision.HIGH),
+                                       ("default", jax.lax.Precision.DEFAULT)])
+def test_lax_precision_is_the_precision_the_modules_used(name, want):
+    assert RuntimeOptions(precision=name).lax_precision is want
+
+
+@pytest.mark.parametrize("name,want", [("float32", jnp.float32), ("bfloat16", jnp.bfloat16)])
+def test_compute_dtype_is_the_dtype_the_modules_used(name, want):
+    assert RuntimeOptions(dtype=name).compute_dtype == jnp.dtype(want)
+
+
+def test_direct_convs_turns_off_only_the_conv_thresholds():
+    rt = RuntimeOptions("high", "bfloat16", fft_min_kernel=3, conv_impl="xla", s2d_min_kernel=5,
+                        remat_decoder=8)
+    assert rt.direct_convs() == RuntimeOptions("high", "bfloat16", fft_min_kernel=0,
+                                               conv_impl="xla", s2d_min_kernel=0,
+                                               remat_decoder=8)
+    assert hash(rt) != hash(rt.direct_convs())  # distinct static attributes for jit
+
+
+def test_no_model_module_keeps_a_loose_runtime_field():
+    """Every Flax module of msit_jax.models takes its execution options as `runtime`."""
+    import dataclasses
+    import inspect
+
+    import flax.linen as nn
+
+    from msit_jax.models import decoder, encoders, layers, model, msno, swinir
+
+    loose = {"precision", "dtype", "impl", "fft_min_kernel", "s2d_min_kernel", "remat_chunk"}
+    seen = 0
+    for mod in (decoder, encoders, layers, model, msno, swinir):
+        for cls in vars(mod).values():
+            if inspect.isclass(cls) and issubclass(cls, nn.Module) and cls.__module__ == mod.__name__:
+                names = {f.name for f in dataclasses.fields(cls)}
+                assert not names & loose, (cls.__name__, names & loose)
+                if "runtime" in names:
+                    seen += 1
+                    assert cls.__dataclass_fields__["runtime"].default == RuntimeOptions()
+    assert seen >= 20  # Conv, RIMConv, the MSNO parts, decoder, encoders, SwinIR parts, MSIT
+
+
+def test_a_conv_built_with_bfloat16_runtime_computes_in_bfloat16():
+    from msit_jax import ops
+    from msit_jax.models.layers import Conv
+
+    x = jnp.asarray(np.random.RandomState(0).randn(1, 6, 5, 4).astype(np.float32))
+    rs = np.random.RandomState(1)
+    p = {"kernel": rs.randn(3, 3, 4, 3).astype(np.float32), "bias": rs.randn(3).astype(np.float32)}
+    outs = {}
+    for dt in ("float32", "bfloat16"):
+        outs[dt] = Conv(3, 3, runtime=RuntimeOptions(dtype=dt)).apply({"params": p}, x)
+        want = ops.conv2d(x.astype(dt), p["kernel"], p["bias"], precision=jax.lax.Precision.HIGHEST)
+        np.testing.assert_array_equal(np.asarray(outs[dt]), np.asarray(want))
+    assert outs["float32"].dtype == jnp.float32 and outs["bfloat16"].dtype == jnp.bfloat16
+
+
+def test_only_the_multiscale_convs_get_the_thresholds():
+    """MSIT hands its runtime as given to the multi-scale convs of MSNO and the Q/K branch
+    and `runtime.direct_convs()` to every other conv (encoder, conv_ch, conv_vs_0, the 1x1
+    projections and mix heads), so thresholds of 1 never turn a 1x1 or 3x3 into an FFT."""
+    import flax.linen as nn
+
+    from msit_jax.models.layers import Conv, RIMConv
+    from msit_jax.models.model import dummy_inputs
+
+    rt = RuntimeOptions("high", "bfloat16", fft_min_kernel=1, conv_impl="xla", s2d_min_kernel=1,
+                        remat_decoder=4)
+    cfg = tiny_model_config("edsr-baseline", "rim")  # Conv and RIMConv (multi-scale) both
+    model = build_model(cfg, rt)
+    seen = {}
+
+    def record(next_fun, args, kwargs, context):
+        if isinstance(context.module, (Conv, RIMConv)) and context.method_name == "__call__":
+            seen["/".join(context.module.path)] = context.module.runtime
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(record):
+        jax.eval_shape(model.init, jax.random.PRNGKey(0), *dummy_inputs(cfg, (8, 8), 16))
+    multi = {p for p in seen if "/msc/" in p}
+    assert len(multi) == cfg.msno_heads + cfg.qk_heads, sorted(seen)
+    assert any(p.startswith("encoder/") for p in seen) and "conv_vs_0" in seen
+    for path, got in seen.items():
+        assert got == (rt if path in multi else rt.direct_convs()), path

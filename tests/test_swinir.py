@@ -15,6 +15,7 @@ import pytest
 from msit_jax.io.swinir_import import infer_swinir_config, swinir_params_from_state_dict
 from msit_jax.models.swinir import (SWINIR_DEFAULTS, SwinIREncoder, relative_position_index,
                                     shift_attention_mask)
+from msit_jax.ops.runtime import RuntimeOptions
 
 torch = pytest.importorskip("torch")  # the PyTorch reference (requirements-torch.txt)
 
@@ -33,7 +34,7 @@ def _pair(window: int, resi_connection: str = "1conv", seed: int = 0):
 
 def _compare(cfg, ref, state, hw, dtype=jnp.float32):
     params = swinir_params_from_state_dict(state, config=cfg)
-    enc = SwinIREncoder.from_config(cfg, dtype=dtype)
+    enc = SwinIREncoder.from_config(cfg, RuntimeOptions(dtype=jnp.dtype(dtype).name))
     x = np.random.RandomState(1).uniform(-1, 1, (1, *hw, 3)).astype(np.float32)
     out = np.asarray(jax.jit(lambda p, x: enc.apply({"params": p}, x))(params, x))
     with torch.no_grad():

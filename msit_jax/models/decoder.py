@@ -9,7 +9,7 @@ For a query x_q with host-computed geometry (`msit_jax.geometry.QueryGeometry`):
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Sequence
 
 import flax.linen as nn
 import jax
@@ -19,7 +19,8 @@ import numpy as np
 from msit_jax import ops
 from msit_jax.geometry import QueryGeometry
 from msit_jax.models import sampling
-from msit_jax.models.layers import Precision, gelu, torch_default_bias_init, torch_default_kernel_init
+from msit_jax.models.layers import gelu, torch_default_bias_init, torch_default_kernel_init
+from msit_jax.ops.runtime import RuntimeOptions
 
 Array = jax.Array
 
@@ -68,23 +69,23 @@ class Dense(nn.Module):
     """
 
     features: int
-    precision: Precision = Precision.HIGHEST
-    dtype: Any = jnp.float32
+    runtime: RuntimeOptions = RuntimeOptions()
 
     @nn.compact
     def __call__(self, x) -> Array:
+        dtype, precision = self.runtime.compute_dtype, self.runtime.lax_precision
         parts = tuple(x) if isinstance(x, (tuple, list)) else (x,)
         fan_in = sum(part.shape[-1] for part in parts)
         kernel = self.param("kernel", torch_default_kernel_init(), (fan_in, self.features),
                             jnp.float32)
         bias = self.param("bias", torch_default_bias_init(fan_in), (self.features,), jnp.float32)
-        kernel = kernel.astype(self.dtype)
+        kernel = kernel.astype(dtype)
         y, start = None, 0
         for part in parts:
             n = part.shape[-1]
-            part = part.astype(self.dtype)
+            part = part.astype(dtype)
             rows = kernel[start:start + n]
-            term = ops.dot(part, rows, self.precision)
+            term = ops.dot(part, rows, precision)
             y = term if y is None else y + term
             start += n
         return y + bias
@@ -95,16 +96,14 @@ class MLP(nn.Module):
 
     hidden: Sequence[int]
     out_dim: int = 3
-    precision: Precision = Precision.HIGHEST
-    dtype: Any = jnp.float32
+    runtime: RuntimeOptions = RuntimeOptions()
 
     @nn.compact
     def __call__(self, x) -> Array:
         """x: (in,) or a tuple of parts whose concatenation is the input."""
         for i, h in enumerate(self.hidden):
-            x = gelu(Dense(h, self.precision, self.dtype, name=f"layers_{2 * i}")(x))
-        return Dense(self.out_dim, self.precision, self.dtype,
-                     name=f"layers_{2 * len(self.hidden)}")(x)
+            x = gelu(Dense(h, self.runtime, name=f"layers_{2 * i}")(x))
+        return Dense(self.out_dim, self.runtime, name=f"layers_{2 * len(self.hidden)}")(x)
 
 
 class PositionalBias(nn.Module):
@@ -119,7 +118,7 @@ class PositionalBias(nn.Module):
     heads: int
     posenc_scale: float
     posenc_dims: int
-    precision: Precision = Precision.HIGHEST
+    runtime: RuntimeOptions = RuntimeOptions()  # its precision; the bias is float32
 
     @nn.compact
     def __call__(self, rel_y: Array, rel_x: Array) -> Array:
@@ -128,8 +127,9 @@ class PositionalBias(nn.Module):
                             jnp.float32)
         bias = self.param("bias", torch_default_bias_init(dims), (self.heads,), jnp.float32)
         freqs = jnp.asarray(posenc_frequencies(self.posenc_scale, dims))
-        row = axis_posbias(rel_y, kernel, freqs, 0, self.precision)
-        col = axis_posbias(rel_x, kernel, freqs, 1, self.precision)
+        prec = self.runtime.lax_precision
+        row = axis_posbias(rel_y, kernel, freqs, 0, prec)
+        col = axis_posbias(rel_x, kernel, freqs, 1, prec)
         return (row[:, None, :] + col[None, :, :] + bias).reshape(-1, self.heads)
 
 
@@ -148,8 +148,7 @@ class QueryDecoder(nn.Module):
     posenc_dims: int
     mlp_hidden: Sequence[int]
     use_cell: bool = True
-    precision: Precision = Precision.HIGHEST
-    dtype: Any = jnp.float32
+    runtime: RuntimeOptions = RuntimeOptions()
 
     @nn.compact
     def __call__(self, feat_q: Array, feat_v: Array, inp: Array, geom: QueryGeometry) -> Array:
@@ -166,18 +165,18 @@ class QueryDecoder(nn.Module):
         valid = valid.reshape(n_keys, 1)
 
         pos_bias = PositionalBias(self.heads, self.posenc_scale, self.posenc_dims,
-                                  self.precision, name="pb_proj")(rel[0], rel[1])
+                                  self.runtime, name="pb_proj")(rel[0], rel[1])
 
         # A key outside the image is a zero vector in the reference: its logit
         # is exactly 0 (+ bias) and its value contributes exactly 0.
-        logits = ops.einsum("hc,khc->kh", q, k, self.precision)
+        logits = ops.einsum("hc,khc->kh", q, k, self.runtime.lax_precision)
         logits = jnp.where(valid, logits, 0.0) / np.float32(np.sqrt(hd))
         attn = jax.nn.softmax(logits + pos_bias, axis=0)  # over the keys
         attn = jnp.where(valid, attn, 0.0)
         feat_in = (v * attn[..., None].astype(v.dtype)).reshape(-1)
         if self.use_cell:
             feat_in = (feat_in, geom.rel_cell)
-        pred = MLP(tuple(self.mlp_hidden), 3, self.precision, self.dtype, name="mlp")(feat_in)
+        pred = MLP(tuple(self.mlp_hidden), 3, self.runtime, name="mlp")(feat_in)
         return pred + sampling.bilinear(inp, coord, border=True)
 
 
@@ -188,7 +187,7 @@ class BatchedDecoder(nn.Module):
     coord (B, Q, 2), key_idx (B, Q, 2, 2r+1), rel (B, Q, 2, 2r+1), rel_cell (B, 2)
     -> (B, Q, 3).
 
-    remat_chunk > 0: the queries run in chunks of that many (a scan; the last chunk
+    runtime.remat_decoder > 0: the queries run in chunks of that many (a scan; the last chunk
     padded by repeating the last query), each chunk recomputed in the backward pass
     (`nn.remat`). Only one chunk's activations (its (B, chunk, 49 * dim) MLP input
     and K/V neighbourhoods) are then alive at a time in the backward; the outputs
@@ -200,9 +199,7 @@ class BatchedDecoder(nn.Module):
     posenc_dims: int
     mlp_hidden: Sequence[int]
     use_cell: bool = True
-    precision: Precision = Precision.HIGHEST
-    dtype: Any = jnp.float32
-    remat_chunk: int = 0
+    runtime: RuntimeOptions = RuntimeOptions()
 
     @nn.compact
     def __call__(self, feat_q: Array, feat_v: Array, inp: Array, geom: QueryGeometry) -> Array:
@@ -213,11 +210,11 @@ class BatchedDecoder(nn.Module):
         per_image = nn.vmap(per_query, in_axes=(0, 0, 0, 0),
                             variable_axes={"params": None}, split_rngs={"params": False})
         decoder = per_image(self.heads, self.posenc_scale, self.posenc_dims,
-                            tuple(self.mlp_hidden), self.use_cell, self.precision, self.dtype,
-                            name="query")
-        if not self.remat_chunk:
+                            tuple(self.mlp_hidden), self.use_cell, self.runtime, name="query")
+        chunk = self.runtime.remat_decoder
+        if not chunk:
             return decoder(feat_q, feat_v, inp, geom)
-        return _chunked(decoder, int(self.remat_chunk), feat_q, feat_v, inp, geom)
+        return _chunked(decoder, int(chunk), feat_q, feat_v, inp, geom)
 
 
 def _chunked(decoder: nn.Module, chunk: int, feat_q: Array, feat_v: Array, inp: Array,

@@ -25,9 +25,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from msit_jax.models.layers import Conv, Precision
+from msit_jax.models.layers import Conv
 from msit_jax.models.swinir import SWINIR_DEFAULTS, SwinIREncoder, validate_swinir_config
 from msit_jax.models.swinir_onnx import swinir_graph
+from msit_jax.ops.runtime import RuntimeOptions
 
 Array = jax.Array
 
@@ -38,14 +39,11 @@ RDN_PRESETS = {"A": (20, 6, 32), "B": (16, 8, 64)}
 class ResBlock(nn.Module):
     features: int
     res_scale: float = 1.0
-    precision: Precision = Precision.HIGHEST
-    dtype: Any = jnp.float32
-    impl: str = "auto"  # conv implementation, see msit_jax.ops.conv2d
+    runtime: RuntimeOptions = RuntimeOptions()
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        conv = lambda name: Conv(self.features, 3, precision=self.precision,
-                                 dtype=self.dtype, impl=self.impl, name=name)
+        conv = lambda name: Conv(self.features, 3, runtime=self.runtime, name=name)
         y = conv("body_2")(nn.relu(conv("body_0")(x)))
         return x + y * self.res_scale if self.res_scale != 1.0 else x + y
 
@@ -57,13 +55,11 @@ class EDSR(nn.Module):
     n_resblocks: int = 16
     n_feats: int = 64
     res_scale: float = 1.0
-    precision: Precision = Precision.HIGHEST
-    dtype: Any = jnp.float32
-    impl: str = "auto"  # conv implementation, see msit_jax.ops.conv2d
+    runtime: RuntimeOptions = RuntimeOptions()
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        kw = dict(precision=self.precision, dtype=self.dtype, impl=self.impl)
+        kw = dict(runtime=self.runtime)
         h = Conv(self.n_feats, 3, name="head_0", **kw)(x)
         y = h
         for i in range(self.n_resblocks):
@@ -82,13 +78,11 @@ class RDB(nn.Module):
     growth: int
     n_layers: int
     kernel_size: int = 3
-    precision: Precision = Precision.HIGHEST
-    dtype: Any = jnp.float32
-    impl: str = "auto"  # conv implementation, see msit_jax.ops.conv2d
+    runtime: RuntimeOptions = RuntimeOptions()
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        kw = dict(precision=self.precision, dtype=self.dtype, impl=self.impl)
+        kw = dict(runtime=self.runtime)
         y = x
         for c in range(self.n_layers):
             out = nn.relu(_RDBConv(self.growth, self.kernel_size, name=f"convs_{c}", **kw)(y))
@@ -99,14 +93,11 @@ class RDB(nn.Module):
 class _RDBConv(nn.Module):
     growth: int
     kernel_size: int
-    precision: Precision = Precision.HIGHEST
-    dtype: Any = jnp.float32
-    impl: str = "auto"  # conv implementation, see msit_jax.ops.conv2d
+    runtime: RuntimeOptions = RuntimeOptions()
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        return Conv(self.growth, self.kernel_size, precision=self.precision,
-                    dtype=self.dtype, impl=self.impl, name="conv_0")(x)
+        return Conv(self.growth, self.kernel_size, runtime=self.runtime, name="conv_0")(x)
 
 
 class RDN(nn.Module):
@@ -117,14 +108,12 @@ class RDN(nn.Module):
     n_blocks: int = 16
     n_layers: int = 8
     growth: int = 64
-    precision: Precision = Precision.HIGHEST
-    dtype: Any = jnp.float32
-    impl: str = "auto"  # conv implementation, see msit_jax.ops.conv2d
+    runtime: RuntimeOptions = RuntimeOptions()
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         d, c, g = self.n_blocks, self.n_layers, self.growth
-        kw = dict(precision=self.precision, dtype=self.dtype, impl=self.impl)
+        kw = dict(runtime=self.runtime)
         f1 = Conv(self.g0, self.kernel_size, name="SFENet1", **kw)(x)
         y = Conv(self.g0, self.kernel_size, name="SFENet2", **kw)(f1)
         outs = []
@@ -141,13 +130,11 @@ class CALayer(nn.Module):
 
     features: int
     reduction: int
-    precision: Precision = Precision.HIGHEST
-    dtype: Any = jnp.float32
-    impl: str = "auto"
+    runtime: RuntimeOptions = RuntimeOptions()
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        kw = dict(precision=self.precision, dtype=self.dtype, impl=self.impl)
+        kw = dict(runtime=self.runtime)
         y = jnp.mean(x, axis=(1, 2), keepdims=True)
         y = nn.relu(Conv(self.features // self.reduction, 1, name="conv_du_0", **kw)(y))
         y = jax.nn.sigmoid(Conv(self.features, 1, name="conv_du_2", **kw)(y))
@@ -160,13 +147,11 @@ class RCAB(nn.Module):
 
     features: int
     reduction: int
-    precision: Precision = Precision.HIGHEST
-    dtype: Any = jnp.float32
-    impl: str = "auto"
+    runtime: RuntimeOptions = RuntimeOptions()
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        kw = dict(precision=self.precision, dtype=self.dtype, impl=self.impl)
+        kw = dict(runtime=self.runtime)
         y = nn.relu(Conv(self.features, 3, name="body_0", **kw)(x))
         y = Conv(self.features, 3, name="body_2", **kw)(y)
         return x + CALayer(self.features, self.reduction, name="body_3", **kw)(y)
@@ -178,13 +163,11 @@ class ResidualGroup(nn.Module):
     features: int
     reduction: int
     n_resblocks: int
-    precision: Precision = Precision.HIGHEST
-    dtype: Any = jnp.float32
-    impl: str = "auto"
+    runtime: RuntimeOptions = RuntimeOptions()
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        kw = dict(precision=self.precision, dtype=self.dtype, impl=self.impl)
+        kw = dict(runtime=self.runtime)
         y = x
         for i in range(self.n_resblocks):
             y = RCAB(self.features, self.reduction, name=f"body_{i}", **kw)(y)
@@ -199,13 +182,11 @@ class RCAN(nn.Module):
     n_resblocks: int = 20
     n_feats: int = 64
     reduction: int = 16
-    precision: Precision = Precision.HIGHEST
-    dtype: Any = jnp.float32
-    impl: str = "auto"
+    runtime: RuntimeOptions = RuntimeOptions()
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        kw = dict(precision=self.precision, dtype=self.dtype, impl=self.impl)
+        kw = dict(runtime=self.runtime)
         h = Conv(self.n_feats, 3, name="head_0", **kw)(x)
         y = h
         for g in range(self.n_resgroups):
@@ -243,7 +224,7 @@ class EncoderSpec:
                  encoders of one family share it (edsr-baseline and edsr)
     defaults     the official defaults of those sizes (the paper model)
     tiny         sizes for `tiny_model_config`
-    module       (sub, precision, dtype, impl) -> the Flax module (named 'encoder')
+    module       (sub, runtime) -> the Flax module (named 'encoder'), RuntimeOptions as given
     out_features sub -> the encoder's output width
     check        (sub, need) -> None; need(ok, message) rejects a field
     from_official  official encoder args -> sub-config values (ValueError if unsupported)
@@ -306,8 +287,8 @@ def _official_int(args: Mapping, key: str, default: int) -> int:
 
 # EDSR (edsr-baseline, edsr) ------------------------------------------------------------
 
-def _edsr_module(e, precision, dtype, impl):
-    return EDSR(e.n_resblocks, e.n_feats, e.res_scale, precision, dtype, impl, name="encoder")
+def _edsr_module(e, runtime: RuntimeOptions) -> nn.Module:
+    return EDSR(e.n_resblocks, e.n_feats, e.res_scale, runtime, name="encoder")
 
 
 def _edsr_check(e, need) -> None:
@@ -373,9 +354,8 @@ def _edsr_spec(name: str, defaults: dict, label: str) -> EncoderSpec:
 
 # RDN --------------------------------------------------------------------------------
 
-def _rdn_module(e, precision, dtype, impl):
-    return RDN(e.g0, e.kernel_size, e.n_blocks, e.n_layers, e.growth, precision, dtype, impl,
-               name="encoder")
+def _rdn_module(e, runtime: RuntimeOptions) -> nn.Module:
+    return RDN(e.g0, e.kernel_size, e.n_blocks, e.n_layers, e.growth, runtime, name="encoder")
 
 
 def _rdn_from_official(args: Mapping) -> dict:
@@ -442,9 +422,8 @@ _RDN = EncoderSpec(
 
 # RCAN -------------------------------------------------------------------------------
 
-def _rcan_module(e, precision, dtype, impl):
-    return RCAN(e.n_resgroups, e.n_resblocks, e.n_feats, e.reduction, precision, dtype, impl,
-                name="encoder")
+def _rcan_module(e, runtime: RuntimeOptions) -> nn.Module:
+    return RCAN(e.n_resgroups, e.n_resblocks, e.n_feats, e.reduction, runtime, name="encoder")
 
 
 def _rcan_check(e, need) -> None:
@@ -523,8 +502,8 @@ _SWINIR_SIZES = ("embed_dim", "depths", "num_heads", "window_size", "mlp_ratio",
 _SWINIR_DETECT = "encoder.layers.0.residual_group.blocks.0.attn.relative_position_bias_table"
 
 
-def _swinir_module(e, precision, dtype, impl):
-    return SwinIREncoder.from_config(dict(e), precision, dtype, impl, name="encoder")
+def _swinir_module(e, runtime: RuntimeOptions) -> nn.Module:
+    return SwinIREncoder.from_config(dict(e), runtime, name="encoder")
 
 
 def _swinir_check(e, need) -> None:
@@ -742,7 +721,8 @@ def encoder_dropout(cfg) -> bool:
     return bool(spec.dropout(cfg[spec.sub_config]))
 
 
-def make_encoder(cfg, precision: Precision, dtype: Any, impl: str = "auto") -> nn.Module:
-    """Encoder module from the model config's `encoder` and its sub-config."""
+def make_encoder(cfg, runtime: RuntimeOptions = RuntimeOptions()) -> nn.Module:
+    """Encoder module from the model config's `encoder` and its sub-config, running with
+    `runtime` as given (MSIT passes `runtime.direct_convs()`)."""
     spec = encoder_spec(cfg.encoder)
-    return spec.module(cfg[spec.sub_config], precision, dtype, impl)
+    return spec.module(cfg[spec.sub_config], runtime)

@@ -8,18 +8,17 @@ gradient kernels) is `msit_jax.ops.conv2d`.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from msit_jax.ops import conv2d
+from msit_jax.ops.runtime import RuntimeOptions
 from msit_jax.ops.s2d import conv2d_s2d
 
 Array = jax.Array
-Dtype = Any
-Precision = jax.lax.Precision
 
 # Variable collection holding the frozen RIM base kernels. It is not 'params',
 # so optimisers never see it and gradients never reach it.
@@ -71,11 +70,9 @@ class Conv(nn.Module):
     groups: int = 1
     use_bias: bool = True
     init_scheme: str = "torch"
-    precision: Precision = Precision.HIGHEST
-    dtype: Dtype = jnp.float32
-    fft_min_kernel: int = 0  # see msit_jax.ops.conv2d
-    impl: str = "auto"  # see msit_jax.ops.conv2d
-    s2d_min_kernel: int = 0  # see msit_jax.ops.s2d (0: never)
+    # precision, compute dtype, conv impl and both thresholds (fft_min_kernel, s2d_min_kernel)
+    # apply to this conv as given: a parent passes `runtime.direct_convs()` where they must not
+    runtime: RuntimeOptions = RuntimeOptions()
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -95,18 +92,19 @@ class Conv(nn.Module):
             raise ValueError(f"unknown init {self.init_scheme!r}")
         kernel = self.param("kernel", k_init, shape, jnp.float32)
         bias = self.param("bias", b_init, (self.features,), jnp.float32) if self.use_bias else None
-        return _conv(self, x.astype(self.dtype), kernel, bias, self.groups)
+        return _conv(self.runtime, x.astype(self.runtime.compute_dtype), kernel, bias, self.groups)
 
 
-def _conv(m: nn.Module, x: Array, kernel: Array, bias, groups: int) -> Array:
-    """Conv / RIMConv's convolution: on pixel blocks (ops.s2d) from s2d_min_kernel,
-    else `msit_jax.ops.conv2d` with the module's options."""
+def _conv(rt: RuntimeOptions, x: Array, kernel: Array, bias, groups: int) -> Array:
+    """Conv / RIMConv's convolution, x (B, H, W, Cin) -> (B, H, W, Cout): on pixel
+    blocks (ops.s2d) from rt.s2d_min_kernel, else `msit_jax.ops.conv2d` with rt's
+    precision, FFT threshold and conv impl."""
     k = kernel.shape[0]
-    if groups == 1 and m.s2d_min_kernel and k >= m.s2d_min_kernel:
-        y = conv2d_s2d(x, kernel, m.precision)
+    if groups == 1 and rt.s2d_min_kernel and k >= rt.s2d_min_kernel:
+        y = conv2d_s2d(x, kernel, rt.lax_precision)
         return y if bias is None else y + bias.astype(y.dtype)
-    return conv2d(x, kernel, bias, groups=groups, precision=m.precision,
-                  fft_min_kernel=m.fft_min_kernel, impl=m.impl)
+    return conv2d(x, kernel, bias, groups=groups, precision=rt.lax_precision,
+                  fft_min_kernel=rt.fft_min_kernel, impl=rt.conv_impl)
 
 
 def rim_effective_kernel(base: Array, convmap: Array, rim_factor: Array) -> Array:
@@ -138,11 +136,9 @@ class RIMConv(nn.Module):
     features: int
     kernel_size: int
     init_scheme: str = "torch"  # init of convmap and the RIM factor, see Conv
-    precision: Precision = Precision.HIGHEST
-    dtype: Dtype = jnp.float32
-    fft_min_kernel: int = 0  # see msit_jax.ops.conv2d
-    impl: str = "auto"  # see msit_jax.ops.conv2d
-    s2d_min_kernel: int = 0  # see msit_jax.ops.s2d (0: never)
+    # precision, compute dtype, conv impl and both thresholds (fft_min_kernel, s2d_min_kernel)
+    # apply to this conv as given: a parent passes `runtime.direct_convs()` where they must not
+    runtime: RuntimeOptions = RuntimeOptions()
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -163,7 +159,7 @@ class RIMConv(nn.Module):
         rim_factor = self.param("scale", factor_init, (cin, cout), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros_init(), (cout,), jnp.float32)
         kernel = rim_effective_kernel(base, convmap, rim_factor)
-        return _conv(self, x.astype(self.dtype), kernel, bias, 1)
+        return _conv(self.runtime, x.astype(self.runtime.compute_dtype), kernel, bias, 1)
 
 
 def _uniform_init(bound: float) -> Callable:

@@ -3,7 +3,7 @@
 Images are NHWC and normalised, `inp = (lr - 0.5) / 0.5`; predictions are in
 the same space. Build a model with `build_model(model_cfg, runtime)`: the
 model config is the architecture, `RuntimeOptions` how it runs (precision,
-compute dtype, FFT threshold).
+compute dtype, FFT threshold, ...): every module takes it as one `runtime` field.
 """
 
 from __future__ import annotations
@@ -35,20 +35,17 @@ class MSIT(nn.Module):
 
     def setup(self):
         c, rt = self.cfg, self.runtime
-        prec, dtype = rt.lax_precision, rt.compute_dtype
-        kw = dict(precision=prec, dtype=dtype)
-        conv_kw = dict(kw, impl=rt.conv_impl)
+        # The FFT and pixel-block thresholds are for the multi-scale convs (MSNO and the
+        # Q/K heads); the encoder, conv_ch and conv_vs_0 always convolve directly.
+        direct = rt.direct_convs()
         bn = dict(batch_norm=c.batch_norm, bn_eps=c.bn_eps, bn_momentum=c.bn_momentum)
-        self.encoder = make_encoder(c, prec, dtype, rt.conv_impl)
-        self.conv_ch = Conv(c.dim, 1, **conv_kw)
-        fft = dict(fft_min_kernel=rt.fft_min_kernel, s2d_min_kernel=rt.s2d_min_kernel)
-        self.amsno = MSNO(c.dim, c.msno_heads, c.use_lem, c.conv, **bn, **conv_kw, **fft)
-        self.conv_vs_0 = rim_or_plain_conv(c.conv, c.dim, 3, "torch", "conv_vs_0", prec, dtype,
-                                           impl=rt.conv_impl)
-        self.multi_conv_qs_0 = QKBranch(c.dim, c.qk_heads, c.conv, **bn, **conv_kw, **fft)
+        self.encoder = make_encoder(c, direct)
+        self.conv_ch = Conv(c.dim, 1, runtime=direct)
+        self.amsno = MSNO(c.dim, c.msno_heads, c.use_lem, c.conv, **bn, runtime=rt)
+        self.conv_vs_0 = rim_or_plain_conv(c.conv, c.dim, 3, "torch", "conv_vs_0", direct)
+        self.multi_conv_qs_0 = QKBranch(c.dim, c.qk_heads, c.conv, **bn, runtime=rt)
         self.decoder = BatchedDecoder(c.heads, c.posenc_scale, c.posenc_dims,
-                                      tuple(c.mlp_hidden), c.use_cell, **kw,
-                                      remat_chunk=rt.remat_decoder)
+                                      tuple(c.mlp_hidden), c.use_cell, runtime=rt)
 
     def encode(self, inp: Array, train: bool = False) -> tuple[Array, Array]:
         """Feature maps for the decoder: inp (B, H, W, 3) -> (feat_q, feat_v), each (B, H, W, dim)."""

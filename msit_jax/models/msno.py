@@ -6,14 +6,13 @@ All maps are (B, H, W, dim). Layer names mirror the official state_dict
 
 from __future__ import annotations
 
-from typing import Any
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from msit_jax.models.layers import BatchNorm, Conv, Precision, RIMConv, gelu
+from msit_jax.models.layers import BatchNorm, Conv, RIMConv, gelu
+from msit_jax.ops.runtime import RuntimeOptions
 
 Array = jax.Array
 
@@ -64,11 +63,7 @@ class MultiScaleConv(nn.Module):
     conv: str  # 'rim' | 'plain'
     init_scheme: str
     name_fmt: str
-    precision: Precision = Precision.HIGHEST
-    dtype: Any = jnp.float32
-    fft_min_kernel: int = 0  # FFT threshold, see msit_jax.ops.conv2d (0: never)
-    impl: str = "auto"  # conv implementation, see msit_jax.ops.conv2d
-    s2d_min_kernel: int = 0  # pixel-block threshold, see msit_jax.ops.s2d (0: never)
+    runtime: RuntimeOptions = RuntimeOptions()  # its thresholds apply to every kernel size
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -80,18 +75,16 @@ class MultiScaleConv(nn.Module):
         for i, xi in enumerate(jnp.split(x, self.heads, axis=-1)):
             k = 3 + 2 * i
             layer = rim_or_plain_conv(self.conv, hc, k, self.init_scheme,
-                                      self.name_fmt.format(i + 1), self.precision, self.dtype,
-                                      self.fft_min_kernel, self.impl, self.s2d_min_kernel)
+                                      self.name_fmt.format(i + 1), self.runtime)
             outs.append(layer(xi))
         return jnp.concatenate(outs, axis=-1)
 
 
 def rim_or_plain_conv(kind: str, features: int, k: int, init: str, name: str,
-                      precision: Precision, dtype: Any, fft_min_kernel: int = 0,
-                      impl: str = "auto", s2d_min_kernel: int = 0) -> nn.Module:
-    """A conv at a RIM position: RIMConv (stage 2) or a plain Conv (stage 1 / folded)."""
-    kw = dict(init_scheme=init, precision=precision, dtype=dtype, fft_min_kernel=fft_min_kernel,
-              impl=impl, s2d_min_kernel=s2d_min_kernel, name=name)
+                      runtime: RuntimeOptions) -> nn.Module:
+    """A conv at a RIM position: RIMConv (stage 2) or a plain Conv (stage 1 / folded),
+    running with `runtime` as given (thresholds included)."""
+    kw = dict(init_scheme=init, runtime=runtime, name=name)
     if kind == "rim":
         return RIMConv(features, k, **kw)
     if kind == "plain":
@@ -113,14 +106,11 @@ class MixHead(nn.Module):
     batch_norm: bool
     bn_eps: float
     bn_momentum: float
-    precision: Precision = Precision.HIGHEST
-    dtype: Any = jnp.float32
-    impl: str = "auto"
+    runtime: RuntimeOptions = RuntimeOptions()  # its 1x1 convs take it as given
 
     @nn.compact
     def __call__(self, x: Array, train: bool) -> Array:
-        kw = dict(init_scheme="fan_out", precision=self.precision, dtype=self.dtype,
-                  impl=self.impl)
+        kw = dict(init_scheme="fan_out", runtime=self.runtime)
         y = Conv(2 * self.dim, 1, groups=self.groups, name=self.names[0], **kw)(x)
         if self.batch_norm:
             y = BatchNorm(self.bn_eps, self.bn_momentum, name="bn")(y, train)
@@ -137,26 +127,22 @@ class MSNO(nn.Module):
     batch_norm: bool = True
     bn_eps: float = 1e-5
     bn_momentum: float = 0.1
-    precision: Precision = Precision.HIGHEST
-    dtype: Any = jnp.float32
-    fft_min_kernel: int = 0
-    impl: str = "auto"
-    s2d_min_kernel: int = 0
+    # the thresholds reach the multi-scale convs only
+    runtime: RuntimeOptions = RuntimeOptions()
 
     @nn.compact
     def __call__(self, x: Array, train: bool) -> Array:
-        kw = dict(init_scheme="fan_out", precision=self.precision, dtype=self.dtype,
-                  impl=self.impl)
+        # The 1x1 projections and the mix head are not multi-scale: no FFT or pixel blocks.
+        direct = self.runtime.direct_convs()
+        kw = dict(init_scheme="fan_out", runtime=direct)
         v = Conv(self.dim, 1, use_bias=False, name="v", **kw)(x)
         s = Conv(self.dim, 1, use_bias=False, name="s", **kw)(x)
         if self.use_lem:
             s = lem_shift(s)
-        s = MultiScaleConv(self.heads, self.conv, "fan_out", "Ms_conv_{}", self.precision,
-                           self.dtype, self.fft_min_kernel, self.impl, self.s2d_min_kernel,
+        s = MultiScaleConv(self.heads, self.conv, "fan_out", "Ms_conv_{}", self.runtime,
                            name="msc")(s)
         s = MixHead(self.dim, self.heads, (BN_INPUT_CONV["sim"], "sim1"), self.batch_norm,
-                    self.bn_eps, self.bn_momentum, self.precision, self.dtype, self.impl,
-                    name="sim")(s, train)
+                    self.bn_eps, self.bn_momentum, direct, name="sim")(s, train)
         return Conv(self.dim, 1, name="proj", **kw)(s * v)
 
 
@@ -169,20 +155,17 @@ class QKBranch(nn.Module):
     batch_norm: bool = True
     bn_eps: float = 1e-5
     bn_momentum: float = 0.1
-    precision: Precision = Precision.HIGHEST
-    dtype: Any = jnp.float32
-    fft_min_kernel: int = 0
-    impl: str = "auto"
-    s2d_min_kernel: int = 0
+    # the thresholds reach the multi-scale convs only
+    runtime: RuntimeOptions = RuntimeOptions()
 
     @nn.compact
     def __call__(self, x: Array, train: bool) -> Array:
-        kw = dict(init_scheme="fan_out", precision=self.precision, dtype=self.dtype,
-                  impl=self.impl)
+        # The 1x1 projections and the mix head are not multi-scale: no FFT or pixel blocks.
+        direct = self.runtime.direct_convs()
+        kw = dict(init_scheme="fan_out", runtime=direct)
         y = Conv(self.dim, 1, name="proj0", **kw)(x)
-        y = MultiScaleConv(self.heads, self.conv, "fan_out", "local_conv_{}", self.precision,
-                           self.dtype, self.fft_min_kernel, self.impl, self.s2d_min_kernel,
+        y = MultiScaleConv(self.heads, self.conv, "fan_out", "local_conv_{}", self.runtime,
                            name="msc")(y)
         return MixHead(self.dim, self.dim // self.heads, (BN_INPUT_CONV["mix"], "proj2"),
-                       self.batch_norm, self.bn_eps, self.bn_momentum, self.precision,
-                       self.dtype, self.impl, name="mix")(y, train)
+                       self.batch_norm, self.bn_eps, self.bn_momentum, direct,
+                       name="mix")(y, train)

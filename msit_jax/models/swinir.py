@@ -30,7 +30,8 @@ block is shifted whatever the input size, as here.
 
 Numerics: LayerNorms (eps 1e-5), softmax and the residual stream are float32;
 matmul and conv operands are in the compute `dtype` with float32 accumulation
-(`msit_jax.ops`). Convs are `msit_jax.models.layers.Conv` (its `impl`).
+(`msit_jax.ops`). Convs are `msit_jax.models.layers.Conv`; every module takes the
+execution options as one `runtime` field (`msit_jax.ops.runtime.RuntimeOptions`).
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from msit_jax import ops
-from msit_jax.models.layers import Conv, Precision, gelu
+from msit_jax.models.layers import Conv, gelu
+from msit_jax.ops.runtime import RuntimeOptions
 
 Array = jax.Array
 
@@ -148,13 +150,13 @@ class Linear(nn.Module):
 
     features: int
     use_bias: bool = True
-    precision: Precision = Precision.HIGHEST
-    dtype: Any = jnp.float32
+    runtime: RuntimeOptions = RuntimeOptions()
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         kernel = self.param("kernel", _trunc_normal_02, (x.shape[-1], self.features), jnp.float32)
-        y = ops.dot(x.astype(self.dtype), kernel.astype(self.dtype), self.precision)
+        dtype = self.runtime.compute_dtype
+        y = ops.dot(x.astype(dtype), kernel.astype(dtype), self.runtime.lax_precision)
         if self.use_bias:
             y = y + self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
         return y
@@ -187,8 +189,7 @@ class WindowAttention(nn.Module):
     window_size: int
     num_heads: int
     qkv_bias: bool = True
-    precision: Precision = Precision.HIGHEST
-    dtype: Any = jnp.float32
+    runtime: RuntimeOptions = RuntimeOptions()
 
     @nn.compact
     def __call__(self, x: Array, mask: Optional[np.ndarray]) -> Array:
@@ -198,19 +199,19 @@ class WindowAttention(nn.Module):
         w = self.window_size
         table = self.param("relative_position_bias_table", _trunc_normal_02,
                            ((2 * w - 1) ** 2, h), jnp.float32)
-        kw = dict(precision=self.precision, dtype=self.dtype)
+        kw = dict(runtime=self.runtime)
+        dtype, prec = self.runtime.compute_dtype, self.runtime.lax_precision
         qkv = Linear(3 * c, self.qkv_bias, name="qkv", **kw)(x).reshape(b, nw, n, 3, h, hd)
         q = qkv[..., 0, :, :] * (hd ** -0.5)
         k, v = qkv[..., 1, :, :], qkv[..., 2, :, :]
-        attn = ops.einsum("bwqhd,bwkhd->bwhqk", q.astype(self.dtype), k.astype(self.dtype),
-                          self.precision)
+        attn = ops.einsum("bwqhd,bwkhd->bwhqk", q.astype(dtype), k.astype(dtype), prec)
         bias = table[relative_position_index(w).reshape(-1)].reshape(n, n, h)
         attn = attn + jnp.transpose(bias, (2, 0, 1))
         if mask is not None:
             attn = attn + jnp.asarray(mask)[None, :, None]
         attn = jax.nn.softmax(attn, axis=-1)
-        out = ops.einsum("bwhqk,bwkhd->bwqhd", attn.astype(self.dtype), v.astype(self.dtype),
-                         self.precision).reshape(b, nw, n, c)
+        out = ops.einsum("bwhqk,bwkhd->bwqhd", attn.astype(dtype), v.astype(dtype),
+                         prec).reshape(b, nw, n, c)
         return Linear(c, name="proj", **kw)(out)
 
 
@@ -237,14 +238,13 @@ class SwinBlock(nn.Module):
     mlp_ratio: float = 2.0
     qkv_bias: bool = True
     drop_path: float = 0.0
-    precision: Precision = Precision.HIGHEST
-    dtype: Any = jnp.float32
+    runtime: RuntimeOptions = RuntimeOptions()
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> Array:
         bsz, hp, wp, c = x.shape
         w, s = self.window_size, self.shift
-        kw = dict(precision=self.precision, dtype=self.dtype)
+        kw = dict(runtime=self.runtime)
         y = LayerNorm(name="norm1")(x)
         if s:
             y = jnp.roll(y, (-s, -s), axis=(1, 2))
@@ -290,20 +290,18 @@ class RSTB(nn.Module):
     qkv_bias: bool = True
     resi_connection: str = "1conv"
     drop_path: Sequence[float] = ()
-    precision: Precision = Precision.HIGHEST
-    dtype: Any = jnp.float32
-    impl: str = "auto"
+    runtime: RuntimeOptions = RuntimeOptions()
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> Array:
-        kw = dict(precision=self.precision, dtype=self.dtype)
+        kw = dict(runtime=self.runtime)
         y = x
         for j in range(self.depth):
             dp = self.drop_path[j] if self.drop_path else 0.0
             y = SwinBlock(self.dim, self.num_heads, self.window_size,
                           0 if j % 2 == 0 else self.window_size // 2, self.mlp_ratio,
                           self.qkv_bias, dp, name=f"blocks_{j}", **kw)(y, train)
-        conv = _res_conv(self.resi_connection, self.dim, "conv", dict(kw, impl=self.impl))
+        conv = _res_conv(self.resi_connection, self.dim, "conv", kw)
         return conv(y).astype(jnp.float32) + x
 
 
@@ -326,15 +324,14 @@ class SwinIREncoder(nn.Module):
     resi_connection: str = "1conv"
     num_feat: int = 64
     drop_path_rate: float = 0.0
-    precision: Precision = Precision.HIGHEST
-    dtype: Any = jnp.float32
-    impl: str = "auto"  # conv implementation, see msit_jax.ops.conv2d
+    runtime: RuntimeOptions = RuntimeOptions()
 
     @classmethod
-    def from_config(cls, cfg: Mapping[str, Any], precision: Precision = Precision.HIGHEST,
-                    dtype: Any = jnp.float32, impl: str = "auto", **kwargs) -> "SwinIREncoder":
+    def from_config(cls, cfg: Mapping[str, Any], runtime: RuntimeOptions = RuntimeOptions(),
+                    **kwargs) -> "SwinIREncoder":
         """From a config sub-dict with SWINIR_DEFAULTS' keys (missing keys take
-        the defaults; unknown keys are an error). kwargs go to the module (e.g. name)."""
+        the defaults; unknown keys are an error) and the execution options. kwargs go
+        to the module (e.g. name)."""
         cfg = dict(cfg)
         unknown = sorted(set(cfg) - set(SWINIR_DEFAULTS))
         if unknown:
@@ -346,8 +343,7 @@ class SwinIREncoder(nn.Module):
                    window_size=int(c["window_size"]), mlp_ratio=float(c["mlp_ratio"]),
                    qkv_bias=bool(c["qkv_bias"]), patch_norm=bool(c["patch_norm"]),
                    resi_connection=str(c["resi_connection"]), num_feat=int(c["num_feat"]),
-                   drop_path_rate=float(c["drop_path_rate"]), precision=precision,
-                   dtype=dtype, impl=impl, **kwargs)
+                   drop_path_rate=float(c["drop_path_rate"]), runtime=runtime, **kwargs)
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> Array:
@@ -360,8 +356,7 @@ class SwinIREncoder(nn.Module):
         # (h + ws - 1) // ws * ws - h: also for symbolic h, w (a multiple of ws by form)
         ph, pw = (h + ws - 1) // ws * ws - h, (w + ws - 1) // ws * ws - w
         x = _reflect_pad(x, ph, pw)
-        kw = dict(precision=self.precision, dtype=self.dtype)
-        conv_kw = dict(kw, impl=self.impl)
+        conv_kw = dict(runtime=self.runtime)
         f = Conv(self.embed_dim, 3, name="conv_first", **conv_kw)(x).astype(jnp.float32)
         t = LayerNorm(name="patch_embed_norm")(f) if self.patch_norm else f
         total = sum(self.depths)

@@ -84,11 +84,19 @@ class RuntimeOptions:
 
     @property
     def lax_precision(self) -> jax.lax.Precision:
+        """`precision` as the lax.Precision every contraction of the model carries."""
         return parse_precision(self.precision)
 
     @property
-    def compute_dtype(self) -> Any:
+    def compute_dtype(self) -> jnp.dtype:
+        """`dtype` as the jnp dtype of the matmul / conv operands (parameters stay float32)."""
         return jnp.dtype(self.dtype)
+
+    def direct_convs(self) -> "RuntimeOptions":
+        """These options with the FFT and pixel-block thresholds off (0): for the convs
+        outside the multi-scale heads (encoder, 1x1 projections, conv_vs_0), which the
+        thresholds never meant (a threshold of 1 or 3 would otherwise reach them)."""
+        return self.replace(fft_min_kernel=0, s2d_min_kernel=0)
 
     def replace(self, **kw) -> "RuntimeOptions":
         return dataclasses.replace(self, **kw)
