@@ -117,11 +117,13 @@ class Upscaler(ImageRunner):
 
     def plan(self, in_hw: tuple[int, int], out_hw: tuple[int, int], *,
              tile: Optional[Tile] = None, max_memory_gb: Optional[float] = None,
-             name: str = "image", what: Optional[str] = None) -> Plan:
+             name: str = "image", what: Optional[str] = None, decoder: bool = True) -> Plan:
         """How an in_hw -> out_hw (H, W) call would run, checked against the budget
         (`budget.check_decoder` and `budget.check`: OverBudget, a ResourceError, naming
         the part over it) when there is one. tile, max_memory_gb: this call's (None:
-        the upscaler's); name, what: the image and the size request in messages."""
+        the upscaler's); name, what: the image and the size request in messages;
+        decoder=False leaves out the decoder's check (a surface that checked its chunk
+        once for the model)."""
         tile = budget.parse_tile(self.tile if tile is None else tile, self.model_cfg)
         gb = self.max_memory_gb if max_memory_gb is None else max_memory_gb
         auto = tile == "auto"
@@ -132,7 +134,8 @@ class Upscaler(ImageRunner):
             est = budget.memory_estimate(self.model_cfg, in_hw, out_hw, self.chunk, tile,
                                          self.self_ensemble)
         else:
-            budget.check_decoder(self.model_cfg, self.chunk, gb)
+            if decoder:
+                budget.check_decoder(self.model_cfg, self.chunk, gb)
             est = budget.check(self.model_cfg, in_hw, out_hw, self.chunk, tile, gb,
                                auto=auto, self_ensemble=self.self_ensemble, name=name,
                                what=what)

@@ -431,7 +431,7 @@ def _upscale(f: flags.FlagValues, positionals: Sequence[str]) -> int:
             what = (f"--scale {f.scale}" if scale is not None
                     else f"{size_flag} {f[size_flag[2:]].value}")
             plan = up.plan(in_hw, hw, tile=tile, max_memory_gb=f.max_memory_gb, name=path,
-                           what=what)
+                           what=what, decoder=False)
             rgb, alpha = read_input(path)
             t0 = time.perf_counter()
             sr = _decode(up, plan, images.to_float(rgb), hw, tag, stage_quiet, f.progress)
