@@ -72,7 +72,7 @@ def test_upscale_pair_equals_inference_and_bicubic(model, up, woman_lr):
 
 
 def test_large_inputs_use_the_tiled_path(model, up, woman_lr):
-    """Under a small memory budget the encoder is tiled exactly as tiling.TiledUpscaler does."""
+    """Under a small memory budget the encoder is tiled exactly as Engine(tile=...) does."""
     budget_gb = 2.0 / 1024  # 2 MB: the 86 x 57 encoder (~10 MB estimated) does not fit
     tile = budget.auto_tile(up.model_cfg, (86, 57), budget_gb * 2 ** 30)
     assert 0 < tile < 57

@@ -61,7 +61,7 @@ def budget_bytes(max_memory_gb: float) -> float:
         gb = float(max_memory_gb)
     except (TypeError, ValueError):
         gb = math.nan
-    if isinstance(max_memory_gb, bool) or not (math.isfinite(gb) and gb > 0):
+    if isinstance(max_memory_gb, (bool, str)) or not (math.isfinite(gb) and gb > 0):
         raise UsageError(f"--max_memory_gb must be a finite number > 0, got {max_memory_gb}")
     return gb * 2 ** 30
 
