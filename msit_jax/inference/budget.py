@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Optional, Union
+from typing import Optional, Union
 
 import ml_collections
 
@@ -42,9 +42,6 @@ ENSEMBLE_BYTES_PER_PIXEL = 12
 ENCODER_BYTES_PER_PIXEL_CHANNEL = 64
 # The smallest tile auto_tile picks: below it the halo dominates the work.
 MIN_TILE = 32
-
-PARTS = ("output", "input", "decoder", "encoder")
-
 
 class OverBudget(ResourceError):
     """An estimate over the memory budget: `part` ('decoder', 'buffers' or 'encoder'),
@@ -190,7 +187,3 @@ def check(model_cfg: ml_collections.ConfigDict, in_hw: tuple[int, int],
             "tile", part="encoder", need=enc, budget=budget)
     return est
 
-
-def describe(est: dict[str, Any]) -> str:
-    """An estimate as one line: 'output 1.2 GB, input ..., decoder ..., encoder ...'."""
-    return ", ".join(f"{k} {format_gb(est[k])}" for k in PARTS if k in est)
