@@ -90,7 +90,7 @@ class MSITPredictor(Predictor):
     training validation of a diverging model logs a NaN PSNR instead of stopping.
     `compiled_sizes` records the (LR, HR) sizes already called: the first call of
     each size includes JIT compilation. self_ensemble: the mean over the 8
-    flips/transposes (`msit_jax.ensemble`), 8x the work; the name gets a "+".
+    flips/transposes (`msit_jax.inference.ensemble`), 8x the work; the name gets a "+".
     """
 
     def __init__(self, model_cfg: ml_collections.ConfigDict, variables: Any,
