@@ -57,7 +57,7 @@ from benchmarks import flops as flop_model  # noqa: E402
 
 from msit_jax import geometry, model_config
 
-from msit_jax.inference import engine as inference
+from msit_jax.inference.engine import Engine
 from msit_jax.data.protocol import Batch  # noqa: E402
 from msit_jax.models import reparam  # noqa: E402
 from msit_jax.ops.runtime import DTYPES, PRECISIONS, RuntimeOptions  # noqa: E402
@@ -325,7 +325,7 @@ def peak_memory_child(impl: str, reference: Optional[str], device: str,
     t = time.perf_counter()
     if impl == "ours":
         fcfg, fvars = reparam.fold(cfg, variables)
-        inference.Engine(fcfg, fvars, runtime=runtime)(lr, (MEMORY_CASE[1],) * 2)
+        Engine(fcfg, fvars, runtime=runtime)(lr, (MEMORY_CASE[1],) * 2)
         gpu = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use", 0) \
             if device == "gpu" else 0
     else:
@@ -396,7 +396,7 @@ def main() -> int:
     cfg = model_config()
     variables = random_variables(cfg, 0)
     fcfg, fvars = reparam.fold(cfg, variables)
-    up = inference.Engine(fcfg, fvars, runtime=runtime)
+    up = Engine(fcfg, fvars, runtime=runtime)
     results = {"devices": device_names(tdev if args.reference else None),
                "device": jax.devices()[0].device_kind, "backend": jax.default_backend(),
                "ours_dtype": args.dtype, "ours_precision": args.precision,
@@ -413,7 +413,7 @@ def main() -> int:
         lr = np.random.RandomState(2).rand(h, w, 3).astype(np.float32)
         ref = theirs_upscale(theirs, lr, out_hw, tdev)
         tol = agreement_tolerance(args.dtype, args.precision)
-        errs = {m: float(np.abs(inference.Engine(fcfg, fvars, method=m, runtime=runtime)(
+        errs = {m: float(np.abs(Engine(fcfg, fvars, method=m, runtime=runtime)(
             lr, out_hw, clamp=False) - ref).max()) for m in ("grid", "query")}
         ok = max(errs.values()) <= tol
         results["agreement"] = {"case": f"x4 {h}x{w} -> {out_hw[0]}x{out_hw[1]}",

@@ -21,7 +21,7 @@ import numpy as np
 
 from msit_jax import model_config
 
-from msit_jax.inference import engine as inference
+from msit_jax.inference.engine import Engine
 from msit_jax.models import reparam
 from msit_jax.models.encoders import ENCODERS
 from msit_jax.models.random_init import random_variables
@@ -53,7 +53,7 @@ def main() -> None:
 
     rows = []
     for name, c, v in [("RIM (unfolded)", cfg, variables), ("folded", fcfg, fvars)]:
-        up = inference.Engine(c, v)
+        up = Engine(c, v)
         enc = median_time(lambda: jax.block_until_ready(up.features(lr)), args.repeats)
         full = median_time(lambda: up(lr, (out, out)), max(1, args.repeats // 2))
         n_learn = reparam.count_params({"params": v["params"]})

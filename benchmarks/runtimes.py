@@ -31,8 +31,7 @@ import numpy as np
 import onnx
 
 from msit_jax import geometry, model_config, tiny_model_config
-
-from msit_jax.inference import engine as inference
+from msit_jax.inference.engine import METHODS, Engine
 
 from msit_jax.export import onnx_graph, onnx_runner
 from msit_jax.models import reparam
@@ -72,7 +71,7 @@ def main(argv=None) -> int:
     path = os.path.join(tempfile.mkdtemp(prefix="msit_runtimes_"), "model.onnx")
     onnx.save(onnx_graph.build_graph(fcfg, fvars, clamp=False), path)
     ort_up = onnx_runner.load(path)
-    ups = {m: inference.Engine(fcfg, fvars, method=m) for m in inference.METHODS}
+    ups = {m: Engine(fcfg, fvars, method=m) for m in METHODS}
     print(f"device: {jax.devices()[0].device_kind}, {args.encoder}, "
           f"{'tiny' if args.quick else 'paper-size'} model, folded; repeats {repeats}")
     report: dict = dict(encoder=args.encoder, quick=args.quick, cases={})

@@ -13,10 +13,11 @@ x width), the MSIT result beside a Pillow-bicubic upscale of the same size, a
 swipe comparison, a PNG download, and the measured time. Sizes are always
 written H x W (height first).
 
-Large outputs use the CLI's memory-bounded path (`msit_jax.tiling`): the HR
-pixels are decoded in fixed-size chunks, and the encoder runs on LR tiles when
-its estimated activations exceed --max_memory_gb (`tiling.auto_tile`); output
-sizes whose buffers exceed the budget are refused with a message.
+Large outputs use the CLI's memory-bounded path (`Upscaler(..., tile="auto",
+max_memory_gb=...)`): the HR pixels are decoded in fixed-size chunks, and the
+encoder runs on LR tiles when its estimated activations exceed --max_memory_gb
+(`msit_jax.inference.budget`, the one memory model); output sizes whose buffers
+exceed the budget are refused with a message.
 
 Serving: it listens on 127.0.0.1 unless --host says otherwise. One model job
 runs at a time (gradio's queue, concurrency 1, and a lock for jobs gradio has
@@ -35,9 +36,7 @@ directly; gradio is imported only when the page is built.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import functools
 import logging
 import os
 import re
@@ -58,15 +57,11 @@ from PIL import Image, UnidentifiedImageError
 
 from msit_jax import console, errors, flags_util, images, weights
 
-from msit_jax.inference import tiling
+from msit_jax.inference import budget, frontend, tiling
 from msit_jax.inference.api import Upscaler
 
 INSTALL_HINT = console.install_hint("demo")
 SCALE_MIN, SCALE_MAX = 1.0, 30.0
-# Estimated bytes per pixel (see msit_jax/upscale.py, measured there): the output's float32
-# prediction, its copies and the uint8 images (MSIT and bicubic); the decoded input.
-OUTPUT_BYTES_PER_PIXEL = 72
-INPUT_BYTES_PER_PIXEL = 40
 KEEP_RESULTS = 8  # result folders kept on disk (older ones are deleted)
 MAX_SECONDS = 180.0  # default --max_seconds: the longest job, estimated and measured
 MAX_QUEUE = 16  # default --max_queue: requests waiting for the model
@@ -144,11 +139,12 @@ def output_hw(in_hw: tuple[int, int], scale: float, out_h: Optional[float],
         if not (h.is_integer() and w.is_integer()) or min(h, w) < 1:
             raise DemoError(f"The output size must be whole pixels, got {out_h:g} x {out_w:g} "
                             "(H x W).")
-        h, w = int(h), int(w)
-        if h < in_hw[0] or w < in_hw[1]:
-            raise DemoError(f"The output {h} x {w} (H x W) is smaller than the input "
-                            f"{in_hw[0]} x {in_hw[1]}: MSIT only upsamples.")
-        return h, w
+        try:
+            return frontend.output_size(in_hw, size=(int(h), int(w)), name="The output",
+                                        flag="size")
+        except ValueError:
+            raise DemoError(f"The output {int(h)} x {int(w)} (H x W) is smaller than the "
+                            f"input {in_hw[0]} x {in_hw[1]}: MSIT only upsamples.") from None
     try:
         s = float(scale)
     except (TypeError, ValueError):
@@ -156,18 +152,23 @@ def output_hw(in_hw: tuple[int, int], scale: float, out_h: Optional[float],
     if not SCALE_MIN <= s <= SCALE_MAX:  # also refuses NaN
         raise DemoError(f"The scale must be between {SCALE_MIN:g} and {SCALE_MAX:g}, "
                         f"got {s:g}.")
-    return max(1, round(in_hw[0] * s)), max(1, round(in_hw[1] * s))
+    return frontend.output_size(in_hw, s)
 
 
-def check_memory(in_hw: tuple[int, int], out_hw: tuple[int, int], max_memory_gb: float) -> None:
-    """DemoError when the image buffers of in_hw -> out_hw (H, W) exceed the budget."""
-    need = (out_hw[0] * out_hw[1] * OUTPUT_BYTES_PER_PIXEL
-            + in_hw[0] * in_hw[1] * INPUT_BYTES_PER_PIXEL)
-    if need > max_memory_gb * 2 ** 30:
+def plan(up: Any, in_hw: tuple[int, int], out_hw: tuple[int, int], max_memory_gb: float):
+    """`up.plan` with the encoder tiled to fit max_memory_gb (as the CLI's --tile auto);
+    DemoError, in the page's words, when the budget refuses the job (`budget.check`)."""
+    try:
+        # The decoder's chunk is checked once, when the server starts.
+        return up.plan(in_hw, out_hw, tile="auto", max_memory_gb=max_memory_gb,
+                       decoder=False)
+    except budget.OverBudget as e:
+        if e.part != "buffers":
+            raise DemoError(public_message(e)) from None
         raise DemoError(f"The output {out_hw[0]} x {out_hw[1]} (H x W) needs ~"
-                        f"{need / 2 ** 30:.2g} GB, over this demo's limit of "
+                        f"{e.need / 2 ** 30:.2g} GB, over this demo's limit of "
                         f"{max_memory_gb:g} GB (--max_memory_gb): choose a smaller scale "
-                        "or size.")
+                        "or size.") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,10 +198,11 @@ class CostModel:
     chunk: int  # queries per decoder call
 
     def seconds(self, engine: Any, in_hw: tuple[int, int], out_hw: tuple[int, int]) -> float:
-        """The estimate for `engine` (a `tiling.TiledUpscaler` with its tile set)."""
+        """The estimate for a call run as `engine` says (an `Upscaler.plan`: its tile,
+        grid and model_cfg)."""
         lr_px, out_px = in_hw[0] * in_hw[1], max(out_hw[0] * out_hw[1], self.chunk)
         if engine.tile <= 0 or engine.tile >= max(in_hw):
-            if engine.uses_grid(in_hw, out_hw):
+            if engine.grid:
                 return lr_px * (self.encode_s + self.centre_s) + out_px * self.grid_s
             return lr_px * self.encode_s + out_px * self.query_s
         halo = tiling.halo(engine.model_cfg)
@@ -230,7 +232,6 @@ def measure_cost(up: Any, lr_hw: tuple[int, int] = WARMUP_LR_HW) -> tuple[CostMo
     grid decoder, whose two rates these two give); each is run once to compile and
     once timed. With the decoder forced (from_pretrained's method), the missing
     rates are taken from the runs there are."""
-    e = up.engine
     lr = np.random.default_rng(0).random((*lr_hw, 3), dtype=np.float32)
     lr_px = lr_hw[0] * lr_hw[1]
     t_start = time.perf_counter()
@@ -241,13 +242,13 @@ def measure_cost(up: Any, lr_hw: tuple[int, int] = WARMUP_LR_HW) -> tuple[CostMo
         jax.block_until_ready(fn())
         return time.perf_counter() - t0
 
-    encode = timed(lambda: e.features(lr))
+    encode = timed(lambda: up.encode(lr))
     runs: dict[bool, list[tuple[int, float]]] = {True: [], False: []}
     for sy, sx in ((4, 2), (4, 4), (8, 8)):
         hw = (lr_hw[0] * sy, lr_hw[1] * sx)
-        seconds = timed(lambda: e(lr, hw, clamp=False))
-        runs[e.uses_grid(lr_hw, hw)].append((max(hw[0] * hw[1], e.chunk),
-                                             max(seconds - encode, 0.0)))
+        seconds = timed(lambda: up(lr, size=hw, clamp=False, tile=0))
+        runs[up.plan(lr_hw, hw, tile=0).grid].append((max(hw[0] * hw[1], up.chunk),
+                                                      max(seconds - encode, 0.0)))
     query = [t / px for px, t in runs[False]]
     if len(runs[True]) >= 2:
         centre, grid = fit_grid(lr_px, runs[True][-2:])
@@ -255,7 +256,7 @@ def measure_cost(up: Any, lr_hw: tuple[int, int] = WARMUP_LR_HW) -> tuple[CostMo
         centre, grid = 0.0, max(query)
     cost = CostModel(encode_s=max(encode, 1e-6) / lr_px,
                      query_s=max(query[-1] if query else grid + centre / 16, 1e-9),
-                     centre_s=centre, grid_s=max(grid, 1e-9), chunk=e.chunk)
+                     centre_s=centre, grid_s=max(grid, 1e-9), chunk=up.chunk)
     return cost, time.perf_counter() - t_start
 
 
@@ -270,15 +271,6 @@ def check_time(cost: Optional[CostModel], max_seconds: Optional[float], engine: 
                         f"{est:.0f} s here, over this demo's limit of {max_seconds:g} s "
                         "(--max_seconds): choose a smaller scale or size.")
     return est
-
-
-@functools.lru_cache(maxsize=4)
-def tiled_engine(up: Any):
-    """A `tiling.TiledUpscaler` sharing `up.engine`'s model and weights (built once per `up`)."""
-
-    e = up.engine
-    return tiling.TiledUpscaler(e.model_cfg, e.variables, chunk=e.chunk, tile=0,
-                                method=e.method, runtime=e.runtime)
 
 
 def upscale_pair(up: Any, image: Any, scale: float = 4.0, out_h: Optional[float] = None,
@@ -309,10 +301,8 @@ def upscale_pair(up: Any, image: Any, scale: float = 4.0, out_h: Optional[float]
         raise DemoError(f"The image must be RGB uint8 (H, W, 3), got {rgb.dtype} {rgb.shape}.")
     in_hw = (int(rgb.shape[0]), int(rgb.shape[1]))
     hw = output_hw(in_hw, scale, out_h, out_w)
-    check_memory(in_hw, hw, max_memory_gb)
-    engine = copy.copy(tiled_engine(up))  # a per-call tile; the model is shared
-    engine.tile = tiling.auto_tile(engine.model_cfg, in_hw, max_memory_gb * 2 ** 30)
-    estimate = check_time(cost, max_seconds, engine, in_hw, hw)
+    job = plan(up, in_hw, hw, max_memory_gb)
+    estimate = check_time(cost, max_seconds, job, in_hw, hw)
     t0 = time.perf_counter()
 
     def on_chunk(done: int, total: int) -> None:
@@ -326,18 +316,19 @@ def upscale_pair(up: Any, image: Any, scale: float = 4.0, out_h: Optional[float]
         if progress:
             progress(done, total)
 
-    tiled = 0 < engine.tile < max(in_hw)  # TiledUpscaler decodes tiles per query
     watched = progress or max_seconds or should_stop is not None
-    sr = engine(images.to_float(rgb), hw, clamp=False, progress=on_chunk if watched else False)
+    sr = up.upscale_array(images.to_float(rgb), hw, clamp=False, plan=job,
+                          progress=on_chunk if watched else False)
     seconds = time.perf_counter() - t0
-    if not np.isfinite(sr).all():
-        raise DemoError("The model output has non-finite values: are the weights corrupt?")
+    try:
+        frontend.check_finite(sr)
+    except errors.NonFiniteError as e:
+        raise DemoError(f"{e}: are the weights corrupt?") from None
     t0 = time.perf_counter()
     bicubic = images.resize_bicubic(rgb, hw)
     info = {"in_hw": in_hw, "out_hw": hw, "seconds": seconds,
-            "bicubic_seconds": time.perf_counter() - t0, "tile": engine.tile if tiled else 0,
-            "decoder": ("grid" if not tiled and engine.uses_grid(in_hw, hw) else "query"),
-            "estimate": estimate}
+            "bicubic_seconds": time.perf_counter() - t0, "tile": job.tile,
+            "decoder": "grid" if job.grid else "query", "estimate": estimate}
     return images.to_uint8(np.clip(sr, 0.0, 1.0)), bicubic, info
 
 
@@ -615,6 +606,11 @@ def _serve_checkpoint(fv: flags.FlagValues, positionals: Sequence[str]) -> int:
     except Exception as e:  # noqa: BLE001 - one line naming the checkpoint
         print(f"error: cannot load {fv.checkpoint}: {e}", file=sys.stderr)
         return errors.EXIT_FAILURE
+    try:  # the decoder's chunk is the same for every job: checked once
+        budget.check_decoder(up.model_cfg, up.chunk, fv.max_memory_gb,
+                             f"--chunk {fv.chunk}" if fv.chunk else None)
+    except errors.MsitError as e:
+        return errors.report(e)
     cost = None
     if fv.max_seconds:
         cost, seconds = measure_cost(up)

@@ -53,7 +53,7 @@ from absl import flags
 
 from msit_jax import console, errors
 
-from msit_jax.inference import engine as inference
+from msit_jax.inference import engine
 from msit_jax.ops.runtime import DTYPES, PRECISIONS
 
 # absl's help flags (and argparse's -h): answered with the command's own help, since
@@ -97,10 +97,10 @@ def _flag(fv: flags.FlagValues, name: str, default: bool) -> bool:
 def decoder_help() -> str:
     """--decoder's help, built from msit_jax.inference so it cannot drift from the
     thresholds 'auto' uses (explicit platforms keep --help from starting JAX)."""
-    cpu, accel = inference.grid_min_queries("cpu"), inference.grid_min_queries("gpu")
+    cpu, accel = engine.grid_min_queries("cpu"), engine.grid_min_queries("gpu")
     return ("Decoder formulation: grid (queries grouped by LR centre, fast at large "
             "scales), query (the reference's per-query form) or auto: grid when the output "
-            "has at least msit_jax.inference.grid_min_queries() pixels per input pixel, "
+            "has at least msit_jax.inference.engine.grid_min_queries() pixels per input pixel, "
             f"{cpu:g} (x{math.sqrt(cpu):g}) on CPU and {accel:g} (x{math.sqrt(accel):g}) on "
             "GPU/TPU. All agree to float32 round-off.")
 

@@ -94,3 +94,20 @@ def test_bad_calls(up):
         up(np.zeros((8, 8, 3), np.int32), 2)
     with pytest.raises(TypeError, match="PIL image or a numpy array"):
         up("photo.png", 2)
+
+
+def test_api_refuses_downscales_like_the_cli(up):
+    """scale < 1 and sizes under the input are refused as msit-upscale refuses them."""
+    from msit_jax import errors
+    from msit_jax.inference import cli
+
+    img = np.zeros((8, 8, 3), np.float32)
+    with pytest.raises(errors.UsageError, match=r"scale must be >= 1 \(MSIT upsamples"):
+        up(img, scale=0.5)
+    with pytest.raises(errors.UsageError, match=r"must be >= 1"):
+        up(img, scale=(2, 0.5))
+    with pytest.raises(errors.UsageError, match=r"size 4 x 9 is smaller than the input 8 x 8"):
+        up(img, size=(4, 9))
+    assert cli.parse_scale("2,3") == (2.0, 3.0)
+    with pytest.raises(errors.UsageError, match=r"--scale must be >= 1 \(MSIT upsamples"):
+        cli.parse_scale("0.5")

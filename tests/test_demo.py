@@ -18,7 +18,7 @@ pytest.importorskip("gradio")
 import msit_jax  # noqa: E402
 from msit_jax import demo, images, tiny_model_config  # noqa: E402
 from msit_jax.inference import engine as inference
-from msit_jax.inference import tiling
+from msit_jax.inference import budget
 from msit_jax.io import model_dir  # noqa: E402
 from msit_jax.models import reparam  # noqa: E402
 from tests.conftest import REPO, shared_data  # noqa: E402
@@ -72,16 +72,16 @@ def test_upscale_pair_equals_inference_and_bicubic(model, up, woman_lr):
 
 
 def test_large_inputs_use_the_tiled_path(model, up, woman_lr):
-    """Under a small memory budget the encoder is tiled exactly as tiling.TiledUpscaler does."""
+    """Under a small memory budget the encoder is tiled exactly as Engine(tile=...) does."""
     budget_gb = 2.0 / 1024  # 2 MB: the 86 x 57 encoder (~10 MB estimated) does not fit
-    tile = tiling.auto_tile(up.model_cfg, (86, 57), budget_gb * 2 ** 30)
+    tile = budget.auto_tile(up.model_cfg, (86, 57), budget_gb * 2 ** 30)
     assert 0 < tile < 57
     calls = []
     sr, _, info = demo.upscale_pair(up, woman_lr, 1.5, max_memory_gb=budget_gb,
                                     progress=lambda d, t: calls.append((d, t)))
     assert info["tile"] == tile and sr.shape == (129, 86, 3)  # round(85.5) = 86
     _, cfg, variables = model
-    want = tiling.TiledUpscaler(*reparam.fold(cfg, variables), tile=tile)(
+    want = inference.Engine(*reparam.fold(cfg, variables), tile=tile)(
         images.to_float(woman_lr), (129, 86))
     np.testing.assert_array_equal(sr, images.to_uint8(want))
     assert calls and calls[-1][0] == calls[-1][1]
@@ -147,8 +147,7 @@ def test_internal_errors_show_no_details(tmp_path, woman_lr, capsys):
     import gradio as gr
 
     class Broken:
-        @property
-        def engine(self):
+        def plan(self, *args, **kwargs):
             raise RuntimeError(f"cannot read {tmp_path}/weights.bin")
 
     upload = tmp_path / "woman.png"

@@ -67,9 +67,8 @@ def test_read_upload_names_no_path(tmp_path):
 
 
 def _engine(tile: int = 0, grid: bool = True):
-    """What CostModel.seconds reads of a TiledUpscaler."""
-    return types.SimpleNamespace(tile=tile, model_cfg=tiny_model_config(),
-                                 uses_grid=lambda in_hw, out_hw: grid)
+    """What CostModel.seconds reads of an Upscaler.plan."""
+    return types.SimpleNamespace(tile=tile, model_cfg=tiny_model_config(), grid=grid)
 
 
 def test_time_estimate_and_refusal():

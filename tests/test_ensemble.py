@@ -12,7 +12,6 @@ from msit_jax.inference import ensemble
 from msit_jax.inference.engine import Engine
 from msit_jax.models import reparam
 from msit_jax.models.random_init import random_variables
-from msit_jax.inference.tiling import TiledUpscaler
 
 LR_HW, OUT_HW = (11, 8), (29, 17)  # non-square, scales 2.64 x 2.125
 
@@ -121,13 +120,13 @@ def test_tiled_self_ensemble(folded):
     lr = _lr(2, (20, 13))
     out_hw = (47, 31)
     for v, symmetric in ((_symmetric(variables), True), (variables, False)):
-        tiled = TiledUpscaler(cfg, v, chunk=128, tile=8, self_ensemble=True)
+        tiled = Engine(cfg, v, chunk=128, tile=8, self_ensemble=True)
         plus = tiled(lr, out_hw, clamp=False)
-        plain = TiledUpscaler(cfg, v, chunk=128, tile=8)(lr, out_hw, clamp=False)
+        plain = Engine(cfg, v, chunk=128, tile=8)(lr, out_hw, clamp=False)
         diff = np.abs(plus - plain).max()
         assert (diff < 2e-6) if symmetric else (diff > 1e-4), diff
     # Clamping applies once, to the mean.
-    clamped = TiledUpscaler(cfg, variables, chunk=128, tile=8, self_ensemble=True)(lr, out_hw)
+    clamped = Engine(cfg, variables, chunk=128, tile=8, self_ensemble=True)(lr, out_hw)
     np.testing.assert_array_equal(clamped, np.clip(plus, 0, 1))
 
 

@@ -517,7 +517,7 @@ def test_memory_estimate_counts_swinir_attention():
     h heads, N = window^2; see encoders._swinir_bytes_per_pixel), the larger of it and the
     64 x dim rule; every other encoder keeps the 64 x dim rule (the measured figures are in
     that function's docstring)."""
-    from msit_jax.inference.cli import memory_estimate
+    from msit_jax.inference.budget import memory_estimate
 
     spec = ENCODERS["swinir"]
     paper = model_config("swinir")

@@ -17,7 +17,7 @@ from PIL import Image
 from msit_jax.io import model_dir
 from msit_jax import images, tiny_model_config
 from msit_jax.inference import engine as inference
-from msit_jax.inference import tiling
+from msit_jax.inference import budget, tiling
 from msit_jax.inference import cli as upscale
 from msit_jax.models import reparam
 from msit_jax.io.workdir import MODEL_CONFIG_FILE
@@ -138,7 +138,7 @@ def test_tiled_equals_untiled_away_from_the_wrap_border(model):
     lr = images.to_float(_img(37, 45, 4))
     hw = (130, 101)
     ref = inference.upscale(cfg, variables, lr, hw, chunk=1024)
-    got = tiling.TiledUpscaler(cfg, variables, chunk=1024, tile=12)(lr, hw)
+    got = inference.Engine(cfg, variables, chunk=1024, tile=12)(lr, hw)
     # Interior HR pixels (beyond the LEM wrap radius, in HR pixels, plus the decoder's
     # reach) are exact to float32 round-off.
     my = int(np.ceil((tiling.wrap_radius(cfg) + cfg.radius + 1) * hw[0] / 37))
@@ -147,7 +147,7 @@ def test_tiled_equals_untiled_away_from_the_wrap_border(model):
     # Near the borders the circular LEM shift sees the tile's edge: close, not exact.
     assert np.abs(got - ref).max() < 0.02
     # A tile covering the image is the untiled computation.
-    whole = tiling.TiledUpscaler(cfg, variables, chunk=1024, tile=64)(lr, hw)
+    whole = inference.Engine(cfg, variables, chunk=1024, tile=64)(lr, hw)
     np.testing.assert_array_equal(whole, ref)
 
 
@@ -162,7 +162,7 @@ def test_tiling_geometry_helpers(model):
     assert tiling.encoder_radius(model_config("edsr")) == 66
     rcan = model_config("rcan")
     assert not tiling.tileable(rcan) and tiling.encoder_radius(rcan) is None
-    assert tiling.auto_tile(rcan, (4000, 4000), 2 ** 20) == 0
+    assert budget.auto_tile(rcan, (4000, 4000), 2 ** 20) == 0
     with pytest.raises(ValueError, match="pools over the whole image"):
         tiling.halo(rcan)
     # Every HR row belongs to exactly one LR core.
@@ -183,7 +183,7 @@ def test_cli_tiled_matches_tiled_api(tmp_path, model):
                        "--tile", "16", "--output", str(tmp_path / "t_out.png"), "--noprogress"])
     assert rc == 0
     fcfg, fvars = reparam.fold(cfg, variables)
-    want = tiling.TiledUpscaler(fcfg, fvars, tile=16)(images.to_float(rgb), (66, 75))
+    want = inference.Engine(fcfg, fvars, tile=16)(images.to_float(rgb), (66, 75))
     np.testing.assert_array_equal(images.read_image(str(tmp_path / "t_out.png")),
                                   images.to_uint8(want))
 

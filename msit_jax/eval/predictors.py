@@ -18,13 +18,12 @@ from typing import Any, Optional
 import ml_collections
 import numpy as np
 
-from msit_jax import console, errors, images
+from msit_jax import images
 from msit_jax.eval import matlab_resize
-from msit_jax.inference.engine import Engine
-from msit_jax.io import pretrained
-from msit_jax.models import reparam
-from msit_jax.ops.runtime import RuntimeOptions
 from msit_jax.eval.protocol import DEGRADATIONS
+from msit_jax.inference import api, frontend
+from msit_jax.inference.engine import Engine
+from msit_jax.ops.runtime import RuntimeOptions
 
 MODELS = ("msit", "bicubic", "bicubic_y")
 
@@ -91,7 +90,7 @@ class MSITPredictor(Predictor):
     training validation of a diverging model logs a NaN PSNR instead of stopping.
     `compiled_sizes` records the (LR, HR) sizes already called: the first call of
     each size includes JIT compilation. self_ensemble: the mean over the 8
-    flips/transposes (`msit_jax.ensemble`), 8x the work; the name gets a "+".
+    flips/transposes (`msit_jax.inference.ensemble`), 8x the work; the name gets a "+".
     """
 
     def __init__(self, model_cfg: ml_collections.ConfigDict, variables: Any,
@@ -100,7 +99,7 @@ class MSITPredictor(Predictor):
                  self_ensemble: bool = False):
 
         self.up = Engine(model_cfg, variables, chunk=chunk, method=method, runtime=runtime,
-                           self_ensemble=self_ensemble)
+                         self_ensemble=self_ensemble)
         self.name = name + ("+" if self_ensemble else "")  # EDSR's convention: "EDSR+"
         self.check_finite = check_finite
         self.compiled_sizes: set[tuple[tuple[int, int], tuple[int, int]]] = set()
@@ -115,11 +114,7 @@ class MSITPredictor(Predictor):
         out = self.up(images.to_float(lr), out_hw, clamp=False)
         self.compiled_sizes.add((tuple(lr.shape[:2]), tuple(int(v) for v in out_hw)))
         if self.check_finite:
-            finite = np.isfinite(out)
-            if not finite.all():
-                raise errors.NonFiniteError(
-                    f"the model output has {int(finite.size - finite.sum())} non-finite "
-                    f"value(s) of {finite.size}")
+            frontend.check_finite(out)
         return np.clip(out, 0.0, 1.0)
 
 
@@ -127,15 +122,12 @@ def load_msit(checkpoint: str, *, fold: bool = True, chunk: Optional[int] = None
               method: str = "auto", dtype: str = "float32", precision: str = "highest",
               fft_min_kernel: int = -1, quiet: bool = True,
               self_ensemble: bool = False) -> MSITPredictor:
-    """An MSITPredictor from a msit-jax checkpoint dir or an official .pth; the load and
-    the fold are timed on stderr unless `quiet` (`msit_jax.console.stage`)."""
+    """An MSITPredictor from a msit-jax checkpoint dir or an official .pth (`api.load`,
+    the loader of every surface); the load and the fold are timed on stderr unless
+    `quiet` (`msit_jax.console.stage`)."""
 
     runtime = RuntimeOptions(precision, dtype, fft_min_kernel)
-    with console.stage(f"load {checkpoint}", quiet=quiet):
-        model_cfg, variables = pretrained.load(checkpoint)
-    if fold:
-        with console.stage("fold RIMs and BatchNorms", quiet=quiet):
-            model_cfg, variables = reparam.fold(model_cfg, variables)
+    model_cfg, variables = api.load(checkpoint, fold=fold, quiet=quiet)
     return MSITPredictor(model_cfg, variables, chunk, method=method, runtime=runtime,
                          self_ensemble=self_ensemble)
 

@@ -15,9 +15,9 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-_LAZY = {"Upscaler": "msit_jax.inference.api"}
+_LAZY = {"Upscaler": "msit_jax.inference.api", "Engine": "msit_jax.inference.engine"}
 
-__all__ = ["Upscaler"]
+__all__ = ["Engine", "Upscaler"]
 
 
 def __getattr__(name: str) -> Any:

@@ -49,43 +49,27 @@ from __future__ import annotations
 import contextlib
 import functools
 import glob
-import math
 import os
 import re
 import sys
 import time
 import traceback
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
-import jax
 import numpy as np
 from absl import flags
 from PIL import Image
 
 from msit_jax import console, errors, flags_util, images, weights
-
-from msit_jax.inference import tiling
-from msit_jax.io import pretrained
-from msit_jax.models import reparam
-from msit_jax.models.encoders import encoder_spec
-from msit_jax.errors import NonFiniteError, OutputError, ResourceError, UsageError
+from msit_jax.errors import OutputError, ResourceError, UsageError
+from msit_jax.inference import budget, frontend
+from msit_jax.inference.api import Upscaler
 from msit_jax.ops.runtime import RuntimeOptions
 
 PROG = "msit-upscale"
 USAGE = f"usage: {PROG} [flags] INPUT...\n\n{__doc__}"
 
 ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
-
-# Memory estimates for the --max_memory_gb checks (bytes). Output: the float32
-# prediction, its denormalised copy and the uint8 quantisation (measured peak
-# ~60 B per output pixel). Decoder: each query gathers (2r+1)^2 keys of `dim`
-# features for Q/K and V with intermediates (~0.6 GB per 4096 queries at the
-# paper size). Input: the decoded image and its float copies.
-OUTPUT_BYTES_PER_PIXEL = 64
-INPUT_BYTES_PER_PIXEL = 40
-DECODER_BYTES_PER_QUERY_FEATURE = 12
-# Self-ensemble: the float32 running sum of the 8 passes, beside each pass's output.
-ENSEMBLE_BYTES_PER_PIXEL = 12
 
 
 # Output formats by extension: Pillow's format name and its save options (WebP lossless:
@@ -109,10 +93,7 @@ def parse_scale(text: str) -> tuple[float, float]:
         vals = vals * 2
     if len(vals) != 2 or not all(np.isfinite(vals)):
         raise UsageError(f"--scale must be a number or 'SY,SX', got {text!r}")
-    if min(vals) < 1:
-        raise UsageError(f"--scale must be >= 1 (MSIT upsamples; use a resampler to shrink), "
-                         f"got {text}")
-    return vals[0], vals[1]
+    return frontend.check_scale(vals, "--scale", text)
 
 
 def parse_size(text: str, flag: str = "--size") -> tuple[int, int]:
@@ -127,15 +108,10 @@ def parse_size(text: str, flag: str = "--size") -> tuple[int, int]:
 def output_size(in_hw: tuple[int, int], scale: Optional[tuple[float, float]],
                 size: Optional[tuple[int, int]], name: str = "input",
                 flag: str = "--size") -> tuple[int, int]:
-    """The HR size (H, W): round(H * sy), round(W * sx), or `size` (never smaller than
-    the input; `flag` names the size's flag in the error)."""
-    if size is not None:
-        if size[0] < in_hw[0] or size[1] < in_hw[1]:
-            raise UsageError(f"{name}: {flag} {console.format_hw(size)} is smaller than the "
-                             f"input {console.format_hw(in_hw)} (H x W; scale < 1, MSIT "
-                             "upsamples only)")
-        return size
-    return max(1, round(in_hw[0] * scale[0])), max(1, round(in_hw[1] * scale[1]))
+    """`frontend.output_size` with the command line's names: the HR size (H, W) for
+    `scale` (sy, sx) or `size`, never smaller than the input (`flag` names the size's
+    flag in the error, `name` the input)."""
+    return frontend.output_size(in_hw, scale, size, name=name, flag=flag)
 
 
 def input_size(path: str) -> tuple[int, int]:
@@ -265,79 +241,24 @@ def save_output(path: str, rgb: np.ndarray, alpha: Optional[np.ndarray]) -> None
                       **options)
 
 
-def memory_estimate(model_cfg, in_hw: tuple[int, int], out_hw: tuple[int, int], chunk: int,
-                    tile: int, self_ensemble: bool = False) -> dict[str, float]:
-    """Estimated peak bytes of one image: {'output', 'input', 'decoder', 'encoder'}
-    (the encoder estimate is `tiling.auto_tile`'s: 64 bytes x dim per window pixel, or the
-    encoder's own `EncoderSpec.bytes_per_pixel` where that is larger: SwinIR's attention)."""
-
-    n = (2 * model_cfg.radius + 1) ** 2
-    enc_hw = in_hw if tile <= 0 else tuple(min(s, tile + 2 * tiling.halo(model_cfg))
-                                            for s in in_hw)
-    out_px = OUTPUT_BYTES_PER_PIXEL + (ENSEMBLE_BYTES_PER_PIXEL if self_ensemble else 0)
-    return {"output": float(out_hw[0]) * out_hw[1] * out_px,
-            "input": float(in_hw[0]) * in_hw[1] * INPUT_BYTES_PER_PIXEL,
-            "decoder": float(chunk) * n * model_cfg.dim * DECODER_BYTES_PER_QUERY_FEATURE,
-            "encoder": float(enc_hw[0]) * enc_hw[1] * _encoder_bytes_per_pixel(model_cfg)}
-
-
-def _encoder_bytes_per_pixel(model_cfg) -> float:
-    """Feature-path bytes per LR pixel: 64 x dim (the convolutional stages after the
-    encoder and conv encoders), or the encoder's own estimate when it is larger; the
-    encoder's activations are freed before the stages after it run, so the peak is the
-    larger of the two, not their sum."""
-    spec = encoder_spec(model_cfg.encoder)
-    base = 64.0 * model_cfg.dim
-    if spec.bytes_per_pixel is None:
-        return base
-    return max(base, float(spec.bytes_per_pixel(model_cfg[spec.sub_config])))
-
-
-def _gb(x: float) -> str:
-    return f"{x / 2 ** 30:.3g} GB"
-
-
-class StagedUpscaler(tiling.TiledUpscaler):
-    """A `TiledUpscaler` that reports the untiled encoder as a timed stage on stderr.
-
-    `Upscaler.__call__` encodes through `features`; the result is waited for
-    inside the stage because JAX dispatch is asynchronous (otherwise the
-    encoder's time would show up in the first decoder chunk). `label` prefixes
-    the stage line (the image being processed); `on_encoded` is called when the
-    encoder is done (the caller starts its decode stage there); quiet: no line.
-    """
-
-    def __init__(self, *args: Any, quiet: bool = True, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self.quiet, self.label = quiet, ""
-        self.on_encoded: Optional[Callable[[], Any]] = None
-
-    def features(self, lr: np.ndarray):
-        """Encoder output of one (H, W, 3) [0, 1] image: (inp (1, H, W, 3), features)."""
-        with console.stage(f"{self.label}compile+encode", quiet=self.quiet):
-            inp, feats = super().features(lr)
-            jax.block_until_ready(feats)
-        if self.on_encoded is not None:
-            self.on_encoded()
-        return inp, feats
-
-
-def build_upscaler(checkpoint: str, fold: bool, chunk: Optional[int], tile: int,
+def build_upscaler(checkpoint: str, fold: bool, chunk: Optional[int], tile: Any,
                    method: str = "auto", runtime: Optional[RuntimeOptions] = None, *,
-                   quiet: bool = True, self_ensemble: bool = False) -> StagedUpscaler:
-    """Load weights (anything `pretrained.load` reads, bundled names included) -> an
-    Upscaler (tiled if tile > 0).
+                   quiet: bool = True, self_ensemble: bool = False) -> Upscaler:
+    """`Upscaler.from_pretrained` with the command's timed stages ('load checkpoint',
+    'fold') on stderr unless `quiet`. tile: 'auto' or an LR tile side (0: none)."""
+    return Upscaler.from_pretrained(checkpoint, fold=fold, chunk=chunk, tile=tile,
+                                    method=method, runtime=runtime,
+                                    self_ensemble=self_ensemble, quiet=quiet,
+                                    label="checkpoint")
 
-    Loading and folding are timed stages on stderr unless `quiet`.
-    """
 
-    with console.stage("load checkpoint", quiet=quiet):
-        model_cfg, variables = pretrained.load(checkpoint)
-    if fold:
-        with console.stage("fold", quiet=quiet):
-            model_cfg, variables = reparam.fold(model_cfg, variables)
-    return StagedUpscaler(model_cfg, variables, chunk=chunk, tile=tile, method=method,
-                          runtime=runtime, quiet=quiet, self_ensemble=self_ensemble)
+@contextlib.contextmanager
+def _encode_stage(label: str, quiet: bool, then: Any) -> Iterator[None]:
+    """The engine's 'encode' stage as the timed '{label}compile+encode' line; then() is
+    called when it is done (the decode stage starts there)."""
+    with console.stage(f"{label}compile+encode", quiet=quiet):
+        yield
+    then()
 
 
 class _DecodeBar:
@@ -452,22 +373,19 @@ def _check_flags(f: flags.FlagValues, inputs: Sequence[str]):
     size = parse_size(f[given[0]].value, size_flag) if scale is None else None
     if f.chunk is not None and f.chunk < 1:
         raise UsageError(f"--chunk must be >= 1, got {f.chunk}")
-    if not (math.isfinite(f.max_memory_gb) and f.max_memory_gb > 0):
-        raise UsageError(f"--max_memory_gb must be a finite number > 0, got "
-                         f"{f.max_memory_gb}")
+    limit = budget.budget_bytes(f.max_memory_gb)
     try:
         runtime = RuntimeOptions(f.precision, f.dtype, f.fft_min_kernel)
     except ValueError as e:
         raise UsageError(f"--fft_min_kernel: {e}") from None
-    if f.tile != "auto" and not re.fullmatch(r"\d+", f.tile):
-        raise UsageError(f"--tile must be a non-negative integer or 'auto', got {f.tile}")
+    budget.parse_tile(f.tile)
     outs = output_paths(inputs, f.output, f.suffix)
     check_outputs(inputs, outs, f.overwrite)
-    budget = f.max_memory_gb * 2 ** 30
-    if size is not None and size[0] * size[1] * OUTPUT_BYTES_PER_PIXEL > budget:
+    # The output alone, before the model loads (the image's own check comes later).
+    need = budget.output_bytes(size) if size is not None else 0.0
+    if need > limit:
         raise ResourceError(
-            f"{size_flag} {f[given[0]].value} needs "
-            f"~{_gb(size[0] * size[1] * OUTPUT_BYTES_PER_PIXEL)} for the "
+            f"{size_flag} {f[given[0]].value} needs ~{budget.format_gb(need)} for the "
             f"{console.format_hw(size)} output alone, over --max_memory_gb "
             f"{f.max_memory_gb:g}")
     return scale, size, size_flag, outs, runtime
@@ -483,24 +401,16 @@ def _upscale(f: flags.FlagValues, positionals: Sequence[str]) -> int:
     except (errors.MsitError, ValueError) as e:
         return errors.report(e, f.verbose)
     try:
-        up = build_upscaler(f.checkpoint, f.fold, f.chunk,
-                            0 if f.tile == "auto" else int(f.tile), f.decoder, runtime,
+        up = build_upscaler(f.checkpoint, f.fold, f.chunk, 0, f.decoder, runtime,
                             quiet=quiet, self_ensemble=f.self_ensemble)
     except Exception as e:  # noqa: BLE001 - one line naming the checkpoint
         return errors.report(e, f.verbose)
-    if f.tile not in ("auto", "0") and not tiling.tileable(up.model_cfg):
-        return errors.report(UsageError(
-            f"--tile {f.tile}: the {up.model_cfg.encoder} encoder "
-            f"{encoder_spec(up.model_cfg.encoder).untiled}, so tiles cannot reproduce its "
-            "output; use --tile 0 or auto"),
-            f.verbose)
-    budget = f.max_memory_gb * 2 ** 30
-    dec = memory_estimate(up.model_cfg, (1, 1), (1, 1), up.chunk, 0)["decoder"]
-    if dec > budget:
-        flag = f"--chunk {f.chunk}" if f.chunk else f"the default chunk {up.chunk}"
-        return errors.report(ResourceError(
-            f"{flag} needs ~{_gb(dec)} of decoder memory (dim {up.model_cfg.dim}, radius "
-            f"{up.model_cfg.radius}), over --max_memory_gb {f.max_memory_gb:g}"), f.verbose)
+    try:
+        tile = budget.parse_tile(f.tile, up.model_cfg)
+        budget.check_decoder(up.model_cfg, up.chunk, f.max_memory_gb,
+                             f"--chunk {f.chunk}" if f.chunk else None)
+    except errors.MsitError as e:
+        return errors.report(e, f.verbose)
 
     failed: list[tuple[str, int]] = []
     pairs = list(zip(inputs, outs))
@@ -508,49 +418,25 @@ def _upscale(f: flags.FlagValues, positionals: Sequence[str]) -> int:
     # the bar over each image's decoder chunks would share the bar's terminal line.
     overall = _ImagesBar(len(pairs)) if len(pairs) > 1 and f.progress and not quiet else None
     say = overall.write if overall is not None else functools.partial(console.note, quiet=quiet)
-    up.quiet = quiet or overall is not None  # its compile+encode stage line
+    stage_quiet = quiet or overall is not None  # the compile+encode stage line
     for i, (path, out) in enumerate(pairs):
         # Per-image lines name the image; with several, also how far along the run is.
         tag = f"[{i + 1}/{len(pairs)}] {path}: " if len(pairs) > 1 else f"{path}: "
         try:
             in_hw = input_size(path)
             hw = output_size(in_hw, scale, size, path, size_flag)
-            if f.tile == "auto":
-                up.tile = tiling.auto_tile(up.model_cfg, in_hw, budget)
-            # Each part against the budget: the image buffers (set by --scale/--size),
-            # the encoder (set by --tile; 'auto' tiles it to fit), the decoder (--chunk,
-            # checked once above).
-            est = memory_estimate(up.model_cfg, in_hw, hw, up.chunk, up.tile,
-                                  up.self_ensemble)
-            buffers = est["output"] + est["input"]
-            if buffers > budget:
-                what = (f"--scale {f.scale}" if scale is not None
-                        else f"{size_flag} {f[size_flag[2:]].value}")
-                raise ResourceError(
-                    f"{path}: {console.format_hw(in_hw)} -> {console.format_hw(hw)} (H x W, "
-                    f"{what}) needs ~{_gb(buffers)} for the image buffers, over "
-                    f"--max_memory_gb {f.max_memory_gb:g}")
-            if est["encoder"] > budget and not tiling.tileable(up.model_cfg):
-                raise ResourceError(
-                    f"{path}: a {console.format_hw(in_hw)} input needs "
-                    f"~{_gb(est['encoder'])} of encoder memory, over --max_memory_gb "
-                    f"{f.max_memory_gb:g}, and the {up.model_cfg.encoder} encoder cannot be "
-                    f"tiled (it {encoder_spec(up.model_cfg.encoder).untiled})")
-            if est["encoder"] > budget and f.tile != "auto":
-                raise ResourceError(
-                    f"{path}: --tile {f.tile} on a {console.format_hw(in_hw)} input needs "
-                    f"~{_gb(est['encoder'])} of encoder memory, over --max_memory_gb "
-                    f"{f.max_memory_gb:g}; use --tile auto or a smaller tile")
+            # The image buffers (set by --scale/--size) and the encoder (set by --tile;
+            # 'auto' tiles it to fit) against the budget; the decoder (--chunk) was
+            # checked once above.
+            what = (f"--scale {f.scale}" if scale is not None
+                    else f"{size_flag} {f[size_flag[2:]].value}")
+            plan = up.plan(in_hw, hw, tile=tile, max_memory_gb=f.max_memory_gb, name=path,
+                           what=what, decoder=False)
             rgb, alpha = read_input(path)
             t0 = time.perf_counter()
-            sr = _decode(up, images.to_float(rgb), hw, tag, quiet or overall is not None,
-                         f.progress)
-            finite = np.isfinite(sr)
-            if not finite.all():
-                raise NonFiniteError(
-                    f"{path}: the model output has {int(finite.size - finite.sum())} non-finite "
-                    f"value(s) of {finite.size}; nothing written (are the weights in "
-                    f"{f.checkpoint} corrupt?)")
+            sr = _decode(up, plan, images.to_float(rgb), hw, tag, stage_quiet, f.progress)
+            frontend.check_finite(sr, path, f"; nothing written (are the weights in "
+                                            f"{f.checkpoint} corrupt?)")
             sr = np.clip(sr, 0.0, 1.0)
             if alpha is not None and f.alpha == "keep" and output_format(out) in NO_ALPHA_FORMATS:
                 say(f"{tag}{output_format(out)} has no alpha channel: alpha dropped in {out}")
@@ -589,13 +475,12 @@ def _upscale(f: flags.FlagValues, positionals: Sequence[str]) -> int:
     return 0
 
 
-def _decode(up: StagedUpscaler, lr: np.ndarray, hw: tuple[int, int], tag: str, quiet: bool,
-            progress: bool) -> np.ndarray:
-    """up(lr (H, W, 3), hw) -> (hw[0], hw[1], 3) float32, unclamped, with its stages:
-    'compile+encode' (untiled; timed by `up`), then 'decode' (with the encoder when
-    tiled) as a bar over chunks (progress) or one timed line."""
-    tiled = 0 < up.tile < max(lr.shape[:2])  # as TiledUpscaler decides
-    label = f"{tag}{'encode+decode (tiled)' if tiled else 'decode'}"
+def _decode(up: Upscaler, plan: Any, lr: np.ndarray, hw: tuple[int, int], tag: str,
+            quiet: bool, progress: bool) -> np.ndarray:
+    """up(lr (H, W, 3), hw) as `plan` says -> (hw[0], hw[1], 3) float32, unclamped, with
+    its stages: 'compile+encode' (untiled), then 'decode' (with the encoder when tiled)
+    as a bar over chunks (progress) or one timed line."""
+    label = f"{tag}{'encode+decode (tiled)' if plan.tile else 'decode'}"
     if up.self_ensemble:
         label += " x8 (self-ensemble)"
     bar = _DecodeBar(label) if progress and not quiet else None
@@ -609,13 +494,13 @@ def _decode(up: StagedUpscaler, lr: np.ndarray, hw: tuple[int, int], tag: str, q
                 started.append(True)
                 stages.enter_context(console.stage(label, quiet=quiet))
 
-        up.label, up.on_encoded = tag, decode_stage
-        if tiled:
+        if plan.tile:
             decode_stage()
         try:
-            return up(lr, hw, clamp=False, progress=bar if bar is not None else False)
+            return up.upscale_array(
+                lr, hw, clamp=False, progress=bar if bar is not None else False, plan=plan,
+                stage=lambda name: _encode_stage(tag, quiet, decode_stage))
         finally:
-            up.on_encoded = None
             if bar is not None:
                 bar.close()
 

@@ -1,32 +1,40 @@
-"""Memory-bounded arbitrary-scale inference.
+"""Memory-bounded arbitrary-scale inference: the one engine every surface runs.
 
     sr = upscale(model_cfg, variables, lr, (out_h, out_w))
+    sr = Engine(model_cfg, variables, tile=256)(lr, (out_h, out_w))   # LR tiles
 
-The encoder runs once per image. Queries (HR pixels, raster order) are decoded
-in fixed-size chunks, the last one padded, so one compiled decoder serves every
-chunk and peak memory is set by the chunk size, not the output size. Query
-geometry is computed on the host (see `msit_jax.geometry`) while the device
-decodes the previous chunk.
+The encoder runs once per image, or once per LR tile (`tile` > 0: see
+`msit_jax.inference.tiling` for the geometry and its exactness). Queries (HR
+pixels, raster order) are decoded in fixed-size chunks, the last one padded,
+so one compiled decoder serves every chunk and peak memory is set by the chunk
+size, not the output size. Query geometry is computed on the host (see
+`msit_jax.geometry`) while the device decodes the previous chunk.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any, Optional
+from typing import Any, Callable, ContextManager, Optional
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from tqdm.auto import tqdm
 
 from msit_jax import geometry
 
-from msit_jax.inference import ensemble
+from msit_jax.inference import ensemble, tiling
+from msit_jax.inference.frontend import (DEFAULT_CHUNK, Progress, check_image,
+                                         check_out_hw, denormalize, normalize, track)
 from msit_jax.models import grid_decoder
 from msit_jax.models.model import MSIT, build_model
 from msit_jax.ops.runtime import RuntimeOptions
-from msit_jax.inference.frontend import (DEFAULT_CHUNK, Progress, check_image,  # noqa: F401
-                                         check_out_hw, denormalize, normalize, track)
+
+# stage(name) -> a context manager around a stage of one call; the engine names
+# "encode" (the untiled encoder, waited for inside it: JAX dispatch is asynchronous,
+# so its time would otherwise show up in the first decoder chunk).
+Stage = Optional[Callable[[str], ContextManager[Any]]]
 
 # Queries per decoder call, per platform (DEFAULT_CHUNK: see the front end).
 # CPU: measured. GPU/TPU: larger calls keep the device busy; 16384 (~2.4 GB)
@@ -42,7 +50,7 @@ def default_chunk(platform: Optional[str] = None) -> int:
 @functools.partial(jax.jit, static_argnums=0)
 def encode(model: MSIT, variables: Any, inp: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Jitted `MSIT.encode`: inp (B, H, W, 3) -> (feat_q, feat_v), each (B, H, W, dim).
-    Shared by `Engine` and `msit_jax.tiling` so they compile one encoder per input size."""
+    Shared by the untiled and the tiled paths, so they compile one encoder per input size."""
     return model.apply(variables, inp, method=MSIT.encode)
 
 
@@ -88,13 +96,17 @@ class Engine:
     pixel (2.25, x1.5, on CPU). All give the same result to float32 re-association error.
     chunk: queries per decoder call (None: `default_chunk()` of the platform).
     runtime: precision, compute dtype, FFT threshold (`msit_jax.ops.runtime`).
+    tile: LR tile side for the encoder (0: the whole image; a tile >= both LR sides
+    is the whole image too); a call's `tile` overrides it. Tiles are decoded per
+    query (the reference formulation), whatever `method` says.
     self_ensemble: return the mean over the 8 flips/transposes of the input
-    (`msit_jax.ensemble`; EDSR's "+"), at 8x the work.
+    (`msit_jax.inference.ensemble`; EDSR's "+"), at 8x the work.
     """
 
     def __init__(self, model_cfg: ml_collections.ConfigDict, variables: Any,
                  chunk: Optional[int] = None, method: str = "auto",
-                 runtime: Optional[RuntimeOptions] = None, *, self_ensemble: bool = False):
+                 runtime: Optional[RuntimeOptions] = None, *, tile: int = 0,
+                 self_ensemble: bool = False):
         chunk = default_chunk() if chunk is None else chunk
         if chunk < 1:
             raise ValueError(f"chunk must be >= 1, got {chunk}")
@@ -106,40 +118,56 @@ class Engine:
         self.variables = jax.device_put(variables)
         self.chunk = int(chunk)
         self.method = method
+        self.tile = int(tile)
         self.self_ensemble = bool(self_ensemble)
         self.grid_min_queries = grid_min_queries()
         if method != "query":
             self._dec = grid_decoder.split_decoder_params(self.variables["params"], model_cfg)
 
-    def features(self, lr: np.ndarray):
-        """Encoder output for one [0, 1] image: (inp, (feat_q, feat_v)), batch of 1."""
+    def features(self, lr: np.ndarray, stage: Stage = None):
+        """Encoder output for one [0, 1] image: (inp, (feat_q, feat_v)), batch of 1;
+        inside stage("encode") (waited for there) when a stage is given."""
         inp = jnp.asarray(normalize(check_image(lr))[None])
-        return inp, encode(self.model, self.variables, inp)
+        if stage is None:
+            return inp, encode(self.model, self.variables, inp)
+        with stage("encode"):
+            feats = jax.block_until_ready(encode(self.model, self.variables, inp))
+        return inp, feats
 
     def __call__(self, lr: Any, out_hw: Any, *, clamp: bool = True,
-                 progress: Progress = False) -> np.ndarray:
+                 progress: Progress = False, tile: Optional[int] = None,
+                 stage: Stage = None) -> np.ndarray:
         """lr (H, W, 3) float in [0, 1] -> (out_h, out_w, 3) float32. progress: False,
-        True (a bar) or a callable (done, total) called after each decoded chunk."""
+        True (a bar) or a callable (done, total) called after each decoded chunk (over
+        all tiles and ensemble passes). tile: this call's tile (None: `self.tile`).
+        stage: see `Stage` (the untiled encoder only)."""
         lr = check_image(lr)
         out_hw = check_out_hw(out_hw)
+        predict = functools.partial(self.predict, tile=tile, stage=stage)
         if self.self_ensemble:
-            out = ensemble.mean_over_transforms(self.predict, lr, out_hw, progress)
+            out = ensemble.mean_over_transforms(predict, lr, out_hw, progress)
         else:
-            out = self.predict(lr, out_hw, progress)
+            out = predict(lr, out_hw, progress)
         return np.clip(out, 0.0, 1.0) if clamp else out
 
-    def predict(self, lr: np.ndarray, out_hw: tuple[int, int],
-                progress: Progress = False) -> np.ndarray:
+    def predict(self, lr: np.ndarray, out_hw: tuple[int, int], progress: Progress = False,
+                *, tile: Optional[int] = None, stage: Stage = None) -> np.ndarray:
         """One model pass, unclamped: lr (H, W, 3) [0, 1] -> (out_h, out_w, 3) float32."""
-        inp, feats = self.features(lr)
+        tile = self.tile if tile is None else int(tile)
+        if tiling.tiled(lr.shape[:2], tile):
+            return self._predict_tiled(lr, out_hw, tile, progress)
+        inp, feats = self.features(lr, stage)
         if self.uses_grid(lr.shape[:2], out_hw):
             out = self._decode_grid(inp, feats, out_hw, progress)
         else:
             out = self._decode_queries(inp, feats, out_hw, progress)
         return denormalize(out).reshape(out_hw[0], out_hw[1], 3)
 
-    def uses_grid(self, lr_hw: tuple[int, int], out_hw: tuple[int, int]) -> bool:
-        """Whether this call decodes with the grid decoder."""
+    def uses_grid(self, lr_hw: tuple[int, int], out_hw: tuple[int, int],
+                  tile: Optional[int] = None) -> bool:
+        """Whether this call decodes with the grid decoder (never on tiles)."""
+        if tiling.tiled(lr_hw, self.tile if tile is None else int(tile)):
+            return False
         if self.method == "auto":
             ratio = out_hw[0] * out_hw[1] / (lr_hw[0] * lr_hw[1])
             return ratio >= self.grid_min_queries
@@ -207,6 +235,77 @@ class Engine:
     def _store(out: np.ndarray, start: int, count: int, pred) -> None:
         out[start:start + count] = np.asarray(pred[0, :count])
 
+    def _predict_tiled(self, lr: np.ndarray, out_hw: tuple[int, int], tile: int,
+                       progress: Progress) -> np.ndarray:
+        """One tiled pass, unclamped: lr (H, W, 3) [0, 1] -> (out_h, out_w, 3) float32."""
+        out = np.empty((out_hw[0], out_hw[1], 3), np.float32)
+        jobs = list(tiling.jobs(lr.shape[:2], out_hw, tile))
+        bar = None
+        if progress:
+            total = sum(-(-(ys[1] - ys[0]) * (xs[1] - xs[0]) // self.chunk)
+                        for _, _, ys, xs in jobs)
+            bar = _Counter(progress, total)
+        inp_full = normalize(lr)
+        try:
+            for core_y, core_x, hr_y, hr_x in jobs:
+                if hr_y[1] <= hr_y[0] or hr_x[1] <= hr_x[0]:
+                    continue
+                self._tile(inp_full, out, out_hw, tile, core_y, core_x, hr_y, hr_x, bar)
+        finally:
+            if bar is not None:
+                bar.close()
+        return denormalize(out)
+
+    def _tile(self, inp_full, out, out_hw, tile, core_y, core_x, hr_y, hr_x, bar) -> None:
+        h, w = inp_full.shape[:2]
+        r = self.model_cfg.radius
+        pad, reach = tiling.halo(self.model_cfg), r + 1
+        # Encoder window (core + halo) and decoder window (core + reach), of fixed sizes.
+        ey, ex = tiling.window(core_y, pad, h, tile), tiling.window(core_x, pad, w, tile)
+        dy, dx = tiling.window(core_y, reach, h, tile), tiling.window(core_x, reach, w, tile)
+        inp_enc = jnp.asarray(inp_full[ey[0]:ey[1], ex[0]:ex[1]][None])
+        fq, fv = encode(self.model, self.variables, inp_enc)
+        crop = (slice(None), slice(dy[0] - ey[0], dy[1] - ey[0]),
+                slice(dx[0] - ex[0], dx[1] - ex[0]))
+        feats = (fq[crop], fv[crop])
+        inp_dec = jnp.asarray(inp_full[dy[0]:dy[1], dx[0]:dx[1]][None])
+        del inp_enc, fq, fv
+
+        tw = hr_x[1] - hr_x[0]
+        # Tie-exact geometry on the full image (and its rel_cell), then moved into the
+        # decoder window: coordinates re-expressed, key indices shifted by integers.
+        for start, count, g in geometry.query_chunks(out_hw, (h, w), r, self.chunk,
+                                                     region=(hr_y, hr_x)):
+            g = tiling.window_geometry(g, (h, w), (dy[0], dx[0]),
+                                       (dy[1] - dy[0], dx[1] - dx[0]))
+            pred = decode(self.model, self.variables, feats, inp_dec, g.add_batch_axis())
+            k = np.arange(start, start + count)  # the chunk's real queries (the rest pad)
+            out[hr_y[0] + k // tw, hr_x[0] + k % tw] = np.asarray(pred[0, :count])
+            if bar is not None:
+                bar.update(1)
+
+
+class _Counter:
+    """Per-chunk progress across tiles: a tqdm bar, or progress(done, total) calls."""
+
+    def __init__(self, progress: Progress, total: int):
+        self.total, self.done = total, 0
+        self.callback = progress if callable(progress) else None
+        self.bar = None
+        if self.callback is None:
+            self.bar = tqdm(total=total, desc="decode (tiled)", unit="chunk", leave=False)
+
+    def update(self, n: int) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+        else:
+            self.callback(self.done, self.total)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
 
 def upscale(model_cfg: ml_collections.ConfigDict, variables: Any, lr: Any, out_hw: Any, *,
             clamp: bool = True, chunk: Optional[int] = None, progress: Progress = False,
@@ -218,7 +317,7 @@ def upscale(model_cfg: ml_collections.ConfigDict, variables: Any, lr: Any, out_h
     (non-integer and per-axis scales). Returns (out_h, out_w, 3) float32, clamped
     to [0, 1] unless clamp=False (then the raw denormalised prediction).
     chunk bounds the queries decoded per call (memory); method, runtime,
-    self_ensemble: see `Engine`.
+    self_ensemble: see `Engine` (untiled).
     """
     up = Engine(model_cfg, variables, chunk, method, runtime, self_ensemble=self_ensemble)
     return up(lr, out_hw, clamp=clamp, progress=progress)

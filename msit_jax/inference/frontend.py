@@ -4,9 +4,12 @@
     up(image, size=(1080, 1920))    # output (height, width)
 
 Numpy, Pillow and tqdm only: no JAX model import, so the exported-artifact runners
-(`msit_jax.exported`, `msit_jax.onnx_graph`) use it as well as
-`msit_jax.Upscaler`. A subclass implements `upscale_array` on a float32
-(H, W, 3) image in [0, 1]; this module converts inputs and outputs:
+(`msit_jax.export.stablehlo`, the ONNX runner) use it as well as
+`msit_jax.Upscaler`. It also holds what every surface (the API, msit-upscale, the
+demo, evaluation) checks the same way: the scale (`check_scale`), the output size
+(`output_size`, the one place it is computed) and a non-finite model output
+(`check_finite`). A subclass implements `upscale_array` on a float32 (H, W, 3)
+image in [0, 1]; this module converts inputs and outputs:
 
 * `PIL.Image.Image` -> `PIL.Image.Image`: RGB stays RGB, 'L' comes back 'L'
   (the luma of the RGB result), an alpha channel is resized bicubically and
@@ -27,13 +30,14 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from msit_jax.errors import CheckpointError, one_line
+from msit_jax.console import format_hw
+from msit_jax.errors import CheckpointError, NonFiniteError, UsageError, one_line
+from msit_jax.images import pil_to_rgb_float, pil_to_rgb_uint8, to_uint8
 
 # Queries per decoder call unless a platform says otherwise (the engine's
 # per-platform table, the exports' fixed chunk). Each query gathers 2 x 49 x dim
 # features, so at dim 256 a 4096-query chunk holds ~0.6 GB of intermediates.
 DEFAULT_CHUNK = 4096
-from msit_jax.images import pil_to_rgb_float, pil_to_rgb_uint8, to_uint8
 
 f32 = np.float32
 
@@ -89,24 +93,55 @@ def check_out_hw(out_hw: Any) -> tuple[int, int]:
     return h, w
 
 
-def output_size(in_hw: tuple[int, int], scale: Any = None, size: Any = None) -> tuple[int, int]:
+def check_scale(scale: Any, flag: str = "scale", text: Optional[str] = None
+                ) -> tuple[float, float]:
+    """A scale s or (sy, sx) -> (sy, sx) floats, each >= 1 (MSIT upsamples); ValueError
+    for anything else (UsageError for a number < 1 or not positive and finite). flag,
+    text: how the message names the setting and the value ('--scale', '0.5')."""
+    try:
+        sy, sx = (float(scale), float(scale)) if np.ndim(scale) == 0 else map(float, scale)
+    except (TypeError, ValueError):
+        raise ValueError(f"{flag} must be a number or (sy, sx), got {scale!r}") from None
+    shown = text if text is not None else repr(scale)
+    if not (math.isfinite(sy) and math.isfinite(sx) and sy > 0 and sx > 0):
+        raise UsageError(f"{flag} must be positive and finite, got {shown}")
+    if min(sy, sx) < 1:
+        raise UsageError(f"{flag} must be >= 1 (MSIT upsamples; use a resampler to shrink), "
+                         f"got {shown}")
+    return sy, sx
+
+
+def output_size(in_hw: tuple[int, int], scale: Any = None, size: Any = None, *,
+                name: str = "image", flag: str = "size") -> tuple[int, int]:
     """The output (height, width): `size`, or round(H * sy), round(W * sx) for
-    `scale` = s or (sy, sx) (at least 1 pixel). Exactly one must be given."""
+    `scale` = s or (sy, sx) (at least 1 pixel; `check_scale`). Exactly one must be
+    given; UsageError for a size smaller than the input (MSIT upsamples). name, flag:
+    how the message names the image and the size's setting (a path, '--size')."""
     if (scale is None) == (size is None):
         raise ValueError("give exactly one of scale= (e.g. 3.5 or (2, 3)) or size=(height, width)")
     if size is not None:
         try:
-            return check_out_hw(size)
+            size = check_out_hw(size)
         except ValueError:
             raise ValueError(f"size must be (height, width), two positive integers, "
                              f"got {size!r}") from None
-    try:
-        sy, sx = (float(scale), float(scale)) if np.ndim(scale) == 0 else map(float, scale)
-    except (TypeError, ValueError):
-        raise ValueError(f"scale must be a number or (sy, sx), got {scale!r}") from None
-    if not (math.isfinite(sy) and math.isfinite(sx) and sy > 0 and sx > 0):
-        raise ValueError(f"scale must be positive and finite, got {scale!r}")
+        if size[0] < in_hw[0] or size[1] < in_hw[1]:
+            raise UsageError(f"{name}: {flag} {format_hw(size)} is smaller than the input "
+                             f"{format_hw(in_hw)} (H x W; scale < 1, MSIT upsamples only)")
+        return size
+    sy, sx = check_scale(scale)
     return max(1, round(in_hw[0] * sy)), max(1, round(in_hw[1] * sx))
+
+
+def check_finite(out: np.ndarray, name: str = "", hint: str = "") -> np.ndarray:
+    """`out` unchanged when every value is finite; NonFiniteError otherwise, counting
+    them: '{name}: the model output has N non-finite value(s) of M{hint}'."""
+    finite = np.isfinite(out)
+    if not finite.all():
+        prefix = f"{name}: " if name else ""
+        raise NonFiniteError(f"{prefix}the model output has {int(finite.size - finite.sum())} "
+                             f"non-finite value(s) of {finite.size}{hint}")
+    return out
 
 
 def read_input(image: Any) -> tuple[np.ndarray, Callable[[np.ndarray], Any]]:
@@ -175,7 +210,7 @@ def track(items: Iterable, total: int, progress: Progress, desc: str = "decode")
 class ImageRunner:
     """Base of the one-call upscalers: `up(image, scale=... | size=...)`.
 
-    Subclasses implement `upscale_array(lr, out_hw, *, clamp, progress)`:
+    Subclasses implement `upscale_array(lr, out_hw, *, clamp, progress, **options)`:
     lr (H, W, 3) float32 in [0, 1] -> (out_h, out_w, 3) float32.
     """
 
@@ -185,12 +220,14 @@ class ImageRunner:
 
     def __call__(self, image: Any, scale: Union[float, Sequence[float], None] = None, *,
                  size: Optional[Sequence[int]] = None, clamp: bool = True,
-                 progress: Progress = False) -> Any:
-        """Upscale a PIL image or an (H, W, 3) uint8/float array to `scale` (s or (sy, sx))
-        or `size` (height, width); returns the input's type (see the module doc).
-        clamp=False (float arrays only) returns the raw prediction; progress: False,
-        True (a bar) or a callable (done, total) called per decoded chunk."""
+                 progress: Progress = False, **options: Any) -> Any:
+        """Upscale a PIL image or an (H, W, 3) uint8/float array to `scale` (s or (sy, sx),
+        each >= 1) or `size` (height, width, no smaller than the image); returns the
+        input's type (see the module doc). clamp=False (float arrays only) returns the
+        raw prediction; progress: False, True (a bar) or a callable (done, total) called
+        per decoded chunk; options: the runner's own keywords (`msit_jax.Upscaler`:
+        tile=, max_memory_gb=)."""
         lr, restore = read_input(image)
         out_hw = output_size(lr.shape[:2], scale, size)
-        out = self.upscale_array(lr, out_hw, clamp=clamp, progress=progress)
+        out = self.upscale_array(lr, out_hw, clamp=clamp, progress=progress, **options)
         return restore(out)
