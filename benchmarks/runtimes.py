@@ -32,7 +32,6 @@ import onnx
 
 from msit_jax import geometry, model_config, tiny_model_config
 from msit_jax.inference.engine import METHODS, Engine
-
 from msit_jax.export import onnx_graph, onnx_runner
 from msit_jax.models import reparam
 from msit_jax.models.random_init import random_variables

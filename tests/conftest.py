@@ -274,14 +274,9 @@ def shared_data(*parts):
 
 
 def import_benchmark(name: str):
-    """benchmarks/<name>.py as a module; benchmarks/ is on sys.path only while it imports
-    (the scripts import their siblings, e.g. flops)."""
-    saved = list(sys.path)
-    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
-    try:
-        return importlib.import_module(name)
-    finally:
-        sys.path[:] = saved
+    """benchmarks/<name>.py as the module benchmarks.<name> (the repo root, where pytest
+    runs, is importable; the scripts import their siblings as `from benchmarks import x`)."""
+    return importlib.import_module(f"benchmarks.{name}")
 
 
 def load_config(name: str = "tiny"):

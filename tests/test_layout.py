@@ -38,7 +38,7 @@ MODELS_MAY_IMPORT = ("msit_jax.models", "msit_jax.ops", "msit_jax.geometry")
 # 5 the command-line surfaces (and the package face, which names everything lazily).
 LAYERS: dict[str, int] = {
     "msit_jax.errors": 0, "msit_jax.geometry": 0, "msit_jax.console": 0, "msit_jax.images": 0,
-    "msit_jax.weights": 0, "msit_jax.ops": 0,
+    "msit_jax.weights": 0, "msit_jax.ops": 0, "msit_jax.hlo": 0,
     "msit_jax.models": 1,
     "msit_jax.io": 2, "msit_jax.data": 2,
     "msit_jax.inference": 3, "msit_jax.export": 3,
