@@ -419,6 +419,25 @@ def copy_run(run, tmp_path) -> str:
 
 
 @pytest.fixture(scope="module")
+def rim_folder(tmp_path_factory):
+    """A msit-jax model folder of the tiny edsr-baseline RIM config (random weights, seed 7):
+    (path, config, variables)."""
+    from msit_jax.io import model_dir as mdir
+
+    cfg = tiny_model_config("edsr-baseline", "rim")
+    v = random_variables(cfg, seed=7)
+    return mdir.save_model(str(tmp_path_factory.mktemp("rim") / "ckpt"), cfg, v), cfg, v
+
+
+@pytest.fixture(scope="module")
+def rim_up(rim_folder):
+    """`msit_jax.Upscaler.from_pretrained` of `rim_folder` (folded), 128 queries per call."""
+    import msit_jax
+
+    return msit_jax.Upscaler.from_pretrained(rim_folder[0], chunk=128)
+
+
+@pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
     """A msit-jax model folder of the tiny config with random weights: (path, config)."""
     from msit_jax.io import model_dir as mdir

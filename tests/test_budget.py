@@ -27,34 +27,21 @@ TIGHT_GB = 1.0 / 1024  # 1 MB: the 40 x 46 encoder (~3.8 MB estimated) does not 
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    cfg = tiny_model_config("edsr-baseline", "rim")
-    v = random_variables(cfg, seed=7)
-    path = model_dir.save_model(str(tmp_path_factory.mktemp("budget") / "ckpt"), cfg, v)
-    return path, cfg, v
-
-
-@pytest.fixture(scope="module")
-def up(folder):
-    return msit_jax.Upscaler.from_pretrained(folder[0], chunk=128)
-
-
-@pytest.fixture(scope="module")
 def lr():
     return (np.random.RandomState(0).rand(*IN_HW, 3) * 255).astype(np.uint8)
 
 
 @pytest.mark.slow  # loads a checkpoint (~4 s of fixture; the quick tier is full)
-def test_one_estimate_for_every_surface(up):
+def test_one_estimate_for_every_surface(rim_up):
     """The API's plan, the demo's plan and the CLI's (both call Upscaler.plan) carry
     budget.memory_estimate; no surface keeps bytes-per-pixel constants of its own."""
     from msit_jax import demo
 
-    cfg = up.model_cfg
+    cfg = rim_up.model_cfg
     tile = budget.auto_tile(cfg, IN_HW, budget.budget_bytes(TIGHT_GB))
-    want = budget.memory_estimate(cfg, IN_HW, OUT_HW, up.chunk, tile)
-    api_plan = up.plan(IN_HW, OUT_HW, tile="auto", max_memory_gb=TIGHT_GB)
-    demo_plan = demo.plan(up, IN_HW, OUT_HW, TIGHT_GB)
+    want = budget.memory_estimate(cfg, IN_HW, OUT_HW, rim_up.chunk, tile)
+    api_plan = rim_up.plan(IN_HW, OUT_HW, tile="auto", max_memory_gb=TIGHT_GB)
+    demo_plan = demo.plan(rim_up, IN_HW, OUT_HW, TIGHT_GB)
     assert api_plan.estimate == demo_plan.estimate == want
     assert api_plan.tile == demo_plan.tile == tile == budget.MIN_TILE
     for module in (cli, demo):
@@ -68,18 +55,18 @@ def test_one_estimate_for_every_surface(up):
 
 
 @pytest.mark.slow  # shares the checkpoint fixture above
-def test_demo_refuses_where_the_budget_does(up):
+def test_demo_refuses_where_the_budget_does(rim_up):
     """The demo's refusal threshold is the budget's (buffers = output + input)."""
     from msit_jax import demo
 
     need = budget.output_bytes(OUT_HW) + IN_HW[0] * IN_HW[1] * budget.INPUT_BYTES_PER_PIXEL
     ok_gb, over_gb = need * 1.01 / 2 ** 30, need * 0.99 / 2 ** 30
-    up.plan(IN_HW, OUT_HW, tile="auto", max_memory_gb=ok_gb, decoder=False)
-    demo.plan(up, IN_HW, OUT_HW, ok_gb)
+    rim_up.plan(IN_HW, OUT_HW, tile="auto", max_memory_gb=ok_gb, decoder=False)
+    demo.plan(rim_up, IN_HW, OUT_HW, ok_gb)
     with pytest.raises(budget.OverBudget, match="for the image buffers"):
-        up.plan(IN_HW, OUT_HW, tile="auto", max_memory_gb=over_gb, decoder=False)
+        rim_up.plan(IN_HW, OUT_HW, tile="auto", max_memory_gb=over_gb, decoder=False)
     with pytest.raises(demo.DemoError, match=r"over this demo's limit"):
-        demo.plan(up, IN_HW, OUT_HW, over_gb)
+        demo.plan(rim_up, IN_HW, OUT_HW, over_gb)
 
 
 def test_auto_tile_and_checks():
@@ -104,16 +91,16 @@ def test_auto_tile_and_checks():
 
 
 @pytest.mark.slow  # compiles the tiled windows (~3 s)
-def test_call_time_budget_tiles_and_matches_the_engine(folder, up, lr):
+def test_call_time_budget_tiles_and_matches_the_engine(rim_folder, rim_up, lr):
     """up(img, size=..., tile="auto", max_memory_gb=...) tiles the encoder when its
     untiled estimate is over the budget: the output is the tiled engine's, bit for bit,
     and the untiled one's away from the circular-shift border (see tiling)."""
-    _, cfg, v = folder
+    _, cfg, v = rim_folder
     fcfg, fvars = reparam.fold(cfg, v)
-    assert up.plan(IN_HW, OUT_HW, tile=0).estimate["encoder"] > TIGHT_GB * 2 ** 30
-    plan = up.plan(IN_HW, OUT_HW, tile="auto", max_memory_gb=TIGHT_GB)
+    assert rim_up.plan(IN_HW, OUT_HW, tile=0).estimate["encoder"] > TIGHT_GB * 2 ** 30
+    plan = rim_up.plan(IN_HW, OUT_HW, tile="auto", max_memory_gb=TIGHT_GB)
     assert 0 < plan.tile < max(IN_HW) and not plan.grid
-    got = up(lr, size=OUT_HW, tile="auto", max_memory_gb=TIGHT_GB)
+    got = rim_up(lr, size=OUT_HW, tile="auto", max_memory_gb=TIGHT_GB)
     assert got.dtype == np.uint8 and got.shape == (*OUT_HW, 3)
     lr_f = images.to_float(lr)
     tiled = Engine(fcfg, fvars, chunk=128, tile=plan.tile)(lr_f, OUT_HW)
@@ -123,24 +110,24 @@ def test_call_time_budget_tiles_and_matches_the_engine(folder, up, lr):
     mx = int(np.ceil((tiling.wrap_radius(cfg) + cfg.radius + 1) * OUT_HW[1] / IN_HW[1]))
     np.testing.assert_allclose(tiled[my:-my, mx:-mx], whole[my:-my, mx:-mx], atol=1e-5)
     # without a budget (the default) nothing is tiled: today's untiled output
-    np.testing.assert_array_equal(up(lr, size=OUT_HW), images.to_uint8(whole))
+    np.testing.assert_array_equal(rim_up(lr, size=OUT_HW), images.to_uint8(whole))
     # an upscaler-wide budget is the default of every call
-    tight = msit_jax.Upscaler.from_pretrained(folder[0], chunk=128, max_memory_gb=TIGHT_GB)
+    tight = msit_jax.Upscaler.from_pretrained(rim_folder[0], chunk=128, max_memory_gb=TIGHT_GB)
     np.testing.assert_array_equal(tight(lr, size=OUT_HW), got)
 
 
 @pytest.mark.slow  # runs msit-upscale in-process (~2 s)
-def test_api_refuses_over_budget_with_the_cli_message(folder, up, lr, tmp_path, capsys):
+def test_api_refuses_over_budget_with_the_cli_message(rim_folder, rim_up, lr, tmp_path, capsys):
     # The output alone fits (CLI's flag-time check), output + input do not.
     gb = (budget.output_bytes((120, 138)) + 20_000) / 2 ** 30
-    one = msit_jax.Upscaler.from_pretrained(folder[0], chunk=1)  # its decoder fits
+    one = msit_jax.Upscaler.from_pretrained(rim_folder[0], chunk=1)  # its decoder fits
     with pytest.raises(budget.OverBudget) as e:
         one(lr, size=(120, 138), max_memory_gb=gb, tile="auto")
     api_msg = str(e.value)
     assert api_msg.startswith("image: 40 x 46 -> 120 x 138 (H x W) needs ~")
     src = tmp_path / "in.png"
     Image.fromarray(lr).save(src)
-    rc = cli.main([str(src), "--checkpoint", folder[0], "--chunk", "1", "--size", "120x138",
+    rc = cli.main([str(src), "--checkpoint", rim_folder[0], "--chunk", "1", "--size", "120x138",
                    "--max_memory_gb", str(gb), "-o", str(tmp_path / "o.png"), "--noprogress"])
     err = capsys.readouterr().err
     assert rc == errors.EXIT_RESOURCE, err
