@@ -16,7 +16,7 @@ checkpoint ({'model': {'name', 'args', 'sd'}}) and loaded back by
 
 The encoder's own output is compared first (relative to its magnitude). Then,
 per scale, one LR image of --lr_size (seeded uniform noise in [0, 1])
-is upscaled by the official `chop_forward` and by `inference.upscale` (plain and
+is upscaled by the official `chop_forward` and by `engine.upscale` (plain and
 folded), unclamped, image space; the max abs differences are printed. The
 model is also exported back to .pth (`export_cli.export_variables(..., 'pth')`)
 and that file loaded with `load_state_dict(strict=True)` into a freshly built
@@ -41,7 +41,7 @@ from benchmarks import compare_torch  # noqa: E402  (timm stand-ins, the officia
 
 from msit_jax import build_model, model_config  # noqa: E402
 
-from msit_jax.inference import engine as inference
+from msit_jax.inference import engine
 from msit_jax.export import cli as export_cli  # noqa: E402
 from msit_jax.io import pretrained  # noqa: E402
 from msit_jax.models import reparam  # noqa: E402
@@ -152,9 +152,9 @@ def run(args, name: str) -> dict:
             ref = compare_torch.theirs_upscale(theirs, lr, out_hw, "cpu")
             t_ref = time.perf_counter() - t
             t = time.perf_counter()
-            ours = np.asarray(inference.upscale(got_cfg, variables, lr, out_hw, clamp=False))
+            ours = np.asarray(engine.upscale(got_cfg, variables, lr, out_hw, clamp=False))
             t_ours = time.perf_counter() - t
-            folded = np.asarray(inference.upscale(fcfg, fvars, lr, out_hw, clamp=False))
+            folded = np.asarray(engine.upscale(fcfg, fvars, lr, out_hw, clamp=False))
             exported = compare_torch.theirs_upscale(fresh, lr, out_hw, "cpu")
             report["scales"][f"x{s}"] = {
                 "out_hw": list(out_hw),

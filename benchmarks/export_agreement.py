@@ -9,7 +9,7 @@
    kernels random, BatchNorm statistics randomised) as `tests/` makes them.
 2. `python -m msit_jax.export` of it to stablehlo, onnx, pth and safetensors.
 3. Agreement with the JAX path (`pretrained.load` + `reparam.fold` +
-   `inference.upscale`, raw unclamped prediction, float32 image space):
+   `engine.upscale`, raw unclamped prediction, float32 image space):
    max abs error on pixels without an exact .5 tie, and the fraction of tie
    pixels that differ by more than 1e-4; x3.5 (24x20 -> 84x70, ties) and x4
    (64^2 -> 256^2). ONNX is measured on a graph built with clamp=False from the
@@ -41,7 +41,7 @@ from msit_jax.export import cli as export_cli
 
 from msit_jax.export import stablehlo
 
-from msit_jax.inference import engine as inference
+from msit_jax.inference import engine
 
 from msit_jax.export import onnx_graph, onnx_runner
 from msit_jax.io import pretrained  # noqa: E402
@@ -138,7 +138,7 @@ def main() -> int:
     runners = {"stablehlo": stablehlo.load(dirs["stablehlo"]),
                "onnx": onnx_runner.load(raw_onnx)}
     onnx_clamped = onnx_runner.load(dirs["onnx"])
-    jax_up = inference.Engine(fcfg, fvars)
+    jax_up = engine.Engine(fcfg, fvars)
 
     source_sd = pretrained.read_pth(src)["model"]["sd"]
     source_sd = {k: v.numpy() for k, v in source_sd.items()}
@@ -162,7 +162,7 @@ def main() -> int:
         row["onnx (model.onnx, clamped)"] = agreement(
             onnx_clamped.upscale_array(lr, out_hw), np.clip(want, 0, 1), lr_hw, out_hw)
         for fmt, (c, v) in reloaded.items():
-            row[fmt] = agreement(inference.upscale(c, v, lr, out_hw, clamp=False), want,
+            row[fmt] = agreement(engine.upscale(c, v, lr, out_hw, clamp=False), want,
                                  lr_hw, out_hw)
         if lr_hw[0] * lr_hw[1] <= 24 * 20:  # the torch reference is slow: small case only
             row["pth (PyTorch reference forward)"] = agreement(

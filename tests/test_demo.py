@@ -17,7 +17,7 @@ pytest.importorskip("gradio")
 
 import msit_jax  # noqa: E402
 from msit_jax import demo, images, tiny_model_config  # noqa: E402
-from msit_jax.inference import engine as inference
+from msit_jax.inference import engine
 from msit_jax.inference import budget
 from msit_jax.io import model_dir  # noqa: E402
 from msit_jax.models import reparam  # noqa: E402
@@ -47,9 +47,9 @@ def woman_lr():
 
 
 def reference(model, lr: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
-    """`inference.upscale` of the same (folded, as from_pretrained does) model, as uint8."""
+    """`engine.upscale` of the same (folded, as from_pretrained does) model, as uint8."""
     _, cfg, variables = model
-    return images.to_uint8(inference.upscale(*reparam.fold(cfg, variables),
+    return images.to_uint8(engine.upscale(*reparam.fold(cfg, variables),
                                              images.to_float(lr), hw))
 
 
@@ -81,7 +81,7 @@ def test_large_inputs_use_the_tiled_path(model, up, woman_lr):
                                     progress=lambda d, t: calls.append((d, t)))
     assert info["tile"] == tile and sr.shape == (129, 86, 3)  # round(85.5) = 86
     _, cfg, variables = model
-    want = inference.Engine(*reparam.fold(cfg, variables), tile=tile)(
+    want = engine.Engine(*reparam.fold(cfg, variables), tile=tile)(
         images.to_float(woman_lr), (129, 86))
     np.testing.assert_array_equal(sr, images.to_uint8(want))
     assert calls and calls[-1][0] == calls[-1][1]

@@ -16,7 +16,7 @@ import pytest
 
 from msit_jax import model_config, tiny_model_config
 
-from msit_jax.inference import engine as inference
+from msit_jax.inference import engine
 from msit_jax.io import config_check, pretrained
 from msit_jax.io.torch_io import layout, state_dict_to_variables, variables_to_state_dict
 from msit_jax.models import reparam
@@ -225,9 +225,9 @@ def test_official_checkpoint_loads_and_matches_the_reference(tmp_path, name, tor
     for s in (3, 4):
         out_hw = (9 * s, 8 * s)
         ref = torch_upscale(tm, lr, out_hw)
-        ours = inference.upscale(got_cfg, variables, lr, out_hw, clamp=False)
+        ours = engine.upscale(got_cfg, variables, lr, out_hw, clamp=False)
         np.testing.assert_allclose(ours, ref, atol=2e-5, rtol=0)
-        folded = inference.upscale(fcfg, fvars, lr, out_hw, clamp=False)
+        folded = engine.upscale(fcfg, fvars, lr, out_hw, clamp=False)
         assert np.abs(folded - ours).max() <= 1e-5
     from tests.torch_reference import TorchMSIT
 
@@ -280,7 +280,7 @@ def test_exports_agree_with_upscale(tmp_path, name, torch):
     cfg = tiny_model_config(name, "rim")
     variables = random_variables(cfg, seed=4)
     lr = np.random.RandomState(5).rand(10, 9, 3).astype(np.float32)
-    want = inference.upscale(cfg, variables, lr, (30, 27), clamp=False)
+    want = engine.upscale(cfg, variables, lr, (30, 27), clamp=False)
     path = str(tmp_path / f"{name}.onnx")
     onnx.save(onnx_graph.build_graph(*reparam.fold(cfg, variables), chunk=256, clamp=False),
               path)

@@ -13,7 +13,7 @@ from PIL import Image
 
 from msit_jax import errors, images, tiny_model_config
 
-from msit_jax.inference import engine as inference
+from msit_jax.inference import engine
 from msit_jax.eval import datasets, metrics, predictors, protocol, reports, runner
 from msit_jax.eval.matlab_resize import imresize
 from msit_jax.io import model_dir
@@ -171,7 +171,7 @@ def test_msit_predictor_follows_the_protocol(tmp_path, tiny_ckpt):
     r = runner.evaluate_scale(pred, ds, 3.5, protocol.PRESETS["benchmark"])
     for name, hr in hrs.items():
         lr, gt = protocol.degrade(hr, 3.5)
-        sr = inference.upscale(cfg, variables, images.to_float(lr), gt.shape[:2], chunk=300)
+        sr = engine.upscale(cfg, variables, images.to_float(lr), gt.shape[:2], chunk=300)
         want = metrics.psnr(sr, images.to_float(gt), shave=4, y_channel=True)
         assert r.per_image[name]["psnr"] == pytest.approx(want, abs=1e-9)
         assert r.per_image[name]["lr_hw"] == list(lr.shape[:2])
@@ -422,8 +422,8 @@ def test_decoder_help_states_the_per_platform_threshold():
     fv = flags.FlagValues()
     cli.define_flags(fv)
     text = " ".join(fv["decoder"].help.split())
-    assert inference.grid_min_queries("gpu") == inference.grid_min_queries("tpu")
-    cpu, accel = inference.grid_min_queries("cpu"), inference.grid_min_queries("gpu")
+    assert engine.grid_min_queries("gpu") == engine.grid_min_queries("tpu")
+    cpu, accel = engine.grid_min_queries("cpu"), engine.grid_min_queries("gpu")
     assert (f"{cpu:g} (x{math.sqrt(cpu):g}) on CPU and {accel:g} (x{math.sqrt(accel):g}) "
             "on GPU/TPU") in text
     assert "grid_min_queries()" in text and "9 (x3)" not in text

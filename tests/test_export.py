@@ -27,7 +27,7 @@ pytest.importorskip("safetensors")
 
 from msit_jax import geometry, tiny_model_config
 
-from msit_jax.inference import engine as inference
+from msit_jax.inference import engine
 
 from msit_jax.export import cli as export_cli
 from msit_jax.export import onnx_graph, onnx_runner, stablehlo
@@ -98,7 +98,7 @@ def test_stablehlo_matches_upscale_on_every_platform_export(stablehlo_dir, model
     for i, (lr_hw, hw) in enumerate(CASES):
         lr = lr_image(lr_hw, i)
         got = up.upscale_array(lr, hw, clamp=False)
-        want = inference.upscale(cfg, v, lr, hw, clamp=False)
+        want = engine.upscale(cfg, v, lr, hw, clamp=False)
         np.testing.assert_allclose(got, want, atol=1e-5, rtol=0, err_msg=str(hw))
     # symbolic LR size: the encoder program is one for every input size
     assert "h" in str(up.encoder.in_avals[0].shape[1])
@@ -124,7 +124,7 @@ def test_stablehlo_runner_needs_no_model_code(stablehlo_dir, model, tmp_path):
           "msit_jax.inference.engine", "msit_jax.models.grid_decoder", "msit_jax.io.pretrained",
           "msit_jax.models.config"))
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]
-    want = inference.upscale(cfg, v, lr, (84, 70), clamp=False)
+    want = engine.upscale(cfg, v, lr, (84, 70), clamp=False)
     np.testing.assert_allclose(np.load(tmp_path / "sr.npy"), want, atol=1e-5, rtol=0)
 
 
@@ -138,7 +138,7 @@ def test_stablehlo_unfolded_export(tmp_path, model):
     assert meta["layout"] == "rim (stage 2)" and meta["platforms"] == ["cpu"]
     lr = lr_image((10, 9), 5)
     np.testing.assert_allclose(stablehlo.load(out).upscale_array(lr, (25, 31), clamp=False),
-                               inference.upscale(cfg, v, lr, (25, 31), clamp=False),
+                               engine.upscale(cfg, v, lr, (25, 31), clamp=False),
                                atol=1e-5, rtol=0)
 
 
@@ -168,7 +168,7 @@ def test_onnx_agrees_with_jax(onnx_model):
     for i, (lr_hw, hw) in enumerate(CASES):
         lr = lr_image(lr_hw, i)
         got = up.upscale_array(lr, hw, clamp=False)
-        want = inference.upscale(cfg, v, lr, hw, clamp=False)
+        want = engine.upscale(cfg, v, lr, hw, clamp=False)
         err = np.abs(got - want).max(-1)
         ties = geometry.tie_mask(hw, lr_hw)
         n_ties += ties.sum()
@@ -199,7 +199,7 @@ def test_onnx_graph_interface(tmp_path, model):
     sess = ort.InferenceSession(files[0], providers=["CPUExecutionProvider"])
     (sr,) = sess.run(None, {"lr": lr.transpose(2, 0, 1)[None].copy(),
                             "out_size": np.array([30, 41], np.int64)})
-    want = inference.upscale(*reparam.fold(cfg, v), lr, (30, 41))
+    want = engine.upscale(*reparam.fold(cfg, v), lr, (30, 41))
     assert sr.shape == (1, 3, 30, 41) and sr.min() >= 0 and sr.max() <= 1
     np.testing.assert_allclose(sr[0].transpose(1, 2, 0), want, atol=1e-4, rtol=0)
     # the one-call runner: uint8 in, uint8 out
@@ -245,7 +245,7 @@ def test_onnx_runner_needs_no_builder_or_model_code(tmp_path, model):
     got = np.load(tmp_path / "sr.npy")
     np.testing.assert_array_equal(
         got, onnx_runner.load(str(tmp_path / "o")).upscale_array(lr, (30, 41)))
-    np.testing.assert_allclose(got, inference.upscale(*reparam.fold(cfg, v), lr, (30, 41)),
+    np.testing.assert_allclose(got, engine.upscale(*reparam.fold(cfg, v), lr, (30, 41)),
                                atol=1e-4, rtol=0)
 
 
@@ -277,7 +277,7 @@ def test_pth_round_trip_official_to_official(tmp_path, conv):
         ref = back(inp, torch_make_coord(*hw).reshape(1, -1, 2),
                    torch.tensor([[2 / hw[0], 2 / hw[1]]]))
     ref = (ref * 0.5 + 0.5)[0].reshape(*hw, 3).numpy()
-    ours = inference.upscale(*pretrained.load(str(src)), lr, hw, clamp=False)
+    ours = engine.upscale(*pretrained.load(str(src)), lr, hw, clamp=False)
     np.testing.assert_allclose(ours, ref, atol=1e-5, rtol=0)
     # and the export reads back into msit-jax unchanged
     assert trees_equal(pretrained.load(files[0])[1], pretrained.load(str(src))[1])
@@ -333,19 +333,19 @@ def test_safetensors_hub_folder_loads_without_torch(tmp_path):
     np.save(tmp_path / "lr.npy", lr)
     r = run_blocked(f"""
         import numpy as np
-        from msit_jax.inference import engine as inference
+        from msit_jax.inference import engine
         from msit_jax.io import pretrained
         lr = np.load({str(tmp_path / 'lr.npy')!r})
         for i, path in enumerate([{str(out)!r}, {files[0]!r}]):
             cfg, v = pretrained.load(path)
             np.save({str(tmp_path)!r} + f"/sr{{i}}.npy",
-                    inference.upscale(cfg, v, lr, (30, 41), clamp=False))
+                    engine.upscale(cfg, v, lr, (30, 41), clamp=False))
         import sys
         assert "torch" not in sys.modules
         print("ok")
     """, ("torch",))
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]
-    want = inference.upscale(*pretrained.load(str(src)), lr, (30, 41), clamp=False)
+    want = engine.upscale(*pretrained.load(str(src)), lr, (30, 41), clamp=False)
     for i in range(2):
         np.testing.assert_array_equal(np.load(tmp_path / f"sr{i}.npy"), want)
 

@@ -5,7 +5,7 @@ import pytest
 
 from msit_jax import tiny_model_config
 
-from msit_jax.inference import engine as inference
+from msit_jax.inference import engine
 from msit_jax.ops.runtime import RuntimeOptions
 from msit_jax.models.random_init import random_variables
 
@@ -16,11 +16,11 @@ def model():
     return cfg, random_variables(cfg, seed=5)
 
 
-@pytest.mark.parametrize("method", inference.METHODS)
+@pytest.mark.parametrize("method", engine.METHODS)
 def test_chunk_size_invariance(model, method):
     cfg, v = model
     lr = np.random.RandomState(0).rand(11, 8, 3).astype(np.float32)
-    outs = [inference.upscale(cfg, v, lr, (37, 29), clamp=False, chunk=c, method=method)
+    outs = [engine.upscale(cfg, v, lr, (37, 29), clamp=False, chunk=c, method=method)
             for c in (1, 97, 1073, 5000)]
     for o in outs[1:]:
         np.testing.assert_allclose(o, outs[0], atol=1e-6, rtol=0)
@@ -34,8 +34,8 @@ def test_grid_decoder_matches_per_query_decoder(encoder_name):
     lr = np.random.RandomState(4).rand(10, 7, 3).astype(np.float32)
     # integer, x3.5 with exact ties, anisotropic, identity and downscaling sizes
     for out_hw in [(20, 14), (35, 24), (13, 40), (10, 7), (6, 5)]:
-        a = inference.upscale(cfg, v, lr, out_hw, clamp=False, method="query")
-        b = inference.upscale(cfg, v, lr, out_hw, clamp=False, method="grid", chunk=150)
+        a = engine.upscale(cfg, v, lr, out_hw, clamp=False, method="query")
+        b = engine.upscale(cfg, v, lr, out_hw, clamp=False, method="grid", chunk=150)
         np.testing.assert_allclose(b, a, atol=1e-5, rtol=0, err_msg=str(out_hw))
 
 
@@ -44,7 +44,7 @@ def test_any_output_size(model, out_hw):
     """Integer, non-integer, anisotropic and down-scaled sizes all give the requested shape."""
     cfg, v = model
     lr = np.random.RandomState(1).rand(11, 8, 3).astype(np.float32)
-    out = inference.upscale(cfg, v, lr, out_hw)
+    out = engine.upscale(cfg, v, lr, out_hw)
     assert out.shape == (*out_hw, 3) and out.dtype == np.float32
     assert out.min() >= 0 and out.max() <= 1
 
@@ -53,8 +53,8 @@ def test_clamp(model):
     cfg, v = model
     # a black/white pattern: the skip term alone reaches 0 and 1, the MLP overshoots
     lr = (np.random.RandomState(2).rand(6, 6, 3) > 0.5).astype(np.float32)
-    raw = inference.upscale(cfg, v, lr, (20, 20), clamp=False)
-    clamped = inference.upscale(cfg, v, lr, (20, 20))
+    raw = engine.upscale(cfg, v, lr, (20, 20), clamp=False)
+    clamped = engine.upscale(cfg, v, lr, (20, 20))
     np.testing.assert_array_equal(clamped, np.clip(raw, 0, 1))
     assert (raw < 0).any() or (raw > 1).any()  # random weights overshoot; clamping mattered
 
@@ -62,40 +62,40 @@ def test_clamp(model):
 @pytest.mark.slow  # quick tier under 90 s
 def test_upscaler_reuse_matches_one_shot(model):
     cfg, v = model
-    up = inference.Engine(cfg, v, chunk=64)
+    up = engine.Engine(cfg, v, chunk=64)
     rs = np.random.RandomState(3)
     for hw in [(7, 9), (10, 6)]:
         lr = rs.rand(*hw, 3).astype(np.float32)
         np.testing.assert_array_equal(up(lr, (15, 19)),
-                                      inference.upscale(cfg, v, lr, (15, 19), chunk=64))
+                                      engine.upscale(cfg, v, lr, (15, 19), chunk=64))
 
 
 def test_bad_inputs(model):
     cfg, v = model
     ok = np.zeros((6, 6, 3), np.float32)
     with pytest.raises(ValueError, match=r"\(H, W, 3\)"):
-        inference.upscale(cfg, v, np.zeros((6, 6), np.float32), (9, 9))
+        engine.upscale(cfg, v, np.zeros((6, 6), np.float32), (9, 9))
     with pytest.raises(ValueError, match=r"\(H, W, 3\)"):
-        inference.upscale(cfg, v, np.zeros((6, 6, 4), np.float32), (9, 9))
+        engine.upscale(cfg, v, np.zeros((6, 6, 4), np.float32), (9, 9))
     with pytest.raises(TypeError, match="uint8"):
-        inference.upscale(cfg, v, np.zeros((6, 6, 3), np.uint8), (9, 9))
+        engine.upscale(cfg, v, np.zeros((6, 6, 3), np.uint8), (9, 9))
     for bad in [(0, 5), (5, -1), (2.5, 3), "12x12", (5,)]:
         with pytest.raises(ValueError, match="out_hw"):
-            inference.upscale(cfg, v, ok, bad)
+            engine.upscale(cfg, v, ok, bad)
     with pytest.raises(ValueError, match="chunk"):
-        inference.Engine(cfg, v, chunk=0)
+        engine.Engine(cfg, v, chunk=0)
     with pytest.raises(ValueError, match="method"):
-        inference.Engine(cfg, v, method="fast")
+        engine.Engine(cfg, v, method="fast")
 
 
 def test_bfloat16_compute_is_close_to_float32(model):
     """The opt-in bf16 config (meant for GPU/TPU) runs and stays near float32."""
     cfg, v = model
     lr = np.random.RandomState(5).rand(9, 8, 3).astype(np.float32)
-    ref = inference.upscale(cfg, v, lr, (20, 17), clamp=False)
+    ref = engine.upscale(cfg, v, lr, (20, 17), clamp=False)
     low = RuntimeOptions(dtype="bfloat16")
-    for method in inference.METHODS:
-        out = inference.upscale(cfg, v, lr, (20, 17), clamp=False, method=method, runtime=low)
+    for method in engine.METHODS:
+        out = engine.upscale(cfg, v, lr, (20, 17), clamp=False, method=method, runtime=low)
         assert out.dtype == np.float32
         err = np.abs(out - ref)
         assert 0 < err.max() < 2e-2 and err.mean() < 2e-3
@@ -103,16 +103,16 @@ def test_bfloat16_compute_is_close_to_float32(model):
 
 def test_auto_method_picks_grid_for_large_scales(model):
     cfg, v = model
-    up = inference.Engine(cfg, v)
+    up = engine.Engine(cfg, v)
     assert up.method == "auto"
-    cpu = inference.grid_min_queries("cpu")
+    cpu = engine.grid_min_queries("cpu")
     assert cpu == 2.25 and up.uses_grid((10, 10), (15, 15))  # x1.5: 2.25 per LR pixel
     assert not up.uses_grid((10, 10), (14, 14))  # x1.4: 1.96
     assert not up.uses_grid((10, 10), (10, 10))
     assert up.uses_grid((10, 10), (25, 25))  # x2.5: 6.25
     assert up.uses_grid((10, 10), (120, 120))
-    assert inference.Engine(cfg, v, method="grid").uses_grid((10, 10), (10, 10))
-    assert not inference.Engine(cfg, v, method="query").uses_grid((10, 10), (120, 120))
+    assert engine.Engine(cfg, v, method="grid").uses_grid((10, 10), (10, 10))
+    assert not engine.Engine(cfg, v, method="query").uses_grid((10, 10), (120, 120))
 
 
 def test_fft_multiscale_convs_match_direct(model):
@@ -120,9 +120,9 @@ def test_fft_multiscale_convs_match_direct(model):
     multi-scale kernel >= 5 gives the direct model's output."""
     cfg, v = model
     lr = np.random.RandomState(6).rand(9, 10, 3).astype(np.float32)
-    a = inference.upscale(cfg, v, lr, (21, 23), clamp=False,
+    a = engine.upscale(cfg, v, lr, (21, 23), clamp=False,
                           runtime=RuntimeOptions(fft_min_kernel=0))
-    b = inference.upscale(cfg, v, lr, (21, 23), clamp=False,
+    b = engine.upscale(cfg, v, lr, (21, 23), clamp=False,
                           runtime=RuntimeOptions(fft_min_kernel=5))
     np.testing.assert_allclose(b, a, atol=1e-5, rtol=0)
 
@@ -134,14 +134,14 @@ def test_bfloat16_grid_decoder_runs_on_cpu_within_stated_db(model):
     of the size of the per-query decoder's bf16 error (f32 logits in both)."""
     cfg, v = model
     lr = np.random.RandomState(7).rand(24, 20, 3).astype(np.float32)
-    ref = inference.upscale(cfg, v, lr, (96, 80), clamp=False, method="grid")
-    low = inference.upscale(cfg, v, lr, (96, 80), clamp=False, method="grid",
+    ref = engine.upscale(cfg, v, lr, (96, 80), clamp=False, method="grid")
+    low = engine.upscale(cfg, v, lr, (96, 80), clamp=False, method="grid",
                             runtime=RuntimeOptions(dtype="bfloat16"))
     err = low - ref
     assert np.abs(err).max() > 0  # bf16 really ran
     assert 10 * np.log10(1.0 / np.mean(err ** 2)) >= 70.0
-    query = inference.upscale(cfg, v, lr, (96, 80), clamp=False, method="query")
-    query_err = query - inference.upscale(cfg, v, lr, (96, 80), clamp=False, method="query",
+    query = engine.upscale(cfg, v, lr, (96, 80), clamp=False, method="query")
+    query_err = query - engine.upscale(cfg, v, lr, (96, 80), clamp=False, method="query",
                                           runtime=RuntimeOptions(dtype="bfloat16"))
     assert np.sqrt(np.mean(err ** 2)) < 3 * max(np.sqrt(np.mean(query_err ** 2)), 1e-6)
 

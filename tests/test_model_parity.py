@@ -14,7 +14,7 @@ torch = pytest.importorskip("torch")  # the PyTorch reference (requirements-torc
 
 from msit_jax import build_model, geometry, tiny_model_config
 
-from msit_jax.inference import engine as inference
+from msit_jax.inference import engine
 from msit_jax.io.torch_io import state_dict_to_variables
 from tests.torch_reference import TorchMSIT, randomize_, torch_make_coord
 
@@ -48,7 +48,7 @@ def test_full_grid_upscale_matches_torch(pair):
         coord = torch_make_coord(*out_hw).reshape(1, -1, 2)
         cell = torch.tensor([[2 / out_hw[0], 2 / out_hw[1]]])
         ref = (tm(inp, coord, cell) * 0.5 + 0.5)[0].reshape(*out_hw, 3).numpy()
-    ours = inference.upscale(cfg, variables, lr, out_hw, clamp=False, chunk=500)
+    ours = engine.upscale(cfg, variables, lr, out_hw, clamp=False, chunk=500)
     np.testing.assert_allclose(ours, ref, atol=2e-5, rtol=0)
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from msit_jax import tiny_model_config
 
-from msit_jax.inference import engine as inference
+from msit_jax.inference import engine
 from msit_jax.models import reparam
 from msit_jax.models.random_init import random_variables
 
@@ -19,10 +19,10 @@ def test_fold_equivalence(encoder, conv):
     variables = random_variables(cfg, seed=3)
     before = copy.deepcopy(variables)
     lr = np.random.RandomState(0).rand(10, 9, 3).astype(np.float32)
-    ref = inference.upscale(cfg, variables, lr, (27, 31), clamp=False)
+    ref = engine.upscale(cfg, variables, lr, (27, 31), clamp=False)
 
     fcfg, fvars = reparam.fold(cfg, variables)
-    out = inference.upscale(fcfg, fvars, lr, (27, 31), clamp=False)
+    out = engine.upscale(fcfg, fvars, lr, (27, 31), clamp=False)
     assert np.abs(out - ref).max() <= 1e-5
 
     assert fcfg.conv == "plain" and not fcfg.batch_norm

@@ -320,14 +320,14 @@ def test_onnx_encoder_graph_matches_the_flax_module(sizes, hws):
 
 @pytest.mark.slow
 def test_onnx_graph_agrees_with_jax(tmp_path):
-    """The whole folded tiny MSIT-SwinIR: onnx_runner.load vs inference.upscale, to the
+    """The whole folded tiny MSIT-SwinIR: onnx_runner.load vs engine.upscale, to the
     tolerance of tests/test_export.py (non-tie pixels <= 1e-4, no tie pixel off), for LR
     sizes that are (12 x 8) and are not (13 x 11, 10 x 9) multiples of the window 4 and
     scales x3, x3.5 and a non-integer, unequal pair."""
     onnx = pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
     from msit_jax import geometry
-    from msit_jax.inference import engine as inference
+    from msit_jax.inference import engine
     from msit_jax.export import onnx_graph, onnx_runner
     from msit_jax.models import reparam
 
@@ -341,7 +341,7 @@ def test_onnx_graph_agrees_with_jax(tmp_path):
                                      ((13, 11), (30, 41)), ((12, 8), (42, 28))]):
         lr = np.random.RandomState(i).rand(*lr_hw, 3).astype(np.float32)
         got = up.upscale_array(lr, hw, clamp=False)
-        want = inference.upscale(cfg, variables, lr, hw, clamp=False)
+        want = engine.upscale(cfg, variables, lr, hw, clamp=False)
         err = np.abs(got - want).max(-1)
         ties = geometry.tie_mask(hw, lr_hw)
         n_ties += ties.sum()
@@ -362,7 +362,7 @@ def _reference_msit_state_dict(cfg, seed=0):
 
 @pytest.mark.slow
 def test_official_layout_pth_loads_and_writes_back(tmp_path):
-    from msit_jax.inference import engine as inference
+    from msit_jax.inference import engine
     from msit_jax.models.reparam import fold
 
     cfg = _tiny()
@@ -393,12 +393,12 @@ def test_official_layout_pth_loads_and_writes_back(tmp_path):
         np.testing.assert_array_equal(sd[k], enc[k])
     # the whole model: upscale, and RIM folding leaves the encoder untouched
     lr = np.random.RandomState(4).rand(9, 11, 3).astype(np.float32)
-    out = inference.upscale(got_cfg, variables, lr, (27, 33), clamp=False)
+    out = engine.upscale(got_cfg, variables, lr, (27, 33), clamp=False)
     fcfg, fvars = fold(got_cfg, variables)
     assert fcfg.conv == "plain" and fcfg.encoder == "swinir"
     jax.tree_util.tree_map(np.testing.assert_array_equal, variables["params"]["encoder"],
                            jax.tree_util.tree_map(np.asarray, fvars["params"]["encoder"]))
-    folded = inference.upscale(fcfg, fvars, lr, (27, 33), clamp=False)
+    folded = engine.upscale(fcfg, fvars, lr, (27, 33), clamp=False)
     assert out.shape == (27, 33, 3) and np.abs(folded - out).max() <= 1e-5
 
 
@@ -411,14 +411,14 @@ def test_stablehlo_export_and_onnx_cli_agree(tmp_path):
     pytest.importorskip("onnxruntime")
     from msit_jax.export import cli as export_cli
     from msit_jax.export import onnx_runner, stablehlo
-    from msit_jax.inference import engine as inference
+    from msit_jax.inference import engine
     from msit_jax.io import model_dir
     from tests.conftest import run_python
 
     cfg = _tiny()
     variables = random_variables(cfg, seed=4)
     lr = np.random.RandomState(5).rand(10, 9, 3).astype(np.float32)
-    want = inference.upscale(cfg, variables, lr, (30, 27), clamp=False)
+    want = engine.upscale(cfg, variables, lr, (30, 27), clamp=False)
     export_cli.export_variables(cfg, variables, str(tmp_path / "hlo"), "stablehlo", chunk=256,
                                 platforms=("cpu",))
     got = stablehlo.load(str(tmp_path / "hlo")).upscale_array(lr, (30, 27), clamp=False)

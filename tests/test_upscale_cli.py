@@ -16,7 +16,7 @@ from PIL import Image
 
 from msit_jax.io import model_dir
 from msit_jax import images, tiny_model_config
-from msit_jax.inference import engine as inference
+from msit_jax.inference import engine
 from msit_jax.inference import budget, tiling
 from msit_jax.inference import cli as upscale
 from msit_jax.models import reparam
@@ -44,7 +44,7 @@ def model(tmp_path_factory):
 def _expected(cfg, variables, rgb, hw, chunk=4096):
     """What the CLI must write: the folded model's prediction, quantised."""
     fcfg, fvars = reparam.fold(cfg, variables)
-    return images.to_uint8(inference.upscale(fcfg, fvars, images.to_float(rgb), hw, chunk=chunk))
+    return images.to_uint8(engine.upscale(fcfg, fvars, images.to_float(rgb), hw, chunk=chunk))
 
 
 def test_parse_scale_and_size():
@@ -137,8 +137,8 @@ def test_tiled_equals_untiled_away_from_the_wrap_border(model):
     _, cfg, variables = model
     lr = images.to_float(_img(37, 45, 4))
     hw = (130, 101)
-    ref = inference.upscale(cfg, variables, lr, hw, chunk=1024)
-    got = inference.Engine(cfg, variables, chunk=1024, tile=12)(lr, hw)
+    ref = engine.upscale(cfg, variables, lr, hw, chunk=1024)
+    got = engine.Engine(cfg, variables, chunk=1024, tile=12)(lr, hw)
     # Interior HR pixels (beyond the LEM wrap radius, in HR pixels, plus the decoder's
     # reach) are exact to float32 round-off.
     my = int(np.ceil((tiling.wrap_radius(cfg) + cfg.radius + 1) * hw[0] / 37))
@@ -147,7 +147,7 @@ def test_tiled_equals_untiled_away_from_the_wrap_border(model):
     # Near the borders the circular LEM shift sees the tile's edge: close, not exact.
     assert np.abs(got - ref).max() < 0.02
     # A tile covering the image is the untiled computation.
-    whole = inference.Engine(cfg, variables, chunk=1024, tile=64)(lr, hw)
+    whole = engine.Engine(cfg, variables, chunk=1024, tile=64)(lr, hw)
     np.testing.assert_array_equal(whole, ref)
 
 
@@ -183,7 +183,7 @@ def test_cli_tiled_matches_tiled_api(tmp_path, model):
                        "--tile", "16", "--output", str(tmp_path / "t_out.png"), "--noprogress"])
     assert rc == 0
     fcfg, fvars = reparam.fold(cfg, variables)
-    want = inference.Engine(fcfg, fvars, tile=16)(images.to_float(rgb), (66, 75))
+    want = engine.Engine(fcfg, fvars, tile=16)(images.to_float(rgb), (66, 75))
     np.testing.assert_array_equal(images.read_image(str(tmp_path / "t_out.png")),
                                   images.to_uint8(want))
 
@@ -252,7 +252,7 @@ def test_sizes_are_read_and_logged_height_first(tmp_path, model, capsys):
     assert f"{src}: 80 x 96 -> 100 x 300 (H x W), wrote {out}" in err
     with Image.open(out) as im:
         assert im.size == (300, 100)  # PIL: (width, height)
-    want = inference.upscale(cfg, variables, images.to_float(rgb), (100, 300))
+    want = engine.upscale(cfg, variables, images.to_float(rgb), (100, 300))
     np.testing.assert_array_equal(images.read_image(out), images.to_uint8(want))
     assert _stage_line(err, "load checkpoint")
     assert _stage_line(err, f"{src}: compile+encode") and _stage_line(err, f"{src}: decode")
@@ -311,7 +311,7 @@ def test_help_says_height_first_and_the_decoder_threshold_per_platform(capsys):
                  "--resolution", "-o,--output"):
         assert flag in text
     assert "Output size H x W in pixels, height first" in text
-    cpu, gpu = inference.grid_min_queries("cpu"), inference.grid_min_queries("gpu")
+    cpu, gpu = engine.grid_min_queries("cpu"), engine.grid_min_queries("gpu")
     assert (f"grid_min_queries() pixels per input pixel, {cpu:g} (x{math.sqrt(cpu):g}) on "
             f"CPU and {gpu:g} (x{math.sqrt(gpu):g}) on GPU/TPU") in text
     assert "9 (x3)" not in text  # the threshold before the head-major grid decoder
