@@ -56,7 +56,6 @@ from absl import flags
 from PIL import Image, UnidentifiedImageError
 
 from msit_jax import console, errors, flags_util, images, weights
-
 from msit_jax.inference import budget, frontend, tiling
 from msit_jax.inference.api import Upscaler
 

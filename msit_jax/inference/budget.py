@@ -43,6 +43,7 @@ ENCODER_BYTES_PER_PIXEL_CHANNEL = 64
 # The smallest tile auto_tile picks: below it the halo dominates the work.
 MIN_TILE = 32
 
+
 class OverBudget(ResourceError):
     """An estimate over the memory budget: `part` ('decoder', 'buffers' or 'encoder'),
     `need` and `budget` in bytes; the message is the one line every surface prints."""
@@ -132,6 +133,19 @@ def parse_tile(tile: Union[str, int, None], model_cfg: Optional[ml_collections.C
             f"{encoder_spec(model_cfg.encoder).untiled}, so tiles cannot reproduce its "
             "output; use --tile 0 or auto")
     return tile
+
+
+def check_output(out_hw: tuple[int, int], max_memory_gb: float, what: str) -> float:
+    """The output's buffers alone (`output_bytes`), checked before the input is read or
+    the model loaded; OverBudget when over max_memory_gb. what: how the size was asked
+    for ('--size 4100x4100'). The image's whole check (`check`) follows per image."""
+    need = output_bytes(out_hw)
+    if need > budget_bytes(max_memory_gb):
+        raise OverBudget(
+            f"{what} needs ~{format_gb(need)} for the {console.format_hw(out_hw)} output "
+            f"alone, over --max_memory_gb {max_memory_gb:g}", part="buffers", need=need,
+            budget=budget_bytes(max_memory_gb))
+    return need
 
 
 def check_decoder(model_cfg: ml_collections.ConfigDict, chunk: int, max_memory_gb: float,

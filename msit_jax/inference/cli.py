@@ -61,7 +61,7 @@ from absl import flags
 from PIL import Image
 
 from msit_jax import console, errors, flags_util, images, weights
-from msit_jax.errors import OutputError, ResourceError, UsageError
+from msit_jax.errors import OutputError, UsageError
 from msit_jax.inference import budget, frontend
 from msit_jax.inference.api import Upscaler
 from msit_jax.ops.runtime import RuntimeOptions
@@ -373,7 +373,7 @@ def _check_flags(f: flags.FlagValues, inputs: Sequence[str]):
     size = parse_size(f[given[0]].value, size_flag) if scale is None else None
     if f.chunk is not None and f.chunk < 1:
         raise UsageError(f"--chunk must be >= 1, got {f.chunk}")
-    limit = budget.budget_bytes(f.max_memory_gb)
+    budget.budget_bytes(f.max_memory_gb)  # refused before anything else is read
     try:
         runtime = RuntimeOptions(f.precision, f.dtype, f.fft_min_kernel)
     except ValueError as e:
@@ -381,13 +381,8 @@ def _check_flags(f: flags.FlagValues, inputs: Sequence[str]):
     budget.parse_tile(f.tile)
     outs = output_paths(inputs, f.output, f.suffix)
     check_outputs(inputs, outs, f.overwrite)
-    # The output alone, before the model loads (the image's own check comes later).
-    need = budget.output_bytes(size) if size is not None else 0.0
-    if need > limit:
-        raise ResourceError(
-            f"{size_flag} {f[given[0]].value} needs ~{budget.format_gb(need)} for the "
-            f"{console.format_hw(size)} output alone, over --max_memory_gb "
-            f"{f.max_memory_gb:g}")
+    if size is not None:  # before the model loads (the image's own check comes later)
+        budget.check_output(size, f.max_memory_gb, f"{size_flag} {f[given[0]].value}")
     return scale, size, size_flag, outs, runtime
 
 

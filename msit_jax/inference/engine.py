@@ -23,7 +23,6 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from msit_jax import geometry
-
 from msit_jax.inference import ensemble, tiling
 from msit_jax.inference.frontend import (DEFAULT_CHUNK, Progress, check_image,
                                          check_out_hw, denormalize, normalize, track)

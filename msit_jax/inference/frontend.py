@@ -54,6 +54,7 @@ def artifact_error(path: str, what: str, cause: BaseException | None = None) -> 
         else ""
     return ArtifactError(f"{path}: {what}{reason}", path=path)
 
+
 # progress: False / None (off), True (a tqdm bar) or a callable (done, total)
 # called after each decoded chunk.
 Progress = Union[bool, None, Callable[[int, int], Any]]
