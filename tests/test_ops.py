@@ -32,6 +32,12 @@ CASES = [
 ]
 
 
+def _params(cases) -> list:
+    """CASES as pytest params with ids from the case itself ('k7-8to8-g1-shifts'), so an
+    id (tests/conftest.py SLOW_TESTS names some) does not move when a case is added."""
+    return [pytest.param(s, m, id=f"k{s[0]}-{s[1]}to{s[2]}-g{s[3]}-{m}") for s, m in cases]
+
+
 def _pair(k, cin, cout, groups, h=11, w=9):
     x = jnp.asarray(rng.randn(2, h, w, cin).astype(np.float32))
     wt = jnp.asarray(rng.randn(k, k, cin // groups, cout).astype(np.float32))
@@ -43,7 +49,7 @@ def _op_counts(fn, args, platform):
     return Counter(re.findall(r"stablehlo\.([a-z_]+)", text))
 
 
-@pytest.mark.parametrize("shape,method", CASES)
+@pytest.mark.parametrize("shape,method", _params(CASES))
 def test_kernel_gradient_methods_match_reference_autodiff(shape, method):
     """Every CPU method gives XLA's gradients (input and kernel); so does impl='xla'."""
     k, cin, cout, groups = shape
@@ -61,7 +67,7 @@ def test_kernel_gradient_methods_match_reference_autodiff(shape, method):
 
 
 @pytest.mark.slow  # quick tier under 90 s
-@pytest.mark.parametrize("shape,method", CASES[::2])
+@pytest.mark.parametrize("shape,method", _params(CASES[::2]))
 def test_forward_mode_through_conv(shape, method):
     """jax.jvp and jax.jacfwd work and equal XLA's tangents."""
     k, cin, cout, groups = shape
@@ -82,7 +88,7 @@ def test_forward_mode_through_conv(shape, method):
                                atol=2e-5 * float(jnp.abs(jac_ref).max()))
 
 
-@pytest.mark.parametrize("shape,method", [c for c in CASES if c[1] != "xla"])
+@pytest.mark.parametrize("shape,method", _params([c for c in CASES if c[1] != "xla"]))
 def test_lowering_picks_the_platform_branch(shape, method):
     """Lowered for TPU or CUDA (from this CPU host), a conv's gradient is XLA's
     rule: three convolutions, no matmul, no FFT. Lowered for CPU, it is the CPU method."""
