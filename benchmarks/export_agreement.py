@@ -148,7 +148,7 @@ def main() -> int:
                                                         pretrained.SAFETENSORS_FILE))
     report["tensors_identical"] = {"pth": tensors_equal(pth_sd, source_sd),
                                    "safetensors": tensors_equal(st_sd, source_sd)}
-    reloaded = {fmt: reparam.fold(*pretrained.load(path)) for fmt, path in (
+    reloaded = {fmt: api.load(path) for fmt, path in (
         ("pth", os.path.join(dirs["pth"], export_cli.PTH_FILE)),
         ("safetensors", dirs["safetensors"]))}
 

@@ -34,14 +34,16 @@ from msit_jax.ops.runtime import RuntimeOptions
 Tile = Union[str, int]  # "auto" or a tile side (0: the whole image)
 
 
-def load(path: str, *, fold: bool = True, quiet: bool = True, label: Optional[str] = None
+def load(path: str, model_cfg: Optional[ml_collections.ConfigDict] = None, *,
+         fold: bool = True, quiet: bool = True, label: Optional[str] = None
          ) -> tuple[ml_collections.ConfigDict, Any]:
     """Weights from `path` (anything `pretrained.load` reads, bundled names included)
-    -> (model_cfg, variables), folded unless fold=False; the load ('load LABEL', LABEL
-    defaulting to the path) and the fold ('fold') are timed stages on stderr unless
-    `quiet`."""
+    -> (model_cfg, variables), folded unless fold=False. model_cfg: the config to read
+    the weights with (`pretrained.load`; None: the one the checkpoint records). The
+    load ('load LABEL', LABEL defaulting to the path) and the fold ('fold') are timed
+    stages on stderr unless `quiet`."""
     with console.stage(f"load {label or path}", quiet=quiet):
-        model_cfg, variables = pretrained.load(path)
+        model_cfg, variables = pretrained.load(path, model_cfg)
     if fold:
         with console.stage("fold", quiet=quiet):
             model_cfg, variables = reparam.fold(model_cfg, variables)

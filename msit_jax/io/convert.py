@@ -33,6 +33,7 @@ from typing import Sequence
 from absl import flags
 
 from msit_jax import console, errors, flags_util
+from msit_jax.inference import api
 from msit_jax.io import model_dir, pretrained
 from msit_jax.io.torch_io import detect_conv_kind
 from msit_jax.models import reparam
@@ -158,19 +159,14 @@ def _write(f: flags.FlagValues, src: str, dst: str) -> int:
 
     quiet = f.quiet
     dst = check_dst(dst)
-    with console.stage("load checkpoint", quiet=quiet):
-        cfg = None
-        if f.encoder:
-            conv = f.conv
-            if conv is None:
-
-                sd = pretrained.official_state_dict(pretrained.read_pth(src), src)
-                conv = detect_conv_kind(sd)
-            cfg = model_config(f.encoder, conv)
-        cfg, variables = pretrained.load(src, cfg)
-    if f.fold:
-        with console.stage("fold", quiet=quiet):
-            cfg, variables = reparam.fold(cfg, variables)
+    cfg = None
+    if f.encoder:
+        conv = f.conv
+        if conv is None:
+            sd = pretrained.official_state_dict(pretrained.read_pth(src), src)
+            conv = detect_conv_kind(sd)
+        cfg = model_config(f.encoder, conv)
+    cfg, variables = api.load(src, cfg, fold=f.fold, quiet=quiet, label="checkpoint")
     with console.stage("write", quiet=quiet):
         dst = check_dst(dst)  # again: another run may have written it meanwhile
         tmp = partial_dir(dst)
