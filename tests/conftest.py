@@ -406,15 +406,43 @@ def copy_run(run, tmp_path) -> str:
     return dst
 
 
+def micro_model_config():
+    """The smallest config with every component: fast enough to decode 16.8 M output
+    pixels in CI."""
+    cfg = tiny_model_config()
+    cfg.dim, cfg.heads, cfg.radius = 8, 1, 0
+    cfg.msno_heads, cfg.qk_heads, cfg.mlp_hidden, cfg.posenc_dims = 1, 1, (8,), 8
+    cfg.edsr.n_feats = 4
+    return cfg
+
+
 @pytest.fixture(scope="module")
-def rim_folder(tmp_path_factory):
-    """A msit-jax model folder of the tiny edsr-baseline RIM config (random weights, seed 7):
-    (path, config, variables)."""
+def make_model_folder(tmp_path_factory):
+    """make(seed=0, encoder="edsr-baseline", conv="rim") -> (path, config, variables): a
+    msit-jax model folder of the tiny config with random weights (`random_variables(cfg,
+    seed)`), written once per test module and arguments. The one place tests write a
+    tiny checkpoint folder; a test that alters the folder copies it first."""
     from msit_jax.io import model_dir as mdir
 
-    cfg = tiny_model_config("edsr-baseline", "rim")
-    v = random_variables(cfg, seed=7)
-    return mdir.save_model(str(tmp_path_factory.mktemp("rim") / "ckpt"), cfg, v), cfg, v
+    made: dict = {}
+
+    def make(seed: int = 0, encoder: str = "edsr-baseline", conv: str = "rim"):
+        key = (seed, encoder, conv)
+        if key not in made:
+            cfg = tiny_model_config(encoder, conv)
+            v = random_variables(cfg, seed)
+            root = tmp_path_factory.mktemp(f"{encoder}-{conv}-{seed}")
+            made[key] = (mdir.save_model(str(root / "ckpt"), cfg, v), cfg, v)
+        return made[key]
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def rim_folder(make_model_folder):
+    """A msit-jax model folder of the tiny edsr-baseline RIM config (random weights, seed 7):
+    (path, config, variables)."""
+    return make_model_folder(7)
 
 
 @pytest.fixture(scope="module")
@@ -426,11 +454,7 @@ def rim_up(rim_folder):
 
 
 @pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    """A msit-jax model folder of the tiny config with random weights: (path, config)."""
-    from msit_jax.io import model_dir as mdir
-
-    cfg = tiny_model_config()
-    path = str(tmp_path_factory.mktemp("model") / "tiny")
-    mdir.save_model(path, cfg, random_variables(cfg, 0))
+def tiny_model_dir(make_model_folder):
+    """A msit-jax model folder of the tiny config with random weights (seed 0): (path, config)."""
+    path, cfg, _ = make_model_folder(0)
     return path, cfg

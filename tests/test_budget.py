@@ -20,7 +20,7 @@ from msit_jax.inference.engine import Engine
 from msit_jax.io import model_dir
 from msit_jax.models import reparam
 from msit_jax.models.random_init import random_variables
-from tests.conftest import REPO
+from tests.conftest import REPO, micro_model_config
 
 IN_HW, OUT_HW = (40, 46), (60, 69)
 TIGHT_GB = 1.0 / 1024  # 1 MB: the 40 x 46 encoder (~3.8 MB estimated) does not fit
@@ -154,10 +154,7 @@ print(json.dumps({"shape": list(out.shape), "dtype": str(out.dtype),
 def test_4100_squared_within_the_budget(tmp_path):
     """The acceptance call on a micro model: peak RSS growth over the process's RSS
     before the call stays within max_memory_gb."""
-    cfg = tiny_model_config()
-    cfg.dim, cfg.heads, cfg.radius = 8, 1, 0
-    cfg.msno_heads, cfg.qk_heads, cfg.mlp_hidden, cfg.posenc_dims = 1, 1, (8,), 8
-    cfg.edsr.n_feats = 4
+    cfg = micro_model_config()
     path = model_dir.save_model(str(tmp_path / "micro"), cfg, random_variables(cfg))
     gb = 2.0
     p = subprocess.run([sys.executable, "-c", RSS_SCRIPT, path, str(gb)], capture_output=True,

@@ -16,22 +16,16 @@ from PIL import Image
 pytest.importorskip("gradio")
 
 import msit_jax  # noqa: E402
-from msit_jax import demo, images, tiny_model_config  # noqa: E402
-from msit_jax.inference import engine
-from msit_jax.inference import budget
-from msit_jax.io import model_dir  # noqa: E402
+from msit_jax import demo, images  # noqa: E402
+from msit_jax.inference import budget, engine  # noqa: E402
 from msit_jax.models import reparam  # noqa: E402
 from tests.conftest import REPO, shared_data  # noqa: E402
-from msit_jax.models.random_init import random_variables  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
+def model(make_model_folder):
     """A tiny msit-jax checkpoint folder -> (path, model_cfg, variables)."""
-    cfg = tiny_model_config()
-    variables = random_variables(cfg, seed=3)
-    path = model_dir.save_model(str(tmp_path_factory.mktemp("demo") / "ckpt"), cfg, variables)
-    return path, cfg, variables
+    return make_model_folder(3)
 
 
 @pytest.fixture(scope="module")

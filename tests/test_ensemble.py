@@ -132,14 +132,8 @@ def test_tiled_self_ensemble(folded):
 
 
 @pytest.fixture(scope="module")
-def model_folder(tmp_path_factory):
-    from msit_jax.io import model_dir
-
-    cfg = tiny_model_config()
-    variables = random_variables(cfg, 4)
-    path = str(tmp_path_factory.mktemp("ens") / "tiny")
-    model_dir.save_model(path, cfg, variables)
-    return path, cfg, variables
+def model_folder(make_model_folder):
+    return make_model_folder(4)
 
 
 def test_upscale_and_evaluate_commands_take_self_ensemble(tmp_path, model_folder, capsys):

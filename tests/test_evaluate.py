@@ -11,14 +11,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from msit_jax import errors, images, tiny_model_config
-
-from msit_jax.inference import engine
+from msit_jax import errors, images
 from msit_jax.eval import datasets, metrics, predictors, protocol, reports, runner
 from msit_jax.eval.matlab_resize import imresize
-from msit_jax.io import model_dir
+from msit_jax.inference import engine
 from tests.conftest import REPO, load_config, shared_data
-from msit_jax.models.random_init import random_variables
 
 # Per-image PSNR (dB) of Pillow-bicubic upsampling on Set5 under the reference protocol,
 # produced by the official code outside this repository: its `image-folder` dataset and
@@ -50,11 +47,8 @@ def _write_folder(path, imgs):
 
 
 @pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory):
-    cfg = tiny_model_config()
-    path = str(tmp_path_factory.mktemp("ckpt") / "tiny")
-    model_dir.save_model(path, cfg, random_variables(cfg))
-    return path
+def tiny_ckpt(make_model_folder):
+    return make_model_folder(0)[0]
 
 
 def test_lr_size_hand_computed():

@@ -22,7 +22,7 @@ from msit_jax.inference import cli as upscale
 from msit_jax.models import reparam
 from msit_jax.io.workdir import MODEL_CONFIG_FILE
 from msit_jax.training.checkpoints import Checkpointer
-from tests.conftest import REPO
+from tests.conftest import REPO, micro_model_config
 from msit_jax.models.random_init import random_variables
 
 
@@ -33,12 +33,8 @@ def _img(h, w, seed):
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    cfg = tiny_model_config()
-    variables = random_variables(cfg)
-    path = str(tmp_path_factory.mktemp("ckpt") / "tiny")
-    model_dir.save_model(path, cfg, variables)
-    return path, cfg, variables
+def model(make_model_folder):
+    return make_model_folder(0)
 
 
 def _expected(cfg, variables, rgb, hw, chunk=4096):
@@ -188,18 +184,10 @@ def test_cli_tiled_matches_tiled_api(tmp_path, model):
                                   images.to_uint8(want))
 
 
-def _micro_model(path):
-    """The smallest config with every component: fast enough to decode 16.8 M pixels in CI."""
-    cfg = tiny_model_config()
-    cfg.dim, cfg.heads, cfg.radius = 8, 1, 0
-    cfg.msno_heads, cfg.qk_heads, cfg.mlp_hidden, cfg.posenc_dims = 1, 1, (8,), 8
-    cfg.edsr.n_feats = 4
-    model_dir.save_model(path, cfg, random_variables(cfg))
-
-
 def test_output_larger_than_4096_squared_in_bounded_memory(tmp_path):
     ckpt = str(tmp_path / "micro")
-    _micro_model(ckpt)
+    cfg = micro_model_config()
+    model_dir.save_model(ckpt, cfg, random_variables(cfg))
     Image.fromarray(_img(256, 256, 6)).save(tmp_path / "in.png")
     out = tmp_path / "big.png"
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
