@@ -1,7 +1,7 @@
 """Errors with exit codes, and the one-line error reporting every CLI shares.
 
-Every command-line entry point (train.py, evaluate.py, `python -m
-msit_jax.upscale`, `python -m msit_jax.convert`) reports a failure as one
+Every command-line entry point (msit-train / train.py, msit-evaluate /
+evaluate.py, msit-upscale, msit-convert, msit-export) reports a failure as one
 line on stderr, `error: <what> (<file, flag or field>)`, and exits with the
 code of its class below. The traceback is printed only with `--verbose`.
 

@@ -23,7 +23,7 @@ behaviour:
 * `--help` (`-h`, `-?`, `--helpfull`, ...) prints the command's usage (its module
   docstring) and its flags on stdout and exits 0; run from the command line, the
   `usage:` line names the program as it was invoked (`msit-upscale`, `python -m
-  msit_jax.upscale`, `python evaluate.py`: `invoked_program`);
+  msit_jax.inference`, `python evaluate.py`: `invoked_program`);
 * a command's `main(argv=None)`: without argv it runs `absl.app.run` on sys.argv and
   exits with the status (a console-script entry point); with argv (the arguments
   after the program name) it returns the status.

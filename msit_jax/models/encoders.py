@@ -241,7 +241,7 @@ class EncoderSpec:
     dropout      sub -> whether training it is stochastic (SwinIR's stochastic depth):
                  the module then takes `train` and, training, a 'dropout' rng
     bytes_per_pixel  sub -> peak float32 activation bytes of its forward per LR pixel, for
-                 `msit_jax.upscale.memory_estimate`; None: the convolutional rule there
+                 `msit_jax.inference.budget.memory_estimate`; None: the convolutional rule there
                  (64 bytes x the model dim per pixel) covers it
     """
 

@@ -2,7 +2,7 @@
 
     swinir_graph(g, x, sub, params)    x (1, 3, h, w) NCHW -> (1, num_feat, h, w)
 
-`g` is `msit_jax.onnx_graph._GraphOps`; h and w are dynamic, so the padding, the
+`g` is `msit_jax.export.onnx_graph._GraphOps`; h and w are dynamic, so the padding, the
 window partition and the shifted-window mask are computed in the graph from the
 runtime sizes (Shape / Gather / integer arithmetic). The token stream is kept
 NHWC, (1, Hp, Wp, C), where LayerNorm and the (in, out) Linear kernels apply
