@@ -174,6 +174,9 @@ SLOW_TESTS: dict[str, str] = {
         "k13-4to4-g1-fft and k33-4to4-g1-fft stay",
     "test_ops.py::test_kernel_gradient_methods_match_reference_autodiff[k5-40to40-g1-xla]":
         "the 3x3 xla cases stay",
+    "test_ops.py::test_kernel_gradient_methods_match_reference_autodiff[k13-4to4-g1-fft]":
+        "k33-4to4-g1-fft stays",
+    "test_sampling.py::test_bilinear_matches_grid_sample[False]": "[True] stays",
     "test_ops.py::test_fft_conv_matches_torch_and_direct":
         "on CPU the k=33 convs of test_model_parity's models run as FFTs (vs torch)",
     "test_matlab_resize.py::test_published_set14_bicubic_figures": "Set5 x2-x4 stay",
@@ -214,20 +217,38 @@ def _slow_key(item) -> tuple[str, str]:
     return f"{file}::{name}", f"{file}::{item.name}"
 
 
+def _collects_every_case(config, file: str) -> bool:
+    """Whether this run collects every case of `file`'s tests: no -k, and the file named
+    (if at all) without a test id."""
+    if config.getoption("keyword"):
+        return False
+    return not any("::" in arg and os.path.basename(arg.split("::")[0]) == file
+                   for arg in config.args)
+
+
 @pytest.hookimpl(tryfirst=True)  # before -m deselects
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if any(key in SLOW_TESTS for key in _slow_key(item)):
             item.add_marker(pytest.mark.slow)
-    # An entry whose test was renamed would silently move it to the quick tier: an entry
-    # naming a collected module must name one of its tests.
+    # An entry whose test was renamed, or whose case id changed, would silently move it
+    # to the quick tier: an entry naming a collected module must name one of its tests,
+    # and an entry with a case id one of that test's collected cases.
     modules = {os.path.basename(str(item.path)): item.module for item in items
                if getattr(item, "module", None) is not None}
-    stale = [key for key in SLOW_TESTS if key.split("::")[0] in modules
-             and not hasattr(modules[key.split("::")[0]], key.split("::")[1].split("[")[0])]
+    collected = {key for item in items for key in _slow_key(item)}
+    stale = []
+    for key in SLOW_TESTS:
+        file, test = key.split("::")
+        if file not in modules:
+            continue  # a module not collected in this run (a -k, a path)
+        if not hasattr(modules[file], test.split("[")[0]):
+            stale.append(key)
+        elif "[" in test and key not in collected and _collects_every_case(config, file):
+            stale.append(key)
     if stale:
         raise pytest.UsageError("tests/conftest.py SLOW_TESTS names no such test: "
-                                + ", ".join(stale))
+                               + ", ".join(stale))
 
 
 # Every registered encoder. edsr-baseline and rdn keep their tiers (SLOW_TESTS picks
