@@ -6,8 +6,9 @@ import pytest
 from msit_jax import tiny_model_config
 
 from msit_jax.inference import engine
-from msit_jax.ops.runtime import RuntimeOptions
+from msit_jax.models import grid_decoder
 from msit_jax.models.random_init import random_variables
+from msit_jax.ops.runtime import RuntimeOptions
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +38,34 @@ def test_grid_decoder_matches_per_query_decoder(encoder_name):
         a = engine.upscale(cfg, v, lr, out_hw, clamp=False, method="query")
         b = engine.upscale(cfg, v, lr, out_hw, clamp=False, method="grid", chunk=150)
         np.testing.assert_allclose(b, a, atol=1e-5, rtol=0, err_msg=str(out_hw))
+
+
+def test_grid_decoder_calls_are_capped_on_cpu(model, monkeypatch):
+    """On CPU a grid-decoder call takes at most PLATFORM_GRID_CENTRES['cpu'] LR centres
+    whatever the chunk allows (accelerators: the chunk alone), with the same output."""
+    cap = engine.PLATFORM_GRID_CENTRES["cpu"]
+    assert engine.grid_centres_per_call(4096, 16, "cpu") == cap == 128
+    assert engine.grid_centres_per_call(1000, 16, "cpu") == 62
+    assert engine.grid_centres_per_call(4096, 16, "tpu") == 256
+    assert engine.grid_centres_per_call(8, 16, "gpu") == 1
+    cfg, v = model
+    lr = np.random.RandomState(8).rand(12, 12, 3).astype(np.float32)  # 144 centres
+    calls = []
+    real = grid_decoder.decode_centres
+
+    def counted(*args):
+        calls.append(args[-1].shape[0])  # centres per call
+        return real(*args)
+
+    monkeypatch.setattr(grid_decoder, "decode_centres", counted)
+    up = engine.Engine(cfg, v, chunk=5000, method="grid")
+    capped = up(lr, (30, 30), clamp=False)  # x2.5: 3 x 3 query slots per centre
+    assert calls == [cap, cap]  # 144 centres, the second call padded
+    calls.clear()
+    monkeypatch.setitem(engine.PLATFORM_GRID_CENTRES, "cpu", 10_000)
+    whole = up(lr, (30, 30), clamp=False)
+    assert calls == [5000 // 9]
+    np.testing.assert_allclose(capped, whole, atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("out_hw", [(11, 8), (22, 16), (38, 29), (17, 50), (5, 4), (1, 1)])

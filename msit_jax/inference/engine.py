@@ -85,6 +85,25 @@ def grid_min_queries(platform: Optional[str] = None) -> float:
     return PLATFORM_GRID_MIN.get(platform or jax.default_backend(), ACCELERATOR_GRID_MIN)
 
 
+# LR centres per grid-decoder call on XLA:CPU, whatever the chunk allows: each centre
+# carries its (2r+1)^2 neighbours' keys and values through the attention, and past
+# ~128 centres a call's intermediates spill out of the caches. Measured on 2 CPU
+# cores, paper-size model, grid decoder alone (median wall s, 2026-12-03): x4 of
+# 64^2 (16 query slots per centre) at 64/96/128/160/256 centres per call
+# 0.69/0.60/0.51/0.51/0.68; x2.5 of 96^2 (9 slots) at 64/96/128/160/227/455
+# 1.26/1.05/0.97/0.94/1.25/1.23. Accelerators: the chunk alone decides (larger
+# calls keep them busy).
+PLATFORM_GRID_CENTRES = {"cpu": 128}
+
+
+def grid_centres_per_call(chunk: int, slots: int, platform: Optional[str] = None) -> int:
+    """LR centres per grid-decoder call: as many as `chunk` queries hold at `slots`
+    query slots per centre, at most the platform's cap (PLATFORM_GRID_CENTRES)."""
+    per_call = max(1, chunk // slots)
+    cap = PLATFORM_GRID_CENTRES.get(platform or jax.default_backend())
+    return per_call if cap is None else min(per_call, cap)
+
+
 class Engine:
     """Holds a model and its device-resident variables; call it per image.
 
@@ -205,7 +224,7 @@ class Engine:
         # Centres with at least one query (all of them unless downscaling).
         centres = np.nonzero(py.valid[:, 0][:, None] & px.valid[:, 0][None, :])
         centres = (centres[0] * w + centres[1]).astype(np.int32)
-        per_call = max(1, self.chunk // (gy * gx))
+        per_call = grid_centres_per_call(self.chunk, gy * gx)
         out = np.empty((out_hw[0] * out_hw[1], 3), np.float32)
 
         def store(ids, count, pred):
