@@ -1,5 +1,7 @@
 """upscale(): chunk-size invariance, output sizes, clamping, input validation."""
 
+import threading
+
 import numpy as np
 import pytest
 
@@ -66,6 +68,49 @@ def test_grid_decoder_calls_are_capped_on_cpu(model, monkeypatch):
     whole = up(lr, (30, 30), clamp=False)
     assert calls == [5000 // 9]
     np.testing.assert_allclose(capped, whole, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_pipelined_stores_every_result_in_order(workers):
+    stored = []
+    engine.pipelined(range(10), lambda j: np.full(2, j * 2), lambda j, r: stored.append((j, *r)),
+                     workers)
+    assert stored == [(j, 2 * j, 2 * j) for j in range(10)]
+
+
+def test_pipelined_runs_calls_at_once_and_stops_on_an_error():
+    # Each run waits for a second one at the barrier: with one call at a time it
+    # would time out (BrokenBarrierError).
+    barrier = threading.Barrier(2, timeout=20)
+    stored = []
+    engine.pipelined(range(6), lambda j: barrier.wait() * 0 + j, lambda j, r: stored.append(r), 2)
+    assert stored == list(range(6))
+
+    started = []
+
+    def run(j):
+        started.append(j)
+        if j == 3:
+            raise RuntimeError("call 3 failed")
+        return j
+
+    with pytest.raises(RuntimeError, match="call 3 failed"):
+        engine.pipelined(range(100), run, lambda j, r: None, 2)
+    assert 3 in started and len(started) <= 3 + 1 + 2  # nothing more once it failed
+
+
+def test_concurrent_grid_calls_give_the_same_output(model, monkeypatch):
+    cfg, v = model
+    lr = np.random.RandomState(9).rand(12, 12, 3).astype(np.float32)
+    up = engine.Engine(cfg, v, chunk=9 * 20, method="grid")  # 8 calls of 20 centres
+    outs = []
+    for n in (1, 2, 3):
+        monkeypatch.setitem(engine.PLATFORM_CONCURRENT_CALLS, "cpu", n)
+        assert engine.concurrent_calls("cpu") == n
+        outs.append(up(lr, (30, 30), clamp=False))
+    np.testing.assert_array_equal(outs[1], outs[0])
+    np.testing.assert_array_equal(outs[2], outs[0])
+    assert engine.concurrent_calls("tpu") == 1
 
 
 @pytest.mark.parametrize("out_hw", [(11, 8), (22, 16), (38, 29), (17, 50), (5, 4), (1, 1)])

@@ -33,6 +33,7 @@ import numpy as np
 
 from msit_jax import errors, images
 from msit_jax.eval import matlab_resize, metrics
+from msit_jax.inference import frontend
 
 DEGRADATIONS = ("pillow", "matlab")
 LR_SOURCES = ("auto", "paired", "downsample")
@@ -109,8 +110,8 @@ def lr_size(hr_hw: Sequence[int], scale: float) -> tuple[int, int]:
 
 def hr_size(lr_hw: Sequence[int], scale: float) -> tuple[int, int]:
     """The predicted HR grid (H, W) for an LR size: round(h * s) per axis (Python's round,
-    as the reference)."""
-    return round(lr_hw[0] * scale), round(lr_hw[1] * scale)
+    as the reference), the output size every surface uses (`frontend.output_size`)."""
+    return frontend.output_size(tuple(lr_hw), scale=scale)
 
 
 def center_crop(img: np.ndarray, max_side: int) -> np.ndarray:
