@@ -117,12 +117,15 @@ def test_bad_requests_are_readable(tmp_path, woman_lr, monkeypatch):
 
 
 def test_running_jobs_stop_at_a_chunk_boundary(up, woman_lr):
-    """x2 of 86 x 57 decodes 5 chunks of 4096 queries: a job whose client left (should_stop)
-    or that ran past max_seconds stops at the next one."""
+    """x2 of 86 x 57 runs the grid decoder over the 4902 LR centres, 39 calls of at most
+    128 on CPU (engine.grid_centres_per_call): a job whose client left (should_stop) or
+    that ran past max_seconds stops at the next one."""
+    n = -(-86 * 57 // engine.grid_centres_per_call(up.engine.chunk, 2 * 2))
+    assert n == 39
     answers = iter([False, True])
-    with pytest.raises(demo.Cancelled, match="after 2 of 5 chunks"):
+    with pytest.raises(demo.Cancelled, match=f"after 2 of {n} chunks"):
         demo.upscale_pair(up, woman_lr, 2.0, should_stop=lambda: next(answers))
-    with pytest.raises(demo.DemoError, match=r"Stopped after 0 s \(1 of 5 chunks\): over "
+    with pytest.raises(demo.DemoError, match=rf"Stopped after 0 s \(1 of {n} chunks\): over "
                                              r"this demo's limit of 1e-09 s"):
         demo.upscale_pair(up, woman_lr, 2.0, max_seconds=1e-9)
     # refused before it runs when estimated over the limit; the estimate is in info
