@@ -17,7 +17,7 @@ from PIL import Image
 from msit_jax.io import model_dir
 from msit_jax import images, tiny_model_config
 from msit_jax.inference import engine
-from msit_jax.inference import budget, tiling
+from msit_jax.inference import budget, frontend, tiling
 from msit_jax.inference import cli as upscale
 from msit_jax.models import reparam
 from msit_jax.io.workdir import MODEL_CONFIG_FILE
@@ -53,10 +53,11 @@ def test_parse_scale_and_size():
     assert upscale.parse_size("4100x4200") == (4100, 4200)
     with pytest.raises(upscale.UsageError):
         upscale.parse_size("4100")
-    assert upscale.output_size((20, 30), (2.5, 3.0), None) == (50, 90)
-    assert upscale.output_size((5, 7), (2.5, 2.5), None) == (12, 18)  # round half to even
-    with pytest.raises(upscale.UsageError, match="smaller than the input"):
-        upscale.output_size((20, 30), None, (40, 20))
+    # the sizes the CLI computes (frontend.output_size, the one rule of every surface)
+    assert frontend.output_size((20, 30), (2.5, 3.0), None) == (50, 90)
+    assert frontend.output_size((5, 7), (2.5, 2.5), None) == (12, 18)  # round half to even
+    with pytest.raises(upscale.UsageError, match="--size 40 x 20 is smaller than the input"):
+        frontend.output_size((20, 30), None, (40, 20), name="in.png", flag="--size")
 
 
 def test_non_integer_anisotropic_scale_and_formats(tmp_path, model, capsys):

@@ -105,15 +105,6 @@ def parse_size(text: str, flag: str = "--size") -> tuple[int, int]:
     return int(m.group(1)), int(m.group(2))
 
 
-def output_size(in_hw: tuple[int, int], scale: Optional[tuple[float, float]],
-                size: Optional[tuple[int, int]], name: str = "input",
-                flag: str = "--size") -> tuple[int, int]:
-    """`frontend.output_size` with the command line's names: the HR size (H, W) for
-    `scale` (sy, sx) or `size`, never smaller than the input (`flag` names the size's
-    flag in the error, `name` the input)."""
-    return frontend.output_size(in_hw, scale, size, name=name, flag=flag)
-
-
 def input_size(path: str) -> tuple[int, int]:
     """(H, W) of an image file from its header (no pixels decoded); ImageError names it."""
     with images.open_image(path) as img:
@@ -419,7 +410,7 @@ def _upscale(f: flags.FlagValues, positionals: Sequence[str]) -> int:
         tag = f"[{i + 1}/{len(pairs)}] {path}: " if len(pairs) > 1 else f"{path}: "
         try:
             in_hw = input_size(path)
-            hw = output_size(in_hw, scale, size, path, size_flag)
+            hw = frontend.output_size(in_hw, scale, size, name=path, flag=size_flag)
             # The image buffers (set by --scale/--size) and the encoder (set by --tile;
             # 'auto' tiles it to fit) against the budget; the decoder (--chunk) was
             # checked once above.
