@@ -51,7 +51,9 @@ def test_grid_decoder_calls_are_capped_on_cpu(model, monkeypatch):
     assert engine.grid_centres_per_call(4096, 16, "tpu") == 256
     assert engine.grid_centres_per_call(8, 16, "gpu") == 1
     cfg, v = model
-    lr = np.random.RandomState(8).rand(12, 12, 3).astype(np.float32)  # 144 centres
+    # 64 centres, x2.5: 3 x 3 query slots per centre; a cap of 20 stands in for 128 (the
+    # same rule, and the program test_concurrent_grid_calls_give_the_same_output compiles)
+    lr = np.random.RandomState(8).rand(8, 8, 3).astype(np.float32)
     calls = []
     real = grid_decoder.decode_centres
 
@@ -60,13 +62,14 @@ def test_grid_decoder_calls_are_capped_on_cpu(model, monkeypatch):
         return real(*args)
 
     monkeypatch.setattr(grid_decoder, "decode_centres", counted)
-    up = engine.Engine(cfg, v, chunk=5000, method="grid")
-    capped = up(lr, (30, 30), clamp=False)  # x2.5: 3 x 3 query slots per centre
-    assert calls == [cap, cap]  # 144 centres, the second call padded
+    monkeypatch.setitem(engine.PLATFORM_GRID_CENTRES, "cpu", 20)
+    up = engine.Engine(cfg, v, chunk=9 * 60, method="grid")
+    capped = up(lr, (20, 20), clamp=False)
+    assert calls == [20, 20, 20, 20]  # the last one padded
     calls.clear()
     monkeypatch.setitem(engine.PLATFORM_GRID_CENTRES, "cpu", 10_000)
-    whole = up(lr, (30, 30), clamp=False)
-    assert calls == [5000 // 9]
+    whole = up(lr, (20, 20), clamp=False)
+    assert calls == [60, 60]  # the chunk alone
     np.testing.assert_allclose(capped, whole, atol=1e-6, rtol=0)
 
 
@@ -101,13 +104,13 @@ def test_pipelined_runs_calls_at_once_and_stops_on_an_error():
 
 def test_concurrent_grid_calls_give_the_same_output(model, monkeypatch):
     cfg, v = model
-    lr = np.random.RandomState(9).rand(12, 12, 3).astype(np.float32)
-    up = engine.Engine(cfg, v, chunk=9 * 20, method="grid")  # 8 calls of 20 centres
+    lr = np.random.RandomState(9).rand(8, 8, 3).astype(np.float32)
+    up = engine.Engine(cfg, v, chunk=9 * 20, method="grid")  # 4 calls of 20 centres
     outs = []
     for n in (1, 2, 3):
         monkeypatch.setitem(engine.PLATFORM_CONCURRENT_CALLS, "cpu", n)
         assert engine.concurrent_calls("cpu") == n
-        outs.append(up(lr, (30, 30), clamp=False))
+        outs.append(up(lr, (20, 20), clamp=False))
     np.testing.assert_array_equal(outs[1], outs[0])
     np.testing.assert_array_equal(outs[2], outs[0])
     assert engine.concurrent_calls("tpu") == 1
