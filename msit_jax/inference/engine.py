@@ -250,13 +250,10 @@ class Engine:
 
         chunks = query_chunks(out_hw, lr_hw, self.model_cfg.radius, self.chunk)
         chunks = self._progress(chunks, -(-out.shape[0] // self.chunk), progress)
-        pending = None  # keep one chunk in flight while the host prepares the next
-        for start, count, g in chunks:
-            pred = decode(self.model, self.variables, feats, inp, g.add_batch_axis())
-            if pending is not None:
-                self._store(out, *pending)
-            pending = (start, count, pred)
-        self._store(out, *pending)
+        # One chunk in flight while the host prepares the next.
+        pipelined(chunks, lambda c: decode(self.model, self.variables, feats, inp,
+                                           c[2].add_batch_axis()),
+                  lambda c, pred: self._store(out, c[0], c[1], pred))
         return out
 
     def _decode_grid(self, inp, feats, out_hw, progress: Progress) -> np.ndarray:
